@@ -1,0 +1,338 @@
+//! The VM description as a user writes it (TOML). A file names a profile and overrides any part
+//! of it; tables merge key by key, and a `[[device]]` list in the file replaces the profile's.
+
+use crate::profiles::Profile;
+use crate::size::ByteSize;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Description {
+    /// The profile this description starts from (`driver-vm` or `qemu-virt`).
+    pub profile: String,
+    pub name: String,
+    pub vcpus: u32,
+    pub memory: MemoryDesc,
+    pub gic: GicDesc,
+    pub uart: UartDesc,
+    pub timer: TimerDesc,
+    pub pci: PciDesc,
+    /// The restricted DMA pool: all device DMA goes through it. Absent: no pool (not isolated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolDesc>,
+    pub kernel: KernelDesc,
+    #[serde(default, rename = "device", skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceDesc>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryDesc {
+    pub base: u64,
+    pub size: ByteSize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GicDesc {
+    pub distributor: u64,
+    pub distributor_size: ByteSize,
+    pub cpu_interface: u64,
+    pub cpu_interface_size: ByteSize,
+    /// The GICv2m MSI frame; absent: no MSI, devices use INTx only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v2m: Option<V2mDesc>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct V2mDesc {
+    pub base: u64,
+    pub size: ByteSize,
+    /// First interrupt ID (not SPI number) the frame raises: `arm,msi-base-spi`.
+    pub spi_base: u32,
+    /// How many interrupt IDs from `spi_base`: `arm,msi-num-spis`.
+    pub spi_count: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UartDesc {
+    pub base: u64,
+    pub size: ByteSize,
+    /// SPI number as written in the device tree (interrupt ID = 32 + spi).
+    pub spi: u32,
+    /// Frequency of the `apb_pclk` fixed clock.
+    pub clock_hz: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimerDesc {
+    /// PPI numbers (interrupt ID = 16 + ppi) of the secure physical, non-secure physical,
+    /// virtual and hypervisor timers, in the order the `arm,armv8-timer` binding lists them.
+    pub ppis: [u32; 4],
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoolReference {
+    /// `memory-region` in a child node per PCI device: dt-validate clean.
+    PerDevice,
+    /// `memory-region` on the host bridge, as the seed document does it.
+    HostBridge,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Window {
+    pub base: u64,
+    pub size: ByteSize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PciDesc {
+    pub ecam_base: u64,
+    pub ecam_size: ByteSize,
+    pub bus_range: [u32; 2],
+    pub io: Window,
+    pub mem32: Window,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem64: Option<Window>,
+    /// SPI numbers of INTA..INTD after the swizzle, as in the device tree.
+    pub intx_spis: [u32; 4],
+    pub pool_reference: PoolReference,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolDesc {
+    pub base: u64,
+    pub size: ByteSize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelDesc {
+    pub cmdline: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+}
+
+/// One `[[device]]` entry. Its fields are those of every kind; which ones a kind takes is
+/// checked by validation, so that a misplaced key gets a message naming the kind.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceDesc {
+    pub kind: String,
+    // Placement overrides, for every kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bar_base: Option<u64>,
+    /// `A`..`D`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intx_pin: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msi_vectors: Option<u32>,
+    // virtio-blk
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<bool>,
+    // virtio-net
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    // connector
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataport_size: Option<ByteSize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read VM description {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: not valid TOML: {message}")]
+    Syntax { origin: String, message: String },
+    #[error("{origin}: `{key}`: {message}")]
+    Field {
+        origin: String,
+        key: String,
+        message: String,
+    },
+    #[error("{origin}: unknown profile `{name}`; known profiles: {known}")]
+    UnknownProfile {
+        origin: String,
+        name: String,
+        known: String,
+    },
+}
+
+impl Description {
+    /// The built-in default: the seed's driver VM.
+    pub fn default_vm() -> Self {
+        Profile::DriverVm.description()
+    }
+
+    pub fn load(path: &Path) -> Result<Self, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut d = Self::parse(&text, &path.display().to_string())?;
+        d.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        Ok(d)
+    }
+
+    /// Parses TOML text over the profile it names (default `driver-vm`). `origin` names the
+    /// text in messages.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, LoadError> {
+        let user: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| LoadError::Syntax {
+                origin: origin.to_owned(),
+                message: e.to_string().trim_end().to_owned(),
+            })?;
+        let profile_name = match user.get("profile") {
+            None => Profile::DriverVm.name().to_owned(),
+            Some(toml::Value::String(s)) => s.clone(),
+            Some(other) => {
+                return Err(LoadError::Field {
+                    origin: origin.to_owned(),
+                    key: "profile".into(),
+                    message: format!("expected a profile name string, found {}", other.type_str()),
+                })
+            }
+        };
+        let profile =
+            Profile::from_name(&profile_name).ok_or_else(|| LoadError::UnknownProfile {
+                origin: origin.to_owned(),
+                name: profile_name.clone(),
+                known: Profile::ALL.map(|p| p.name()).join(", "),
+            })?;
+        let mut merged = toml::Table::try_from(profile.description())
+            .expect("a built-in profile always serialises");
+        merge(&mut merged, user);
+        let de = toml::Value::Table(merged);
+        serde_path_to_error::deserialize(de).map_err(|e| LoadError::Field {
+            origin: origin.to_owned(),
+            key: e.path().to_string(),
+            message: e.inner().to_string().trim_end().to_owned(),
+        })
+    }
+
+    /// Relative file names in a description are relative to the file, not to the caller's cwd.
+    fn resolve_paths(&mut self, dir: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        self.kernel.image.as_mut().map(fix);
+        self.kernel.initrd.as_mut().map(fix);
+        for d in &mut self.devices {
+            d.image.as_mut().map(fix);
+        }
+    }
+}
+
+/// Tables merge key by key; anything else (arrays included) is replaced by the user's value.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::size::MIB;
+
+    #[test]
+    fn empty_file_is_the_default() {
+        assert_eq!(
+            Description::parse("", "t").unwrap(),
+            Description::default_vm()
+        );
+    }
+
+    #[test]
+    fn partial_tables_override_only_their_keys() {
+        let d = Description::parse("[memory]\nsize = \"256M\"\n", "t").unwrap();
+        assert_eq!(d.memory.size.0, 256 * MIB);
+        assert_eq!(d.memory.base, Description::default_vm().memory.base);
+    }
+
+    #[test]
+    fn unknown_key_names_its_path() {
+        let e = Description::parse("[memory]\nsise = 5\n", "vm.toml").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("vm.toml"), "{msg}");
+        assert!(msg.contains("memory"), "{msg}");
+        assert!(msg.contains("sise"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_device_key_is_rejected() {
+        let e = Description::parse("[[device]]\nkind = \"virtio-blk\"\nimgae = \"x\"\n", "t")
+            .unwrap_err();
+        assert!(e.to_string().contains("imgae"), "{e}");
+    }
+
+    #[test]
+    fn unknown_top_level_key_and_profile() {
+        let e = Description::parse("vcpu = 2\n", "t").unwrap_err();
+        assert!(e.to_string().contains("vcpu"), "{e}");
+        let e = Description::parse("profile = \"raspi\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("qemu-virt"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_names_the_file() {
+        let e = Description::parse("[memory\n", "bad.toml").unwrap_err();
+        assert!(matches!(e, LoadError::Syntax { .. }));
+        assert!(e.to_string().contains("bad.toml"));
+    }
+
+    #[test]
+    fn wrong_type_names_the_field() {
+        let e = Description::parse("vcpus = \"two\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("vcpus"), "{e}");
+    }
+
+    #[test]
+    fn relative_image_paths_follow_the_file() {
+        let dir = std::env::temp_dir().join(format!("svdesc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("vm.toml");
+        std::fs::write(
+            &f,
+            "[[device]]\nkind = \"virtio-blk\"\nimage = \"disk.img\"\n",
+        )
+        .unwrap();
+        let d = Description::load(&f).unwrap();
+        assert_eq!(
+            d.devices[0].image.as_deref(),
+            Some(dir.join("disk.img").as_path())
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

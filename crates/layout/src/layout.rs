@@ -1,0 +1,165 @@
+//! The resolved layout: a description with every address, slot, BAR and interrupt decided.
+
+use crate::desc::PoolReference;
+use crate::region::Region;
+use std::path::PathBuf;
+
+/// GIC interrupt ID of SPI 0.
+pub const SPI_BASE_INTID: u32 = 32;
+/// GIC interrupt ID of PPI 0.
+pub const PPI_BASE_INTID: u32 = 16;
+/// Largest interrupt ID a GICv2 can route (1020..1023 are special).
+pub const MAX_INTID: u32 = 1019;
+/// GICv2 addresses at most 8 CPUs.
+pub const MAX_VCPUS: u32 = 8;
+/// KVM's default guest physical address space on arm64 (40 bits).
+pub const IPA_LIMIT: u64 = 1 << 40;
+/// Device numbers on one PCI bus; 0 is the host bridge.
+pub const PCI_SLOTS: u32 = 32;
+/// One ECAM bus: 32 devices x 8 functions x 4 KiB.
+pub const ECAM_BUS_SIZE: u64 = 1 << 20;
+/// The virtio-pci BAR: common, ISR, device and notify structures plus the MSI-X table and PBA,
+/// each on its own 4 KiB page (the virtio transport lays them out).
+pub const VIRTIO_BAR_SIZE: u64 = 0x8000;
+/// The connector's event page (BAR0).
+pub const CONNECTOR_EVENT_SIZE: u64 = 0x1000;
+/// The connector's name field: 50 bytes with the NUL (facts: "Cross-VM connector").
+pub const CONNECTOR_NAME_MAX: usize = 49;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Layout {
+    pub name: String,
+    pub profile: String,
+    pub vcpus: u32,
+    pub ram: Region,
+    pub pool: Option<Region>,
+    pub gic_dist: Region,
+    pub gic_cpu: Region,
+    pub v2m: Option<V2m>,
+    pub uart: Uart,
+    pub timer_ppis: [u32; 4],
+    pub pci: Pci,
+    pub cmdline: String,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub devices: Vec<Device>,
+    /// Interrupt lines the GIC must implement (a multiple of 32, covering every ID in use).
+    pub gic_irqs: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct V2m {
+    pub region: Region,
+    /// First interrupt ID.
+    pub spi_base: u32,
+    pub spi_count: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Uart {
+    pub region: Region,
+    /// SPI number (interrupt ID - 32).
+    pub spi: u32,
+    pub clock_hz: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pci {
+    pub ecam: Region,
+    pub bus_start: u32,
+    pub bus_end: u32,
+    pub io: Region,
+    pub mem32: Region,
+    pub mem64: Option<Region>,
+    /// SPI numbers of the four swizzled INTx lines.
+    pub intx_spis: [u32; 4],
+    pub pool_reference: PoolReference,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum DeviceKind {
+    VirtioBlk {
+        image: PathBuf,
+        read_only: bool,
+    },
+    VirtioNet {
+        backend: String,
+        mac: [u8; 6],
+    },
+    VirtioConsole,
+    Connector {
+        name: String,
+        dataport_size: u64,
+        peer: Option<String>,
+    },
+}
+
+impl DeviceKind {
+    pub fn label(&self) -> &'static str {
+        match self {
+            DeviceKind::VirtioBlk { .. } => "virtio-blk",
+            DeviceKind::VirtioNet { .. } => "virtio-net",
+            DeviceKind::VirtioConsole => "virtio-console",
+            DeviceKind::Connector { .. } => "connector",
+        }
+    }
+
+    /// PCI vendor and device ID: modern virtio (0x1040 + type) or the cross-VM connector.
+    pub fn pci_id(&self) -> (u16, u16) {
+        match self {
+            DeviceKind::VirtioBlk { .. } => (0x1af4, 0x1042),
+            DeviceKind::VirtioNet { .. } => (0x1af4, 0x1041),
+            DeviceKind::VirtioConsole => (0x1af4, 0x1043),
+            DeviceKind::Connector { .. } => (0x1af4, 0xa111),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bar {
+    pub index: u8,
+    pub base: u64,
+    pub size: u64,
+    pub is_64bit: bool,
+    pub prefetchable: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Device {
+    pub kind: DeviceKind,
+    pub slot: u32,
+    pub bars: Vec<Bar>,
+    /// 1 = INTA .. 4 = INTD.
+    pub intx_pin: u32,
+    /// SPI number of the line this device's pin reaches after the swizzle.
+    pub intx_spi: u32,
+    /// MSI-X vectors the device gets (0: INTx only).
+    pub msi_vectors: u32,
+    /// Interrupt IDs of the v2m frame that the budget sets aside for it.
+    pub msi_intids: Option<(u32, u32)>,
+}
+
+impl Layout {
+    /// Every region of the map, sorted by address (the pool after the RAM holding it).
+    pub fn regions(&self) -> Vec<Region> {
+        let mut r = vec![
+            self.ram.clone(),
+            self.gic_dist.clone(),
+            self.gic_cpu.clone(),
+            self.uart.region.clone(),
+            self.pci.ecam.clone(),
+            self.pci.io.clone(),
+            self.pci.mem32.clone(),
+        ];
+        r.extend(self.pool.clone());
+        r.extend(self.v2m.as_ref().map(|v| v.region.clone()));
+        r.extend(self.pci.mem64.clone());
+        r.sort_by_key(|x| (x.base, std::cmp::Reverse(x.size)));
+        r
+    }
+
+    /// The interrupt ID the swizzle gives a slot's pin (1..=4), as in QEMU virt and the DT map.
+    pub fn swizzle(&self, slot: u32, pin: u32) -> u32 {
+        self.pci.intx_spis[((slot + pin - 1) % 4) as usize]
+    }
+}

@@ -1,0 +1,401 @@
+//! One bad description per rule: each must be rejected by that rule, with a message that
+//! names the things involved.
+
+use layout::{check, resolve, Description, Rule, Severity};
+
+fn problems(toml: &str) -> Vec<layout::Problem> {
+    let d = Description::parse(toml, "test.toml").unwrap_or_else(|e| panic!("{e}"));
+    check(&d)
+}
+
+/// Asserts an error of `rule` whose message contains every needle.
+fn rejects(toml: &str, rule: Rule, needles: &[&str]) {
+    let ps = problems(toml);
+    let hit = ps.iter().find(|p| {
+        p.rule == rule
+            && p.severity == Severity::Error
+            && needles.iter().all(|n| p.message.contains(n))
+    });
+    assert!(
+        hit.is_some(),
+        "expected {rule:?} with {needles:?}, got:\n{}",
+        layout::problem::render(&ps)
+    );
+    assert!(!hit.unwrap().fix.is_empty());
+}
+
+#[test]
+fn the_default_is_valid_and_has_no_warnings() {
+    let r = resolve(&Description::default_vm()).unwrap();
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    let l = r.layout;
+    assert_eq!(l.vcpus, 2);
+    assert_eq!((l.ram.base, l.ram.size), (0x4000_0000, 512 << 20));
+    assert_eq!(
+        l.pool.as_ref().map(|p| (p.base, p.size)),
+        Some((0x5000_0000, 64 << 20))
+    );
+    assert_eq!(
+        l.devices.iter().map(|d| d.slot).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+}
+
+#[test]
+fn the_qemu_virt_profile_is_valid() {
+    let d = Description::parse("profile = \"qemu-virt\"", "t").unwrap();
+    let l = resolve(&d).unwrap().layout;
+    assert_eq!(l.pci.ecam.base, 0x3f00_0000);
+    assert_eq!(l.v2m.unwrap().spi_base, 80);
+}
+
+#[test]
+fn the_seeds_overlapping_window_is_rejected_naming_both_regions() {
+    // facts #2: the seed's 32-bit window at 0x5000_0000 lies inside RAM and over the pool.
+    rejects(
+        "[pci.mem32]\nbase = 0x50000000\nsize = \"512M\"\n",
+        Rule::Overlap,
+        &[
+            "RAM [0x40000000-0x5fffffff]",
+            "PCI 32-bit window [0x50000000-0x6fffffff]",
+        ],
+    );
+    rejects(
+        "[pci.mem32]\nbase = 0x50000000\nsize = \"512M\"\n",
+        Rule::Overlap,
+        &["restricted DMA pool", "PCI 32-bit window"],
+    );
+}
+
+#[test]
+fn every_pair_of_fixed_regions_is_checked() {
+    rejects(
+        "[uart]\nbase = 0x08000000\n",
+        Rule::Overlap,
+        &["GIC distributor", "PL011 UART"],
+    );
+    rejects(
+        "[gic.v2m]\nbase = 0x08010000\n",
+        Rule::Overlap,
+        &["GIC CPU interface", "GICv2m frame"],
+    );
+    rejects(
+        "[pci]\necam_base = 0x3ef00000\n",
+        Rule::Overlap,
+        &["PCI ECAM", "PCI I/O window"],
+    );
+    rejects(
+        "[pci.mem64]\nbase = 0x10000000\nsize = \"64M\"\n",
+        Rule::Overlap,
+        &["PCI 32-bit window", "PCI 64-bit window"],
+    );
+    rejects(
+        "[memory]\nsize = \"1G\"\n",
+        Rule::Overlap,
+        &["RAM", "PCI ECAM"],
+    );
+}
+
+#[test]
+fn pool_outside_ram_or_misaligned() {
+    rejects(
+        "[pool]\nbase = 0x70000000\n",
+        Rule::PoolOutsideRam,
+        &["restricted DMA pool", "RAM"],
+    );
+    rejects(
+        "[pool]\nbase = 0x5e000000\n",
+        Rule::PoolOutsideRam,
+        &["0x61ffffff"],
+    );
+    rejects(
+        "[pool]\nbase = 0x50000800\n",
+        Rule::Alignment,
+        &["restricted DMA pool", "4 KiB"],
+    );
+    rejects(
+        "[pool]\nsize = 4097\n",
+        Rule::Alignment,
+        &["restricted DMA pool"],
+    );
+    rejects("[pool]\nsize = \"512K\"\n", Rule::PoolSize, &["512 KiB"]);
+}
+
+#[test]
+fn no_pool_is_a_warning_not_an_error() {
+    let mut d = Description::default_vm();
+    d.pool = None;
+    let r = resolve(&d).unwrap();
+    assert!(r
+        .warnings
+        .iter()
+        .any(|w| w.message.contains("reach all of guest RAM")));
+}
+
+#[test]
+fn ecam_must_cover_the_bus_range() {
+    rejects(
+        "[pci]\nbus_range = [0, 31]\n",
+        Rule::EcamSize,
+        &["PCI ECAM", "[0, 31]", "32 MiB"],
+    );
+    rejects("[pci]\nbus_range = [3, 1]\n", Rule::BusRange, &["[3, 1]"]);
+    rejects(
+        "[pci]\necam_base = 0x70080000\n",
+        Rule::Alignment,
+        &["PCI ECAM"],
+    );
+}
+
+#[test]
+fn ram_must_be_whole_2mib_blocks() {
+    rejects(
+        "[memory]\nsize = \"513M\"\n",
+        Rule::RamSize,
+        &["513 MiB", "2 MiB"],
+    );
+    rejects(
+        "[memory]\nbase = 0x40100000\n",
+        Rule::Alignment,
+        &["0x40100000"],
+    );
+    rejects("[memory]\nsize = \"32M\"\n", Rule::RamSize, &["32 MiB"]);
+}
+
+#[test]
+fn interrupt_collisions_are_named() {
+    rejects(
+        "[uart]\nspi = 3\n",
+        Rule::IrqCollision,
+        &["PL011 UART", "PCI INTA"],
+    );
+    rejects(
+        "[pci]\nintx_spis = [40, 4, 5, 6]\n",
+        Rule::IrqCollision,
+        &["PCI INTA", "GICv2m"],
+    );
+    rejects(
+        "[uart]\nspi = 33\n",
+        Rule::IrqCollision,
+        &["PL011 UART", "GICv2m"],
+    );
+    rejects(
+        "[timer]\nppis = [13, 13, 11, 10]\n",
+        Rule::IrqCollision,
+        &["secure physical", "non-secure physical"],
+    );
+    rejects(
+        "[timer]\nppis = [13, 14, 11, 20]\n",
+        Rule::IrqRange,
+        &["hypervisor", "PPI 20"],
+    );
+    rejects("[uart]\nspi = 2000\n", Rule::IrqRange, &["SPI 2000"]);
+}
+
+#[test]
+fn v2m_range_must_be_spis() {
+    rejects("[gic.v2m]\nspi_base = 16\n", Rule::V2mRange, &["16"]);
+    rejects(
+        "[gic.v2m]\nspi_base = 1000\nspi_count = 64\n",
+        Rule::V2mRange,
+        &["1063"],
+    );
+    rejects(
+        "[gic.v2m]\nspi_count = 0\n",
+        Rule::V2mRange,
+        &["spi_count 0"],
+    );
+}
+
+#[test]
+fn too_many_devices_for_slots_or_spis() {
+    let many = "[[device]]\nkind = \"virtio-console\"\n".repeat(32);
+    rejects(&many, Rule::Slots, &["more devices (32) than PCI slots"]);
+    let few_spis = format!(
+        "[gic.v2m]\nspi_count = 8\n{}",
+        "[[device]]\nkind = \"virtio-net\"\nbackend = \"t\"\n".repeat(3)
+    );
+    rejects(&few_spis, Rule::MsiBudget, &["9 MSI SPIs", "has 8"]);
+    rejects(
+        "[[device]]\nkind = \"virtio-console\"\nslot = 0\n",
+        Rule::Slots,
+        &["slot 0"],
+    );
+    rejects(
+        "[[device]]\nkind = \"virtio-console\"\nslot = 4\n[[device]]\nkind = \"virtio-console\"\nslot = 4\n",
+        Rule::Slots,
+        &["slot 4 is already taken"],
+    );
+}
+
+#[test]
+fn swiotlb_counts_2kib_slabs() {
+    // The seed's own value: it thought 65536 x 4 KiB = 256 MiB; it is 128 MiB, a quarter of RAM.
+    let ps = problems("[kernel]\ncmdline = \"console=ttyAMA0 swiotlb=65536\"\n");
+    let p = ps
+        .iter()
+        .find(|p| p.rule == Rule::Swiotlb)
+        .expect("swiotlb flagged");
+    assert!(
+        p.message.contains("128 MiB") && p.message.contains("not 256 MiB"),
+        "{}",
+        p.message
+    );
+    // Trying to size the 64 MiB pool with 4 KiB pages: an error.
+    rejects(
+        "[kernel]\ncmdline = \"swiotlb=16384\"\n",
+        Rule::Swiotlb,
+        &["32 MiB", "not 64 MiB", "restricted DMA pool"],
+    );
+    // Half of RAM or more cannot be meant.
+    rejects(
+        "[kernel]\ncmdline = \"swiotlb=262144\"\n",
+        Rule::Swiotlb,
+        &["512 MiB"],
+    );
+    rejects(
+        "[kernel]\ncmdline = \"swiotlb=lots\"\n",
+        Rule::Swiotlb,
+        &["lots"],
+    );
+    assert!(problems("[kernel]\ncmdline = \"swiotlb=noforce\"\n").is_empty());
+}
+
+#[test]
+fn earlycon_must_point_at_the_uart() {
+    rejects(
+        "[kernel]\ncmdline = \"earlycon=pl011,0x9001000\"\n",
+        Rule::Earlycon,
+        &["0x9001000", "PL011 UART [0x9000000"],
+    );
+}
+
+#[test]
+fn vcpus_fit_a_gicv2() {
+    rejects("vcpus = 9\n", Rule::Vcpus, &["vcpus = 9"]);
+    rejects("vcpus = 0\n", Rule::Vcpus, &["vcpus = 0"]);
+}
+
+#[test]
+fn regions_stay_in_the_40_bit_space() {
+    rejects(
+        "[pci.mem64]\nbase = 0xff00000000\nsize = \"8G\"\n",
+        Rule::AddressSpace,
+        &["PCI 64-bit window", "1 TiB"],
+    );
+    // A region that wraps past 2^64 (only reachable from code: TOML integers are i64).
+    let mut d = Description::default_vm();
+    d.pci.mem64 = Some(layout::desc::Window {
+        base: u64::MAX - 0xfff,
+        size: layout::ByteSize(1 << 20),
+    });
+    assert!(check(&d)
+        .iter()
+        .any(|p| p.rule == Rule::AddressSpace && p.message.contains("PCI 64-bit window")));
+}
+
+#[test]
+fn device_fields_are_checked_per_kind() {
+    rejects(
+        "[[device]]\nkind = \"virtio-blk\"\n",
+        Rule::Device,
+        &["has no image"],
+    );
+    rejects(
+        "[[device]]\nkind = \"virtio-blk\"\nimage = \"d\"\nmac = \"52:54:00:00:00:01\"\n",
+        Rule::Device,
+        &["`mac` is not a field of a virtio-blk device"],
+    );
+    rejects(
+        "[[device]]\nkind = \"virtio-gpu\"\n",
+        Rule::Device,
+        &["unknown kind `virtio-gpu`"],
+    );
+    rejects(
+        "[[device]]\nkind = \"virtio-net\"\nbackend = \"t\"\nmac = \"01:00:00:00:00:01\"\n",
+        Rule::Device,
+        &["multicast"],
+    );
+    rejects(
+        "[[device]]\nkind = \"virtio-net\"\nbackend = \"t\"\nmac = \"52:54:00\"\n",
+        Rule::Device,
+        &["not six hex bytes"],
+    );
+    rejects(
+        "[[device]]\nkind = \"connector\"\nname = \"a\"\ndataport_size = \"12K\"\n",
+        Rule::Device,
+        &["12 KiB", "power of two"],
+    );
+    rejects(
+        "[[device]]\nkind = \"connector\"\nname = \"a\"\ndataport_size = \"4K\"\n[[device]]\nkind = \"connector\"\nname = \"a\"\ndataport_size = \"4K\"\n",
+        Rule::Device,
+        &["both connectors named `a`"],
+    );
+    let long = "x".repeat(50);
+    rejects(
+        &format!("[[device]]\nkind = \"connector\"\nname = \"{long}\"\ndataport_size = \"4K\"\n"),
+        Rule::Device,
+        &["1 to 49 bytes"],
+    );
+    rejects(
+        "[[device]]\nkind = \"virtio-console\"\nintx_pin = \"E\"\n",
+        Rule::Device,
+        &["intx_pin `E`"],
+    );
+}
+
+#[test]
+fn bar_placement_is_derived_and_overridable() {
+    let d = Description::parse(
+        "[[device]]\nkind = \"virtio-console\"\n[[device]]\nkind = \"virtio-console\"\nbar_base = 0x8000000000\n\
+         [[device]]\nkind = \"connector\"\nname = \"c\"\ndataport_size = \"1M\"\n",
+        "t",
+    )
+    .unwrap();
+    let l = resolve(&d).unwrap().layout;
+    // The fixed BAR keeps its place; the free one goes around it.
+    assert_eq!(l.devices[1].bars[0].base, 0x80_0000_0000);
+    assert_eq!(l.devices[0].bars[0].base, 0x80_0000_8000);
+    let c = &l.devices[2];
+    assert_eq!((c.bars[0].index, c.bars[0].is_64bit), (0, false));
+    assert_eq!((c.bars[1].index, c.bars[1].size), (1, 1 << 20));
+    assert_eq!(c.bars[1].base % (1 << 20), 0);
+    rejects(
+        "[[device]]\nkind = \"virtio-console\"\nbar_base = 0x8000001000\n",
+        Rule::BarPlacement,
+        &["not aligned"],
+    );
+    rejects(
+        "[[device]]\nkind = \"virtio-console\"\nbar_base = 0x20000000\n",
+        Rule::BarPlacement,
+        &["not inside the PCI 64-bit window"],
+    );
+    rejects(
+        "[[device]]\nkind = \"connector\"\nname = \"big\"\ndataport_size = \"1G\"\n",
+        Rule::BarPlacement,
+        &["does not fit in the PCI 32-bit window"],
+    );
+}
+
+#[test]
+fn intx_follows_the_swizzle_and_msi_ranges_are_disjoint() {
+    let l = resolve(&Description::default_vm()).unwrap().layout;
+    for d in &l.devices {
+        assert_eq!(
+            d.intx_spi,
+            l.pci.intx_spis[((d.slot + d.intx_pin - 1) % 4) as usize]
+        );
+    }
+    let ranges: Vec<(u32, u32)> = l.devices.iter().filter_map(|d| d.msi_intids).collect();
+    assert_eq!(ranges, vec![(64, 2), (66, 3), (69, 3)]);
+    assert_eq!(l.gic_irqs, 128);
+}
+
+#[test]
+fn all_problems_are_reported_at_once() {
+    let ps = problems("vcpus = 12\n[memory]\nsize = \"513M\"\n[uart]\nspi = 3\n");
+    let rules: Vec<Rule> = ps.iter().map(|p| p.rule).collect();
+    for r in [Rule::Vcpus, Rule::RamSize, Rule::IrqCollision] {
+        assert!(rules.contains(&r), "{rules:?}");
+    }
+}
