@@ -1,0 +1,234 @@
+//! splitvirt: describe, check and (later) run arm64 Linux VMs whose devices live apart.
+
+mod show;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use layout::{resolve, Description, Severity};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "splitvirt",
+    version,
+    about = "A VMM for arm64 Linux guests whose virtio devices run in another process"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check or show a VM description (the built-in default when FILE is left out).
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// Generate the guest device tree of a VM description.
+    Dtb {
+        /// VM description (TOML); the built-in default when left out.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Write the DTB here.
+        #[arg(short, long, required_unless_present = "dts")]
+        output: Option<PathBuf>,
+        /// Print DTS source on stdout.
+        #[arg(long)]
+        dts: bool,
+        /// Initrd placement to put in /chosen: START,END (guest physical, END exclusive).
+        #[arg(long, value_parser = parse_range)]
+        initrd_range: Option<(u64, u64)>,
+    },
+    /// Check a guest DTB (ours or anyone's) against what a splitvirt guest needs.
+    LintDtb { file: PathBuf },
+    /// Guest kernel configuration: print a role's fragment, or check a full .config.
+    Kconfig {
+        #[command(subcommand)]
+        cmd: KconfigCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate; exit 0 when valid, 1 with every problem listed.
+    Check { file: Option<PathBuf> },
+    /// The resolved memory map (sorted by address), devices and interrupts.
+    Show { file: Option<PathBuf> },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    Driver,
+    Device,
+}
+
+impl From<RoleArg> for kconfig::Role {
+    fn from(r: RoleArg) -> Self {
+        match r {
+            RoleArg::Driver => kconfig::Role::Driver,
+            RoleArg::Device => kconfig::Role::Device,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum KconfigCmd {
+    /// Print the fragment for a role (merge it onto allnoconfig, then olddefconfig).
+    Fragment {
+        #[arg(long, value_enum)]
+        role: RoleArg,
+    },
+    /// Check a full .config (not a fragment); exit 1 when a required option is missing.
+    Check {
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        file: PathBuf,
+    },
+}
+
+fn parse_range(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s.split_once(',').ok_or("write START,END")?;
+    let p = |x: &str| layout::size::parse_u64(x.trim()).ok_or(format!("`{x}` is not an address"));
+    let (a, b) = (p(a)?, p(b)?);
+    if b <= a {
+        return Err(format!("END {b:#x} is not above START {a:#x}"));
+    }
+    Ok((a, b))
+}
+
+fn load(file: Option<&Path>) -> Result<Description> {
+    Ok(match file {
+        Some(f) => Description::load(f)?,
+        None => Description::default_vm(),
+    })
+}
+
+fn origin(file: Option<&Path>) -> String {
+    file.map_or("the built-in default VM".into(), |f| {
+        f.display().to_string()
+    })
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("splitvirt: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Config {
+            cmd: ConfigCmd::Check { file },
+        } => {
+            let d = load(file.as_deref())?;
+            let problems = layout::check(&d);
+            for p in &problems {
+                eprintln!("{p}");
+            }
+            let errors = problems
+                .iter()
+                .filter(|p| p.severity == Severity::Error)
+                .count();
+            if errors > 0 {
+                eprintln!("{}: {errors} error(s)", origin(file.as_deref()));
+                return Ok(ExitCode::FAILURE);
+            }
+            println!("{}: valid", origin(file.as_deref()));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Config {
+            cmd: ConfigCmd::Show { file },
+        } => {
+            let r = resolve(&load(file.as_deref())?)?;
+            for w in &r.warnings {
+                eprintln!("{w}");
+            }
+            print!("{}", show::render(&r.layout));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Dtb {
+            config,
+            output,
+            dts,
+            initrd_range,
+        } => {
+            let r = resolve(&load(config.as_deref())?)?;
+            for w in &r.warnings {
+                eprintln!("{w}");
+            }
+            let boot = devicetree::BootInfo {
+                initrd: initrd_range,
+            };
+            let blob = devicetree::generate(&r.layout, &boot)?;
+            if let Some(out) = output {
+                std::fs::write(&out, &blob)
+                    .with_context(|| format!("cannot write {}", out.display()))?;
+            }
+            if dts {
+                print!("{}", devicetree::to_dts(&devicetree::Tree::parse(&blob)?));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::LintDtb { file } => {
+            let blob =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let tree =
+                devicetree::Tree::parse(&blob).with_context(|| format!("{}", file.display()))?;
+            let findings = devicetree::lint(&tree);
+            for f in &findings {
+                println!("{f}");
+            }
+            let errors = findings
+                .iter()
+                .filter(|f| f.level == devicetree::Level::Error)
+                .count();
+            if errors > 0 {
+                eprintln!("{}: {errors} error(s)", file.display());
+                return Ok(ExitCode::FAILURE);
+            }
+            println!("{}: no errors", file.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Kconfig {
+            cmd: KconfigCmd::Fragment { role },
+        } => {
+            print!("{}", kconfig::fragment(role.into()));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Kconfig {
+            cmd: KconfigCmd::Check { role, file },
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            if !text.contains("CONFIG_") {
+                bail!(
+                    "{} has no CONFIG_ lines: is it a kernel .config?",
+                    file.display()
+                );
+            }
+            let findings = kconfig::check(&kconfig::DotConfig::parse(&text), role.into());
+            for f in &findings {
+                println!("{f}");
+            }
+            let errors = findings
+                .iter()
+                .filter(|f| f.level == kconfig::Level::Error)
+                .count();
+            if errors > 0 {
+                eprintln!(
+                    "{}: {errors} required option(s) missing or wrong",
+                    file.display()
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            println!("{}: every required option is set", file.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
