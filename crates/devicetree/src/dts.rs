@@ -1,33 +1,115 @@
-//! DTS source from a tree, in the form `dtc -I dtb -O dts` prints, so that `dtc` compiles it
-//! back to the same blob. Ours needs no dtc on the user's machine.
+//! DTS source from a tree, close to what `dtc -I dtb -O dts` prints, but with labels and
+//! `&label` references where a property holds phandles, so that dtc compiles it back to the
+//! same tree without warnings. Ours needs no dtc on the user's machine.
 
 use crate::tree::{Node, Tree};
+use std::collections::HashMap;
 use std::fmt::Write;
 
+struct Printer<'t> {
+    t: &'t Tree,
+    labels: HashMap<u32, String>,
+    out: String,
+}
+
 pub fn to_dts(t: &Tree) -> String {
-    let mut out = String::from("/dts-v1/;\n\n");
+    let mut p = Printer {
+        t,
+        labels: labels(t),
+        out: String::from("/dts-v1/;\n\n"),
+    };
     for (addr, size) in &t.mem_reserve {
-        let _ = writeln!(out, "/memreserve/ {addr:#018x} {size:#018x};");
+        let _ = writeln!(p.out, "/memreserve/ {addr:#018x} {size:#018x};");
     }
     if !t.mem_reserve.is_empty() {
-        out.push('\n');
+        p.out.push('\n');
     }
-    node(&mut out, &t.root, 0);
+    p.node(&t.root, 0);
+    p.out
+}
+
+/// A label per phandle, from the node's name (`interrupt-controller@8000000` -> `interrupt_controller`).
+fn labels(t: &Tree) -> HashMap<u32, String> {
+    let mut out: HashMap<u32, String> = HashMap::new();
+    for (_, n) in t.walk() {
+        let Some(ph) = n.prop_u32("phandle") else {
+            continue;
+        };
+        let base: String = n
+            .name
+            .split('@')
+            .next()
+            .unwrap_or("")
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let mut label = if base.starts_with(|c: char| c.is_ascii_alphabetic()) {
+            base
+        } else {
+            format!("n_{base}")
+        };
+        if out.values().any(|l| *l == label) {
+            label = format!("{label}_{ph}");
+        }
+        out.insert(ph, label);
+    }
     out
 }
 
-fn node(out: &mut String, n: &Node, depth: usize) {
-    let indent = "\t".repeat(depth);
-    let name = if depth == 0 { "/" } else { n.name.as_str() };
-    let _ = writeln!(out, "{indent}{name} {{");
-    for (k, v) in &n.props {
-        let _ = writeln!(out, "{indent}\t{k}{};", value(v));
+impl Printer<'_> {
+    fn node(&mut self, n: &Node, depth: usize) {
+        let indent = "\t".repeat(depth);
+        let name = if depth == 0 { "/" } else { n.name.as_str() };
+        let label = n
+            .prop_u32("phandle")
+            .and_then(|ph| self.labels.get(&ph))
+            .map(|l| format!("{l}: "))
+            .unwrap_or_default();
+        let _ = writeln!(self.out, "{indent}{label}{name} {{");
+        for (k, v) in &n.props {
+            let value = self.refs(k, v).unwrap_or_else(|| value(v));
+            let _ = writeln!(self.out, "{indent}\t{k}{value};");
+        }
+        for c in &n.children {
+            self.out.push('\n');
+            self.node(c, depth + 1);
+        }
+        let _ = writeln!(self.out, "{indent}}};");
     }
-    for c in &n.children {
-        out.push('\n');
-        node(out, c, depth + 1);
+
+    /// Phandle-valued properties as `<&label args...>`, or None to print them plainly.
+    fn refs(&self, prop: &str, v: &[u8]) -> Option<String> {
+        let args_prop = match prop {
+            "interrupt-parent" | "memory-region" => None,
+            "clocks" => Some("#clock-cells"),
+            "msi-parent" => Some("#msi-cells"),
+            _ => return None,
+        };
+        if v.is_empty() || v.len() % 4 != 0 {
+            return None;
+        }
+        let cells: Vec<u32> = v
+            .chunks_exact(4)
+            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let mut parts = Vec::new();
+        let mut i = 0;
+        while i < cells.len() {
+            let label = self.labels.get(&cells[i])?;
+            let nargs = match args_prop {
+                None => 0,
+                Some(a) => self.t.by_phandle(cells[i])?.1.prop_u32(a).unwrap_or(0) as usize,
+            };
+            let args = cells.get(i + 1..i + 1 + nargs)?;
+            parts.push(format!("&{label}"));
+            parts.extend(args.iter().map(|a| format!("{a:#04x}")));
+            i += 1 + nargs;
+            if args_prop.is_some() && prop == "msi-parent" {
+                break;
+            }
+        }
+        (i == cells.len()).then(|| format!(" = <{}>", parts.join(" ")))
     }
-    let _ = writeln!(out, "{indent}}};");
 }
 
 /// dtc's guess, made the same way: printable NUL-terminated strings, else cells, else bytes.
@@ -90,7 +172,41 @@ mod tests {
         assert_eq!(value(&[0, 0, 0, 2]), " = <0x02>");
         assert_eq!(value(&[1, 2, 3]), " = [01 02 03]");
         assert_eq!(value(&[]), "");
-        // A single NUL-free run of cells that happens to look like text with a zero tail.
         assert_eq!(value(&[0, 0, 0, 0]), " = <0x00>");
+    }
+
+    #[test]
+    fn phandles_become_labelled_references() {
+        let l = layout::resolve(&layout::Description::default_vm())
+            .unwrap()
+            .layout;
+        let t = Tree::parse(&crate::generate(&l, &Default::default()).unwrap()).unwrap();
+        let s = to_dts(&t);
+        assert!(
+            s.contains("interrupt_controller: interrupt-controller@8000000 {"),
+            "{s}"
+        );
+        assert!(s.contains("clocks = <&clock_apb_pclk &clock_apb_pclk>;"));
+        assert!(s.contains("msi-parent = <&v2m>;"));
+        assert!(s.contains("memory-region = <&swiotlb>;"));
+        assert!(s.contains("interrupt-parent = <&interrupt_controller>;"));
+    }
+
+    #[test]
+    fn unresolvable_phandles_stay_numbers() {
+        let mut t = Tree::parse(
+            &crate::generate(
+                &layout::resolve(&layout::Description::default_vm())
+                    .unwrap()
+                    .layout,
+                &Default::default(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        t.root
+            .props
+            .push(("msi-parent".into(), vec![0, 0, 0, 0x63]));
+        assert!(to_dts(&t).contains("msi-parent = <0x63>;"));
     }
 }

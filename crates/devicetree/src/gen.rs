@@ -146,6 +146,9 @@ fn gic(w: &mut FdtWriter, l: &Layout) -> FdtWriterResult<()> {
         w.property_u32("#size-cells", 2)?;
         w.property_null("ranges")?;
         v2m(w, l)?;
+    } else {
+        // interrupt-map entries carry #address-cells parent cells: say there are none.
+        w.property_u32("#address-cells", 0)?;
     }
     w.end_node(n)
 }
@@ -403,7 +406,8 @@ mod tests {
         l.v2m = None;
         let t = only(|w| gic(w, &l));
         let g = t.find("/interrupt-controller@8000000").unwrap();
-        assert!(g.children.is_empty() && !g.has("#address-cells"));
+        assert!(g.children.is_empty());
+        assert_eq!(g.prop_u32("#address-cells"), Some(0));
     }
 
     #[test]

@@ -167,7 +167,11 @@ fn check_ram(l: &Layout, p: &mut Vec<Problem>) {
             ),
             format!(
                 "use {} (the kernel maps RAM in 2 MiB blocks)",
-                ByteSize(r.size.next_multiple_of(2 * MIB))
+                ByteSize(
+                    r.size
+                        .checked_next_multiple_of(2 * MIB)
+                        .unwrap_or(r.size & !(2 * MIB - 1))
+                )
             ),
         ));
     }
@@ -318,7 +322,7 @@ fn check_irqs(l: &Layout, p: &mut Vec<Problem>) {
         );
     }
     if let Some(v) = &l.v2m {
-        let last = u64::from(v.spi_base) + u64::from(v.spi_count) - 1;
+        let last = (u64::from(v.spi_base) + u64::from(v.spi_count)).saturating_sub(1);
         if v.spi_count == 0 || v.spi_base < SPI_BASE_INTID || last > u64::from(MAX_INTID) {
             p.push(Problem::error(
                 Rule::V2mRange,
@@ -564,7 +568,7 @@ fn device_kind(i: usize, d: &DeviceDesc, p: &mut Vec<Problem>) -> Option<DeviceK
                     ),
                     format!(
                         "use dataport_size = \"{}\"",
-                        ByteSize(size.max(4 * KIB).next_power_of_two())
+                        ByteSize(size.max(4 * KIB).checked_next_power_of_two().unwrap_or(1 << 63))
                     ),
                 ));
                 return None;
