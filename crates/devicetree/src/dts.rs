@@ -85,7 +85,7 @@ impl Printer<'_> {
             "msi-parent" => Some("#msi-cells"),
             _ => return None,
         };
-        if v.is_empty() || v.len() % 4 != 0 {
+        if v.is_empty() || !v.len().is_multiple_of(4) {
             return None;
         }
         let cells: Vec<u32> = v
@@ -121,7 +121,7 @@ fn value(v: &[u8]) -> String {
         let quoted: Vec<String> = list.iter().map(|s| format!("\"{}\"", escape(s))).collect();
         return format!(" = {}", quoted.join(", "));
     }
-    if v.len() % 4 == 0 {
+    if v.len().is_multiple_of(4) {
         let cells: Vec<String> = v
             .chunks_exact(4)
             .map(|c| format!("{:#04x}", u32::from_be_bytes([c[0], c[1], c[2], c[3]])))

@@ -137,7 +137,7 @@ pub fn lint(t: &Tree) -> Vec<Finding> {
     }
     check_phandles(&mut l);
     check_interrupts(&mut l, host.as_ref().map(|(_, n)| *n));
-    l.out.sort_by(|a, b| b.level.cmp(&a.level));
+    l.out.sort_by_key(|f| std::cmp::Reverse(f.level));
     l.out
 }
 

@@ -259,7 +259,7 @@ pub fn check(cfg: &DotConfig, role: Role) -> Vec<Finding> {
             });
         }
     }
-    out.sort_by(|a, b| b.level.cmp(&a.level));
+    out.sort_by_key(|f| std::cmp::Reverse(f.level));
     out
 }
 

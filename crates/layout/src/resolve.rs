@@ -158,7 +158,7 @@ fn check_regions(l: &Layout, p: &mut Vec<Problem>) -> bool {
 
 fn check_ram(l: &Layout, p: &mut Vec<Problem>) {
     let r = &l.ram;
-    if r.size % (2 * MIB) != 0 {
+    if !r.size.is_multiple_of(2 * MIB) {
         p.push(Problem::error(
             Rule::RamSize,
             format!(
@@ -175,7 +175,7 @@ fn check_ram(l: &Layout, p: &mut Vec<Problem>) {
             ),
         ));
     }
-    if r.base % (2 * MIB) != 0 {
+    if !r.base.is_multiple_of(2 * MIB) {
         p.push(Problem::error(
             Rule::Alignment,
             format!("memory.base = {:#x} is not 2 MiB aligned", r.base),
@@ -241,7 +241,7 @@ fn check_ecam(l: &Layout, p: &mut Vec<Problem>) {
     }
     let buses = u64::from(pci.bus_end - pci.bus_start + 1);
     let need = buses * ECAM_BUS_SIZE;
-    if pci.ecam.size < need || pci.ecam.size % ECAM_BUS_SIZE != 0 {
+    if pci.ecam.size < need || !pci.ecam.size.is_multiple_of(ECAM_BUS_SIZE) {
         p.push(Problem::error(
             Rule::EcamSize,
             format!(
@@ -257,7 +257,7 @@ fn check_ecam(l: &Layout, p: &mut Vec<Problem>) {
             ),
         ));
     }
-    if pci.ecam.base % ECAM_BUS_SIZE != 0 {
+    if !pci.ecam.base.is_multiple_of(ECAM_BUS_SIZE) {
         p.push(Problem::error(
             Rule::Alignment,
             format!("{} is not 1 MiB aligned", pci.ecam),

@@ -67,11 +67,11 @@ pub fn parse_u64(text: &str) -> Option<u64> {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let v = self.0;
-        if v != 0 && v % GIB == 0 {
+        if v != 0 && v.is_multiple_of(GIB) {
             write!(f, "{} GiB", v / GIB)
-        } else if v != 0 && v % MIB == 0 {
+        } else if v != 0 && v.is_multiple_of(MIB) {
             write!(f, "{} MiB", v / MIB)
-        } else if v != 0 && v % KIB == 0 {
+        } else if v != 0 && v.is_multiple_of(KIB) {
             write!(f, "{} KiB", v / KIB)
         } else {
             write!(f, "{v} B")
@@ -83,11 +83,11 @@ impl Serialize for ByteSize {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         // TOML integers are i64: a string keeps every u64 and reads back through `parse`.
         let v = self.0;
-        let text = if v != 0 && v % GIB == 0 {
+        let text = if v != 0 && v.is_multiple_of(GIB) {
             format!("{}G", v / GIB)
-        } else if v != 0 && v % MIB == 0 {
+        } else if v != 0 && v.is_multiple_of(MIB) {
             format!("{}M", v / MIB)
-        } else if v != 0 && v % KIB == 0 {
+        } else if v != 0 && v.is_multiple_of(KIB) {
             format!("{}K", v / KIB)
         } else {
             format!("{v}")

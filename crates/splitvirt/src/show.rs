@@ -27,8 +27,8 @@ pub fn render(l: &Layout) -> String {
     }
     let _ = writeln!(
         o,
-        "\n{:<8} {:<16} {:<11} {:<36} {:<10} {}",
-        "slot", "device", "pci id", "BARs", "INTx", "MSI"
+        "\n{:<8} {:<16} {:<11} {:<36} {:<10} MSI",
+        "slot", "device", "pci id", "BARs", "INTx"
     );
     for d in &l.devices {
         let (v, id) = d.kind.pci_id();
