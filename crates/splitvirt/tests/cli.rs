@@ -1,0 +1,170 @@
+//! The command line as a user runs it: real files, exit codes and messages.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn sv(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_splitvirt"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+fn repo(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(p)
+}
+
+fn write(dir: &tempfile::TempDir, name: &str, body: &str) -> String {
+    let p = dir.path().join(name);
+    std::fs::write(&p, body).unwrap();
+    p.to_string_lossy().into()
+}
+
+#[test]
+fn config_check_default_and_example_are_valid() {
+    let o = sv(&["config", "check"]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(text(&o).0.contains("built-in default VM: valid"));
+    let ex = repo("examples/driver-vm.toml");
+    let o = sv(&["config", "check", ex.to_str().unwrap()]);
+    assert!(o.status.success(), "{:?}", text(&o));
+}
+
+#[test]
+fn the_example_file_is_the_default_written_out() {
+    let d = layout::Description::load(&repo("examples/driver-vm.toml")).unwrap();
+    let mut default = layout::Description::default_vm();
+    // The example's image path is relative to the file.
+    default.devices[0].image = Some(repo("examples").join("disk.img"));
+    assert_eq!(d, default);
+}
+
+#[test]
+fn config_check_lists_every_problem_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        &dir,
+        "bad.toml",
+        "vcpus = 9\n[pci.mem32]\nbase = 0x50000000\nsize = \"512M\"\n",
+    );
+    let o = sv(&["config", "check", &f]);
+    assert_eq!(o.status.code(), Some(1));
+    let (_, err) = text(&o);
+    assert!(err.contains("vcpus = 9"), "{err}");
+    assert!(
+        err.contains("PCI 32-bit window [0x50000000-0x6fffffff] (512 MiB) overlaps"),
+        "{err}"
+    );
+    assert!(err.contains("fix:"), "{err}");
+    assert!(err.contains("bad.toml: "), "{err}");
+}
+
+#[test]
+fn typos_and_missing_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(&dir, "typo.toml", "[pool]\nbsae = 0x50000000\n");
+    let (_, err) = text(&sv(&["config", "check", &f]));
+    assert!(
+        err.contains("pool") && err.contains("bsae") && err.contains("typo.toml"),
+        "{err}"
+    );
+    let o = sv(&["config", "show", "/nonexistent/vm.toml"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o)
+        .1
+        .contains("cannot read VM description /nonexistent/vm.toml"));
+}
+
+#[test]
+fn config_show_is_sorted_by_address() {
+    let o = sv(&["config", "show"]);
+    assert!(o.status.success());
+    let (out, _) = text(&o);
+    let starts: Vec<u64> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("region"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .map(|l| {
+            let hex = l.split_whitespace().rev().nth(3).unwrap();
+            u64::from_str_radix(hex.trim_start_matches("0x"), 16).unwrap()
+        })
+        .collect();
+    assert_eq!(starts.len(), 10, "{out}");
+    assert!(starts.windows(2).all(|w| w[0] <= w[1]), "{starts:x?}");
+    assert!(out.contains("00:01.0  virtio-blk"));
+}
+
+#[test]
+fn dtb_writes_a_blob_and_prints_dts() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("vm.dtb");
+    let o = sv(&[
+        "dtb",
+        "-o",
+        out.to_str().unwrap(),
+        "--initrd-range",
+        "0x48000000,0x48100000",
+    ]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    let t = devicetree::Tree::parse(&std::fs::read(&out).unwrap()).unwrap();
+    assert!(t.find("/chosen").unwrap().has("linux,initrd-start"));
+    let (dts, _) = text(&sv(&["dtb", "--dts"]));
+    assert!(dts.starts_with("/dts-v1/;"));
+    assert!(dts.contains("compatible = \"restricted-dma-pool\";"));
+    // Neither an output nor --dts: a usage error.
+    assert_eq!(sv(&["dtb"]).status.code(), Some(2));
+    let (_, err) = text(&sv(&["dtb", "--dts", "--initrd-range", "5,3"]));
+    assert!(err.contains("not above START"), "{err}");
+}
+
+#[test]
+fn lint_dtb_passes_ours_and_rejects_junk() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("vm.dtb");
+    assert!(sv(&["dtb", "-o", out.to_str().unwrap()]).status.success());
+    let o = sv(&["lint-dtb", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    let junk = write(&dir, "junk.dtb", "this is not a device tree");
+    let o = sv(&["lint-dtb", &junk]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).1.contains("not a device tree blob"),
+        "{:?}",
+        text(&o)
+    );
+}
+
+#[test]
+fn kconfig_fragment_and_check() {
+    let (frag, _) = text(&sv(&["kconfig", "fragment", "--role", "device"]));
+    assert!(frag.contains("CONFIG_DMA_RESTRICTED_POOL=y") && frag.contains("CONFIG_KVM=y"));
+    let (frag, _) = text(&sv(&["kconfig", "fragment", "--role", "driver"]));
+    assert!(!frag.contains("CONFIG_KVM=y"));
+    let debian = repo("crates/kconfig/tests/fixtures/debian-6.12.100+deb12-arm64.config");
+    let o = sv(&[
+        "kconfig",
+        "check",
+        "--role",
+        "driver",
+        debian.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let (out, err) = text(&o);
+    assert!(
+        out.contains("error: CONFIG_DMA_RESTRICTED_POOL: is not set"),
+        "{out}"
+    );
+    assert!(err.contains("required option(s) missing"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(&dir, "notes.txt", "hello\n");
+    let (_, err) = text(&sv(&["kconfig", "check", "--role", "driver", &f]));
+    assert!(err.contains("no CONFIG_ lines"), "{err}");
+}
