@@ -1,1 +1,64 @@
-fn main() {}
+//! `cargo xtask demo` runs the main job; `cargo xtask test` runs every test, installing what
+//! the tests need first (idempotently, cached by input).
+
+mod env;
+mod schema;
+mod test;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The main job: the default VM's memory map, device tree (DTB and DTS) and its lint.
+    Demo,
+    /// Every test: formatting, clippy, unit and integration tests, dt-validate.
+    Test,
+    /// Install the tools the tests need (apt packages, the dtschema venv and schema).
+    Deps,
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Demo => demo(),
+        Cmd::Test => test::all(),
+        Cmd::Deps => {
+            env::ensure_apt(test::APT_PACKAGES)?;
+            schema::ensure()?;
+            Ok(())
+        }
+    }
+}
+
+fn demo() -> Result<()> {
+    let sv = env::splitvirt()?;
+    let out = env::root().join("out/demo");
+    std::fs::create_dir_all(&out)?;
+    let dtb = out.join("driver-vm.dtb");
+    let dts = out.join("driver-vm.dts");
+    env::run(env::cmd(&sv).args(["config", "show"]))?;
+    env::run(env::cmd(&sv).arg("dtb").arg("-o").arg(&dtb))?;
+    let text = env::output(env::cmd(&sv).args(["dtb", "--dts"]))?;
+    std::fs::write(&dts, text)?;
+    env::run(env::cmd(&sv).arg("lint-dtb").arg(&dtb))?;
+    println!("\nwrote {} and {}", dtb.display(), dts.display());
+    println!("(booting the VM on KVM comes with the VMM; see README)");
+    Ok(())
+}

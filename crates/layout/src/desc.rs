@@ -250,10 +250,14 @@ impl Description {
 }
 
 /// Tables merge key by key; anything else (arrays included) is replaced by the user's value.
+/// `false` in place of a profile's table removes it (`v2m = false`, `pool = false`).
 fn merge(base: &mut toml::Table, over: toml::Table) {
     for (k, v) in over {
         match (base.get_mut(&k), v) {
             (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (Some(toml::Value::Table(_)), toml::Value::Boolean(false)) => {
+                base.remove(&k);
+            }
             (_, v) => {
                 base.insert(k, v);
             }
@@ -279,6 +283,19 @@ mod tests {
         let d = Description::parse("[memory]\nsize = \"256M\"\n", "t").unwrap();
         assert_eq!(d.memory.size.0, 256 * MIB);
         assert_eq!(d.memory.base, Description::default_vm().memory.base);
+    }
+
+    #[test]
+    fn false_removes_an_optional_section() {
+        let d = Description::parse(
+            "pool = false\n[gic]\nv2m = false\n[pci]\nmem64 = false\n",
+            "t",
+        )
+        .unwrap();
+        assert!(d.pool.is_none() && d.gic.v2m.is_none() && d.pci.mem64.is_none());
+        // On a section that is not optional it is a type error naming the key.
+        let e = Description::parse("memory = false\n", "t").unwrap_err();
+        assert!(e.to_string().contains("memory"), "{e}");
     }
 
     #[test]

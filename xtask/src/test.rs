@@ -1,0 +1,136 @@
+//! `cargo xtask test`: every check, each a step; a summary line at the end.
+
+use crate::env::{self, cargo, cmd, root, run};
+use crate::schema;
+use anyhow::{bail, Context, Result};
+use std::time::Instant;
+
+/// What the tests need from Debian: dtc for the device tree tests.
+pub const APT_PACKAGES: &[&str] = &["device-tree-compiler"];
+
+struct Steps {
+    passed: Vec<String>,
+    failed: Vec<String>,
+}
+
+impl Steps {
+    fn step(&mut self, name: &str, f: impl FnOnce() -> Result<()>) {
+        println!("\n==> {name}");
+        let t = Instant::now();
+        match f() {
+            Ok(()) => {
+                println!("<== {name}: ok ({:.1}s)", t.elapsed().as_secs_f64());
+                self.passed.push(name.into());
+            }
+            Err(e) => {
+                println!("<== {name}: FAILED: {e:#}");
+                self.failed.push(name.into());
+            }
+        }
+    }
+}
+
+pub fn all() -> Result<()> {
+    // Tools first: without them the later steps cannot mean anything.
+    env::ensure_apt(APT_PACKAGES)?;
+    let schema = schema::ensure()?;
+
+    let mut s = Steps {
+        passed: Vec::new(),
+        failed: Vec::new(),
+    };
+    s.step("cargo fmt --check", || {
+        run(cargo().args(["fmt", "--all", "--", "--check"]))
+    });
+    s.step("cargo clippy -D warnings", || {
+        run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--quiet",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    });
+    s.step("cargo test", || run(cargo().args(["test", "--workspace"])));
+    s.step("dt-validate on generated device trees", || {
+        dt_validate(&schema)
+    });
+
+    println!("\nxtask test steps:");
+    for p in &s.passed {
+        println!("  ok      {p}");
+    }
+    for f in &s.failed {
+        println!("  FAILED  {f}");
+    }
+    println!(
+        "xtask: {} passed, {} failed",
+        s.passed.len(),
+        s.failed.len()
+    );
+    if !s.failed.is_empty() {
+        bail!("{} step(s) failed", s.failed.len());
+    }
+    Ok(())
+}
+
+/// Every description in tests/dt-validate gives a DTB that the kernel's bindings accept with
+/// zero findings; an `expect-*` file must produce the finding its first line names.
+fn dt_validate(schema: &schema::Schema) -> Result<()> {
+    let sv = env::splitvirt()?;
+    let dir = root().join("tests/dt-validate");
+    let out = root().join("target/dt-validate");
+    std::fs::create_dir_all(&out)?;
+    let mut files: Vec<_> = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    anyhow::ensure!(!files.is_empty(), "no descriptions in {}", dir.display());
+    let mut problems = Vec::new();
+    for f in &files {
+        let name = f.file_stem().unwrap().to_string_lossy().into_owned();
+        let dtb = out.join(format!("{name}.dtb"));
+        run(cmd(&sv)
+            .arg("dtb")
+            .arg("--config")
+            .arg(f)
+            .arg("-o")
+            .arg(&dtb))?;
+        let o = cmd(&schema.dt_validate)
+            .arg("-m")
+            .arg("-s")
+            .arg(&schema.schema)
+            .arg(&dtb)
+            .output()
+            .context("cannot run dt-validate")?;
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let expect = std::fs::read_to_string(f)?
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .map(str::to_owned);
+        match (name.starts_with("expect-"), expect) {
+            (true, Some(e)) if report.contains(&e) => {
+                println!("  {name}: reports `{e}` as expected")
+            }
+            (true, e) => problems.push(format!(
+                "{name}: expected dt-validate to report {e:?}, got:\n{report}"
+            )),
+            (false, _) if report.trim().is_empty() && o.status.success() => {
+                println!("  {name}: clean")
+            }
+            (false, _) => problems.push(format!("{name}: dt-validate findings:\n{report}")),
+        }
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("\n"));
+    }
+    Ok(())
+}
