@@ -1,7 +1,12 @@
 //! `cargo xtask demo` runs the main job; `cargo xtask test` runs every test, installing what
 //! the tests need first (idempotently, cached by input).
 
+mod cpio;
 mod env;
+mod guest;
+mod kernel;
+mod qemu;
+mod realboot;
 mod schema;
 mod test;
 
@@ -23,6 +28,13 @@ enum Cmd {
     Test,
     /// Install the tools the tests need (apt packages, the dtschema venv and schema).
     Deps,
+    /// Boot the guest kernel on QEMU's virt machine with our DTB (and the negative boots).
+    Realboot,
+    /// Build (or find in the cache) a guest kernel for a role.
+    Kernel {
+        #[arg(long, value_enum, default_value = "driver")]
+        role: kernel::Role,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,6 +51,12 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Demo => demo(),
         Cmd::Test => test::all(),
+        Cmd::Realboot => {
+            realboot::good_boot()?;
+            realboot::reusable_pool_boot()?;
+            realboot::no_pci_boot()
+        }
+        Cmd::Kernel { role } => kernel::build(role).map(|_| ()),
         Cmd::Deps => {
             env::ensure_apt(test::APT_PACKAGES)?;
             schema::ensure()?;

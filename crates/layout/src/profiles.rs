@@ -57,7 +57,9 @@ pub const DRIVER_CMDLINE: &str = "console=ttyAMA0 earlycon=pl011,0x9000000 root=
 
 // ---- qemu-virt: QEMU's own virt machine (hw/arm/virt.c), so that our DTB can replace QEMU's.
 
-/// `VIRT_PCIE_ECAM`: the low ECAM, 16 buses (used with `highmem-ecam=off`).
+/// `VIRT_PCIE_ECAM`: the low ECAM, 16 buses. QEMU 7.2 has no `highmem-ecam` switch: it uses
+/// this one only with `-M virt,highmem=off`, which also drops the high MMIO window, so this
+/// profile has no 64-bit window.
 pub const QEMU_ECAM_BASE: u64 = 0x3f00_0000;
 pub const QEMU_ECAM_SIZE: u64 = 16 * MIB;
 /// `VIRT_PCIE_MMIO` and `VIRT_PCIE_PIO`.
@@ -65,9 +67,6 @@ pub const QEMU_MEM32_BASE: u64 = 0x1000_0000;
 pub const QEMU_MEM32_SIZE: u64 = 0x2eff_0000;
 pub const QEMU_IO_BASE: u64 = 0x3eff_0000;
 pub const QEMU_IO_SIZE: u64 = 64 * KIB;
-/// `VIRT_HIGH_PCIE_MMIO`: 512 GiB at 512 GiB.
-pub const QEMU_MEM64_BASE: u64 = 0x80_0000_0000;
-pub const QEMU_MEM64_SIZE: u64 = 0x80_0000_0000;
 /// `NUM_GICV2M_SPIS` = 64 from SPI 48 (`irqmap[VIRT_GIC_V2M]`), interrupt ID 80.
 pub const QEMU_V2M_SPI_BASE: u32 = 80;
 pub const QEMU_V2M_SPI_COUNT: u32 = 64;
@@ -187,7 +186,7 @@ impl Profile {
                     bus_range: [0, 15],
                     io: win(QEMU_IO_BASE, QEMU_IO_SIZE),
                     mem32: win(QEMU_MEM32_BASE, QEMU_MEM32_SIZE),
-                    mem64: Some(win(QEMU_MEM64_BASE, QEMU_MEM64_SIZE)),
+                    mem64: None,
                     intx_spis: INTX_SPIS,
                     pool_reference: PoolReference::PerDevice,
                 },

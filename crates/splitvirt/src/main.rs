@@ -43,6 +43,9 @@ enum Cmd {
     },
     /// Check a guest DTB (ours or anyone's) against what a splitvirt guest needs.
     LintDtb { file: PathBuf },
+    /// Read a guest console log: the boot sequence step by step, and the likely cause of the
+    /// first step that is missing.
+    Doctor { log: PathBuf },
     /// Guest kernel configuration: print a role's fragment, or check a full .config.
     Kconfig {
         #[command(subcommand)]
@@ -194,6 +197,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             println!("{}: no errors", file.display());
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Doctor { log } => {
+            let bytes =
+                std::fs::read(&log).with_context(|| format!("cannot read {}", log.display()))?;
+            let report = doctor::read(&String::from_utf8_lossy(&bytes));
+            println!("boot sequence in {}:", log.display());
+            print!("{report}");
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Cmd::Kconfig {
             cmd: KconfigCmd::Fragment { role },

@@ -1,0 +1,189 @@
+//! Guest artifacts besides the kernel: a busybox initramfs that runs one scenario script, and
+//! a partitioned raw disk whose partition 2 is ext4 (the seed boots `root=/dev/vda2`), built
+//! without loop devices or root-only mounts.
+
+use crate::cpio::{Archive, Entry};
+use crate::env::{self, cache, cmd, root, run};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+pub const APT: &[&str] = &["e2fsprogs", "fdisk", "cpio"];
+
+/// Debian's arm64 architecture is needed to download arm64 packages (busybox, the board kernel).
+pub fn ensure_arm64_arch() -> Result<()> {
+    let archs = env::output(cmd("dpkg").arg("--print-foreign-architectures"))?;
+    if !archs.lines().any(|a| a == "arm64") {
+        println!("==> adding Debian's arm64 architecture");
+        run(cmd("dpkg").args(["--add-architecture", "arm64"]))?;
+        run(cmd("apt-get").args(["update", "-qq"]))?;
+    }
+    Ok(())
+}
+
+/// Downloads a Debian package (any architecture) into the cache and unpacks it; returns the
+/// unpacked root. Keyed by the package file name, which carries the version.
+pub fn deb(pkg: &str) -> Result<PathBuf> {
+    ensure_arm64_arch()?;
+    let dir = cache().join("debs");
+    std::fs::create_dir_all(&dir)?;
+    let stem = pkg.split(':').next().unwrap_or(pkg);
+    let find = || -> Option<PathBuf> {
+        std::fs::read_dir(&dir)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| {
+                let n = p
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned();
+                n.starts_with(&format!("{stem}_")) && n.ends_with(".deb")
+            })
+    };
+    let file = match find() {
+        Some(f) => f,
+        None => {
+            println!("==> downloading {pkg}");
+            if run(cmd("apt-get")
+                .args(["download", "-qq", pkg])
+                .current_dir(&dir))
+            .is_err()
+            {
+                run(cmd("apt-get").args(["update", "-qq"]))?;
+                run(cmd("apt-get")
+                    .args(["download", "-qq", pkg])
+                    .current_dir(&dir))?;
+            }
+            find().with_context(|| {
+                format!("apt-get download {pkg} left no .deb in {}", dir.display())
+            })?
+        }
+    };
+    let out = file.with_extension("unpacked");
+    if !out.join(".done").exists() {
+        let _ = std::fs::remove_dir_all(&out);
+        run(cmd("dpkg-deb").arg("-x").arg(&file).arg(&out))?;
+        std::fs::write(out.join(".done"), "")?;
+    }
+    Ok(out)
+}
+
+/// An initramfs with busybox, our /init and the scenario (with `vars` exported before it).
+pub fn initramfs(scenario: &str, vars: &[(&str, &str)], out: &Path) -> Result<()> {
+    let bb = deb("busybox-static:arm64")?.join("bin/busybox");
+    let busybox = std::fs::read(&bb).with_context(|| format!("cannot read {}", bb.display()))?;
+    let init = std::fs::read(root().join("guest/initramfs/init"))?;
+    let path = root()
+        .join("guest/scenarios")
+        .join(format!("{scenario}.sh"));
+    let body = std::fs::read_to_string(&path)
+        .with_context(|| format!("no scenario {}", path.display()))?;
+    let mut script = String::new();
+    for (k, v) in vars {
+        script.push_str(&format!("export {k}='{v}'\n"));
+    }
+    script.push_str(&body);
+    let mut a = Archive::default();
+    for d in ["bin", "dev", "proc", "sys", "tmp", "mnt"] {
+        a.add(d, Entry::Dir);
+    }
+    a.add("dev/console", Entry::CharDev { major: 5, minor: 1 })
+        .add(
+            "bin/busybox",
+            Entry::File {
+                data: busybox,
+                mode: 0o755,
+            },
+        )
+        .add("bin/sh", Entry::Symlink("busybox".into()))
+        .add(
+            "init",
+            Entry::File {
+                data: init,
+                mode: 0o755,
+            },
+        )
+        .add(
+            "scenario.sh",
+            Entry::File {
+                data: script.into_bytes(),
+                mode: 0o644,
+            },
+        );
+    let f =
+        std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
+    a.write(std::io::BufWriter::new(f))?;
+    Ok(())
+}
+
+/// Where partition 2 sits in the disk image, in 512-byte sectors.
+pub const P2_START: u64 = 18432;
+pub const P2_SECTORS: u64 = 98304;
+
+/// A 64 MiB MBR disk: partition 1 (8 MiB, empty) and partition 2 (48 MiB ext4 holding `files`).
+pub fn disk(files: &[(&str, &str)], out: &Path) -> Result<()> {
+    env::ensure_apt(APT)?;
+    let work = out.with_extension("work");
+    let _ = std::fs::remove_dir_all(&work);
+    let stage = work.join("root");
+    std::fs::create_dir_all(&stage)?;
+    for (name, body) in files {
+        std::fs::write(stage.join(name), body)?;
+    }
+    let p2 = work.join("p2.img");
+    run(cmd("mkfs.ext4")
+        .args(["-q", "-F", "-L", "root", "-d"])
+        .arg(&stage)
+        .arg(&p2)
+        .arg(format!("{}k", P2_SECTORS / 2)))?;
+    let f = std::fs::File::create(out)?;
+    f.set_len(64 << 20)?;
+    drop(f);
+    let mut sf = cmd("sfdisk");
+    sf.arg("--quiet")
+        .arg(out)
+        .stdin(std::process::Stdio::piped());
+    let mut child = sf.spawn().context("cannot run sfdisk")?;
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(
+        format!("label: dos\nstart=2048, size=16384, type=83\nstart={P2_START}, size={P2_SECTORS}, type=83\n").as_bytes(),
+    )?;
+    if !child.wait()?.success() {
+        bail!("sfdisk failed on {}", out.display());
+    }
+    run(cmd("dd")
+        .arg(format!("if={}", p2.display()))
+        .arg(format!("of={}", out.display()))
+        .args([
+            "bs=512",
+            &format!("seek={P2_START}"),
+            "conv=notrunc,sparse",
+            "status=none",
+        ]))?;
+    std::fs::remove_dir_all(&work)?;
+    Ok(())
+}
+
+/// Reads a file from partition 2 of a disk image made by [`disk`] (after the guest wrote it).
+pub fn read_from_p2(disk: &Path, name: &str) -> Result<String> {
+    let part = disk.with_extension("p2");
+    run(cmd("dd")
+        .arg(format!("if={}", disk.display()))
+        .arg(format!("of={}", part.display()))
+        .args([
+            "bs=512",
+            &format!("skip={P2_START}"),
+            &format!("count={P2_SECTORS}"),
+            "status=none",
+        ]))?;
+    let o = cmd("debugfs")
+        .arg("-R")
+        .arg(format!("cat /{name}"))
+        .arg(&part)
+        .output()?;
+    let _ = std::fs::remove_file(&part);
+    if !o.status.success() {
+        bail!("debugfs could not read /{name} from {}", disk.display());
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
