@@ -1,7 +1,9 @@
 //! `cargo xtask demo` runs the main job; `cargo xtask test` runs every test, installing what
 //! the tests need first (idempotently, cached by input).
 
+mod board;
 mod cpio;
+mod cross;
 mod env;
 mod guest;
 mod kernel;
@@ -28,6 +30,11 @@ enum Cmd {
     Test,
     /// Install the tools the tests need (apt packages, the dtschema venv and schema).
     Deps,
+    /// Boot the board (emulated arm64 with KVM) with a scenario; default: the KVM smoke test.
+    Board {
+        #[arg(default_value = "board-smoke")]
+        scenario: String,
+    },
     /// Boot the guest kernel on QEMU's virt machine with our DTB (and the negative boots).
     Realboot,
     /// Build (or find in the cache) a guest kernel for a role.
@@ -51,6 +58,15 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Demo => demo(),
         Cmd::Test => test::all(),
+        Cmd::Board { scenario } if scenario == "board-smoke" => board::smoke(),
+        Cmd::Board { scenario } => {
+            let r = board::run(&scenario, Vec::new(), std::time::Duration::from_secs(600))?;
+            for (name, res, detail) in r.results() {
+                println!("{name}: {res} {detail}");
+            }
+            anyhow::ensure!(!r.timed_out, "the board timed out");
+            Ok(())
+        }
         Cmd::Realboot => {
             realboot::good_boot()?;
             realboot::reusable_pool_boot()?;

@@ -46,6 +46,9 @@ enum Cmd {
     /// Read a guest console log: the boot sequence step by step, and the likely cause of the
     /// first step that is missing.
     Doctor { log: PathBuf },
+    /// Check that this host can run splitvirt VMs: /dev/kvm, an in-kernel vgic-v2, a guest
+    /// that runs and exits on MMIO.
+    HostCheck,
     /// Guest kernel configuration: print a role's fragment, or check a full .config.
     Kconfig {
         #[command(subcommand)]
@@ -196,6 +199,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
             println!("{}: no errors", file.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::HostCheck => {
+            let r = vmm::host_check()?;
+            println!(
+                "host-check: KVM API {}, vgic-v2 with {} interrupt lines, guest MMIO write of {:02x?} at {:#x}: this host can run splitvirt VMs",
+                r.api_version, r.gic_irqs, r.mmio_exit.1, r.mmio_exit.0
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Doctor { log } => {

@@ -1,0 +1,159 @@
+//! The board: an emulated arm64 machine with virtualization (QEMU virt, GICv2) whose Linux has
+//! /dev/kvm, running Debian's arm64 kernel and an initramfs that carries the aarch64 splitvirt
+//! and one scenario. The harness every KVM test uses.
+
+use crate::cpio::{Archive, Entry};
+use crate::env::{self, cmd, root};
+use crate::{cross, guest, qemu};
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Debian's arm64 kernel: KVM and virtio-pci built in.
+pub const HOST_KERNEL_META: &str = "linux-image-6.12-arm64";
+
+fn host_kernel() -> Result<PathBuf> {
+    guest::ensure_arm64_arch()?;
+    // The meta package names the versioned one; its /boot/vmlinuz-* is the kernel.
+    let deps =
+        env::output(cmd("apt-cache").args(["depends", &format!("{HOST_KERNEL_META}:arm64")]))?;
+    let pkg = deps
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .map(|p| p.trim_end_matches(":arm64"))
+        .find(|p| p.starts_with("linux-image-6.12"))
+        .with_context(|| {
+            format!("apt-cache depends {HOST_KERNEL_META}:arm64 names no linux-image package")
+        })?
+        .to_owned();
+    let unpacked = guest::deb(&format!("{pkg}:arm64"))?;
+    let boot = unpacked.join("boot");
+    std::fs::read_dir(&boot)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .with_context(|| format!("no vmlinuz in {}", boot.display()))
+}
+
+/// Extra files for a scenario: (path in the board, contents).
+pub type Files = Vec<(String, Vec<u8>)>;
+
+pub fn run(scenario: &str, extra: Files, timeout: Duration) -> Result<qemu::Run> {
+    let kernel = host_kernel()?;
+    let sv = cross::splitvirt()?;
+    let dir = root().join("target/board");
+    std::fs::create_dir_all(&dir)?;
+    let bb = guest::deb("busybox-static:arm64")?.join("bin/busybox");
+    let body = std::fs::read_to_string(
+        root()
+            .join("guest/scenarios")
+            .join(format!("{scenario}.sh")),
+    )
+    .with_context(|| format!("no scenario {scenario}"))?;
+    let mut a = Archive::default();
+    for d in ["bin", "dev", "proc", "sys", "tmp"] {
+        a.add(d, Entry::Dir);
+    }
+    a.add("dev/console", Entry::CharDev { major: 5, minor: 1 })
+        .add(
+            "bin/busybox",
+            Entry::File {
+                data: std::fs::read(&bb)?,
+                mode: 0o755,
+            },
+        )
+        .add("bin/sh", Entry::Symlink("busybox".into()))
+        .add(
+            "init",
+            Entry::File {
+                data: std::fs::read(root().join("guest/board/init"))?,
+                mode: 0o755,
+            },
+        )
+        .add(
+            "splitvirt",
+            Entry::File {
+                data: std::fs::read(&sv)?,
+                mode: 0o755,
+            },
+        )
+        .add(
+            "scenario.sh",
+            Entry::File {
+                data: body.into_bytes(),
+                mode: 0o644,
+            },
+        );
+    for (path, data) in extra {
+        a.add(&path, Entry::File { data, mode: 0o644 });
+    }
+    let initrd = dir.join(format!("{scenario}.cpio"));
+    a.write(std::io::BufWriter::new(std::fs::File::create(&initrd)?))?;
+    let args: Vec<String> = [
+        "-M",
+        "virt,virtualization=on,gic-version=2",
+        "-cpu",
+        "max",
+        "-smp",
+        "2",
+        "-m",
+        "2048",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-monitor",
+        "none",
+        "-no-reboot",
+        "-append",
+        "console=ttyAMA0 rdinit=/init panic=-1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        "-kernel".into(),
+        kernel.display().to_string(),
+        "-initrd".into(),
+        initrd.display().to_string(),
+    ])
+    .collect();
+    let log = dir.join(format!("{scenario}.log"));
+    println!("==> booting the board with scenario {scenario}");
+    let r = qemu::run(&args, &log, timeout)?;
+    println!(
+        "  board ran {:.1}s, console in {}",
+        r.seconds,
+        log.display()
+    );
+    Ok(r)
+}
+
+/// The smoke test: the board opens /dev/kvm, creates a VM with a vgic-v2 and sees an MMIO exit.
+pub fn smoke() -> Result<()> {
+    let r = run("board-smoke", Vec::new(), Duration::from_secs(300))?;
+    anyhow::ensure!(
+        !r.timed_out,
+        "the board did not finish within 300 s (log: {})",
+        r.log_path.display()
+    );
+    for name in ["kvm_device", "host_check"] {
+        anyhow::ensure!(
+            r.passed(name),
+            "board check {name} failed (log: {})",
+            r.log_path.display()
+        );
+    }
+    let line = r
+        .log
+        .lines()
+        .find(|l| l.contains("host-check:"))
+        .unwrap_or_default();
+    anyhow::ensure!(
+        line.contains("[41] at 0x9000000"),
+        "host-check did not report the guest's write: {line:?}"
+    );
+    println!("  {}", line.trim());
+    Ok(())
+}

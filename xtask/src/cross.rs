@@ -1,0 +1,40 @@
+//! The aarch64 build of splitvirt: static, with Debian's rustc-web and its arm64 standard
+//! library (rustup cannot add targets here), in its own target directory.
+
+use crate::env::{self, cargo, root};
+use anyhow::Result;
+use std::path::PathBuf;
+
+pub const TARGET: &str = "aarch64-unknown-linux-gnu";
+pub const APT: &[&str] = &[
+    "rustc-web",
+    "libstd-rust-web-dev:arm64",
+    "gcc-aarch64-linux-gnu",
+    "libc6-dev-arm64-cross",
+];
+
+pub fn splitvirt() -> Result<PathBuf> {
+    crate::guest::ensure_arm64_arch()?;
+    env::ensure_apt(APT)?;
+    println!("==> building splitvirt for {TARGET} (static)");
+    // Linker and +crt-static for this target come from .cargo/config.toml.
+    env::run(
+        cargo()
+            .env("RUSTC", "/usr/bin/rustc")
+            .args([
+                "build",
+                "--quiet",
+                "--release",
+                "-p",
+                "splitvirt",
+                "--target",
+                TARGET,
+                "--target-dir",
+            ])
+            .arg(root().join("target/aarch64")),
+    )?;
+    Ok(root()
+        .join("target/aarch64")
+        .join(TARGET)
+        .join("release/splitvirt"))
+}
