@@ -23,8 +23,7 @@ impl Archive {
     }
 
     pub fn write(&self, mut out: impl Write) -> std::io::Result<()> {
-        let mut ino = 1u32;
-        for (name, e) in &self.entries {
+        for (ino, (name, e)) in (1u32..).zip(&self.entries) {
             let (mode, data, rdev): (u32, &[u8], (u32, u32)) = match e {
                 Entry::Dir => (0o040755, &[], (0, 0)),
                 Entry::File { data, mode } => (0o100000 | mode, data, (0, 0)),
@@ -34,7 +33,6 @@ impl Archive {
             header(&mut out, name, ino, mode, data.len() as u32, rdev)?;
             out.write_all(data)?;
             pad(&mut out, data.len())?;
-            ino += 1;
         }
         header(&mut out, "TRAILER!!!", 0, 0, 0, (0, 0))
     }

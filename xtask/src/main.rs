@@ -70,7 +70,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Realboot => {
             realboot::good_boot()?;
             realboot::reusable_pool_boot()?;
-            realboot::no_pci_boot()
+            realboot::no_pci_boot()?;
+            realboot::dangling_msi_boot()
         }
         Cmd::Kernel { role } => kernel::build(role).map(|_| ()),
         Cmd::Deps => {

@@ -1,12 +1,12 @@
 //! `cargo xtask test`: every check, each a step; a summary line at the end.
 
 use crate::env::{self, cargo, cmd, root, run};
-use crate::schema;
+use crate::{board, kernel, realboot, schema};
 use anyhow::{bail, Context, Result};
 use std::time::Instant;
 
-/// What the tests need from Debian: dtc for the device tree tests.
-pub const APT_PACKAGES: &[&str] = &["device-tree-compiler"];
+/// What `cargo test` needs from Debian: dtc for the device tree tests, cpio to list archives.
+pub const APT_PACKAGES: &[&str] = &["device-tree-compiler", "cpio"];
 
 struct Steps {
     passed: Vec<String>,
@@ -57,6 +57,27 @@ pub fn all() -> Result<()> {
     s.step("dt-validate on generated device trees", || {
         dt_validate(&schema)
     });
+    s.step("guest kernel, driver role (kconfig-checked)", || {
+        kernel::build(kernel::Role::Driver).map(|_| ())
+    });
+    s.step("guest kernel, device role (kconfig-checked)", || {
+        kernel::build(kernel::Role::Device).map(|_| ())
+    });
+    s.step(
+        "real boot: our DTB, QEMU's virtio devices, the pool in use",
+        realboot::good_boot,
+    );
+    s.step("negative boot: reusable pool", realboot::reusable_pool_boot);
+    s.step("negative boot: no PCI node", realboot::no_pci_boot);
+    s.step(
+        "negative boot: dangling msi-parent",
+        realboot::dangling_msi_boot,
+    );
+    s.step("doctor on this run's boot logs", doctor_on_boots);
+    s.step(
+        "board: KVM smoke test inside the emulated arm64 machine",
+        board::smoke,
+    );
 
     println!("\nxtask test steps:");
     for p in &s.passed {
@@ -131,6 +152,38 @@ fn dt_validate(schema: &schema::Schema) -> Result<()> {
     }
     if !problems.is_empty() {
         bail!("{}", problems.join("\n"));
+    }
+    Ok(())
+}
+
+/// `splitvirt doctor` on the logs the boots above just wrote: the good one passes, each broken
+/// one stops at the step the seed predicts.
+fn doctor_on_boots() -> Result<()> {
+    let sv = env::splitvirt()?;
+    let dir = root().join("target/boots");
+    for (log, want) in [
+        ("qemu-virt", None),
+        ("dangling-msi", None),
+        (
+            "reusable-pool",
+            Some("first step not reached: restricted DMA pool"),
+        ),
+        ("no-pci", Some("first step not reached: PCI enumerated")),
+    ] {
+        let o = cmd(&sv)
+            .arg("doctor")
+            .arg(dir.join(format!("{log}.log")))
+            .output()?;
+        let out = String::from_utf8_lossy(&o.stdout);
+        match want {
+            None if o.status.success() => {}
+            Some(w) if !o.status.success() && out.contains(w) => {}
+            _ => bail!(
+                "doctor on {log}.log: expected {want:?}, got (exit {}):\n{out}",
+                o.status
+            ),
+        }
+        println!("  {log}: {}", out.lines().last().unwrap_or(""));
     }
     Ok(())
 }

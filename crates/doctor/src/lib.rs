@@ -30,6 +30,8 @@ pub struct Report {
     pub steps: Vec<Step>,
     pub devices: Vec<PciFunction>,
     pub diagnosis: Option<Diagnosis>,
+    /// Lines worth knowing even when every step is present.
+    pub notes: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -162,7 +164,7 @@ pub fn read(log: &str) -> Report {
         (_, Some(f)) => {
             push(&mut steps, "restricted DMA pool", Status::Failed(f.into()));
             diag(&mut diagnosis, "restricted DMA pool",
-                format!("Linux refused the restricted-dma-pool node (`{f}`): it carries reusable, no-map, linux,cma-default or linux,dma-default (facts #1), or its reg is bad"),
+                format!("Linux refused the restricted-dma-pool node (`{f}`): it carries reusable, no-map, linux,cma-default or linux,dma-default, which Linux refuses on a restricted pool, or its reg is bad"),
                 "remove `reusable;`/`no-map;` from the pool node; splitvirt lint-dtb shows which (the seed's \"SWIOTLB errors\" row)");
         }
         (None, None) => {
@@ -235,8 +237,12 @@ pub fn read(log: &str) -> Report {
             Status::Failed(f.clone()),
         );
         let (cause, fix) = if let Some(p) = phandle {
-            (format!("`{p}`: msi-parent points at no node, so every virtio device fails to probe (facts #9)"),
-             "emit msi-parent only with a v2m@ MSI frame node, or add the frame")
+            (
+                format!(
+                    "`{p}`: msi-parent points at no node, so every virtio device fails to probe"
+                ),
+                "emit msi-parent only with a v2m@ MSI frame node, or add the frame",
+            )
         } else {
             (
                 format!("{}: `{f}`", bad.bdf),
@@ -260,7 +266,7 @@ pub fn read(log: &str) -> Report {
             Status::Failed(format!("no pool assigned to {}", missing.join(", "))),
         );
         diag(&mut diagnosis, "virtio devices bound", format!("{} did not get the restricted pool: their DMA is not confined", missing.join(", ")),
-            "give each PCI device node memory-region = <&pool> (or the host bridge), and offer VIRTIO_F_ACCESS_PLATFORM so that the driver uses the DMA API (facts #6)");
+            "give each PCI device node memory-region = <&pool> (or the host bridge), and offer VIRTIO_F_ACCESS_PLATFORM so that the driver sends its DMA through the pool");
     } else {
         let how = if pool_exists {
             ", each assigned the restricted pool"
@@ -306,10 +312,22 @@ pub fn read(log: &str) -> Report {
             }
         }
     }
+    let mut notes = Vec::new();
+    if let Some(p) = phandle {
+        notes.push(format!(
+            "`{p}`: a phandle (usually the host bridge's msi-parent) points at no node; Linux 6.x falls back to INTx, older kernels fail to probe the devices (error -524). Emit msi-parent only with a v2m@ frame node"
+        ));
+    }
+    if let Some(l) = find(&lines, "DT overriding V2M MSI_TYPER") {
+        notes.push(format!(
+            "`{l}`: the device tree's arm,msi-base-spi/num-spis replace the frame's MSI_TYPER"
+        ));
+    }
     Report {
         steps,
         devices,
         diagnosis,
+        notes,
     }
 }
 
@@ -334,6 +352,9 @@ impl fmt::Display for Report {
             };
             writeln!(f, "  [{tag:<7}] {:<22} {detail}", s.name)?;
         }
+        for n in &self.notes {
+            writeln!(f, "  note: {n}")?;
+        }
         match &self.diagnosis {
             None => writeln!(f, "every step of the boot sequence is present"),
             Some(d) => writeln!(
@@ -342,5 +363,51 @@ impl fmt::Display for Report {
                 d.step, d.cause, d.fix
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Failure lines as the kernel prints them; no real boot of ours produces them yet.
+    const BASE: &str = "[    0.0] Booting Linux on physical CPU 0x0\n[    0.0] Machine model: splitvirt\n\
+        [    0.0] Memory: 1K/2K available\n[    0.0] software IO TLB: Reserved memory: created restricted DMA pool at 0x0000000050000000, size 64 MiB\n\
+        [    0.5] pci-host-generic 70000000.pcie: host bridge /pcie@70000000 ranges:\n\
+        [    0.5] pci 0000:00:01.0: [1af4:1042] type 00 class 0x010000 conventional PCI endpoint\n\
+        [    0.7] virtio-pci 0000:00:01.0: assigned reserved memory node swiotlb@50000000\n";
+
+    #[test]
+    fn a_virtio_timeout_points_at_the_backend() {
+        let log = format!("{BASE}[   30.0] virtio_blk virtio0: request timed out\n");
+        let d = read(&log).diagnosis.unwrap();
+        assert_eq!(d.step, "virtio devices bound");
+        assert!(d.fix.contains("backend"), "{d:?}");
+    }
+
+    #[test]
+    fn a_connector_without_its_driver_points_at_the_module() {
+        let log = format!(
+            "{BASE}[    0.5] pci 0000:00:04.0: [1af4:a111] type 00 class 0x050000 conventional PCI endpoint\nRun /init as init process\n"
+        );
+        let d = read(&log).diagnosis.unwrap();
+        assert_eq!(d.step, "connector driver");
+        assert!(d.fix.contains("modprobe connection"));
+    }
+
+    #[test]
+    fn a_device_without_the_pool_is_not_confined() {
+        let log = BASE.replace("assigned reserved memory node", "enabling device")
+            + "Run /init as init process\n";
+        let d = read(&log).diagnosis.unwrap();
+        assert!(d.cause.contains("did not get the restricted pool"), "{d:?}");
+    }
+
+    #[test]
+    fn a_kernel_panic_before_init_is_quoted() {
+        let log = format!("{BASE}[    1.0] Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)\n");
+        let d = read(&log).diagnosis.unwrap();
+        assert_eq!(d.step, "init started");
+        assert!(d.cause.contains("Unable to mount root fs"));
     }
 }
