@@ -12,7 +12,7 @@ use std::time::Duration;
 /// Debian's arm64 kernel: KVM and virtio-pci built in.
 pub const HOST_KERNEL_META: &str = "linux-image-6.12-arm64";
 
-fn host_kernel() -> Result<PathBuf> {
+pub fn host_kernel() -> Result<PathBuf> {
     guest::ensure_arm64_arch()?;
     // The meta package names the versioned one; its /boot/vmlinuz-* is the kernel.
     let deps =
@@ -40,18 +40,17 @@ fn host_kernel() -> Result<PathBuf> {
 /// Extra files for a scenario: (path in the board, contents).
 pub type Files = Vec<(String, Vec<u8>)>;
 
-pub fn run(scenario: &str, extra: Files, timeout: Duration) -> Result<qemu::Run> {
+pub fn run(scenario: &str, vars: &[(&str, &str)], extra: Files, timeout: Duration) -> Result<qemu::Run> {
     let kernel = host_kernel()?;
     let sv = cross::splitvirt()?;
     let dir = root().join("target/board");
     std::fs::create_dir_all(&dir)?;
     let bb = guest::deb("busybox-static:arm64")?.join("bin/busybox");
-    let body = std::fs::read_to_string(
-        root()
-            .join("guest/scenarios")
-            .join(format!("{scenario}.sh")),
-    )
-    .with_context(|| format!("no scenario {scenario}"))?;
+    let mut body: String = vars.iter().map(|(k, v)| format!("export {k}='{v}'\n")).collect();
+    body.push_str(
+        &std::fs::read_to_string(root().join("guest/scenarios").join(format!("{scenario}.sh")))
+            .with_context(|| format!("no scenario {scenario}"))?,
+    );
     let mut a = Archive::default();
     for d in ["bin", "dev", "proc", "sys", "tmp"] {
         a.add(d, Entry::Dir);
@@ -132,7 +131,7 @@ pub fn run(scenario: &str, extra: Files, timeout: Duration) -> Result<qemu::Run>
 
 /// The smoke test: the board opens /dev/kvm, creates a VM with a vgic-v2 and sees an MMIO exit.
 pub fn smoke() -> Result<()> {
-    let r = run("board-smoke", Vec::new(), Duration::from_secs(300))?;
+    let r = run("board-smoke", &[], Vec::new(), Duration::from_secs(300))?;
     anyhow::ensure!(
         !r.timed_out,
         "the board did not finish within 300 s (log: {})",

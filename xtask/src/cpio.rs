@@ -16,9 +16,21 @@ pub struct Archive {
 }
 
 impl Archive {
+    /// Adds an entry, and before it any parent directory not added yet.
     pub fn add(&mut self, path: &str, e: Entry) -> &mut Self {
-        self.entries
-            .push((path.trim_start_matches('/').to_owned(), e));
+        let path = path.trim_start_matches('/');
+        let mut parent = String::new();
+        let parts: Vec<&str> = path.split('/').collect();
+        for part in &parts[..parts.len() - 1] {
+            if !parent.is_empty() {
+                parent.push('/');
+            }
+            parent.push_str(part);
+            if !self.entries.iter().any(|(n, _)| *n == parent) {
+                self.entries.push((parent.clone(), Entry::Dir));
+            }
+        }
+        self.entries.push((path.to_owned(), e));
         self
     }
 
@@ -111,5 +123,7 @@ mod tests {
         );
         assert!(list.contains("bin/sh -> busybox"), "{list}");
         assert!(list.contains("-rwxr-xr-x"), "{list}");
+        // bin/ was added for bin/sh.
+        assert!(list.lines().any(|l| l.starts_with("drwx") && l.ends_with(" bin")), "{list}");
     }
 }

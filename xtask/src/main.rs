@@ -6,6 +6,7 @@ mod cpio;
 mod cross;
 mod env;
 mod guest;
+mod kvmboot;
 mod kernel;
 mod qemu;
 mod realboot;
@@ -35,6 +36,8 @@ enum Cmd {
         #[arg(default_value = "board-smoke")]
         scenario: String,
     },
+    /// Boot guests with splitvirt on KVM inside the board (the project's kernel and Debian's).
+    Kvmboot,
     /// Boot the guest kernel on QEMU's virt machine with our DTB (and the negative boots).
     Realboot,
     /// Build (or find in the cache) a guest kernel for a role.
@@ -60,13 +63,14 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Test => test::all(),
         Cmd::Board { scenario } if scenario == "board-smoke" => board::smoke(),
         Cmd::Board { scenario } => {
-            let r = board::run(&scenario, Vec::new(), std::time::Duration::from_secs(600))?;
+            let r = board::run(&scenario, &[], Vec::new(), std::time::Duration::from_secs(600))?;
             for (name, res, detail) in r.results() {
                 println!("{name}: {res} {detail}");
             }
             anyhow::ensure!(!r.timed_out, "the board timed out");
             Ok(())
         }
+        Cmd::Kvmboot => kvmboot::boot_on_kvm(),
         Cmd::Realboot => {
             realboot::good_boot()?;
             realboot::reusable_pool_boot()?;

@@ -40,6 +40,24 @@ impl Run {
         })
     }
 
+    /// The lines of one inner console (`prefix| ...`), as a run of their own.
+    pub fn part(&self, prefix: &str) -> Run {
+        let tag = format!("{prefix}| ");
+        let log = self
+            .log
+            .lines()
+            .filter_map(|l| l.trim_end_matches('\r').strip_prefix(tag.as_str()))
+            .collect::<Vec<_>>()
+            .join("\n");
+        Run { log, log_path: self.log_path.clone(), timed_out: self.timed_out, seconds: self.seconds }
+    }
+
+    /// The board's own lines, without the inner consoles.
+    pub fn outer(&self) -> Run {
+        let log = self.log.lines().filter(|l| !l.contains("| ")).collect::<Vec<_>>().join("\n");
+        Run { log, log_path: self.log_path.clone(), timed_out: self.timed_out, seconds: self.seconds }
+    }
+
     pub fn passed(&self, name: &str) -> bool {
         self.results()
             .iter()

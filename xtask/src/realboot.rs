@@ -17,7 +17,7 @@ fn out_dir() -> Result<PathBuf> {
 }
 
 /// A per-run token, so that a stale image can never pass for a fresh one.
-fn token(what: &str) -> String {
+pub fn token(what: &str) -> String {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();

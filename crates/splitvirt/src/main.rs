@@ -46,6 +46,21 @@ enum Cmd {
     /// Read a guest console log: the boot sequence step by step, and the likely cause of the
     /// first step that is missing.
     Doctor { log: PathBuf },
+    /// Boot a VM on KVM (aarch64 hosts). The console is the PL011 on stdin/stdout; Ctrl-A x quits.
+    Run {
+        /// VM description (TOML); the built-in default when left out.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// arm64 Linux Image, raw or gzip-compressed (overrides kernel.image).
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Initial ramdisk (overrides kernel.initrd).
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Kernel command line (overrides kernel.cmdline).
+        #[arg(long)]
+        cmdline: Option<String>,
+    },
     /// Check that this host can run splitvirt VMs: /dev/kvm, an in-kernel vgic-v2, a guest
     /// that runs and exits on MMIO.
     HostCheck,
@@ -200,6 +215,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             println!("{}: no errors", file.display());
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Run { config, kernel, initrd, cmdline } => {
+            let mut d = load(config.as_deref())?;
+            if let Some(c) = cmdline {
+                d.kernel.cmdline = c;
+            }
+            let r = resolve(&d)?;
+            for w in &r.warnings {
+                eprintln!("{w}");
+            }
+            let spec = vmm::RunSpec { layout: r.layout, kernel, initrd, on_reset: vmm::OnReset::Exit };
+            let code = match vmm::run(&spec) {
+                Ok(vmm::Exit::PowerOff) => {
+                    eprintln!("splitvirt: the guest powered off");
+                    0
+                }
+                Ok(vmm::Exit::Reset) => {
+                    eprintln!("splitvirt: the guest asked for a reset; ending (reset is reported, not performed)");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("splitvirt: {e}");
+                    1
+                }
+            };
+            // vCPU threads may still be inside KVM_RUN: end the process, not just main.
+            std::process::exit(code)
         }
         Cmd::HostCheck => {
             let r = vmm::host_check()?;

@@ -1,6 +1,14 @@
-//! KVM on aarch64.
+//! KVM on aarch64: guest memory in a memfd, vCPU threads, the in-kernel vgic-v2, and the MMIO
+//! bus with the PL011 and GICv2m models wired to KVM interrupt lines.
 
-use crate::{Error, HostReport};
+use crate::bus::Bus;
+use crate::{Error, Exit, HostReport, OnReset, Prepared};
+use layout::Layout;
+use platform::{gicv2m::Gicv2m, pl011::Pl011, IrqLine, SpiTrigger};
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::FromRawFd;
+use std::sync::{mpsc, Arc, Mutex};
 use kvm_bindings::{
     kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V2,
     kvm_userspace_memory_region, kvm_vcpu_init, KVM_ARM_VCPU_PSCI_0_2, KVM_DEV_ARM_VGIC_CTRL_INIT,
@@ -8,8 +16,9 @@ use kvm_bindings::{
     KVM_REG_ARM64, KVM_REG_ARM_CORE, KVM_REG_SIZE_U64, KVM_VGIC_V2_ADDR_TYPE_CPU,
     KVM_VGIC_V2_ADDR_TYPE_DIST,
 };
-use kvm_ioctls::{Kvm, VcpuExit};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use kvm_bindings::{KVM_ARM_VCPU_POWER_OFF, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
     move |e| Error::Kvm {
@@ -128,4 +137,254 @@ pub fn smoke() -> Result<HostReport, Error> {
     Err(Error::UnexpectedExit(
         "16 exits without the expected write".into(),
     ))
+}
+
+/// `regs.pstate` follows pc.
+const PSTATE: u64 = 33 * 8;
+/// EL1h with D, A, I and F masked: the boot protocol's entry state.
+const PSTATE_EL1H_MASKED: u64 = 0x3c5;
+/// KVM_IRQ_LINE on arm64: type in bits 24..31 (1 = SPI), interrupt ID in the low bits.
+const KVM_ARM_IRQ_TYPE_SPI: u32 = 1;
+
+struct SpiLine {
+    vm: Arc<VmFd>,
+    intid: u32,
+}
+
+impl IrqLine for SpiLine {
+    fn set_level(&self, high: bool) {
+        if let Err(e) = self.vm.set_irq_line((KVM_ARM_IRQ_TYPE_SPI << 24) | self.intid, high) {
+            eprintln!("splitvirt: cannot set interrupt {}: {e}", self.intid);
+        }
+    }
+}
+
+struct Msi {
+    vm: Arc<VmFd>,
+}
+
+impl SpiTrigger for Msi {
+    /// An MSI is an edge: raise and lower the line.
+    fn trigger(&self, intid: u32) {
+        let irq = (KVM_ARM_IRQ_TYPE_SPI << 24) | intid;
+        if let Err(e) = self.vm.set_irq_line(irq, true).and_then(|_| self.vm.set_irq_line(irq, false)) {
+            eprintln!("splitvirt: cannot raise MSI interrupt {intid}: {e}");
+        }
+    }
+}
+
+/// Guest RAM in a memfd, so that later parts (the pool) can be shared with another process.
+fn guest_memory(l: &Layout) -> Result<GuestMemoryMmap<()>, Error> {
+    let name = c"splitvirt-ram";
+    // SAFETY: a valid NUL-terminated name; the fd is checked and then owned by the File.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::Memory(format!("memfd_create: {}", std::io::Error::last_os_error())));
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(l.ram.size).map_err(|e| Error::Memory(format!("sizing RAM to {} bytes: {e}", l.ram.size)))?;
+    GuestMemoryMmap::from_ranges_with_files([(GuestAddress(l.ram.base), l.ram.size as usize, Some(FileOffset::new(file, 0)))])
+        .map_err(|e| Error::Memory(e.to_string()))
+}
+
+fn load(mem: &GuestMemoryMmap<()>, p: &Prepared) -> Result<(), Error> {
+    let put = |what: &str, bytes: &[u8], at: u64| {
+        mem.write_slice(bytes, GuestAddress(at)).map_err(|e| Error::Memory(format!("writing the {what} at {at:#x}: {e}")))
+    };
+    put("kernel", &p.kernel.bytes, p.placement.kernel)?;
+    put("device tree", &p.dtb, p.placement.dtb)?;
+    if let (Some(bytes), Some((start, _))) = (&p.initrd, p.placement.initrd) {
+        put("initrd", bytes, start)?;
+    }
+    Ok(())
+}
+
+fn dump_regs(vcpu: &VcpuFd) -> String {
+    let mut out = String::new();
+    let reg = |off: u64| {
+        let mut b = [0u8; 8];
+        vcpu.get_one_reg(core_reg(off), &mut b).ok().map(|_| u64::from_le_bytes(b))
+    };
+    for i in 0..31u64 {
+        if let Some(v) = reg(i * 8) {
+            out.push_str(&format!("x{i:<2} {v:#018x}{}", if i % 4 == 3 { "\n" } else { "  " }));
+        }
+    }
+    for (name, off) in [("sp", 31 * 8), ("pc", PC), ("pstate", PSTATE)] {
+        if let Some(v) = reg(off) {
+            out.push_str(&format!("\n{name:<6} {v:#018x}"));
+        }
+    }
+    out
+}
+
+enum Stop {
+    Exit(Exit),
+    Fault { vcpu: usize, why: String, regs: String },
+}
+
+fn vcpu_loop(id: usize, vcpu: &mut VcpuFd, bus: &Bus) -> Stop {
+    loop {
+        match vcpu.run() {
+            Ok(VcpuExit::MmioRead(addr, data)) => bus.read(addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => bus.write(addr, data),
+            Ok(VcpuExit::SystemEvent(t, _)) if t == KVM_SYSTEM_EVENT_SHUTDOWN => return Stop::Exit(Exit::PowerOff),
+            Ok(VcpuExit::SystemEvent(t, _)) if t == KVM_SYSTEM_EVENT_RESET => return Stop::Exit(Exit::Reset),
+            Ok(other) => {
+                let why = format!("unexpected exit {other:?}");
+                return Stop::Fault { vcpu: id, why, regs: dump_regs(vcpu) };
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => return Stop::Fault { vcpu: id, why: format!("KVM_RUN failed: {e}"), regs: dump_regs(vcpu) },
+        }
+    }
+}
+
+/// Raw terminal mode while the guest owns stdin; restored on drop and before exit.
+struct RawTerminal(Option<libc::termios>);
+
+impl RawTerminal {
+    fn enter() -> Self {
+        // SAFETY: isatty/tcgetattr/tcsetattr on fd 0 with a valid termios buffer.
+        unsafe {
+            if libc::isatty(0) != 1 {
+                return RawTerminal(None);
+            }
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) != 0 {
+                return RawTerminal(None);
+            }
+            let saved = t;
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(0, libc::TCSANOW, &t);
+            RawTerminal(Some(saved))
+        }
+    }
+    fn restore(&self) {
+        if let Some(t) = &self.0 {
+            // SAFETY: restores the attributes read from fd 0.
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, t) };
+        }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        self.restore();
+    }
+}
+
+/// stdin -> PL011. Ctrl-A x ends splitvirt (the guest owns Ctrl-C).
+fn input_thread(uart: Arc<Mutex<Pl011>>, tx: mpsc::Sender<Stop>) {
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin();
+        let mut buf = [0u8; 256];
+        let mut ctrl_a = false;
+        loop {
+            let n = match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let mut out = Vec::with_capacity(n);
+            for &b in &buf[..n] {
+                if ctrl_a && b == b'x' {
+                    let _ = tx.send(Stop::Exit(Exit::PowerOff));
+                    return;
+                }
+                ctrl_a = b == 0x01 && !ctrl_a;
+                if !ctrl_a {
+                    out.push(b);
+                }
+            }
+            uart.lock().unwrap_or_else(|e| e.into_inner()).queue_input(&out);
+        }
+    });
+}
+
+pub fn run(l: &Layout, p: Prepared, on_reset: OnReset) -> Result<Exit, Error> {
+    let kvm = Kvm::new().map_err(|e| Error::NoKvm(e.to_string()))?;
+    let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
+    let mem = guest_memory(l)?;
+    load(&mem, &p)?;
+    let host = mem.get_host_address(GuestAddress(l.ram.base)).map_err(|e| Error::Memory(e.to_string()))?;
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: l.ram.base,
+        memory_size: l.ram.size,
+        userspace_addr: host as u64,
+    };
+    // SAFETY: `mem` maps this range for as long as the VM runs (it lives until we return).
+    unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("map guest memory"))?;
+
+    let mut kvi = kvm_vcpu_init::default();
+    vm.get_preferred_target(&mut kvi).map_err(kvm_err("name a preferred CPU target"))?;
+    kvi.features[0] |= 1 << KVM_ARM_VCPU_PSCI_0_2;
+    let mut vcpus = Vec::new();
+    for id in 0..l.vcpus as u64 {
+        let vcpu = vm.create_vcpu(id).map_err(kvm_err("create a vCPU"))?;
+        let mut init = kvi;
+        if id > 0 {
+            // Secondaries wait, powered off, for the guest's PSCI CPU_ON (handled by KVM).
+            init.features[0] |= 1 << KVM_ARM_VCPU_POWER_OFF;
+        }
+        vcpu.vcpu_init(&init).map_err(kvm_err("initialise a vCPU"))?;
+        vcpus.push(vcpu);
+    }
+    let boot = &vcpus[0];
+    boot.set_one_reg(core_reg(PC), &p.placement.kernel.to_le_bytes()).map_err(kvm_err("set the PC"))?;
+    boot.set_one_reg(core_reg(0), &p.placement.dtb.to_le_bytes()).map_err(kvm_err("set x0"))?;
+    for r in 1..4 {
+        boot.set_one_reg(core_reg(r * 8), &0u64.to_le_bytes()).map_err(kvm_err("clear x1..x3"))?;
+    }
+    boot.set_one_reg(core_reg(PSTATE), &PSTATE_EL1H_MASKED.to_le_bytes()).map_err(kvm_err("set PSTATE"))?;
+
+    let mut dev = kvm_create_device { type_: kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V2, fd: 0, flags: 0 };
+    let gic = vm.create_device(&mut dev).map_err(kvm_err("create an in-kernel vgic-v2 (is GICv2 emulation available?)"))?;
+    let set = |group: u32, attr: u64, addr: u64, what| {
+        gic.set_device_attr(&kvm_device_attr { flags: 0, group, attr, addr }).map_err(kvm_err(what))
+    };
+    let (dist, cpu, irqs) = (l.gic_dist.base, l.gic_cpu.base, l.gic_irqs);
+    set(KVM_DEV_ARM_VGIC_GRP_ADDR, u64::from(KVM_VGIC_V2_ADDR_TYPE_DIST), &dist as *const u64 as u64, "place the GIC distributor")?;
+    set(KVM_DEV_ARM_VGIC_GRP_ADDR, u64::from(KVM_VGIC_V2_ADDR_TYPE_CPU), &cpu as *const u64 as u64, "place the GIC CPU interface")?;
+    set(KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, &irqs as *const u32 as u64, "size the GIC")?;
+    set(KVM_DEV_ARM_VGIC_GRP_CTRL, u64::from(KVM_DEV_ARM_VGIC_CTRL_INIT), 0, "initialise the vgic-v2")?;
+
+    let mut bus = Bus::default();
+    let uart_irq = Arc::new(SpiLine { vm: vm.clone(), intid: layout::layout::SPI_BASE_INTID + l.uart.spi });
+    let uart = Arc::new(Mutex::new(Pl011::new(Box::new(std::io::stdout()), uart_irq)));
+    bus.add(l.uart.region.clone(), uart.clone());
+    if let Some(v) = &l.v2m {
+        let frame = Gicv2m::new(v.spi_base, v.spi_count, Arc::new(Msi { vm: vm.clone() }));
+        bus.add(v.region.clone(), Arc::new(Mutex::new(frame)));
+    }
+    let bus = Arc::new(bus);
+
+    let term = RawTerminal::enter();
+    let (tx, rx) = mpsc::channel();
+    input_thread(uart, tx.clone());
+    for (id, mut vcpu) in vcpus.into_iter().enumerate() {
+        let (bus, tx) = (bus.clone(), tx.clone());
+        std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                let stop = vcpu_loop(id, &mut vcpu, &bus);
+                let _ = tx.send(stop);
+                // Keep the vCPU fd open until the process ends: other vCPUs may still run.
+                std::mem::forget(vcpu);
+            })
+            .map_err(|e| Error::Io(format!("cannot start a vCPU thread: {e}")))?;
+    }
+    drop(tx);
+    let stop = rx.recv().map_err(|_| Error::Io("every vCPU thread ended without a reason".into()))?;
+    term.restore();
+    // Other vCPUs may still be inside KVM_RUN: their memory must outlive them, and the process
+    // ends right after this returns.
+    std::mem::forget(mem);
+    let _ = on_reset;
+    match stop {
+        Stop::Exit(e) => Ok(e),
+        Stop::Fault { vcpu, why, regs } => Err(Error::GuestFault { vcpu, why, regs }),
+    }
 }

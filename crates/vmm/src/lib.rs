@@ -1,8 +1,13 @@
-//! The hypervisor boundary. Everything that knows KVM lives under `kvm`, compiled only for
-//! aarch64 hosts; the rest of splitvirt sees plain types and errors.
+//! The hypervisor boundary. `prepare` (any host) reads and checks everything a boot needs and
+//! decides where it goes; `run` hands that to the hypervisor. Everything that knows KVM is in
+//! `kvm`, compiled only for aarch64 hosts.
 
+pub mod bus;
 #[cfg(target_arch = "aarch64")]
 mod kvm;
+
+use layout::Layout;
+use std::path::PathBuf;
 
 /// What a host check found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +30,93 @@ pub enum Error {
     Memory(String),
     #[error("the guest stopped with {0} before its MMIO write")]
     UnexpectedExit(String),
+    #[error("no kernel to boot: pass --kernel IMAGE or set kernel.image in the VM description")]
+    NoKernel,
+    #[error("cannot read {what} {path}: {source}")]
+    Read { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Image(#[from] boot::ImageError),
+    #[error("cannot place the boot files: {0}")]
+    Place(#[from] boot::PlaceError),
+    #[error(transparent)]
+    Dtb(#[from] devicetree::GenError),
+    #[error("vCPU {vcpu} stopped: {why}\n{regs}")]
+    GuestFault { vcpu: usize, why: String, regs: String },
+    #[error("{0}")]
+    Io(String),
+}
+
+/// What to do when the guest asks for a reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnReset {
+    /// End splitvirt, exit code 0, saying the guest reset.
+    Exit,
+}
+
+/// How the guest ended, when it ended well.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    PowerOff,
+    Reset,
+}
+
+pub struct RunSpec {
+    pub layout: Layout,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub on_reset: OnReset,
+}
+
+/// Everything read, checked and placed: what remains is the hypervisor's part.
+#[derive(Debug)]
+pub struct Prepared {
+    pub kernel: boot::Kernel,
+    pub placement: boot::Placement,
+    pub dtb: Vec<u8>,
+    pub initrd: Option<Vec<u8>>,
+}
+
+fn read(what: &'static str, path: &PathBuf) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|source| Error::Read { what, path: path.clone(), source })
+}
+
+/// Reads the kernel and initrd, validates the Image, places everything and generates the DTB.
+/// Every user error shows up here, before any VM exists.
+pub fn prepare(spec: &RunSpec) -> Result<Prepared, Error> {
+    let path = spec.kernel.as_ref().or(spec.layout.kernel.as_ref()).ok_or(Error::NoKernel)?;
+    let kernel = boot::Kernel::parse(&read("kernel", path)?, &path.display().to_string())?;
+    let initrd = match spec.initrd.as_ref().or(spec.layout.initrd.as_ref()) {
+        Some(p) => Some(read("initrd", p)?),
+        None => None,
+    };
+    let l = &spec.layout;
+    let placement = boot::place(
+        &l.ram,
+        l.pool.as_ref(),
+        kernel.text_offset,
+        kernel.image_size,
+        boot::DTB_MAX,
+        initrd.as_ref().map(|i| i.len() as u64),
+    )?;
+    let dtb = devicetree::generate(l, &devicetree::BootInfo { initrd: placement.initrd })?;
+    if dtb.len() as u64 > boot::DTB_MAX {
+        return Err(boot::PlaceError::DtbTooBig { size: dtb.len() as u64 }.into());
+    }
+    Ok(Prepared { kernel, placement, dtb, initrd })
+}
+
+/// Boots the prepared guest and returns when it powers off or resets.
+pub fn run(spec: &RunSpec) -> Result<Exit, Error> {
+    let prepared = prepare(spec)?;
+    #[cfg(target_arch = "aarch64")]
+    {
+        kvm::run(&spec.layout, prepared, spec.on_reset)
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        let _ = prepared;
+        Err(Error::WrongArch(std::env::consts::ARCH))
+    }
 }
 
 /// Proves this host can run splitvirt guests: opens /dev/kvm, creates a VM with an in-kernel

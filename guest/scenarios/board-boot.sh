@@ -1,0 +1,16 @@
+# The board boots splitvirt guests on KVM: the project's kernel, which gets a line typed on
+# splitvirt's stdin once it says it is ready (a real UART drops what arrives before the port is
+# opened), then Debian's stock kernel. Guest consoles are prefixed "guest| " / "stock| ".
+check kvm_device test -c /dev/kvm
+mkfifo /tmp/typing
+exec 3<>/tmp/typing
+( /splitvirt run --kernel /guest/Image --initrd /guest/initrd.cpio \
+	--cmdline "console=ttyAMA0 earlycon=pl011,0x9000000 loglevel=7" </tmp/typing
+  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do
+	echo "guest| $l"
+	case "$l" in *"@@ READY"*) echo "$TYPED" >&3 ;; esac
+done
+exec 3>&-
+( /splitvirt run --kernel /guest/stock-Image --initrd /guest/stock.cpio \
+	--cmdline "console=ttyAMA0 earlycon=pl011,0x9000000" </dev/null
+  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "stock| $l"; done
