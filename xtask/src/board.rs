@@ -40,16 +40,28 @@ pub fn host_kernel() -> Result<PathBuf> {
 /// Extra files for a scenario: (path in the board, contents).
 pub type Files = Vec<(String, Vec<u8>)>;
 
-pub fn run(scenario: &str, vars: &[(&str, &str)], extra: Files, timeout: Duration) -> Result<qemu::Run> {
+pub fn run(
+    scenario: &str,
+    vars: &[(&str, &str)],
+    extra: Files,
+    timeout: Duration,
+) -> Result<qemu::Run> {
     let kernel = host_kernel()?;
     let sv = cross::splitvirt()?;
     let dir = root().join("target/board");
     std::fs::create_dir_all(&dir)?;
     let bb = guest::deb("busybox-static:arm64")?.join("bin/busybox");
-    let mut body: String = vars.iter().map(|(k, v)| format!("export {k}='{v}'\n")).collect();
+    let mut body: String = vars
+        .iter()
+        .map(|(k, v)| format!("export {k}='{v}'\n"))
+        .collect();
     body.push_str(
-        &std::fs::read_to_string(root().join("guest/scenarios").join(format!("{scenario}.sh")))
-            .with_context(|| format!("no scenario {scenario}"))?,
+        &std::fs::read_to_string(
+            root()
+                .join("guest/scenarios")
+                .join(format!("{scenario}.sh")),
+        )
+        .with_context(|| format!("no scenario {scenario}"))?,
     );
     let mut a = Archive::default();
     for d in ["bin", "dev", "proc", "sys", "tmp"] {

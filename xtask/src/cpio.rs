@@ -124,6 +124,10 @@ mod tests {
         assert!(list.contains("bin/sh -> busybox"), "{list}");
         assert!(list.contains("-rwxr-xr-x"), "{list}");
         // bin/ was added for bin/sh.
-        assert!(list.lines().any(|l| l.starts_with("drwx") && l.ends_with(" bin")), "{list}");
+        assert!(
+            list.lines()
+                .any(|l| l.starts_with("drwx") && l.ends_with(" bin")),
+            "{list}"
+        );
     }
 }

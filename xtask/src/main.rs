@@ -6,8 +6,8 @@ mod cpio;
 mod cross;
 mod env;
 mod guest;
-mod kvmboot;
 mod kernel;
+mod kvmboot;
 mod qemu;
 mod realboot;
 mod schema;
@@ -63,7 +63,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Test => test::all(),
         Cmd::Board { scenario } if scenario == "board-smoke" => board::smoke(),
         Cmd::Board { scenario } => {
-            let r = board::run(&scenario, &[], Vec::new(), std::time::Duration::from_secs(600))?;
+            let r = board::run(
+                &scenario,
+                &[],
+                Vec::new(),
+                std::time::Duration::from_secs(600),
+            )?;
             for (name, res, detail) in r.results() {
                 println!("{name}: {res} {detail}");
             }

@@ -49,13 +49,28 @@ impl Run {
             .filter_map(|l| l.trim_end_matches('\r').strip_prefix(tag.as_str()))
             .collect::<Vec<_>>()
             .join("\n");
-        Run { log, log_path: self.log_path.clone(), timed_out: self.timed_out, seconds: self.seconds }
+        Run {
+            log,
+            log_path: self.log_path.clone(),
+            timed_out: self.timed_out,
+            seconds: self.seconds,
+        }
     }
 
     /// The board's own lines, without the inner consoles.
     pub fn outer(&self) -> Run {
-        let log = self.log.lines().filter(|l| !l.contains("| ")).collect::<Vec<_>>().join("\n");
-        Run { log, log_path: self.log_path.clone(), timed_out: self.timed_out, seconds: self.seconds }
+        let log = self
+            .log
+            .lines()
+            .filter(|l| !l.contains("| "))
+            .collect::<Vec<_>>()
+            .join("\n");
+        Run {
+            log,
+            log_path: self.log_path.clone(),
+            timed_out: self.timed_out,
+            seconds: self.seconds,
+        }
     }
 
     pub fn passed(&self, name: &str) -> bool {

@@ -1,7 +1,7 @@
 //! `cargo xtask test`: every check, each a step; a summary line at the end.
 
 use crate::env::{self, cargo, cmd, root, run};
-use crate::{board, kernel, realboot, schema};
+use crate::{board, kernel, kvmboot, realboot, schema};
 use anyhow::{bail, Context, Result};
 use std::time::Instant;
 
@@ -77,6 +77,10 @@ pub fn all() -> Result<()> {
     s.step(
         "board: KVM smoke test inside the emulated arm64 machine",
         board::smoke,
+    );
+    s.step(
+        "board: splitvirt boots our kernel and Debian's on KVM",
+        kvmboot::boot_on_kvm,
     );
 
     println!("\nxtask test steps:");

@@ -145,7 +145,9 @@ impl MmioDevice for Pl011 {
             RIS => self.ris,
             MIS => self.ris & self.imsc,
             DMACR => self.dmacr,
-            0xfe0..=0xffc if offset % 4 == 0 => u32::from(ID[((offset - 0xfe0) / 4) as usize]),
+            0xfe0..=0xffc if offset.is_multiple_of(4) => {
+                u32::from(ID[((offset - 0xfe0) / 4) as usize])
+            }
             _ => 0,
         };
         put_le(data, u64::from(v));

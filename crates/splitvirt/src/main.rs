@@ -216,7 +216,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}: no errors", file.display());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Run { config, kernel, initrd, cmdline } => {
+        Cmd::Run {
+            config,
+            kernel,
+            initrd,
+            cmdline,
+        } => {
             let mut d = load(config.as_deref())?;
             if let Some(c) = cmdline {
                 d.kernel.cmdline = c;
@@ -225,7 +230,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             for w in &r.warnings {
                 eprintln!("{w}");
             }
-            let spec = vmm::RunSpec { layout: r.layout, kernel, initrd, on_reset: vmm::OnReset::Exit };
+            let spec = vmm::RunSpec {
+                layout: r.layout,
+                kernel,
+                initrd,
+                on_reset: vmm::OnReset::Exit,
+            };
             let code = match vmm::run(&spec) {
                 Ok(vmm::Exit::PowerOff) => {
                     eprintln!("splitvirt: the guest powered off");

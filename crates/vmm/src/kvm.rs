@@ -3,12 +3,6 @@
 
 use crate::bus::Bus;
 use crate::{Error, Exit, HostReport, OnReset, Prepared};
-use layout::Layout;
-use platform::{gicv2m::Gicv2m, pl011::Pl011, IrqLine, SpiTrigger};
-use std::fs::File;
-use std::io::Read;
-use std::os::fd::FromRawFd;
-use std::sync::{mpsc, Arc, Mutex};
 use kvm_bindings::{
     kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V2,
     kvm_userspace_memory_region, kvm_vcpu_init, KVM_ARM_VCPU_PSCI_0_2, KVM_DEV_ARM_VGIC_CTRL_INIT,
@@ -18,6 +12,12 @@ use kvm_bindings::{
 };
 use kvm_bindings::{KVM_ARM_VCPU_POWER_OFF, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use layout::Layout;
+use platform::{gicv2m::Gicv2m, pl011::Pl011, IrqLine, SpiTrigger};
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::FromRawFd;
+use std::sync::{mpsc, Arc, Mutex};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
@@ -153,7 +153,10 @@ struct SpiLine {
 
 impl IrqLine for SpiLine {
     fn set_level(&self, high: bool) {
-        if let Err(e) = self.vm.set_irq_line((KVM_ARM_IRQ_TYPE_SPI << 24) | self.intid, high) {
+        if let Err(e) = self
+            .vm
+            .set_irq_line((KVM_ARM_IRQ_TYPE_SPI << 24) | self.intid, high)
+        {
             eprintln!("splitvirt: cannot set interrupt {}: {e}", self.intid);
         }
     }
@@ -167,7 +170,11 @@ impl SpiTrigger for Msi {
     /// An MSI is an edge: raise and lower the line.
     fn trigger(&self, intid: u32) {
         let irq = (KVM_ARM_IRQ_TYPE_SPI << 24) | intid;
-        if let Err(e) = self.vm.set_irq_line(irq, true).and_then(|_| self.vm.set_irq_line(irq, false)) {
+        if let Err(e) = self
+            .vm
+            .set_irq_line(irq, true)
+            .and_then(|_| self.vm.set_irq_line(irq, false))
+        {
             eprintln!("splitvirt: cannot raise MSI interrupt {intid}: {e}");
         }
     }
@@ -179,18 +186,27 @@ fn guest_memory(l: &Layout) -> Result<GuestMemoryMmap<()>, Error> {
     // SAFETY: a valid NUL-terminated name; the fd is checked and then owned by the File.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
-        return Err(Error::Memory(format!("memfd_create: {}", std::io::Error::last_os_error())));
+        return Err(Error::Memory(format!(
+            "memfd_create: {}",
+            std::io::Error::last_os_error()
+        )));
     }
     // SAFETY: fd is a fresh descriptor we own.
     let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(l.ram.size).map_err(|e| Error::Memory(format!("sizing RAM to {} bytes: {e}", l.ram.size)))?;
-    GuestMemoryMmap::from_ranges_with_files([(GuestAddress(l.ram.base), l.ram.size as usize, Some(FileOffset::new(file, 0)))])
-        .map_err(|e| Error::Memory(e.to_string()))
+    file.set_len(l.ram.size)
+        .map_err(|e| Error::Memory(format!("sizing RAM to {} bytes: {e}", l.ram.size)))?;
+    GuestMemoryMmap::from_ranges_with_files([(
+        GuestAddress(l.ram.base),
+        l.ram.size as usize,
+        Some(FileOffset::new(file, 0)),
+    )])
+    .map_err(|e| Error::Memory(e.to_string()))
 }
 
 fn load(mem: &GuestMemoryMmap<()>, p: &Prepared) -> Result<(), Error> {
     let put = |what: &str, bytes: &[u8], at: u64| {
-        mem.write_slice(bytes, GuestAddress(at)).map_err(|e| Error::Memory(format!("writing the {what} at {at:#x}: {e}")))
+        mem.write_slice(bytes, GuestAddress(at))
+            .map_err(|e| Error::Memory(format!("writing the {what} at {at:#x}: {e}")))
     };
     put("kernel", &p.kernel.bytes, p.placement.kernel)?;
     put("device tree", &p.dtb, p.placement.dtb)?;
@@ -204,11 +220,16 @@ fn dump_regs(vcpu: &VcpuFd) -> String {
     let mut out = String::new();
     let reg = |off: u64| {
         let mut b = [0u8; 8];
-        vcpu.get_one_reg(core_reg(off), &mut b).ok().map(|_| u64::from_le_bytes(b))
+        vcpu.get_one_reg(core_reg(off), &mut b)
+            .ok()
+            .map(|_| u64::from_le_bytes(b))
     };
     for i in 0..31u64 {
         if let Some(v) = reg(i * 8) {
-            out.push_str(&format!("x{i:<2} {v:#018x}{}", if i % 4 == 3 { "\n" } else { "  " }));
+            out.push_str(&format!(
+                "x{i:<2} {v:#018x}{}",
+                if i % 4 == 3 { "\n" } else { "  " }
+            ));
         }
     }
     for (name, off) in [("sp", 31 * 8), ("pc", PC), ("pstate", PSTATE)] {
@@ -221,7 +242,11 @@ fn dump_regs(vcpu: &VcpuFd) -> String {
 
 enum Stop {
     Exit(Exit),
-    Fault { vcpu: usize, why: String, regs: String },
+    Fault {
+        vcpu: usize,
+        why: String,
+        regs: String,
+    },
 }
 
 fn vcpu_loop(id: usize, vcpu: &mut VcpuFd, bus: &Bus) -> Stop {
@@ -229,14 +254,28 @@ fn vcpu_loop(id: usize, vcpu: &mut VcpuFd, bus: &Bus) -> Stop {
         match vcpu.run() {
             Ok(VcpuExit::MmioRead(addr, data)) => bus.read(addr, data),
             Ok(VcpuExit::MmioWrite(addr, data)) => bus.write(addr, data),
-            Ok(VcpuExit::SystemEvent(t, _)) if t == KVM_SYSTEM_EVENT_SHUTDOWN => return Stop::Exit(Exit::PowerOff),
-            Ok(VcpuExit::SystemEvent(t, _)) if t == KVM_SYSTEM_EVENT_RESET => return Stop::Exit(Exit::Reset),
+            Ok(VcpuExit::SystemEvent(t, _)) if t == KVM_SYSTEM_EVENT_SHUTDOWN => {
+                return Stop::Exit(Exit::PowerOff)
+            }
+            Ok(VcpuExit::SystemEvent(t, _)) if t == KVM_SYSTEM_EVENT_RESET => {
+                return Stop::Exit(Exit::Reset)
+            }
             Ok(other) => {
                 let why = format!("unexpected exit {other:?}");
-                return Stop::Fault { vcpu: id, why, regs: dump_regs(vcpu) };
+                return Stop::Fault {
+                    vcpu: id,
+                    why,
+                    regs: dump_regs(vcpu),
+                };
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-            Err(e) => return Stop::Fault { vcpu: id, why: format!("KVM_RUN failed: {e}"), regs: dump_regs(vcpu) },
+            Err(e) => {
+                return Stop::Fault {
+                    vcpu: id,
+                    why: format!("KVM_RUN failed: {e}"),
+                    regs: dump_regs(vcpu),
+                }
+            }
         }
     }
 }
@@ -297,7 +336,9 @@ fn input_thread(uart: Arc<Mutex<Pl011>>, tx: mpsc::Sender<Stop>) {
                     out.push(b);
                 }
             }
-            uart.lock().unwrap_or_else(|e| e.into_inner()).queue_input(&out);
+            uart.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .queue_input(&out);
         }
     });
 }
@@ -307,7 +348,9 @@ pub fn run(l: &Layout, p: Prepared, on_reset: OnReset) -> Result<Exit, Error> {
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
     let mem = guest_memory(l)?;
     load(&mem, &p)?;
-    let host = mem.get_host_address(GuestAddress(l.ram.base)).map_err(|e| Error::Memory(e.to_string()))?;
+    let host = mem
+        .get_host_address(GuestAddress(l.ram.base))
+        .map_err(|e| Error::Memory(e.to_string()))?;
     let region = kvm_userspace_memory_region {
         slot: 0,
         flags: 0,
@@ -319,7 +362,8 @@ pub fn run(l: &Layout, p: Prepared, on_reset: OnReset) -> Result<Exit, Error> {
     unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("map guest memory"))?;
 
     let mut kvi = kvm_vcpu_init::default();
-    vm.get_preferred_target(&mut kvi).map_err(kvm_err("name a preferred CPU target"))?;
+    vm.get_preferred_target(&mut kvi)
+        .map_err(kvm_err("name a preferred CPU target"))?;
     kvi.features[0] |= 1 << KVM_ARM_VCPU_PSCI_0_2;
     let mut vcpus = Vec::new();
     for id in 0..l.vcpus as u64 {
@@ -329,31 +373,74 @@ pub fn run(l: &Layout, p: Prepared, on_reset: OnReset) -> Result<Exit, Error> {
             // Secondaries wait, powered off, for the guest's PSCI CPU_ON (handled by KVM).
             init.features[0] |= 1 << KVM_ARM_VCPU_POWER_OFF;
         }
-        vcpu.vcpu_init(&init).map_err(kvm_err("initialise a vCPU"))?;
+        vcpu.vcpu_init(&init)
+            .map_err(kvm_err("initialise a vCPU"))?;
         vcpus.push(vcpu);
     }
     let boot = &vcpus[0];
-    boot.set_one_reg(core_reg(PC), &p.placement.kernel.to_le_bytes()).map_err(kvm_err("set the PC"))?;
-    boot.set_one_reg(core_reg(0), &p.placement.dtb.to_le_bytes()).map_err(kvm_err("set x0"))?;
+    boot.set_one_reg(core_reg(PC), &p.placement.kernel.to_le_bytes())
+        .map_err(kvm_err("set the PC"))?;
+    boot.set_one_reg(core_reg(0), &p.placement.dtb.to_le_bytes())
+        .map_err(kvm_err("set x0"))?;
     for r in 1..4 {
-        boot.set_one_reg(core_reg(r * 8), &0u64.to_le_bytes()).map_err(kvm_err("clear x1..x3"))?;
+        boot.set_one_reg(core_reg(r * 8), &0u64.to_le_bytes())
+            .map_err(kvm_err("clear x1..x3"))?;
     }
-    boot.set_one_reg(core_reg(PSTATE), &PSTATE_EL1H_MASKED.to_le_bytes()).map_err(kvm_err("set PSTATE"))?;
+    boot.set_one_reg(core_reg(PSTATE), &PSTATE_EL1H_MASKED.to_le_bytes())
+        .map_err(kvm_err("set PSTATE"))?;
 
-    let mut dev = kvm_create_device { type_: kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V2, fd: 0, flags: 0 };
-    let gic = vm.create_device(&mut dev).map_err(kvm_err("create an in-kernel vgic-v2 (is GICv2 emulation available?)"))?;
+    let mut dev = kvm_create_device {
+        type_: kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V2,
+        fd: 0,
+        flags: 0,
+    };
+    let gic = vm.create_device(&mut dev).map_err(kvm_err(
+        "create an in-kernel vgic-v2 (is GICv2 emulation available?)",
+    ))?;
     let set = |group: u32, attr: u64, addr: u64, what| {
-        gic.set_device_attr(&kvm_device_attr { flags: 0, group, attr, addr }).map_err(kvm_err(what))
+        gic.set_device_attr(&kvm_device_attr {
+            flags: 0,
+            group,
+            attr,
+            addr,
+        })
+        .map_err(kvm_err(what))
     };
     let (dist, cpu, irqs) = (l.gic_dist.base, l.gic_cpu.base, l.gic_irqs);
-    set(KVM_DEV_ARM_VGIC_GRP_ADDR, u64::from(KVM_VGIC_V2_ADDR_TYPE_DIST), &dist as *const u64 as u64, "place the GIC distributor")?;
-    set(KVM_DEV_ARM_VGIC_GRP_ADDR, u64::from(KVM_VGIC_V2_ADDR_TYPE_CPU), &cpu as *const u64 as u64, "place the GIC CPU interface")?;
-    set(KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, &irqs as *const u32 as u64, "size the GIC")?;
-    set(KVM_DEV_ARM_VGIC_GRP_CTRL, u64::from(KVM_DEV_ARM_VGIC_CTRL_INIT), 0, "initialise the vgic-v2")?;
+    set(
+        KVM_DEV_ARM_VGIC_GRP_ADDR,
+        u64::from(KVM_VGIC_V2_ADDR_TYPE_DIST),
+        &dist as *const u64 as u64,
+        "place the GIC distributor",
+    )?;
+    set(
+        KVM_DEV_ARM_VGIC_GRP_ADDR,
+        u64::from(KVM_VGIC_V2_ADDR_TYPE_CPU),
+        &cpu as *const u64 as u64,
+        "place the GIC CPU interface",
+    )?;
+    set(
+        KVM_DEV_ARM_VGIC_GRP_NR_IRQS,
+        0,
+        &irqs as *const u32 as u64,
+        "size the GIC",
+    )?;
+    set(
+        KVM_DEV_ARM_VGIC_GRP_CTRL,
+        u64::from(KVM_DEV_ARM_VGIC_CTRL_INIT),
+        0,
+        "initialise the vgic-v2",
+    )?;
 
     let mut bus = Bus::default();
-    let uart_irq = Arc::new(SpiLine { vm: vm.clone(), intid: layout::layout::SPI_BASE_INTID + l.uart.spi });
-    let uart = Arc::new(Mutex::new(Pl011::new(Box::new(std::io::stdout()), uart_irq)));
+    let uart_irq = Arc::new(SpiLine {
+        vm: vm.clone(),
+        intid: layout::layout::SPI_BASE_INTID + l.uart.spi,
+    });
+    let uart = Arc::new(Mutex::new(Pl011::new(
+        Box::new(std::io::stdout()),
+        uart_irq,
+    )));
     bus.add(l.uart.region.clone(), uart.clone());
     if let Some(v) = &l.v2m {
         let frame = Gicv2m::new(v.spi_base, v.spi_count, Arc::new(Msi { vm: vm.clone() }));
@@ -377,7 +464,9 @@ pub fn run(l: &Layout, p: Prepared, on_reset: OnReset) -> Result<Exit, Error> {
             .map_err(|e| Error::Io(format!("cannot start a vCPU thread: {e}")))?;
     }
     drop(tx);
-    let stop = rx.recv().map_err(|_| Error::Io("every vCPU thread ended without a reason".into()))?;
+    let stop = rx
+        .recv()
+        .map_err(|_| Error::Io("every vCPU thread ended without a reason".into()))?;
     term.restore();
     // Other vCPUs may still be inside KVM_RUN: their memory must outlive them, and the process
     // ends right after this returns.

@@ -33,7 +33,11 @@ pub enum Error {
     #[error("no kernel to boot: pass --kernel IMAGE or set kernel.image in the VM description")]
     NoKernel,
     #[error("cannot read {what} {path}: {source}")]
-    Read { what: &'static str, path: PathBuf, source: std::io::Error },
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Image(#[from] boot::ImageError),
     #[error("cannot place the boot files: {0}")]
@@ -41,7 +45,11 @@ pub enum Error {
     #[error(transparent)]
     Dtb(#[from] devicetree::GenError),
     #[error("vCPU {vcpu} stopped: {why}\n{regs}")]
-    GuestFault { vcpu: usize, why: String, regs: String },
+    GuestFault {
+        vcpu: usize,
+        why: String,
+        regs: String,
+    },
     #[error("{0}")]
     Io(String),
 }
@@ -77,16 +85,34 @@ pub struct Prepared {
 }
 
 fn read(what: &'static str, path: &PathBuf) -> Result<Vec<u8>, Error> {
-    std::fs::read(path).map_err(|source| Error::Read { what, path: path.clone(), source })
+    std::fs::read(path).map_err(|source| Error::Read {
+        what,
+        path: path.clone(),
+        source,
+    })
 }
 
 /// Reads the kernel and initrd, validates the Image, places everything and generates the DTB.
 /// Every user error shows up here, before any VM exists.
 pub fn prepare(spec: &RunSpec) -> Result<Prepared, Error> {
-    let path = spec.kernel.as_ref().or(spec.layout.kernel.as_ref()).ok_or(Error::NoKernel)?;
+    let path = spec
+        .kernel
+        .as_ref()
+        .or(spec.layout.kernel.as_ref())
+        .ok_or(Error::NoKernel)?;
     let kernel = boot::Kernel::parse(&read("kernel", path)?, &path.display().to_string())?;
-    let initrd = match spec.initrd.as_ref().or(spec.layout.initrd.as_ref()) {
-        Some(p) => Some(read("initrd", p)?),
+    let initrd_path = spec.initrd.as_ref().or(spec.layout.initrd.as_ref());
+    // The size decides the placement; a file that cannot fit is never read into memory.
+    let initrd_size = match initrd_path {
+        Some(p) => Some(
+            std::fs::metadata(p)
+                .map_err(|source| Error::Read {
+                    what: "initrd",
+                    path: p.clone(),
+                    source,
+                })?
+                .len(),
+        ),
         None => None,
     };
     let l = &spec.layout;
@@ -96,13 +122,30 @@ pub fn prepare(spec: &RunSpec) -> Result<Prepared, Error> {
         kernel.text_offset,
         kernel.image_size,
         boot::DTB_MAX,
-        initrd.as_ref().map(|i| i.len() as u64),
+        initrd_size,
     )?;
-    let dtb = devicetree::generate(l, &devicetree::BootInfo { initrd: placement.initrd })?;
+    let initrd = match initrd_path {
+        Some(p) => Some(read("initrd", p)?),
+        None => None,
+    };
+    let dtb = devicetree::generate(
+        l,
+        &devicetree::BootInfo {
+            initrd: placement.initrd,
+        },
+    )?;
     if dtb.len() as u64 > boot::DTB_MAX {
-        return Err(boot::PlaceError::DtbTooBig { size: dtb.len() as u64 }.into());
+        return Err(boot::PlaceError::DtbTooBig {
+            size: dtb.len() as u64,
+        }
+        .into());
     }
-    Ok(Prepared { kernel, placement, dtb, initrd })
+    Ok(Prepared {
+        kernel,
+        placement,
+        dtb,
+        initrd,
+    })
 }
 
 /// Boots the prepared guest and returns when it powers off or resets.

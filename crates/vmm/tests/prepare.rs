@@ -1,0 +1,115 @@
+//! Every bad input a user can hand `splitvirt run` is caught before any VM exists, with a
+//! message that names the file and the fix. Runs on any host.
+
+use layout::{resolve, Description};
+use std::io::Write;
+use std::path::PathBuf;
+use vmm::{prepare, Error, OnReset, RunSpec};
+
+fn image(text_offset: u64, image_size: u64, flags: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len.max(64)];
+    b[8..16].copy_from_slice(&text_offset.to_le_bytes());
+    b[16..24].copy_from_slice(&image_size.to_le_bytes());
+    b[24..32].copy_from_slice(&flags.to_le_bytes());
+    b[0x38..0x3c].copy_from_slice(b"ARM\x64");
+    b
+}
+
+fn file(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.path().join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+fn spec(kernel: Option<PathBuf>, initrd: Option<PathBuf>) -> RunSpec {
+    RunSpec {
+        layout: resolve(&Description::default_vm()).unwrap().layout,
+        kernel,
+        initrd,
+        on_reset: OnReset::Exit,
+    }
+}
+
+#[test]
+fn a_good_image_is_placed_with_dtb_and_initrd() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = file(&dir, "Image", &image(0, 16 << 20, 2, 8 << 20));
+    let i = file(&dir, "initrd", &vec![7u8; 3 << 20]);
+    let p = prepare(&spec(Some(k), Some(i))).unwrap();
+    assert_eq!(p.placement.kernel, 0x4000_0000);
+    let (s, e) = p.placement.initrd.unwrap();
+    assert_eq!(e - s, 3 << 20);
+    // The DTB carries the initrd range the loader chose.
+    let t = devicetree::Tree::parse(&p.dtb).unwrap();
+    let chosen = t.find("/chosen").unwrap();
+    assert_eq!(
+        chosen.cells("linux,initrd-start"),
+        Some(vec![(s >> 32) as u32, s as u32])
+    );
+    // Nothing lands in the pool.
+    let pool = layout::Region::new("pool", 0x5000_0000, 64 << 20);
+    assert!(!pool.overlaps(&layout::Region::new("dtb", p.placement.dtb, boot::DTB_MAX)));
+    assert!(!pool.overlaps(&layout::Region::new("initrd", s, e - s)));
+}
+
+#[test]
+fn gzip_images_boot_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&image(0, 4 << 20, 2, 2 << 20)).unwrap();
+    let k = file(&dir, "Image.gz", &gz.finish().unwrap());
+    assert!(prepare(&spec(Some(k), None)).unwrap().kernel.was_gzip);
+}
+
+#[test]
+fn bad_inputs_are_named_before_any_vcpu_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let msg = |s: RunSpec| prepare(&s).unwrap_err().to_string();
+    assert!(matches!(prepare(&spec(None, None)), Err(Error::NoKernel)));
+    let m = msg(spec(Some(dir.path().join("nope")), None));
+    assert!(
+        m.contains("cannot read kernel") && m.contains("nope"),
+        "{m}"
+    );
+    let m = msg(spec(
+        Some(file(&dir, "vmlinux", &[0x7f, b'E', b'L', b'F'].repeat(100))),
+        None,
+    ));
+    assert!(m.contains("not an arm64 Linux Image"), "{m}");
+    let m = msg(spec(
+        Some(file(&dir, "be", &image(0, 4 << 20, 1, 2 << 20))),
+        None,
+    ));
+    assert!(m.contains("big-endian"), "{m}");
+    let m = msg(spec(
+        Some(file(&dir, "huge", &image(0, 600 << 20, 2, 200 << 20))),
+        None,
+    ));
+    assert!(
+        m.contains("does not fit") && m.contains("more memory"),
+        "{m}"
+    );
+    let m = msg(spec(
+        Some(file(&dir, "cut", &image(0, 64 << 20, 2, 4096))),
+        None,
+    ));
+    assert!(m.contains("truncated"), "{m}");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&image(0, 4 << 20, 2, 2 << 20)).unwrap();
+    let gz = gz.finish().unwrap();
+    let m = msg(spec(Some(file(&dir, "cut.gz", &gz[..gz.len() / 3])), None));
+    assert!(m.contains("does not inflate"), "{m}");
+    let ok = file(&dir, "Image", &image(0, 16 << 20, 2, 8 << 20));
+    let m = msg(spec(
+        Some(ok.clone()),
+        Some(dir.path().join("missing.cpio")),
+    ));
+    assert!(m.contains("cannot read initrd"), "{m}");
+    let big = dir.path().join("big.cpio");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(500 << 20)
+        .unwrap();
+    let m = msg(spec(Some(ok), Some(big)));
+    assert!(m.contains("no room for the initrd"), "{m}");
+}
