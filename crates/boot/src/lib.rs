@@ -335,7 +335,7 @@ mod tests {
             Err(PlaceError::KernelOverPool { .. })
         ));
         assert!(matches!(
-            place(&ram(), None, 0, 1 * MIB, 3 * MIB, None),
+            place(&ram(), None, 0, MIB, 3 * MIB, None),
             Err(PlaceError::DtbTooBig { .. })
         ));
         assert!(matches!(
