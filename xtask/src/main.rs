@@ -1,6 +1,7 @@
 //! `cargo xtask demo` runs the main job; `cargo xtask test` runs every test, installing what
 //! the tests need first (idempotently, cached by input).
 
+mod bench;
 mod board;
 mod cpio;
 mod cross;
@@ -35,6 +36,11 @@ enum Cmd {
     Board {
         #[arg(default_value = "board-smoke")]
         scenario: String,
+    },
+    /// Benchmarks that print a table: `boot` (timings and memory of splitvirt on KVM).
+    Bench {
+        #[arg(value_parser = ["boot"])]
+        what: String,
     },
     /// Boot guests with splitvirt on KVM inside the board (the project's kernel and Debian's).
     Kvmboot,
@@ -76,6 +82,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Kvmboot => kvmboot::boot_on_kvm(),
+        Cmd::Bench { .. } => bench::boot(),
         Cmd::Realboot => {
             realboot::good_boot()?;
             realboot::reusable_pool_boot()?;

@@ -60,6 +60,9 @@ enum Cmd {
         /// Kernel command line (overrides kernel.cmdline).
         #[arg(long)]
         cmdline: Option<String>,
+        /// At the end, print boot timings and splitvirt's own memory (guest RAM excluded).
+        #[arg(long)]
+        stats: bool,
     },
     /// Check that this host can run splitvirt VMs: /dev/kvm, an in-kernel vgic-v2, a guest
     /// that runs and exits on MMIO.
@@ -221,6 +224,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             kernel,
             initrd,
             cmdline,
+            stats,
         } => {
             let mut d = load(config.as_deref())?;
             if let Some(c) = cmdline {
@@ -235,6 +239,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 kernel,
                 initrd,
                 on_reset: vmm::OnReset::Exit,
+                stats,
             };
             let code = match vmm::run(&spec) {
                 Ok(vmm::Exit::PowerOff) => {

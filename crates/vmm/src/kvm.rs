@@ -343,7 +343,8 @@ fn input_thread(uart: Arc<Mutex<Pl011>>, tx: mpsc::Sender<Stop>) {
     });
 }
 
-pub fn run(l: &Layout, p: Prepared, on_reset: OnReset) -> Result<Exit, Error> {
+pub fn run(l: &Layout, p: Prepared, on_reset: OnReset, stats: bool) -> Result<Exit, Error> {
+    let start = std::time::Instant::now();
     let kvm = Kvm::new().map_err(|e| Error::NoKvm(e.to_string()))?;
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
     let mem = guest_memory(l)?;
@@ -437,10 +438,10 @@ pub fn run(l: &Layout, p: Prepared, on_reset: OnReset) -> Result<Exit, Error> {
         vm: vm.clone(),
         intid: layout::layout::SPI_BASE_INTID + l.uart.spi,
     });
-    let uart = Arc::new(Mutex::new(Pl011::new(
-        Box::new(std::io::stdout()),
-        uart_irq,
-    )));
+    let console =
+        crate::stats::TimedConsole::new(std::io::stdout(), start, crate::stats::INIT_MARKER);
+    let timings = console.timings.clone();
+    let uart = Arc::new(Mutex::new(Pl011::new(Box::new(console), uart_irq)));
     bus.add(l.uart.region.clone(), uart.clone());
     if let Some(v) = &l.v2m {
         let frame = Gicv2m::new(v.spi_base, v.spi_count, Arc::new(Msi { vm: vm.clone() }));
@@ -471,6 +472,22 @@ pub fn run(l: &Layout, p: Prepared, on_reset: OnReset) -> Result<Exit, Error> {
     // Other vCPUs may still be inside KVM_RUN: their memory must outlive them, and the process
     // ends right after this returns.
     std::mem::forget(mem);
+    if stats {
+        let t = *timings.lock().unwrap_or_else(|e| e.into_inner());
+        let ms = |d: Option<std::time::Duration>| {
+            d.map_or("-".to_owned(), |d| d.as_millis().to_string())
+        };
+        let rss = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| crate::stats::own_rss_kib(&s));
+        eprintln!(
+            "splitvirt-stats: first_console_ms={} init_ms={} end_ms={} own_rss_kib={}",
+            ms(t.first_byte),
+            ms(t.marker),
+            start.elapsed().as_millis(),
+            rss.map_or("-".to_owned(), |r| r.to_string())
+        );
+    }
     let _ = on_reset;
     match stop {
         Stop::Exit(e) => Ok(e),

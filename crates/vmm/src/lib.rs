@@ -5,6 +5,7 @@
 pub mod bus;
 #[cfg(target_arch = "aarch64")]
 mod kvm;
+pub mod stats;
 
 use layout::Layout;
 use std::path::PathBuf;
@@ -73,6 +74,8 @@ pub struct RunSpec {
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub on_reset: OnReset,
+    /// Print boot timings and splitvirt's own memory at the end.
+    pub stats: bool,
 }
 
 /// Everything read, checked and placed: what remains is the hypervisor's part.
@@ -153,7 +156,7 @@ pub fn run(spec: &RunSpec) -> Result<Exit, Error> {
     let prepared = prepare(spec)?;
     #[cfg(target_arch = "aarch64")]
     {
-        kvm::run(&spec.layout, prepared, spec.on_reset)
+        kvm::run(&spec.layout, prepared, spec.on_reset, spec.stats)
     }
     #[cfg(not(target_arch = "aarch64"))]
     {

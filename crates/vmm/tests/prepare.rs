@@ -27,6 +27,7 @@ fn spec(kernel: Option<PathBuf>, initrd: Option<PathBuf>) -> RunSpec {
         kernel,
         initrd,
         on_reset: OnReset::Exit,
+        stats: false,
     }
 }
 

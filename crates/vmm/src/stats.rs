@@ -1,0 +1,104 @@
+//! Boot timing and memory figures for `splitvirt run --stats`: when the guest's first console
+//! byte and a marker line appear, and what splitvirt itself holds in memory.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The line Linux prints as it starts userspace.
+pub const INIT_MARKER: &[u8] = b"Run /init as init process";
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Timings {
+    pub first_byte: Option<Duration>,
+    pub marker: Option<Duration>,
+}
+
+/// A console writer that records when output starts and when the marker first goes by.
+pub struct TimedConsole<W: Write> {
+    out: W,
+    start: Instant,
+    marker: &'static [u8],
+    /// The last marker.len() - 1 bytes, so that a marker split across writes is still seen.
+    tail: Vec<u8>,
+    pub timings: Arc<Mutex<Timings>>,
+}
+
+impl<W: Write> TimedConsole<W> {
+    pub fn new(out: W, start: Instant, marker: &'static [u8]) -> Self {
+        TimedConsole {
+            out,
+            start,
+            marker,
+            tail: Vec::new(),
+            timings: Arc::default(),
+        }
+    }
+}
+
+impl<W: Write> Write for TimedConsole<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.out.write(buf)?;
+        let mut t = self.timings.lock().unwrap_or_else(|e| e.into_inner());
+        if n > 0 && t.first_byte.is_none() {
+            t.first_byte = Some(self.start.elapsed());
+        }
+        if t.marker.is_none() && !self.marker.is_empty() {
+            self.tail.extend_from_slice(&buf[..n]);
+            if self
+                .tail
+                .windows(self.marker.len())
+                .any(|w| w == self.marker)
+            {
+                t.marker = Some(self.start.elapsed());
+                self.tail.clear();
+            } else {
+                let keep = self.marker.len() - 1;
+                let cut = self.tail.len().saturating_sub(keep);
+                self.tail.drain(..cut);
+            }
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// splitvirt's own resident memory in KiB, guest RAM excluded: anonymous and file pages, not
+/// the shared memfd that holds guest RAM (RssShmem).
+pub fn own_rss_kib(status: &str) -> Option<u64> {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+    };
+    Some(field("RssAnon:")? + field("RssFile:")?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sees_first_byte_and_a_marker_split_across_writes() {
+        let mut c = TimedConsole::new(Vec::new(), Instant::now(), b"Run /init");
+        let t = c.timings.clone();
+        assert_eq!(*t.lock().unwrap(), Timings::default());
+        c.write_all(b"[0.1] booting\n[0.9] Run /i").unwrap();
+        assert!(t.lock().unwrap().first_byte.is_some());
+        assert!(t.lock().unwrap().marker.is_none());
+        c.write_all(b"nit as init process\n").unwrap();
+        assert!(t.lock().unwrap().marker.is_some());
+        assert!(c.tail.len() < 9);
+    }
+
+    #[test]
+    fn reads_rss_without_guest_ram() {
+        let status = "Name:\tsplitvirt\nRssAnon:\t    1200 kB\nRssFile:\t     800 kB\nRssShmem:\t  524288 kB\n";
+        assert_eq!(own_rss_kib(status), Some(2000));
+        assert_eq!(own_rss_kib("Name: x\n"), None);
+    }
+}
