@@ -15,6 +15,7 @@ pub fn boot_on_kvm() -> Result<()> {
     guest::initramfs("kvm-stock", &[], &stock_initrd)?;
     let typed = realboot::token("typed");
     let files = vec![
+        ("guest/fault-Image".to_owned(), fault_image()),
         ("guest/Image".to_owned(), std::fs::read(&k.image)?),
         ("guest/initrd.cpio".to_owned(), std::fs::read(&initrd)?),
         (
@@ -120,9 +121,32 @@ pub fn boot_on_kvm() -> Result<()> {
         s.value("cpus")
     );
     std::fs::write(dir.join("kvm-stock.log"), &s.log)?;
+    let f = r.part("fault");
+    ensure!(
+        f.value("splitvirt_exit") == Some("1"),
+        "a faulting guest made splitvirt exit {:?}",
+        f.value("splitvirt_exit")
+    );
+    ensure!(
+        f.log.contains("vCPU 0 stopped") && f.log.contains("pc     0x0000000040000004"),
+        "no register dump for the faulting guest:\n{}",
+        f.log
+    );
     println!(
         "  guest on KVM: 2 CPUs, device tree as described, typed line received; stock kernel {}",
         s.value("kernel").unwrap_or("?")
     );
     Ok(())
+}
+
+/// A valid Image header whose first two instructions do an MMIO access KVM cannot decode:
+/// `movz x2, #0x900, lsl #16; ldp x0, x1, [x2]` (a load pair from the UART).
+fn fault_image() -> Vec<u8> {
+    let mut b = vec![0u8; 0x4000];
+    b[0..4].copy_from_slice(&0xd2a1_2002u32.to_le_bytes());
+    b[4..8].copy_from_slice(&0xa940_0440u32.to_le_bytes());
+    b[16..24].copy_from_slice(&0x1_0000u64.to_le_bytes());
+    b[24..32].copy_from_slice(&0b1010u64.to_le_bytes());
+    b[0x38..0x3c].copy_from_slice(b"ARM\x64");
+    b
 }
