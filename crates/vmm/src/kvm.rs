@@ -447,6 +447,10 @@ pub fn run(l: &Layout, p: Prepared, on_reset: OnReset, stats: bool) -> Result<Ex
         let frame = Gicv2m::new(v.spi_base, v.spi_count, Arc::new(Msi { vm: vm.clone() }));
         bus.add(v.region.clone(), Arc::new(Mutex::new(frame)));
     }
+    let (_ecam, pci_regions) = crate::pci_bus::host(l);
+    for (region, dev) in pci_regions {
+        bus.add(region, dev);
+    }
     let bus = Arc::new(bus);
 
     let term = RawTerminal::enter();

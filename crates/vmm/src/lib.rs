@@ -5,6 +5,7 @@
 pub mod bus;
 #[cfg(target_arch = "aarch64")]
 mod kvm;
+pub mod pci_bus;
 pub mod stats;
 
 use layout::Layout;

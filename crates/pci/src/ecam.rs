@@ -1,0 +1,275 @@
+//! ECAM: the config space of every function on the buses, one 4 KiB page each, in one MMIO
+//! window. Absent functions read as all ones (the guest's "no device here"); writes to them
+//! vanish. BAR accesses are routed by the addresses the guest programmed, but only inside the
+//! PCI windows: a BAR moved over RAM or anything else decodes nothing.
+
+use crate::config::{ConfigSpace, CONFIG_SIZE};
+use std::collections::BTreeMap;
+
+/// One PCI function: its config space and its BARs. Device models implement this.
+pub trait PciFunction: Send {
+    fn config(&self) -> &ConfigSpace;
+    fn config_mut(&mut self) -> &mut ConfigSpace;
+    fn config_read(&mut self, off: u64, data: &mut [u8]) {
+        self.config().read(off, data)
+    }
+    fn config_write(&mut self, off: u64, data: &[u8]) {
+        self.config_mut().write(off, data)
+    }
+    fn bar_read(&mut self, bar: usize, off: u64, data: &mut [u8]);
+    fn bar_write(&mut self, bar: usize, off: u64, data: &[u8]);
+}
+
+/// The host bridge at 00:00.0: identity only (Red Hat's generic PCIe host bridge ID, as QEMU's
+/// gpex uses, class 06:00:00).
+pub struct HostBridge(ConfigSpace);
+
+impl Default for HostBridge {
+    fn default() -> Self {
+        HostBridge(ConfigSpace::new(0x1b36, 0x0008, 0x06_00_00, 0))
+    }
+}
+
+impl PciFunction for HostBridge {
+    fn config(&self) -> &ConfigSpace {
+        &self.0
+    }
+    fn config_mut(&mut self) -> &mut ConfigSpace {
+        &mut self.0
+    }
+    fn bar_read(&mut self, _: usize, _: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn bar_write(&mut self, _: usize, _: u64, _: &[u8]) {}
+}
+
+/// Device and function on bus 0 packed as ECAM does: dev << 3 | func.
+pub type DevFn = u8;
+
+pub fn devfn(dev: u8, func: u8) -> DevFn {
+    ((dev & 31) << 3) | (func & 7)
+}
+
+/// The first bus of the ECAM window, where all functions sit (offset >> 20 == 0).
+pub struct Ecam {
+    functions: BTreeMap<DevFn, Box<dyn PciFunction>>,
+    /// CPU-side windows BARs may decode in: (base, size).
+    windows: Vec<(u64, u64)>,
+}
+
+impl Ecam {
+    pub fn new(windows: Vec<(u64, u64)>) -> Self {
+        let mut e = Ecam {
+            functions: BTreeMap::new(),
+            windows,
+        };
+        e.add(devfn(0, 0), Box::new(HostBridge::default()));
+        e
+    }
+
+    pub fn add(&mut self, df: DevFn, f: Box<dyn PciFunction>) {
+        self.functions.insert(df, f);
+    }
+
+    /// The first bus only: (devfn, register) of an ECAM offset, or None for other buses.
+    fn decode(&self, off: u64) -> Option<(DevFn, u64)> {
+        let bus = off >> 20;
+        if bus != 0 {
+            return None;
+        }
+        Some((((off >> 12) & 0xff) as u8, off & 0xfff))
+    }
+
+    /// A config read of any size; an access that crosses into the next function's page is
+    /// split, so each byte comes from the function that owns it.
+    pub fn read(&mut self, off: u64, data: &mut [u8]) {
+        let reg = off & 0xfff;
+        if reg + data.len() as u64 > CONFIG_SIZE as u64 {
+            for (i, d) in data.iter_mut().enumerate() {
+                self.read(off.saturating_add(i as u64), std::slice::from_mut(d));
+            }
+            return;
+        }
+        match self
+            .decode(off)
+            .and_then(|(df, reg)| Some((self.functions.get_mut(&df)?, reg)))
+        {
+            Some((f, reg)) => f.config_read(reg, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    pub fn write(&mut self, off: u64, data: &[u8]) {
+        let reg = off & 0xfff;
+        if reg + data.len() as u64 > CONFIG_SIZE as u64 {
+            for (i, d) in data.iter().enumerate() {
+                self.write(off.saturating_add(i as u64), std::slice::from_ref(d));
+            }
+            return;
+        }
+        if let Some((f, reg)) = self
+            .decode(off)
+            .and_then(|(df, reg)| Some((self.functions.get_mut(&df)?, reg)))
+        {
+            f.config_write(reg, data);
+        }
+    }
+
+    /// The function, BAR and offset that decode `addr` now, if any.
+    pub fn bar_lookup(&self, addr: u64, len: u64) -> Option<(DevFn, usize, u64)> {
+        for (df, f) in &self.functions {
+            for bar in 0..6 {
+                let Some((base, size)) = f.config().bar_address(bar) else {
+                    continue;
+                };
+                let end = base.checked_add(size)?;
+                let inside_window = self
+                    .windows
+                    .iter()
+                    .any(|&(w, s)| base >= w && end <= w.saturating_add(s));
+                if inside_window && addr >= base && addr.saturating_add(len) <= end {
+                    return Some((*df, bar, addr - base));
+                }
+            }
+        }
+        None
+    }
+
+    /// A memory access in a PCI window; false when no BAR decodes it.
+    pub fn bar_read(&mut self, addr: u64, data: &mut [u8]) -> bool {
+        match self.bar_lookup(addr, data.len() as u64) {
+            Some((df, bar, off)) => {
+                if let Some(f) = self.functions.get_mut(&df) {
+                    f.bar_read(bar, off, data);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn bar_write(&mut self, addr: u64, data: &[u8]) -> bool {
+        match self.bar_lookup(addr, data.len() as u64) {
+            Some((df, bar, off)) => {
+                if let Some(f) = self.functions.get_mut(&df) {
+                    f.bar_write(bar, off, data);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BarKind, COMMAND, COMMAND_MEMORY};
+
+    struct Regs {
+        cfg: ConfigSpace,
+        mem: Vec<u8>,
+    }
+
+    impl PciFunction for Regs {
+        fn config(&self) -> &ConfigSpace {
+            &self.cfg
+        }
+        fn config_mut(&mut self) -> &mut ConfigSpace {
+            &mut self.cfg
+        }
+        fn bar_read(&mut self, _: usize, off: u64, data: &mut [u8]) {
+            for (i, d) in data.iter_mut().enumerate() {
+                *d = self.mem.get(off as usize + i).copied().unwrap_or(0);
+            }
+        }
+        fn bar_write(&mut self, _: usize, off: u64, data: &[u8]) {
+            for (i, d) in data.iter().enumerate() {
+                if let Some(m) = self.mem.get_mut(off as usize + i) {
+                    *m = *d;
+                }
+            }
+        }
+    }
+
+    fn ecam() -> Ecam {
+        let mut e = Ecam::new(vec![(0x1000_0000, 0x1000_0000)]);
+        let mut cfg = ConfigSpace::new(0x1af4, 0x1043, 0x07_80_00, 1);
+        cfg.set_bar(
+            0,
+            0x1000,
+            BarKind::Mem32 {
+                prefetchable: false,
+            },
+            0x1000_0000,
+        );
+        e.add(
+            devfn(3, 0),
+            Box::new(Regs {
+                cfg,
+                mem: vec![0; 0x1000],
+            }),
+        );
+        e
+    }
+
+    fn r32(e: &mut Ecam, off: u64) -> u32 {
+        let mut d = [0u8; 4];
+        e.read(off, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    #[test]
+    fn present_absent_and_other_buses() {
+        let mut e = ecam();
+        assert_eq!(r32(&mut e, 0), 0x0008_1b36, "host bridge");
+        assert_eq!(r32(&mut e, 3 << 15), 0x1043_1af4);
+        assert_eq!(r32(&mut e, 4 << 15), u32::MAX, "absent device");
+        assert_eq!(
+            r32(&mut e, (3 << 15) | (1 << 12)),
+            u32::MAX,
+            "absent function"
+        );
+        assert_eq!(r32(&mut e, 1 << 20), u32::MAX, "bus 1");
+        e.write(4 << 15, &[0; 4]);
+    }
+
+    #[test]
+    fn an_access_across_two_functions_is_split() {
+        let mut e = ecam();
+        let mut d = [0u8; 4];
+        // Last two bytes of 00:02.7 (absent) and first two of 00:03.0.
+        e.read((3 << 15) - 2, &mut d);
+        assert_eq!(d, [0xff, 0xff, 0xf4, 0x1a]);
+    }
+
+    #[test]
+    fn bars_route_only_when_enabled_and_inside_a_window() {
+        let mut e = ecam();
+        assert!(!e.bar_write(0x1000_0000, &[1]), "memory decoding off");
+        e.write((3 << 15) | COMMAND as u64, &COMMAND_MEMORY.to_le_bytes());
+        assert!(e.bar_write(0x1000_0004, &[7]));
+        let mut d = [0u8];
+        assert!(e.bar_read(0x1000_0004, &mut d));
+        assert_eq!(d, [7]);
+        // The guest moves the BAR over RAM: it decodes nothing there.
+        e.write((3 << 15) | 0x10, &0x4000_0000u32.to_le_bytes());
+        assert!(!e.bar_read(0x4000_0004, &mut d));
+        assert!(!e.bar_read(0x1000_0004, &mut d));
+        // An access running off the end of a BAR is not routed.
+        e.write((3 << 15) | 0x10, &0x1000_0000u32.to_le_bytes());
+        assert!(!e.bar_read(0x1000_0ffe, &mut [0u8; 4]));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_guest_access_is_safe(off in 0u64..(1 << 24), len in 1usize..9, val in proptest::collection::vec(proptest::prelude::any::<u8>(), 8)) {
+            let mut e = ecam();
+            let mut d = vec![0u8; len];
+            e.read(off, &mut d);
+            e.write(off, &val[..len]);
+            e.bar_read(off << 8, &mut d);
+            e.bar_write(off << 8, &val[..len]);
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! The MSI-X table and pending bit array that live in a BAR (PCI Local Bus 3.0, 6.8.2).
+//! Vectors start masked; a vector signalled while masked sets its pending bit and fires when
+//! the guest unmasks it.
+
+use crate::config::ConfigSpace;
+
+pub const CAP_ID: u8 = 0x11;
+const ENTRY: u64 = 16;
+const CTRL_MASKED: u32 = 1;
+const MSG_CTRL_ENABLE: u16 = 1 << 15;
+const MSG_CTRL_FUNCTION_MASK: u16 = 1 << 14;
+/// The spec allows 2048 vectors.
+pub const MAX_VECTORS: u16 = 2048;
+
+/// A message to deliver: address and data as the guest programmed them.
+pub type Message = (u64, u32);
+
+#[derive(Clone, Debug)]
+pub struct MsixTable {
+    entries: Vec<[u32; 4]>,
+    pending: Vec<bool>,
+    /// Offset of the capability in config space, to read enable and function mask.
+    cap: usize,
+}
+
+impl MsixTable {
+    /// Adds the capability to `cfg`: `n` vectors, table at `table_off` and PBA at `pba_off`
+    /// of BAR `bir`.
+    pub fn new(cfg: &mut ConfigSpace, n: u16, bir: u8, table_off: u32, pba_off: u32) -> Self {
+        let n = n.clamp(1, MAX_VECTORS);
+        let mut body = Vec::new();
+        body.extend_from_slice(&(n - 1).to_le_bytes());
+        body.extend_from_slice(&(table_off | u32::from(bir)).to_le_bytes());
+        body.extend_from_slice(&(pba_off | u32::from(bir)).to_le_bytes());
+        let cap = cfg.add_capability(CAP_ID, &body, &[0x00, 0xc0]);
+        MsixTable {
+            entries: vec![[0, 0, 0, CTRL_MASKED]; usize::from(n)],
+            pending: vec![false; usize::from(n)],
+            cap,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn table_size(&self) -> u64 {
+        self.entries.len() as u64 * ENTRY
+    }
+
+    fn control(&self, cfg: &ConfigSpace) -> u16 {
+        cfg.read16(self.cap + 2)
+    }
+
+    pub fn enabled(&self, cfg: &ConfigSpace) -> bool {
+        self.control(cfg) & MSG_CTRL_ENABLE != 0
+    }
+
+    fn masked(&self, cfg: &ConfigSpace, v: usize) -> bool {
+        self.control(cfg) & MSG_CTRL_FUNCTION_MASK != 0 || self.entries[v][3] & CTRL_MASKED != 0
+    }
+
+    /// The device raises vector `v`: the message to send now, or none (masked: pending).
+    pub fn signal(&mut self, cfg: &ConfigSpace, v: u16) -> Option<Message> {
+        let v = usize::from(v);
+        if v >= self.entries.len() || !self.enabled(cfg) {
+            return None;
+        }
+        if self.masked(cfg, v) {
+            self.pending[v] = true;
+            return None;
+        }
+        Some(self.message(v))
+    }
+
+    fn message(&self, v: usize) -> Message {
+        let e = self.entries[v];
+        ((u64::from(e[1]) << 32) | u64::from(e[0]), e[2])
+    }
+
+    /// Messages that became due (pending vectors now unmasked); call after config writes too.
+    pub fn due(&mut self, cfg: &ConfigSpace) -> Vec<Message> {
+        let mut out = Vec::new();
+        if !self.enabled(cfg) {
+            return out;
+        }
+        for v in 0..self.entries.len() {
+            if self.pending[v] && !self.masked(cfg, v) {
+                self.pending[v] = false;
+                out.push(self.message(v));
+            }
+        }
+        out
+    }
+
+    /// Guest read of the table (offset from the table's start); out of range reads zero.
+    pub fn read_table(&self, off: u64, data: &mut [u8]) {
+        for (i, d) in data.iter_mut().enumerate() {
+            let o = off.saturating_add(i as u64);
+            let e = usize::try_from(o / ENTRY)
+                .ok()
+                .and_then(|e| self.entries.get(e));
+            *d = e.map_or(0, |e| {
+                e[((o % ENTRY) / 4) as usize].to_le_bytes()[(o % 4) as usize]
+            });
+        }
+    }
+
+    /// Guest write of the table; returns messages that an unmask made due.
+    pub fn write_table(&mut self, cfg: &ConfigSpace, off: u64, data: &[u8]) -> Vec<Message> {
+        for (i, &b) in data.iter().enumerate() {
+            let o = off.saturating_add(i as u64);
+            let Some(e) = usize::try_from(o / ENTRY)
+                .ok()
+                .and_then(|e| self.entries.get_mut(e))
+            else {
+                continue;
+            };
+            let word = ((o % ENTRY) / 4) as usize;
+            let mut bytes = e[word].to_le_bytes();
+            bytes[(o % 4) as usize] = b;
+            e[word] = u32::from_le_bytes(bytes);
+            if word == 3 {
+                e[3] &= CTRL_MASKED;
+            }
+        }
+        self.due(cfg)
+    }
+
+    /// Guest read of the PBA (offset from its start).
+    pub fn read_pba(&self, off: u64, data: &mut [u8]) {
+        for (i, d) in data.iter_mut().enumerate() {
+            let byte = off.saturating_add(i as u64);
+            *d = (0..8).fold(0u8, |acc, bit| {
+                let v = byte.saturating_mul(8).saturating_add(bit);
+                let set = usize::try_from(v)
+                    .ok()
+                    .and_then(|v| self.pending.get(v))
+                    .copied()
+                    .unwrap_or(false);
+                acc | (u8::from(set) << bit)
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ConfigSpace;
+
+    fn setup() -> (ConfigSpace, MsixTable) {
+        let mut cfg = ConfigSpace::new(0x1af4, 0x1041, 0x02_00_00, 1);
+        let t = MsixTable::new(&mut cfg, 3, 0, 0x4000, 0x5000);
+        (cfg, t)
+    }
+
+    fn enable(cfg: &mut ConfigSpace, t: &MsixTable, mask_all: bool) {
+        let v = MSG_CTRL_ENABLE | if mask_all { MSG_CTRL_FUNCTION_MASK } else { 0 };
+        cfg.write((t.cap + 2) as u64, &v.to_le_bytes());
+    }
+
+    #[test]
+    fn capability_describes_the_table() {
+        let (cfg, t) = setup();
+        assert_eq!(cfg.bytes()[t.cap], CAP_ID);
+        assert_eq!(cfg.read16(t.cap + 2) & 0x7ff, 2);
+        assert_eq!(cfg.read32(t.cap + 4), 0x4000);
+        assert_eq!(t.table_size(), 48);
+    }
+
+    #[test]
+    fn masked_vectors_pend_and_fire_on_unmask() {
+        let (mut cfg, mut t) = setup();
+        enable(&mut cfg, &t, false);
+        // Vector 1: address 0x08020040 (v2m SETSPI), data 66; still masked.
+        t.write_table(&cfg, 16, &0x0802_0040u32.to_le_bytes());
+        t.write_table(&cfg, 24, &66u32.to_le_bytes());
+        assert_eq!(t.signal(&cfg, 1), None);
+        let mut pba = [0u8; 1];
+        t.read_pba(0, &mut pba);
+        assert_eq!(pba[0], 0b10);
+        let due = t.write_table(&cfg, 28, &0u32.to_le_bytes());
+        assert_eq!(due, vec![(0x0802_0040, 66)]);
+        assert_eq!(t.signal(&cfg, 1), Some((0x0802_0040, 66)));
+        t.read_pba(0, &mut pba);
+        assert_eq!(pba[0], 0);
+    }
+
+    #[test]
+    fn function_mask_and_disable_hold_everything() {
+        let (mut cfg, mut t) = setup();
+        t.write_table(&cfg, 12, &0u32.to_le_bytes());
+        assert_eq!(t.signal(&cfg, 0), None, "MSI-X disabled");
+        enable(&mut cfg, &t, true);
+        assert_eq!(t.signal(&cfg, 0), None, "function masked");
+        enable(&mut cfg, &t, false);
+        assert_eq!(t.due(&cfg).len(), 1);
+    }
+
+    #[test]
+    fn hostile_offsets_and_vectors_are_ignored() {
+        let (cfg, mut t) = setup();
+        t.write_table(&cfg, u64::MAX - 1, &[1, 2, 3, 4]);
+        t.write_table(&cfg, 48, &[1; 16]);
+        let mut d = [9u8; 8];
+        t.read_table(1 << 40, &mut d);
+        assert_eq!(d, [0; 8]);
+        t.read_pba(u64::MAX, &mut d);
+        assert_eq!(t.signal(&cfg, 9999), None);
+    }
+}
