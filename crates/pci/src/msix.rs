@@ -19,8 +19,10 @@ pub type Message = (u64, u32);
 pub struct MsixTable {
     entries: Vec<[u32; 4]>,
     pending: Vec<bool>,
-    /// Offset of the capability in config space, to read enable and function mask.
+    /// Offset of the capability in config space.
     cap: usize,
+    /// Message Control as the guest last wrote it (see `sync`).
+    control: u16,
 }
 
 impl MsixTable {
@@ -37,6 +39,7 @@ impl MsixTable {
             entries: vec![[0, 0, 0, CTRL_MASKED]; usize::from(n)],
             pending: vec![false; usize::from(n)],
             cap,
+            control: 0,
         }
     }
 
@@ -52,25 +55,29 @@ impl MsixTable {
         self.entries.len() as u64 * ENTRY
     }
 
-    fn control(&self, cfg: &ConfigSpace) -> u16 {
-        cfg.read16(self.cap + 2)
+    /// Takes the enable and function-mask bits from config space after a guest config write,
+    /// so that the table can be signalled without it (from a device thread). Returns messages
+    /// that became due.
+    pub fn sync(&mut self, cfg: &ConfigSpace) -> Vec<Message> {
+        self.control = cfg.read16(self.cap + 2);
+        self.due()
     }
 
-    pub fn enabled(&self, cfg: &ConfigSpace) -> bool {
-        self.control(cfg) & MSG_CTRL_ENABLE != 0
+    pub fn enabled(&self) -> bool {
+        self.control & MSG_CTRL_ENABLE != 0
     }
 
-    fn masked(&self, cfg: &ConfigSpace, v: usize) -> bool {
-        self.control(cfg) & MSG_CTRL_FUNCTION_MASK != 0 || self.entries[v][3] & CTRL_MASKED != 0
+    fn masked(&self, v: usize) -> bool {
+        self.control & MSG_CTRL_FUNCTION_MASK != 0 || self.entries[v][3] & CTRL_MASKED != 0
     }
 
     /// The device raises vector `v`: the message to send now, or none (masked: pending).
-    pub fn signal(&mut self, cfg: &ConfigSpace, v: u16) -> Option<Message> {
+    pub fn signal(&mut self, v: u16) -> Option<Message> {
         let v = usize::from(v);
-        if v >= self.entries.len() || !self.enabled(cfg) {
+        if v >= self.entries.len() || !self.enabled() {
             return None;
         }
-        if self.masked(cfg, v) {
+        if self.masked(v) {
             self.pending[v] = true;
             return None;
         }
@@ -82,14 +89,14 @@ impl MsixTable {
         ((u64::from(e[1]) << 32) | u64::from(e[0]), e[2])
     }
 
-    /// Messages that became due (pending vectors now unmasked); call after config writes too.
-    pub fn due(&mut self, cfg: &ConfigSpace) -> Vec<Message> {
+    /// Messages that became due (pending vectors now unmasked).
+    fn due(&mut self) -> Vec<Message> {
         let mut out = Vec::new();
-        if !self.enabled(cfg) {
+        if !self.enabled() {
             return out;
         }
         for v in 0..self.entries.len() {
-            if self.pending[v] && !self.masked(cfg, v) {
+            if self.pending[v] && !self.masked(v) {
                 self.pending[v] = false;
                 out.push(self.message(v));
             }
@@ -111,7 +118,7 @@ impl MsixTable {
     }
 
     /// Guest write of the table; returns messages that an unmask made due.
-    pub fn write_table(&mut self, cfg: &ConfigSpace, off: u64, data: &[u8]) -> Vec<Message> {
+    pub fn write_table(&mut self, off: u64, data: &[u8]) -> Vec<Message> {
         for (i, &b) in data.iter().enumerate() {
             let o = off.saturating_add(i as u64);
             let Some(e) = usize::try_from(o / ENTRY)
@@ -128,7 +135,7 @@ impl MsixTable {
                 e[3] &= CTRL_MASKED;
             }
         }
-        self.due(cfg)
+        self.due()
     }
 
     /// Guest read of the PBA (offset from its start).
@@ -159,9 +166,10 @@ mod tests {
         (cfg, t)
     }
 
-    fn enable(cfg: &mut ConfigSpace, t: &MsixTable, mask_all: bool) {
+    fn enable(cfg: &mut ConfigSpace, t: &mut MsixTable, mask_all: bool) -> Vec<Message> {
         let v = MSG_CTRL_ENABLE | if mask_all { MSG_CTRL_FUNCTION_MASK } else { 0 };
         cfg.write((t.cap + 2) as u64, &v.to_le_bytes());
+        t.sync(cfg)
     }
 
     #[test]
@@ -176,17 +184,17 @@ mod tests {
     #[test]
     fn masked_vectors_pend_and_fire_on_unmask() {
         let (mut cfg, mut t) = setup();
-        enable(&mut cfg, &t, false);
+        enable(&mut cfg, &mut t, false);
         // Vector 1: address 0x08020040 (v2m SETSPI), data 66; still masked.
-        t.write_table(&cfg, 16, &0x0802_0040u32.to_le_bytes());
-        t.write_table(&cfg, 24, &66u32.to_le_bytes());
-        assert_eq!(t.signal(&cfg, 1), None);
+        t.write_table(16, &0x0802_0040u32.to_le_bytes());
+        t.write_table(24, &66u32.to_le_bytes());
+        assert_eq!(t.signal(1), None);
         let mut pba = [0u8; 1];
         t.read_pba(0, &mut pba);
         assert_eq!(pba[0], 0b10);
-        let due = t.write_table(&cfg, 28, &0u32.to_le_bytes());
+        let due = t.write_table(28, &0u32.to_le_bytes());
         assert_eq!(due, vec![(0x0802_0040, 66)]);
-        assert_eq!(t.signal(&cfg, 1), Some((0x0802_0040, 66)));
+        assert_eq!(t.signal(1), Some((0x0802_0040, 66)));
         t.read_pba(0, &mut pba);
         assert_eq!(pba[0], 0);
     }
@@ -194,23 +202,22 @@ mod tests {
     #[test]
     fn function_mask_and_disable_hold_everything() {
         let (mut cfg, mut t) = setup();
-        t.write_table(&cfg, 12, &0u32.to_le_bytes());
-        assert_eq!(t.signal(&cfg, 0), None, "MSI-X disabled");
-        enable(&mut cfg, &t, true);
-        assert_eq!(t.signal(&cfg, 0), None, "function masked");
-        enable(&mut cfg, &t, false);
-        assert_eq!(t.due(&cfg).len(), 1);
+        t.write_table(12, &0u32.to_le_bytes());
+        assert_eq!(t.signal(0), None, "MSI-X disabled");
+        enable(&mut cfg, &mut t, true);
+        assert_eq!(t.signal(0), None, "function masked");
+        assert_eq!(enable(&mut cfg, &mut t, false).len(), 1);
     }
 
     #[test]
     fn hostile_offsets_and_vectors_are_ignored() {
-        let (cfg, mut t) = setup();
-        t.write_table(&cfg, u64::MAX - 1, &[1, 2, 3, 4]);
-        t.write_table(&cfg, 48, &[1; 16]);
+        let (_cfg, mut t) = setup();
+        t.write_table(u64::MAX - 1, &[1, 2, 3, 4]);
+        t.write_table(48, &[1; 16]);
         let mut d = [9u8; 8];
         t.read_table(1 << 40, &mut d);
         assert_eq!(d, [0; 8]);
         t.read_pba(u64::MAX, &mut d);
-        assert_eq!(t.signal(&cfg, 9999), None);
+        assert_eq!(t.signal(9999), None);
     }
 }

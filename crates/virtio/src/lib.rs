@@ -1,0 +1,51 @@
+//! virtio over PCI. The transport (`transport`) speaks the virtio-pci modern register layout
+//! and knows nothing of what the device does; device models (`console`, ...) implement
+//! [`VirtioDevice`] and know nothing of PCI. Guest memory reaches a device only as the
+//! `GuestMemoryMmap` it is given: with a restricted pool, that holds the pool alone, so a
+//! descriptor pointing anywhere else is an error, not a read of guest RAM.
+
+pub mod console;
+pub mod transport;
+
+use std::sync::Arc;
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+pub type Memory = GuestMemoryMmap<()>;
+
+/// Feature bits every splitvirt device offers.
+pub const F_VERSION_1: u64 = 1 << 32;
+/// The device reaches memory through the platform's DMA translation: Linux then sends rings
+/// and buffers through the DMA API, and so through the restricted pool.
+pub const F_ACCESS_PLATFORM: u64 = 1 << 33;
+pub const F_EVENT_IDX: u64 = 1 << 29;
+
+/// How a device tells the driver that a queue has work done.
+pub trait Interrupt: Send + Sync {
+    fn queue(&self, index: u16);
+    fn config(&self);
+}
+
+/// Something the device could not do with what the guest gave it: the transport answers with
+/// DEVICE_NEEDS_RESET.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("queue {queue}: {what}")]
+    Queue { queue: u16, what: String },
+}
+
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (3 = console, 2 = block, 1 = network).
+    fn device_type(&self) -> u32;
+    /// Device-specific feature bits (the transport adds VERSION_1 and ACCESS_PLATFORM).
+    fn features(&self) -> u64;
+    fn queue_max_sizes(&self) -> &[u16];
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The driver set DRIVER_OK: the device may now use these queues and memory.
+    fn activate(&mut self, mem: Memory, queues: Vec<Queue>, interrupt: Arc<dyn Interrupt>);
+    /// The driver notified queue `index`.
+    fn notify(&mut self, index: u16) -> Result<(), DeviceError>;
+    /// Device reset: drop queues and memory.
+    fn reset(&mut self);
+}
