@@ -7,3 +7,10 @@ value mem_reg "$(hex /proc/device-tree/memory@40000000/reg)"
 value pool_reg "$(hex /proc/device-tree/reserved-memory/swiotlb@50000000/reg)"
 echo "@@ READY for a line"
 if read -t 60 line; then value typed "$line"; else result typed FAIL "nothing arrived on the console"; fi
+# virtio-console on splitvirt's PCI, its rings and buffers in the restricted pool.
+value pci_devices "$(ls /sys/bus/pci/devices | tr '\n' ' ')"
+check hvc0 test -c /dev/hvc0
+echo "hvc0-says-$HVC_TOKEN" > /dev/hvc0
+for d in /sys/bus/virtio/devices/virtio*; do value "features_$(basename "$d")" "$(cat "$d/features")"; done
+pool=$(ls -d /sys/kernel/debug/swiotlb@* 2>/dev/null | head -n 1)
+value pool_used "$(cat "$pool/io_tlb_used" 2>/dev/null)"

@@ -8,14 +8,10 @@ use std::collections::BTreeMap;
 
 /// One PCI function: its config space and its BARs. Device models implement this.
 pub trait PciFunction: Send {
-    fn config(&self) -> &ConfigSpace;
-    fn config_mut(&mut self) -> &mut ConfigSpace;
-    fn config_read(&mut self, off: u64, data: &mut [u8]) {
-        self.config().read(off, data)
-    }
-    fn config_write(&mut self, off: u64, data: &[u8]) {
-        self.config_mut().write(off, data)
-    }
+    fn config_read(&mut self, off: u64, data: &mut [u8]);
+    fn config_write(&mut self, off: u64, data: &[u8]);
+    /// Where BAR `bar` decodes now (base, size), if memory decoding is on.
+    fn bar_address(&self, bar: usize) -> Option<(u64, u64)>;
     fn bar_read(&mut self, bar: usize, off: u64, data: &mut [u8]);
     fn bar_write(&mut self, bar: usize, off: u64, data: &[u8]);
 }
@@ -31,11 +27,14 @@ impl Default for HostBridge {
 }
 
 impl PciFunction for HostBridge {
-    fn config(&self) -> &ConfigSpace {
-        &self.0
+    fn config_read(&mut self, off: u64, data: &mut [u8]) {
+        self.0.read(off, data)
     }
-    fn config_mut(&mut self) -> &mut ConfigSpace {
-        &mut self.0
+    fn config_write(&mut self, off: u64, data: &[u8]) {
+        self.0.write(off, data)
+    }
+    fn bar_address(&self, _: usize) -> Option<(u64, u64)> {
+        None
     }
     fn bar_read(&mut self, _: usize, _: u64, data: &mut [u8]) {
         data.fill(0);
@@ -119,7 +118,7 @@ impl Ecam {
     pub fn bar_lookup(&self, addr: u64, len: u64) -> Option<(DevFn, usize, u64)> {
         for (df, f) in &self.functions {
             for bar in 0..6 {
-                let Some((base, size)) = f.config().bar_address(bar) else {
+                let Some((base, size)) = f.bar_address(bar) else {
                     continue;
                 };
                 let end = base.checked_add(size)?;
@@ -172,11 +171,14 @@ mod tests {
     }
 
     impl PciFunction for Regs {
-        fn config(&self) -> &ConfigSpace {
-            &self.cfg
+        fn config_read(&mut self, off: u64, data: &mut [u8]) {
+            self.cfg.read(off, data)
         }
-        fn config_mut(&mut self) -> &mut ConfigSpace {
-            &mut self.cfg
+        fn config_write(&mut self, off: u64, data: &[u8]) {
+            self.cfg.write(off, data)
+        }
+        fn bar_address(&self, bar: usize) -> Option<(u64, u64)> {
+            self.cfg.bar_address(bar)
         }
         fn bar_read(&mut self, _: usize, off: u64, data: &mut [u8]) {
             for (i, d) in data.iter_mut().enumerate() {

@@ -4,6 +4,7 @@
 //! `GuestMemoryMmap` it is given: with a restricted pool, that holds the pool alone, so a
 //! descriptor pointing anywhere else is an error, not a read of guest RAM.
 
+pub mod blk;
 pub mod console;
 pub mod transport;
 

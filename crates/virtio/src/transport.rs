@@ -160,6 +160,25 @@ impl<D: VirtioDevice> VirtioPci<D> {
         &self.device
     }
 
+    /// Runs host-side work on the device (input arriving, say); an error it reports puts the
+    /// device in DEVICE_NEEDS_RESET as a guest-caused one would.
+    pub fn with_device<R>(
+        &mut self,
+        f: impl FnOnce(&mut D) -> Result<R, DeviceError>,
+    ) -> Option<R> {
+        match f(&mut self.device) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                self.needs_reset(&e);
+                None
+            }
+        }
+    }
+
+    pub fn config(&self) -> &ConfigSpace {
+        &self.cfg
+    }
+
     pub fn status(&self) -> u8 {
         self.status
     }
@@ -402,11 +421,11 @@ fn value(data: &[u8]) -> u64 {
 }
 
 impl<D: VirtioDevice> PciFunction for VirtioPci<D> {
-    fn config(&self) -> &ConfigSpace {
-        &self.cfg
+    fn config_read(&mut self, off: u64, data: &mut [u8]) {
+        self.cfg.read(off, data)
     }
-    fn config_mut(&mut self) -> &mut ConfigSpace {
-        &mut self.cfg
+    fn bar_address(&self, bar: usize) -> Option<(u64, u64)> {
+        self.cfg.bar_address(bar)
     }
     fn config_write(&mut self, off: u64, data: &[u8]) {
         self.cfg.write(off, data);

@@ -180,8 +180,9 @@ impl SpiTrigger for Msi {
     }
 }
 
-/// Guest RAM in a memfd, so that later parts (the pool) can be shared with another process.
-fn guest_memory(l: &Layout) -> Result<GuestMemoryMmap<()>, Error> {
+/// Guest RAM in a memfd, so that the pool can be mapped on its own (for devices) and, later,
+/// shared with another process. Returns the memory and the memfd.
+fn guest_memory(l: &Layout) -> Result<(GuestMemoryMmap<()>, File), Error> {
     let name = c"splitvirt-ram";
     // SAFETY: a valid NUL-terminated name; the fd is checked and then owned by the File.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
@@ -195,12 +196,37 @@ fn guest_memory(l: &Layout) -> Result<GuestMemoryMmap<()>, Error> {
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(l.ram.size)
         .map_err(|e| Error::Memory(format!("sizing RAM to {} bytes: {e}", l.ram.size)))?;
-    GuestMemoryMmap::from_ranges_with_files([(
+    let keep = file
+        .try_clone()
+        .map_err(|e| Error::Memory(format!("memfd: {e}")))?;
+    let mem = GuestMemoryMmap::from_ranges_with_files([(
         GuestAddress(l.ram.base),
         l.ram.size as usize,
         Some(FileOffset::new(file, 0)),
     )])
-    .map_err(|e| Error::Memory(e.to_string()))
+    .map_err(|e| Error::Memory(e.to_string()))?;
+    Ok((mem, keep))
+}
+
+/// What devices may reach: the pool alone (a second mapping of its part of the memfd), or all
+/// of RAM when the description has no pool.
+fn device_memory(
+    l: &Layout,
+    ram: &GuestMemoryMmap<()>,
+    file: &File,
+) -> Result<GuestMemoryMmap<()>, Error> {
+    let Some(pool) = &l.pool else {
+        return Ok(ram.clone());
+    };
+    let file = file
+        .try_clone()
+        .map_err(|e| Error::Memory(format!("memfd: {e}")))?;
+    GuestMemoryMmap::from_ranges_with_files([(
+        GuestAddress(pool.base),
+        pool.size as usize,
+        Some(FileOffset::new(file, pool.base - l.ram.base)),
+    )])
+    .map_err(|e| Error::Memory(format!("mapping the pool for devices: {e}")))
 }
 
 fn load(mem: &GuestMemoryMmap<()>, p: &Prepared) -> Result<(), Error> {
@@ -315,7 +341,7 @@ impl Drop for RawTerminal {
 }
 
 /// stdin -> PL011. Ctrl-A x ends splitvirt (the guest owns Ctrl-C).
-fn input_thread(uart: Arc<Mutex<Pl011>>, tx: mpsc::Sender<Stop>) {
+fn input_thread(mut deliver: Box<dyn FnMut(&[u8]) + Send>, tx: mpsc::Sender<Stop>) {
     std::thread::spawn(move || {
         let mut stdin = std::io::stdin();
         let mut buf = [0u8; 256];
@@ -336,9 +362,7 @@ fn input_thread(uart: Arc<Mutex<Pl011>>, tx: mpsc::Sender<Stop>) {
                     out.push(b);
                 }
             }
-            uart.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .queue_input(&out);
+            deliver(&out);
         }
     });
 }
@@ -347,7 +371,8 @@ pub fn run(l: &Layout, p: Prepared, on_reset: OnReset, stats: bool) -> Result<Ex
     let start = std::time::Instant::now();
     let kvm = Kvm::new().map_err(|e| Error::NoKvm(e.to_string()))?;
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
-    let mem = guest_memory(l)?;
+    let (mem, memfd) = guest_memory(l)?;
+    let dev_mem = device_memory(l, &mem, &memfd)?;
     load(&mem, &p)?;
     let host = mem
         .get_host_address(GuestAddress(l.ram.base))
@@ -447,15 +472,62 @@ pub fn run(l: &Layout, p: Prepared, on_reset: OnReset, stats: bool) -> Result<Ex
         let frame = Gicv2m::new(v.spi_base, v.spi_count, Arc::new(Msi { vm: vm.clone() }));
         bus.add(v.region.clone(), Arc::new(Mutex::new(frame)));
     }
-    let (_ecam, pci_regions) = crate::pci_bus::host(l);
+    let (ecam, pci_regions) = crate::pci_bus::host(l);
     for (region, dev) in pci_regions {
         bus.add(region, dev);
     }
+    let bus_cell: Arc<std::sync::OnceLock<Arc<Bus>>> = Arc::default();
+    let signal = |d: &layout::Device| -> Arc<dyn virtio::transport::Signal> {
+        Arc::new(crate::devices::DeviceSignal {
+            bus: bus_cell.clone(),
+            intx: Arc::new(SpiLine {
+                vm: vm.clone(),
+                intid: layout::layout::SPI_BASE_INTID + d.intx_spi,
+            }),
+        })
+    };
+    let built = crate::devices::build(l, dev_mem, &signal, Box::new(std::io::stdout()));
+    for s in &built.skipped {
+        eprintln!("splitvirt: warning: {s}");
+    }
+    {
+        let mut e = ecam.lock().unwrap_or_else(|e| e.into_inner());
+        for (df, f) in built.functions {
+            e.add(df, f);
+        }
+    }
     let bus = Arc::new(bus);
+    let _ = bus_cell.set(bus.clone());
 
     let term = RawTerminal::enter();
     let (tx, rx) = mpsc::channel();
-    input_thread(uart, tx.clone());
+    // stdin feeds the console the guest uses: hvc0 when its command line says so.
+    let hvc0 = l
+        .cmdline
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("console="))
+        .last()
+        == Some("hvc0");
+    match (&built.console, hvc0) {
+        (Some(c), true) => {
+            let c = c.clone();
+            input_thread(
+                Box::new(move |b: &[u8]| {
+                    let mut f = c.lock().unwrap_or_else(|e| e.into_inner());
+                    f.with_device(|d| d.queue_input(b));
+                }),
+                tx.clone(),
+            )
+        }
+        _ => input_thread(
+            Box::new(move |b: &[u8]| {
+                uart.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .queue_input(b)
+            }),
+            tx.clone(),
+        ),
+    }
     for (id, mut vcpu) in vcpus.into_iter().enumerate() {
         let (bus, tx) = (bus.clone(), tx.clone());
         std::thread::Builder::new()

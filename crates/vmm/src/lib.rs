@@ -3,6 +3,7 @@
 //! `kvm`, compiled only for aarch64 hosts.
 
 pub mod bus;
+pub mod devices;
 #[cfg(target_arch = "aarch64")]
 mod kvm;
 pub mod pci_bus;
