@@ -4,13 +4,16 @@
 check kvm_device test -c /dev/kvm
 mkfifo /tmp/typing
 exec 3<>/tmp/typing
-( /splitvirt run --kernel /guest/Image --initrd /guest/initrd.cpio \
+( /splitvirt run --config /guest/vm.toml --kernel /guest/Image --initrd /guest/initrd.cpio \
 	--cmdline "console=ttyAMA0 earlycon=pl011,0x9000000 loglevel=7" </tmp/typing
   echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do
 	echo "guest| $l"
 	case "$l" in *"@@ READY"*) echo "$TYPED" >&3 ;; esac
 done
 exec 3>&-
+( /splitvirt run --config /guest/vm.toml --kernel /guest/Image --initrd /guest/disk.cpio \
+	--cmdline "console=ttyAMA0 loglevel=4" </dev/null
+  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "disk| $l"; done
 ( /splitvirt run --kernel /guest/stock-Image --initrd /guest/stock.cpio \
 	--cmdline "console=ttyAMA0 earlycon=pl011,0x9000000" </dev/null
   echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "stock| $l"; done

@@ -14,3 +14,15 @@ echo "hvc0-says-$HVC_TOKEN" > /dev/hvc0
 for d in /sys/bus/virtio/devices/virtio*; do value "features_$(basename "$d")" "$(cat "$d/features")"; done
 pool=$(ls -d /sys/kernel/debug/swiotlb@* 2>/dev/null | head -n 1)
 value pool_used "$(cat "$pool/io_tlb_used" 2>/dev/null)"
+# virtio-blk: the root partition of the disk image, read and written through the pool.
+check vda2 test -b /dev/vda2
+if mount -t ext4 /dev/vda2 /mnt; then
+	value host_file "$(cat /mnt/from-host.txt)"
+	echo "$GUEST_TOKEN" > /mnt/from-guest.txt
+	dd if=/dev/vda of=/dev/null bs=64k 2>/dev/null
+	sync
+	umount /mnt && result umount PASS
+else
+	result mount_vda2 FAIL "mount /dev/vda2"
+fi
+value pool_hiwater "$(cat "$pool/io_tlb_used_hiwater" 2>/dev/null)"

@@ -120,8 +120,9 @@ pub fn initramfs(scenario: &str, vars: &[(&str, &str)], out: &Path) -> Result<()
 pub const P2_START: u64 = 18432;
 pub const P2_SECTORS: u64 = 98304;
 
-/// A 64 MiB MBR disk: partition 1 (8 MiB, empty) and partition 2 (48 MiB ext4 holding `files`).
-pub fn disk(files: &[(&str, &str)], out: &Path) -> Result<()> {
+/// An MBR disk: partition 1 (8 MiB, empty) and partition 2 (`p2_sectors` of ext4 holding
+/// `files`); 60 MiB in all with the default P2_SECTORS.
+pub fn disk(files: &[(&str, &str)], out: &Path, p2_sectors: u64) -> Result<()> {
     env::ensure_apt(APT)?;
     let work = out.with_extension("work");
     let _ = std::fs::remove_dir_all(&work);
@@ -135,9 +136,9 @@ pub fn disk(files: &[(&str, &str)], out: &Path) -> Result<()> {
         .args(["-q", "-F", "-L", "root", "-d"])
         .arg(&stage)
         .arg(&p2)
-        .arg(format!("{}k", P2_SECTORS / 2)))?;
+        .arg(format!("{}k", p2_sectors / 2)))?;
     let f = std::fs::File::create(out)?;
-    f.set_len(64 << 20)?;
+    f.set_len(((P2_START + p2_sectors) * 512).next_multiple_of(1 << 20))?;
     drop(f);
     let mut sf = cmd("sfdisk");
     sf.arg("--quiet")
@@ -146,7 +147,7 @@ pub fn disk(files: &[(&str, &str)], out: &Path) -> Result<()> {
     let mut child = sf.spawn().context("cannot run sfdisk")?;
     use std::io::Write;
     child.stdin.take().unwrap().write_all(
-        format!("label: dos\nstart=2048, size=16384, type=83\nstart={P2_START}, size={P2_SECTORS}, type=83\n").as_bytes(),
+        format!("label: dos\nstart=2048, size=16384, type=83\nstart={P2_START}, size={p2_sectors}, type=83\n").as_bytes(),
     )?;
     if !child.wait()?.success() {
         bail!("sfdisk failed on {}", out.display());

@@ -10,12 +10,23 @@ pub fn boot_on_kvm() -> Result<()> {
     let dir = root().join("target/board");
     std::fs::create_dir_all(&dir)?;
     let initrd = dir.join("kvm-guest.cpio");
-    let hvc = realboot::token("hvc");
-    guest::initramfs("kvm-guest", &[("HVC_TOKEN", &hvc)], &initrd)?;
+    let (hvc, host, written) = (realboot::token("hvc"), realboot::token("host"), realboot::token("guest"));
+    guest::initramfs("kvm-guest", &[("HVC_TOKEN", &hvc), ("GUEST_TOKEN", &written)], &initrd)?;
+    let disk_initrd = dir.join("kvm-disk.cpio");
+    guest::initramfs("kvm-disk", &[], &disk_initrd)?;
+    // A small disk: the board carries it in its initramfs.
+    let disk = dir.join("kvm-disk.img");
+    guest::disk(&[("from-host.txt", &host)], &disk, 16384)?;
+    let vm = "[[device]]\nkind = \"virtio-blk\"\nimage = \"/guest/disk.img\"\n\
+              [[device]]\nkind = \"virtio-net\"\nbackend = \"tap0\"\n\
+              [[device]]\nkind = \"virtio-console\"\n";
     let stock_initrd = dir.join("kvm-stock.cpio");
     guest::initramfs("kvm-stock", &[], &stock_initrd)?;
     let typed = realboot::token("typed");
     let files = vec![
+        ("guest/vm.toml".to_owned(), vm.as_bytes().to_vec()),
+        ("guest/disk.img".to_owned(), std::fs::read(&disk)?),
+        ("guest/disk.cpio".to_owned(), std::fs::read(&disk_initrd)?),
         ("guest/fault-Image".to_owned(), fault_image()),
         ("guest/Image".to_owned(), std::fs::read(&k.image)?),
         ("guest/initrd.cpio".to_owned(), std::fs::read(&initrd)?),
@@ -107,6 +118,12 @@ pub fn boot_on_kvm() -> Result<()> {
         "the pool is not in use (io_tlb_used = {:?})",
         g.value("pool_used")
     );
+    // virtio-blk: the host's file read, the guest's written and found by a second VM.
+    ensure!(g.passed("vda2") && g.passed("umount"), "virtio-blk: /dev/vda2 not usable (log: {log})");
+    ensure!(g.value("host_file") == Some(host.as_str()), "guest read {:?} from /dev/vda2, host wrote {host}", g.value("host_file"));
+    let d = r.part("disk");
+    ensure!(d.value("previous") == Some(written.as_str()), "the second VM found {:?}, the first wrote {written}", d.value("previous"));
+    ensure!(d.value("splitvirt_exit") == Some("0"), "second VM: splitvirt exited {:?}", d.value("splitvirt_exit"));
     std::fs::write(dir.join("kvm-guest.log"), &g.log)?;
     // doctor on this boot: every step is there (blk and net are not served yet).
     let sv = crate::env::splitvirt()?;

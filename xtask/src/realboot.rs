@@ -125,7 +125,7 @@ impl Bed {
         host_token: &str,
     ) -> Result<(qemu::Run, PathBuf)> {
         let disk = self.dir.join(format!("{name}.img"));
-        guest::disk(&[("from-host.txt", host_token)], &disk)?;
+        guest::disk(&[("from-host.txt", host_token)], &disk, guest::P2_SECTORS)?;
         let initrd = self.dir.join(format!("{name}.cpio"));
         guest::initramfs("virtio-pool", &[("GUEST_TOKEN", guest_token)], &initrd)?;
         let log = self.dir.join(format!("{name}.log"));

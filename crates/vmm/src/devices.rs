@@ -69,12 +69,13 @@ pub struct Built {
 }
 
 /// Builds every device the description lists. `mem` is what devices may reach (the pool).
+/// A disk image that cannot be opened is an error here, before any vCPU runs.
 pub fn build(
     l: &Layout,
     mem: virtio::Memory,
     signal: &dyn Fn(&layout::Device) -> Arc<dyn Signal>,
     console_out: Box<dyn Write + Send>,
-) -> Built {
+) -> Result<Built, virtio::blk::OpenError> {
     let mut out = Built {
         functions: Vec::new(),
         console: None,
@@ -84,6 +85,11 @@ pub fn build(
     for d in &l.devices {
         let bar = d.bars.first().map_or(0, |b| b.base);
         match &d.kind {
+            DeviceKind::VirtioBlk { image, read_only } => {
+                let dev = virtio::blk::Block::open(image, *read_only)?;
+                let f = VirtioPci::new(dev, mem.clone(), bar, d.intx_pin as u8, signal(d));
+                out.functions.push((devfn(d.slot as u8, 0), Box::new(f)));
+            }
             DeviceKind::VirtioConsole if console_out.is_some() => {
                 let dev = virtio::console::Console::new(console_out.take().expect("checked"));
                 let f = Arc::new(Mutex::new(VirtioPci::new(dev, mem.clone(), bar, d.intx_pin as u8, signal(d))));
@@ -97,5 +103,5 @@ pub fn build(
             )),
         }
     }
-    out
+    Ok(out)
 }

@@ -486,7 +486,8 @@ pub fn run(l: &Layout, p: Prepared, on_reset: OnReset, stats: bool) -> Result<Ex
             }),
         })
     };
-    let built = crate::devices::build(l, dev_mem, &signal, Box::new(std::io::stdout()));
+    let built = crate::devices::build(l, dev_mem, &signal, Box::new(std::io::stdout()))
+        .map_err(|e| Error::Io(e.to_string()))?;
     for s in &built.skipped {
         eprintln!("splitvirt: warning: {s}");
     }

@@ -55,6 +55,8 @@ pub enum Error {
     },
     #[error("{0}")]
     Io(String),
+    #[error(transparent)]
+    Disk(#[from] virtio::blk::OpenError),
 }
 
 /// What to do when the guest asks for a reset.
@@ -121,6 +123,12 @@ pub fn prepare(spec: &RunSpec) -> Result<Prepared, Error> {
         None => None,
     };
     let l = &spec.layout;
+    // Disk images are opened again when the VM starts; a bad one is reported now.
+    for d in &l.devices {
+        if let layout::DeviceKind::VirtioBlk { image, read_only } = &d.kind {
+            virtio::blk::Block::open(image, *read_only)?;
+        }
+    }
     let placement = boot::place(
         &l.ram,
         l.pool.as_ref(),

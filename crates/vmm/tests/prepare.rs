@@ -22,8 +22,11 @@ fn file(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> PathBuf {
 }
 
 fn spec(kernel: Option<PathBuf>, initrd: Option<PathBuf>) -> RunSpec {
+    // The default VM without its disk (whose image is relative to the cwd).
+    let mut d = Description::default_vm();
+    d.devices.retain(|x| x.kind != "virtio-blk");
     RunSpec {
-        layout: resolve(&Description::default_vm()).unwrap().layout,
+        layout: resolve(&d).unwrap().layout,
         kernel,
         initrd,
         on_reset: OnReset::Exit,
@@ -113,4 +116,19 @@ fn bad_inputs_are_named_before_any_vcpu_runs() {
         .unwrap();
     let m = msg(spec(Some(ok), Some(big)));
     assert!(m.contains("no room for the initrd"), "{m}");
+}
+
+#[test]
+fn a_disk_image_that_cannot_be_used_is_named_before_boot() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = file(&dir, "Image", &image(0, 16 << 20, 2, 8 << 20));
+    let mut s = spec(Some(k), None);
+    let d = Description::parse(
+        &format!("[[device]]\nkind = \"virtio-blk\"\nimage = \"{}\"\n", dir.path().join("gone.img").display()),
+        "t",
+    )
+    .unwrap();
+    s.layout = resolve(&d).unwrap().layout;
+    let m = prepare(&s).unwrap_err().to_string();
+    assert!(m.contains("gone.img") && m.contains("cannot open"), "{m}");
 }
