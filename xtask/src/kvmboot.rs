@@ -10,8 +10,16 @@ pub fn boot_on_kvm() -> Result<()> {
     let dir = root().join("target/board");
     std::fs::create_dir_all(&dir)?;
     let initrd = dir.join("kvm-guest.cpio");
-    let (hvc, host, written) = (realboot::token("hvc"), realboot::token("host"), realboot::token("guest"));
-    guest::initramfs("kvm-guest", &[("HVC_TOKEN", &hvc), ("GUEST_TOKEN", &written)], &initrd)?;
+    let (hvc, host, written) = (
+        realboot::token("hvc"),
+        realboot::token("host"),
+        realboot::token("guest"),
+    );
+    guest::initramfs(
+        "kvm-guest",
+        &[("HVC_TOKEN", &hvc), ("GUEST_TOKEN", &written)],
+        &initrd,
+    )?;
     let disk_initrd = dir.join("kvm-disk.cpio");
     guest::initramfs("kvm-disk", &[], &disk_initrd)?;
     // A small disk: the board carries it in its initramfs.
@@ -119,11 +127,33 @@ pub fn boot_on_kvm() -> Result<()> {
         g.value("pool_used")
     );
     // virtio-blk: the host's file read, the guest's written and found by a second VM.
-    ensure!(g.passed("vda2") && g.passed("umount"), "virtio-blk: /dev/vda2 not usable (log: {log})");
-    ensure!(g.value("host_file") == Some(host.as_str()), "guest read {:?} from /dev/vda2, host wrote {host}", g.value("host_file"));
+    ensure!(
+        g.passed("vda2") && g.passed("umount"),
+        "virtio-blk: /dev/vda2 not usable (log: {log})"
+    );
+    ensure!(
+        g.value("host_file") == Some(host.as_str()),
+        "guest read {:?} from /dev/vda2, host wrote {host}",
+        g.value("host_file")
+    );
     let d = r.part("disk");
-    ensure!(d.value("previous") == Some(written.as_str()), "the second VM found {:?}, the first wrote {written}", d.value("previous"));
-    ensure!(d.value("splitvirt_exit") == Some("0"), "second VM: splitvirt exited {:?}", d.value("splitvirt_exit"));
+    ensure!(
+        d.value("previous") == Some(written.as_str()),
+        "the second VM found {:?}, the first wrote {written}",
+        d.value("previous")
+    );
+    ensure!(
+        d.log.contains("@@ REBOOTING")
+            && d.log
+                .contains("splitvirt: the guest reset; starting it again")
+            && d.value("rebooted") == Some("yes"),
+        "the guest's reset did not restart it (log: {log})"
+    );
+    ensure!(
+        d.value("splitvirt_exit") == Some("0"),
+        "second VM: splitvirt exited {:?}",
+        d.value("splitvirt_exit")
+    );
     std::fs::write(dir.join("kvm-guest.log"), &g.log)?;
     // doctor on this boot: every step is there (blk and net are not served yet).
     let sv = crate::env::splitvirt()?;

@@ -63,6 +63,9 @@ enum Cmd {
         /// At the end, print boot timings and splitvirt's own memory (guest RAM excluded).
         #[arg(long)]
         stats: bool,
+        /// When the guest resets: start it again from scratch, or end splitvirt (exit 0).
+        #[arg(long, value_enum, default_value = "reboot")]
+        on_reset: OnReset,
     },
     /// Check that this host can run splitvirt VMs: /dev/kvm, an in-kernel vgic-v2, a guest
     /// that runs and exits on MMIO.
@@ -80,6 +83,22 @@ enum ConfigCmd {
     Check { file: Option<PathBuf> },
     /// The resolved memory map (sorted by address), devices and interrupts.
     Show { file: Option<PathBuf> },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnReset {
+    Reboot,
+    Exit,
+}
+
+/// Replaces this process with a new splitvirt, same arguments; returns only on failure.
+fn reexec() -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    let mut args = std::env::args_os();
+    let _ = args.next();
+    std::process::Command::new("/proc/self/exe")
+        .args(args)
+        .exec()
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -225,6 +244,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             initrd,
             cmdline,
             stats,
+            on_reset,
         } => {
             let mut d = load(config.as_deref())?;
             if let Some(c) = cmdline {
@@ -238,7 +258,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 layout: r.layout,
                 kernel,
                 initrd,
-                on_reset: vmm::OnReset::Exit,
                 stats,
             };
             let code = match vmm::run(&spec) {
@@ -246,8 +265,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     eprintln!("splitvirt: the guest powered off");
                     0
                 }
+                Ok(vmm::Exit::Reset) if on_reset == OnReset::Reboot => {
+                    eprintln!("splitvirt: the guest reset; starting it again");
+                    // A fresh process is a fresh machine: memory, devices and vCPUs anew.
+                    let err = reexec();
+                    eprintln!("splitvirt: cannot restart: {err}");
+                    1
+                }
                 Ok(vmm::Exit::Reset) => {
-                    eprintln!("splitvirt: the guest asked for a reset; ending (reset is reported, not performed)");
+                    eprintln!("splitvirt: the guest reset; ending (--on-reset exit)");
                     0
                 }
                 Err(e) => {

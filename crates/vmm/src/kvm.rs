@@ -2,7 +2,7 @@
 //! bus with the PL011 and GICv2m models wired to KVM interrupt lines.
 
 use crate::bus::Bus;
-use crate::{Error, Exit, HostReport, OnReset, Prepared};
+use crate::{Error, Exit, HostReport, Prepared};
 use kvm_bindings::{
     kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V2,
     kvm_userspace_memory_region, kvm_vcpu_init, KVM_ARM_VCPU_PSCI_0_2, KVM_DEV_ARM_VGIC_CTRL_INIT,
@@ -367,7 +367,8 @@ fn input_thread(mut deliver: Box<dyn FnMut(&[u8]) + Send>, tx: mpsc::Sender<Stop
     });
 }
 
-pub fn run(l: &Layout, p: Prepared, on_reset: OnReset, stats: bool) -> Result<Exit, Error> {
+/// Runs until the guest powers off or resets (the caller decides what a reset means).
+pub fn run(l: &Layout, p: Prepared, stats: bool) -> Result<Exit, Error> {
     let start = std::time::Instant::now();
     let kvm = Kvm::new().map_err(|e| Error::NoKvm(e.to_string()))?;
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
@@ -565,7 +566,6 @@ pub fn run(l: &Layout, p: Prepared, on_reset: OnReset, stats: bool) -> Result<Ex
             rss.map_or("-".to_owned(), |r| r.to_string())
         );
     }
-    let _ = on_reset;
     match stop {
         Stop::Exit(e) => Ok(e),
         Stop::Fault { vcpu, why, regs } => Err(Error::GuestFault { vcpu, why, regs }),

@@ -59,13 +59,6 @@ pub enum Error {
     Disk(#[from] virtio::blk::OpenError),
 }
 
-/// What to do when the guest asks for a reset.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OnReset {
-    /// End splitvirt, exit code 0, saying the guest reset.
-    Exit,
-}
-
 /// How the guest ended, when it ended well.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Exit {
@@ -77,7 +70,6 @@ pub struct RunSpec {
     pub layout: Layout,
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
-    pub on_reset: OnReset,
     /// Print boot timings and splitvirt's own memory at the end.
     pub stats: bool,
 }
@@ -166,7 +158,7 @@ pub fn run(spec: &RunSpec) -> Result<Exit, Error> {
     let prepared = prepare(spec)?;
     #[cfg(target_arch = "aarch64")]
     {
-        kvm::run(&spec.layout, prepared, spec.on_reset, spec.stats)
+        kvm::run(&spec.layout, prepared, spec.stats)
     }
     #[cfg(not(target_arch = "aarch64"))]
     {

@@ -4,7 +4,7 @@
 use layout::{resolve, Description};
 use std::io::Write;
 use std::path::PathBuf;
-use vmm::{prepare, Error, OnReset, RunSpec};
+use vmm::{prepare, Error, RunSpec};
 
 fn image(text_offset: u64, image_size: u64, flags: u64, len: usize) -> Vec<u8> {
     let mut b = vec![0u8; len.max(64)];
@@ -29,7 +29,6 @@ fn spec(kernel: Option<PathBuf>, initrd: Option<PathBuf>) -> RunSpec {
         layout: resolve(&d).unwrap().layout,
         kernel,
         initrd,
-        on_reset: OnReset::Exit,
         stats: false,
     }
 }
@@ -124,7 +123,10 @@ fn a_disk_image_that_cannot_be_used_is_named_before_boot() {
     let k = file(&dir, "Image", &image(0, 16 << 20, 2, 8 << 20));
     let mut s = spec(Some(k), None);
     let d = Description::parse(
-        &format!("[[device]]\nkind = \"virtio-blk\"\nimage = \"{}\"\n", dir.path().join("gone.img").display()),
+        &format!(
+            "[[device]]\nkind = \"virtio-blk\"\nimage = \"{}\"\n",
+            dir.path().join("gone.img").display()
+        ),
         "t",
     )
     .unwrap();
