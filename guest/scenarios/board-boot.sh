@@ -14,10 +14,10 @@ exec 3>&-
 ( /splitvirt run --config /guest/vm.toml --kernel /guest/Image --initrd /guest/disk.cpio \
 	--cmdline "console=ttyAMA0 loglevel=4" </dev/null
   echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "disk| $l"; done
-( /splitvirt run --kernel /guest/stock-Image --initrd /guest/stock.cpio \
+( /splitvirt run --config /guest/nodisk.toml --kernel /guest/stock-Image --initrd /guest/stock.cpio \
 	--cmdline "console=ttyAMA0 earlycon=pl011,0x9000000" </dev/null
   echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "stock| $l"; done
 # A guest that does what KVM cannot emulate (an ldp to MMIO): splitvirt must end non-zero and
 # show the vCPU's registers.
-( /splitvirt run --kernel /guest/fault-Image --cmdline "" </dev/null
+( /splitvirt run --config /guest/nodisk.toml --kernel /guest/fault-Image --cmdline "" </dev/null
   echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "fault| $l"; done

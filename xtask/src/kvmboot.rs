@@ -33,6 +33,7 @@ pub fn boot_on_kvm() -> Result<()> {
     let typed = realboot::token("typed");
     let files = vec![
         ("guest/vm.toml".to_owned(), vm.as_bytes().to_vec()),
+        ("guest/nodisk.toml".to_owned(), b"[[device]]\nkind = \"virtio-console\"\n".to_vec()),
         ("guest/disk.img".to_owned(), std::fs::read(&disk)?),
         ("guest/disk.cpio".to_owned(), std::fs::read(&disk_initrd)?),
         ("guest/fault-Image".to_owned(), fault_image()),
