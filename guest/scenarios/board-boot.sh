@@ -2,6 +2,11 @@
 # splitvirt's stdin once it says it is ready (a real UART drops what arrives before the port is
 # opened), then Debian's stock kernel. Guest consoles are prefixed "guest| " / "stock| ".
 check kvm_device test -c /dev/kvm
+# The board's side of the guest's network: tap0 (created by splitvirt) gets 10.0.2.1.
+insmod /tun.ko
+( i=0
+  while [ ! -e /sys/class/net/tap0 ] && [ "$i" -lt 1200 ]; do sleep 0.5; i=$((i + 1)); done
+  ip addr add 10.0.2.1/24 dev tap0 && ip link set tap0 up ) &
 mkfifo /tmp/typing
 exec 3<>/tmp/typing
 ( /splitvirt run --config /guest/vm.toml --kernel /guest/Image --initrd /guest/initrd.cpio \

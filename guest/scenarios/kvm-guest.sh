@@ -26,3 +26,8 @@ else
 	result mount_vda2 FAIL "mount /dev/vda2"
 fi
 value pool_hiwater "$(cat "$pool/io_tlb_used_hiwater" 2>/dev/null)"
+# virtio-net over the board's tap0: the guest pings the board.
+check eth0 test -e /sys/class/net/eth0
+ip addr add 10.0.2.15/24 dev eth0
+ip link set eth0 up
+check ping ping -c 3 -W 10 10.0.2.1

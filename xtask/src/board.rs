@@ -168,3 +168,29 @@ pub fn smoke() -> Result<()> {
     println!("  {}", line.trim());
     Ok(())
 }
+
+/// A module of the board's kernel, decompressed (busybox insmod takes plain .ko files).
+pub fn module(rel: &str) -> Result<Vec<u8>> {
+    let kernel = host_kernel()?;
+    let root = kernel
+        .parent()
+        .and_then(|b| b.parent())
+        .context("unpacked kernel package")?;
+    let modules = root.join("lib/modules");
+    let version = std::fs::read_dir(&modules)?
+        .filter_map(|e| e.ok())
+        .next()
+        .context("no lib/modules in the kernel package")?
+        .file_name();
+    let path = modules
+        .join(version)
+        .join("kernel")
+        .join(format!("{rel}.xz"));
+    let o = cmd("xz")
+        .arg("-dc")
+        .arg(&path)
+        .output()
+        .with_context(|| format!("cannot run xz on {}", path.display()))?;
+    anyhow::ensure!(o.status.success(), "xz -dc {} failed", path.display());
+    Ok(o.stdout)
+}

@@ -31,9 +31,14 @@ pub fn boot_on_kvm() -> Result<()> {
     let stock_initrd = dir.join("kvm-stock.cpio");
     guest::initramfs("kvm-stock", &[], &stock_initrd)?;
     let typed = realboot::token("typed");
+    let tun = board::module("drivers/net/tun.ko")?;
     let files = vec![
+        ("tun.ko".to_owned(), tun),
         ("guest/vm.toml".to_owned(), vm.as_bytes().to_vec()),
-        ("guest/nodisk.toml".to_owned(), b"[[device]]\nkind = \"virtio-console\"\n".to_vec()),
+        (
+            "guest/nodisk.toml".to_owned(),
+            b"[[device]]\nkind = \"virtio-console\"\n".to_vec(),
+        ),
         ("guest/disk.img".to_owned(), std::fs::read(&disk)?),
         ("guest/disk.cpio".to_owned(), std::fs::read(&disk_initrd)?),
         ("guest/fault-Image".to_owned(), fault_image()),
@@ -126,6 +131,11 @@ pub fn boot_on_kvm() -> Result<()> {
         used > 0,
         "the pool is not in use (io_tlb_used = {:?})",
         g.value("pool_used")
+    );
+    // virtio-net: the guest pings the board through splitvirt's TAP backend.
+    ensure!(
+        g.passed("eth0") && g.passed("ping"),
+        "virtio-net: no eth0 or no ping to the board (log: {log})"
     );
     // virtio-blk: the host's file read, the guest's written and found by a second VM.
     ensure!(

@@ -61,24 +61,37 @@ impl<F: PciFunction> PciFunction for SharedFunction<F> {
     }
 }
 
+pub type SharedNet = Arc<Mutex<VirtioPci<virtio::net::Net>>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Disk(#[from] virtio::blk::OpenError),
+    #[error(transparent)]
+    Tap(#[from] crate::tap::TapError),
+}
+
 pub struct Built {
     pub functions: Vec<(DevFn, Box<dyn PciFunction>)>,
     pub console: Option<SharedConsole>,
+    /// Network devices and the TAP each reads frames from.
+    pub nets: Vec<(SharedNet, crate::tap::Tap)>,
     /// Devices the description names that this build cannot serve yet, with why.
     pub skipped: Vec<String>,
 }
 
 /// Builds every device the description lists. `mem` is what devices may reach (the pool).
-/// A disk image that cannot be opened is an error here, before any vCPU runs.
+/// A disk image or TAP that cannot be opened is an error here, before any vCPU runs.
 pub fn build(
     l: &Layout,
     mem: virtio::Memory,
     signal: &dyn Fn(&layout::Device) -> Arc<dyn Signal>,
     console_out: Box<dyn Write + Send>,
-) -> Result<Built, virtio::blk::OpenError> {
+) -> Result<Built, OpenError> {
     let mut out = Built {
         functions: Vec::new(),
         console: None,
+        nets: Vec::new(),
         skipped: Vec::new(),
     };
     let mut console_out = Some(console_out);
@@ -89,6 +102,23 @@ pub fn build(
                 let dev = virtio::blk::Block::open(image, *read_only)?;
                 let f = VirtioPci::new(dev, mem.clone(), bar, d.intx_pin as u8, signal(d));
                 out.functions.push((devfn(d.slot as u8, 0), Box::new(f)));
+            }
+            DeviceKind::VirtioNet { backend, mac } => {
+                let tap = crate::tap::Tap::open(backend)?;
+                let reader = tap.try_clone().map_err(|e| crate::tap::TapError {
+                    name: backend.clone(),
+                    why: e.to_string(),
+                })?;
+                let dev = virtio::net::Net::new(*mac, Box::new(tap));
+                let f = Arc::new(Mutex::new(VirtioPci::new(
+                    dev,
+                    mem.clone(),
+                    bar,
+                    d.intx_pin as u8,
+                    signal(d),
+                )));
+                out.nets.push((f.clone(), reader));
+                out.functions.push((devfn(d.slot as u8, 0), Box::new(SharedFunction(f))));
             }
             DeviceKind::VirtioConsole if console_out.is_some() => {
                 let dev = virtio::console::Console::new(console_out.take().expect("checked"));
@@ -104,4 +134,15 @@ pub fn build(
         }
     }
     Ok(out)
+}
+
+/// Frames from the TAP to the device, on a thread of their own.
+pub fn start_net_rx(net: SharedNet, mut tap: crate::tap::Tap) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; virtio::net::MAX_FRAME + 64];
+        while let Ok(n) = tap.read_frame(&mut buf) {
+            let mut f = net.lock().unwrap_or_else(|e| e.into_inner());
+            f.with_device(|d| d.receive(&buf[..n]));
+        }
+    });
 }

@@ -487,8 +487,7 @@ pub fn run(l: &Layout, p: Prepared, stats: bool) -> Result<Exit, Error> {
             }),
         })
     };
-    let built = crate::devices::build(l, dev_mem, &signal, Box::new(std::io::stdout()))
-        .map_err(|e| Error::Io(e.to_string()))?;
+    let built = crate::devices::build(l, dev_mem, &signal, Box::new(std::io::stdout()))?;
     for s in &built.skipped {
         eprintln!("splitvirt: warning: {s}");
     }
@@ -500,6 +499,9 @@ pub fn run(l: &Layout, p: Prepared, stats: bool) -> Result<Exit, Error> {
     }
     let bus = Arc::new(bus);
     let _ = bus_cell.set(bus.clone());
+    for (net, tap) in built.nets {
+        crate::devices::start_net_rx(net, tap);
+    }
 
     let term = RawTerminal::enter();
     let (tx, rx) = mpsc::channel();

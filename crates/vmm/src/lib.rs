@@ -8,6 +8,7 @@ pub mod devices;
 mod kvm;
 pub mod pci_bus;
 pub mod stats;
+pub mod tap;
 
 use layout::Layout;
 use std::path::PathBuf;
@@ -57,6 +58,8 @@ pub enum Error {
     Io(String),
     #[error(transparent)]
     Disk(#[from] virtio::blk::OpenError),
+    #[error(transparent)]
+    Device(#[from] crate::devices::OpenError),
 }
 
 /// How the guest ended, when it ended well.

@@ -1,0 +1,76 @@
+//! A TAP interface as the wire of a virtio-net device: frames without packet info (IFF_NO_PI),
+//! written as the guest sends them and read by a thread that hands them to the device.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use virtio::net::{NetBackend, MAX_FRAME};
+
+#[derive(Debug, thiserror::Error)]
+#[error("TAP interface {name}: {why}")]
+pub struct TapError {
+    pub name: String,
+    pub why: String,
+}
+
+pub struct Tap {
+    file: File,
+}
+
+impl Tap {
+    /// Opens (creating if needed) the TAP interface `name` (at most 15 bytes).
+    pub fn open(name: &str) -> Result<Tap, TapError> {
+        let err = |why: String| TapError {
+            name: name.into(),
+            why,
+        };
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+            return Err(err(format!(
+                "the name must be 1 to {} bytes",
+                libc::IFNAMSIZ - 1
+            )));
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .map_err(|e| {
+                err(format!(
+                    "cannot open /dev/net/tun: {e} (is the tun module loaded, and are you root?)"
+                ))
+            })?;
+        // SAFETY: ifreq is plain data; zeroed is a valid value.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+            *d = s as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        // SAFETY: TUNSETIFF reads the ifreq we own, on the tun fd we own.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &ifr) };
+        if rc < 0 {
+            return Err(err(format!(
+                "TUNSETIFF: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(Tap { file })
+    }
+
+    pub fn try_clone(&self) -> std::io::Result<Tap> {
+        Ok(Tap {
+            file: self.file.try_clone()?,
+        })
+    }
+
+    /// Blocks for the next frame.
+    pub fn read_frame(&mut self, buf: &mut [u8; MAX_FRAME + 64]) -> std::io::Result<usize> {
+        self.file.read(buf)
+    }
+}
+
+impl NetBackend for Tap {
+    fn send(&mut self, frame: &[u8]) {
+        // A frame the host cannot take is lost, as on a real wire.
+        let _ = self.file.write(frame);
+    }
+}
