@@ -2,6 +2,6 @@
 i=0
 while [ "$i" -lt "$RUNS" ]; do
 	i=$((i + 1))
-	/splitvirt run --stats --kernel /guest/Image --initrd /guest/initrd.cpio \
-		--cmdline "console=ttyAMA0 loglevel=4" </dev/null 2>&1 | grep -E 'splitvirt-stats|@@ VALUE up' | sed "s/^/run$i| /"
+	/splitvirt run --stats --config /guest/nodisk.toml --kernel /guest/Image --initrd /guest/initrd.cpio \
+		--cmdline "console=ttyAMA0 earlycon=pl011,0x9000000" </dev/null 2>&1 | while IFS= read -r l; do echo "run$i| $l"; done
 done
