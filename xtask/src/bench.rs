@@ -25,7 +25,10 @@ pub fn boot() -> Result<()> {
     let initrd = dir.join("quick.cpio");
     guest::initramfs("quick", &[], &initrd)?;
     let files = vec![
-        ("guest/nodisk.toml".to_owned(), b"[[device]]\nkind = \"virtio-console\"\n".to_vec()),
+        (
+            "guest/nodisk.toml".to_owned(),
+            b"[[device]]\nkind = \"virtio-console\"\n".to_vec(),
+        ),
         ("guest/Image".to_owned(), std::fs::read(&k.image)?),
         ("guest/initrd.cpio".to_owned(), std::fs::read(&initrd)?),
     ];

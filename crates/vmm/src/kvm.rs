@@ -43,37 +43,21 @@ const GIC_IRQS: u32 = 128;
 /// movz x1, #0x900, lsl #16; movz x0, #0x41; strb w0, [x1]; b .
 const GUEST_CODE: [u32; 4] = [0xd2a1_2001, 0xd280_0820, 0x3900_0020, 0x1400_0000];
 
-pub fn smoke() -> Result<HostReport, Error> {
-    let kvm = Kvm::new().map_err(|e| Error::NoKvm(e.to_string()))?;
-    let api_version = kvm.get_api_version();
-    let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
-
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(RAM), 0x10000)])
-        .map_err(|e| Error::Memory(e.to_string()))?;
-    let code: Vec<u8> = GUEST_CODE.iter().flat_map(|i| i.to_le_bytes()).collect();
-    mem.write_slice(&code, GuestAddress(RAM))
-        .map_err(|e| Error::Memory(e.to_string()))?;
-    let host = mem
-        .get_host_address(GuestAddress(RAM))
-        .map_err(|e| Error::Memory(e.to_string()))?;
+/// Maps guest RAM (one host range) as memslot 0.
+fn map_memory(vm: &VmFd, host: u64, base: u64, size: u64) -> Result<(), Error> {
     let region = kvm_userspace_memory_region {
         slot: 0,
         flags: 0,
-        guest_phys_addr: RAM,
-        memory_size: 0x10000,
-        userspace_addr: host as u64,
+        guest_phys_addr: base,
+        memory_size: size,
+        userspace_addr: host,
     };
-    // SAFETY: `mem` maps this range and outlives the VM.
-    unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("map guest memory"))?;
+    // SAFETY: the caller's mapping of this range outlives the VM (both live until exit).
+    unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("map guest memory"))
+}
 
-    let vcpu = vm.create_vcpu(0).map_err(kvm_err("create vCPU 0"))?;
-    let mut kvi = kvm_vcpu_init::default();
-    vm.get_preferred_target(&mut kvi)
-        .map_err(kvm_err("name a preferred CPU target"))?;
-    kvi.features[0] |= 1 << KVM_ARM_VCPU_PSCI_0_2;
-    vcpu.vcpu_init(&kvi).map_err(kvm_err("initialise vCPU 0"))?;
-
-    // The vgic-v2 is created after the vCPUs and initialised last (KVM's order).
+/// The in-kernel vgic-v2, created after the vCPUs and initialised last (KVM's order).
+fn create_vgic(vm: &VmFd, dist: u64, cpu: u64, irqs: u32) -> Result<kvm_ioctls::DeviceFd, Error> {
     let mut dev = kvm_create_device {
         type_: kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V2,
         fd: 0,
@@ -91,7 +75,6 @@ pub fn smoke() -> Result<HostReport, Error> {
         })
         .map_err(kvm_err(what))
     };
-    let (dist, cpu, irqs) = (GIC_DIST, GIC_CPU, GIC_IRQS);
     set(
         KVM_DEV_ARM_VGIC_GRP_ADDR,
         u64::from(KVM_VGIC_V2_ADDR_TYPE_DIST),
@@ -116,6 +99,32 @@ pub fn smoke() -> Result<HostReport, Error> {
         0,
         "initialise the vgic-v2",
     )?;
+    Ok(gic)
+}
+
+pub fn smoke() -> Result<HostReport, Error> {
+    let kvm = Kvm::new().map_err(|e| Error::NoKvm(e.to_string()))?;
+    let api_version = kvm.get_api_version();
+    let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(RAM), 0x10000)])
+        .map_err(|e| Error::Memory(e.to_string()))?;
+    let code: Vec<u8> = GUEST_CODE.iter().flat_map(|i| i.to_le_bytes()).collect();
+    mem.write_slice(&code, GuestAddress(RAM))
+        .map_err(|e| Error::Memory(e.to_string()))?;
+    let host = mem
+        .get_host_address(GuestAddress(RAM))
+        .map_err(|e| Error::Memory(e.to_string()))?;
+    map_memory(&vm, host as u64, RAM, 0x10000)?;
+
+    let vcpu = vm.create_vcpu(0).map_err(kvm_err("create vCPU 0"))?;
+    let mut kvi = kvm_vcpu_init::default();
+    vm.get_preferred_target(&mut kvi)
+        .map_err(kvm_err("name a preferred CPU target"))?;
+    kvi.features[0] |= 1 << KVM_ARM_VCPU_PSCI_0_2;
+    vcpu.vcpu_init(&kvi).map_err(kvm_err("initialise vCPU 0"))?;
+
+    let _gic = create_vgic(&vm, GIC_DIST, GIC_CPU, GIC_IRQS)?;
 
     vcpu.set_one_reg(core_reg(PC), &RAM.to_le_bytes())
         .map_err(kvm_err("set the PC"))?;
@@ -378,15 +387,7 @@ pub fn run(l: &Layout, p: Prepared, stats: bool) -> Result<Exit, Error> {
     let host = mem
         .get_host_address(GuestAddress(l.ram.base))
         .map_err(|e| Error::Memory(e.to_string()))?;
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: l.ram.base,
-        memory_size: l.ram.size,
-        userspace_addr: host as u64,
-    };
-    // SAFETY: `mem` maps this range for as long as the VM runs (it lives until we return).
-    unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("map guest memory"))?;
+    map_memory(&vm, host as u64, l.ram.base, l.ram.size)?;
 
     let mut kvi = kvm_vcpu_init::default();
     vm.get_preferred_target(&mut kvi)
@@ -416,48 +417,7 @@ pub fn run(l: &Layout, p: Prepared, stats: bool) -> Result<Exit, Error> {
     boot.set_one_reg(core_reg(PSTATE), &PSTATE_EL1H_MASKED.to_le_bytes())
         .map_err(kvm_err("set PSTATE"))?;
 
-    let mut dev = kvm_create_device {
-        type_: kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V2,
-        fd: 0,
-        flags: 0,
-    };
-    let gic = vm.create_device(&mut dev).map_err(kvm_err(
-        "create an in-kernel vgic-v2 (is GICv2 emulation available?)",
-    ))?;
-    let set = |group: u32, attr: u64, addr: u64, what| {
-        gic.set_device_attr(&kvm_device_attr {
-            flags: 0,
-            group,
-            attr,
-            addr,
-        })
-        .map_err(kvm_err(what))
-    };
-    let (dist, cpu, irqs) = (l.gic_dist.base, l.gic_cpu.base, l.gic_irqs);
-    set(
-        KVM_DEV_ARM_VGIC_GRP_ADDR,
-        u64::from(KVM_VGIC_V2_ADDR_TYPE_DIST),
-        &dist as *const u64 as u64,
-        "place the GIC distributor",
-    )?;
-    set(
-        KVM_DEV_ARM_VGIC_GRP_ADDR,
-        u64::from(KVM_VGIC_V2_ADDR_TYPE_CPU),
-        &cpu as *const u64 as u64,
-        "place the GIC CPU interface",
-    )?;
-    set(
-        KVM_DEV_ARM_VGIC_GRP_NR_IRQS,
-        0,
-        &irqs as *const u32 as u64,
-        "size the GIC",
-    )?;
-    set(
-        KVM_DEV_ARM_VGIC_GRP_CTRL,
-        u64::from(KVM_DEV_ARM_VGIC_CTRL_INIT),
-        0,
-        "initialise the vgic-v2",
-    )?;
+    let _gic = create_vgic(&vm, l.gic_dist.base, l.gic_cpu.base, l.gic_irqs)?;
 
     let mut bus = Bus::default();
     let uart_irq = Arc::new(SpiLine {
