@@ -225,13 +225,7 @@ impl VirtioDevice for Block {
         cfg[0..8].copy_from_slice(&self.capacity.to_le_bytes());
         cfg[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         cfg[20..24].copy_from_slice(&(SECTOR as u32).to_le_bytes());
-        for (i, d) in data.iter_mut().enumerate() {
-            *d = usize::try_from(offset)
-                .ok()
-                .and_then(|o| cfg.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        crate::read_config_bytes(&cfg, offset, data);
     }
     fn activate(&mut self, mem: Memory, mut queues: Vec<Queue>, interrupt: Arc<dyn Interrupt>) {
         if let Some(q) = queues.pop() {

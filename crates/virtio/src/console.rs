@@ -125,13 +125,7 @@ impl VirtioDevice for Console {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // cols, rows, max_nr_ports, emerg_wr: 80x25, one port.
         let cfg = [80u8, 0, 25, 0, 1, 0, 0, 0, 0, 0, 0, 0];
-        for (i, d) in data.iter_mut().enumerate() {
-            *d = usize::try_from(offset)
-                .ok()
-                .and_then(|o| cfg.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        crate::read_config_bytes(&cfg, offset, data);
     }
     fn activate(&mut self, mem: Memory, queues: Vec<Queue>, interrupt: Arc<dyn Interrupt>) {
         self.active = Some((mem, queues, interrupt));

@@ -15,6 +15,17 @@ use vm_memory::GuestMemoryMmap;
 
 pub type Memory = GuestMemoryMmap<()>;
 
+/// A guest read of a device's configuration structure `cfg`; bytes past its end read zero.
+pub fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, d) in data.iter_mut().enumerate() {
+        *d = usize::try_from(offset)
+            .ok()
+            .and_then(|o| cfg.get(o.checked_add(i)?))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// Feature bits every splitvirt device offers.
 pub const F_VERSION_1: u64 = 1 << 32;
 /// The device reaches memory through the platform's DMA translation: Linux then sends rings

@@ -153,13 +153,7 @@ impl VirtioDevice for Net {
         cfg[..6].copy_from_slice(&self.mac);
         // max_virtqueue_pairs = 1 (offset 8), status unused without F_STATUS.
         cfg[8] = 1;
-        for (i, d) in data.iter_mut().enumerate() {
-            *d = usize::try_from(offset)
-                .ok()
-                .and_then(|o| cfg.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        crate::read_config_bytes(&cfg, offset, data);
     }
     fn activate(&mut self, mem: Memory, queues: Vec<Queue>, interrupt: Arc<dyn Interrupt>) {
         self.active = Some((mem, queues, interrupt));
