@@ -13,11 +13,18 @@ use vm_memory::{Bytes, GuestAddress};
 pub const F_SEG_MAX: u64 = 1 << 2;
 pub const F_RO: u64 = 1 << 5;
 pub const F_FLUSH: u64 = 1 << 9;
+pub const F_DISCARD: u64 = 1 << 13;
+pub const F_WRITE_ZEROES: u64 = 1 << 14;
 
 pub const T_IN: u32 = 0;
 pub const T_OUT: u32 = 1;
 pub const T_FLUSH: u32 = 4;
 pub const T_GET_ID: u32 = 8;
+pub const T_DISCARD: u32 = 11;
+pub const T_WRITE_ZEROES: u32 = 13;
+/// Segments per DISCARD / WRITE_ZEROES request, and sectors per segment, that we announce.
+const MAX_SEGS: u32 = 1;
+const MAX_RANGE_SECTORS: u32 = 1 << 21;
 pub const S_OK: u8 = 0;
 pub const S_IOERR: u8 = 1;
 pub const S_UNSUPP: u8 = 2;
@@ -150,6 +157,39 @@ impl Block {
                 Ok(()) => S_OK,
                 Err(_) => S_IOERR,
             },
+            T_DISCARD | T_WRITE_ZEROES if read_only || data.iter().any(|d| d.2) => S_IOERR,
+            T_DISCARD | T_WRITE_ZEROES => {
+                let mut status = S_OK;
+                for &(addr, len, _) in data {
+                    if len % 16 != 0 || len / 16 > MAX_SEGS {
+                        status = S_UNSUPP;
+                        break;
+                    }
+                    let mut seg = [0u8; 16];
+                    mem.read_slice(&mut seg, addr).map_err(|e| e.to_string())?;
+                    let start = u64::from_le_bytes(seg[..8].try_into().expect("8 bytes"));
+                    let count = u32::from_le_bytes(seg[8..12].try_into().expect("4 bytes"));
+                    let fits = count <= MAX_RANGE_SECTORS
+                        && start
+                            .checked_add(u64::from(count))
+                            .is_some_and(|end| end <= capacity);
+                    if !fits {
+                        status = S_IOERR;
+                        break;
+                    }
+                    let (off, bytes) = (start * SECTOR, u64::from(count) * SECTOR);
+                    let ok = if kind == T_DISCARD {
+                        discard(file, off, bytes)
+                    } else {
+                        zero(file, off, bytes)
+                    };
+                    if !ok {
+                        status = S_IOERR;
+                        break;
+                    }
+                }
+                status
+            }
             T_GET_ID => match data.first() {
                 Some(&(addr, len, true)) => {
                     let n = (len as usize).min(ID_LEN);
@@ -210,21 +250,74 @@ impl Block {
     }
 }
 
+/// DISCARD is a hint: punch a hole where the file system can, succeed either way.
+fn discard(file: &File, off: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
+        return false;
+    };
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate on our own descriptor with in-range values.
+    let _ = unsafe { libc::fallocate(file.as_raw_fd(), mode, o, l) };
+    true
+}
+
+/// WRITE_ZEROES must leave zeros: ZERO_RANGE where supported, else write them.
+fn zero(file: &File, off: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
+        return false;
+    };
+    let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate on our own descriptor with in-range values.
+    if unsafe { libc::fallocate(file.as_raw_fd(), mode, o, l) } == 0 {
+        return true;
+    }
+    let chunk = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(chunk.len() as u64) as usize;
+        if file.write_all_at(&chunk[..n], off + done).is_err() {
+            return false;
+        }
+        done += n as u64;
+    }
+    true
+}
+
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
         2
     }
     fn features(&self) -> u64 {
-        F_SEG_MAX | F_FLUSH | if self.read_only { F_RO } else { 0 }
+        F_SEG_MAX
+            | F_FLUSH
+            | if self.read_only {
+                F_RO
+            } else {
+                F_DISCARD | F_WRITE_ZEROES
+            }
     }
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE]
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let mut cfg = [0u8; 24];
+        let mut cfg = [0u8; 60];
         cfg[0..8].copy_from_slice(&self.capacity.to_le_bytes());
         cfg[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         cfg[20..24].copy_from_slice(&(SECTOR as u32).to_le_bytes());
+        // max_discard_sectors, max_discard_seg, discard_sector_alignment,
+        // max_write_zeroes_sectors, max_write_zeroes_seg (write_zeroes_may_unmap stays 0).
+        let limits = [
+            (36, MAX_RANGE_SECTORS),
+            (40, MAX_SEGS),
+            (44, 1),
+            (48, MAX_RANGE_SECTORS),
+            (52, MAX_SEGS),
+        ];
+        for (off, v) in limits {
+            cfg[off..off + 4].copy_from_slice(&v.to_le_bytes());
+        }
         crate::read_config_bytes(&cfg, offset, data);
     }
     fn activate(&mut self, mem: Memory, mut queues: Vec<Queue>, interrupt: Arc<dyn Interrupt>) {

@@ -153,3 +153,37 @@ fn images_that_cannot_be_disks_are_named() {
         "{e}"
     );
 }
+
+#[test]
+fn write_zeroes_and_discard() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = disk(&dir, 64);
+    let mut d = Driver::new(Block::open(&path, false).unwrap());
+    d.start(0, F_WRITE_ZEROES | F_DISCARD);
+    let seg = |start: u64, count: u32| {
+        let mut s = start.to_le_bytes().to_vec();
+        s.extend_from_slice(&count.to_le_bytes());
+        s.extend_from_slice(&0u32.to_le_bytes());
+        s
+    };
+    d.mem.write_slice(&seg(10, 4), GuestAddress(DATA)).unwrap();
+    header(&d, T_WRITE_ZEROES, 0);
+    d.post(0, &[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)]);
+    assert_eq!(status(&d), S_OK);
+    let f = std::fs::read(&path).unwrap();
+    assert!(f[10 * 512..14 * 512].iter().all(|&b| b == 0));
+    assert!(
+        f[14 * 512..15 * 512].iter().all(|&b| b == 14),
+        "only the range"
+    );
+    assert_eq!(f.len(), 64 * 512, "size kept");
+    d.mem.write_slice(&seg(60, 8), GuestAddress(DATA)).unwrap();
+    header(&d, T_DISCARD, 0);
+    d.post(0, &[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)]);
+    assert_eq!(status(&d), S_IOERR, "range past the end");
+    d.mem.write_slice(&seg(20, 2), GuestAddress(DATA)).unwrap();
+    header(&d, T_DISCARD, 0);
+    d.post(0, &[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)]);
+    assert_eq!(status(&d), S_OK);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 64 * 512);
+}
