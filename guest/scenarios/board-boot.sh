@@ -19,6 +19,9 @@ exec 3>&-
 ( /splitvirt run --config /guest/vm.toml --kernel /guest/Image --initrd /guest/disk.cpio \
 	--cmdline "console=ttyAMA0 loglevel=4" </dev/null
   echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "disk| $l"; done
+( /splitvirt run --config /guest/root.toml --kernel /guest/Image \
+	--cmdline "console=ttyAMA0 earlycon=pl011,0x9000000 root=/dev/vda2 rw" </dev/null
+  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "root| $l"; done
 ( /splitvirt run --config /guest/nodisk.toml --kernel /guest/stock-Image --initrd /guest/stock.cpio \
 	--cmdline "console=ttyAMA0 earlycon=pl011,0x9000000" </dev/null
   echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "stock| $l"; done

@@ -123,6 +123,22 @@ pub const P2_SECTORS: u64 = 98304;
 /// An MBR disk: partition 1 (8 MiB, empty) and partition 2 (`p2_sectors` of ext4 holding
 /// `files`); 60 MiB in all with the default P2_SECTORS.
 pub fn disk(files: &[(&str, &str)], out: &Path, p2_sectors: u64) -> Result<()> {
+    disk_with(files, None, out, p2_sectors)
+}
+
+/// A disk whose partition 2 is a bootable root file system: busybox, our init as /sbin/init,
+/// and the scenario, for `root=/dev/vda2` boots.
+pub fn root_disk(scenario: &str, out: &Path, p2_sectors: u64) -> Result<()> {
+    disk_with(&[], Some(scenario), out, p2_sectors)
+}
+
+fn disk_with(
+    files: &[(&str, &str)],
+    root_scenario: Option<&str>,
+    out: &Path,
+    p2_sectors: u64,
+) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     env::ensure_apt(APT)?;
     let work = out.with_extension("work");
     let _ = std::fs::remove_dir_all(&work);
@@ -130,6 +146,25 @@ pub fn disk(files: &[(&str, &str)], out: &Path, p2_sectors: u64) -> Result<()> {
     std::fs::create_dir_all(&stage)?;
     for (name, body) in files {
         std::fs::write(stage.join(name), body)?;
+    }
+    if let Some(scenario) = root_scenario {
+        for d in ["bin", "sbin", "dev", "proc", "sys", "tmp", "mnt"] {
+            std::fs::create_dir_all(stage.join(d))?;
+        }
+        let bb = stage.join("bin/busybox");
+        std::fs::copy(deb("busybox-static:arm64")?.join("bin/busybox"), &bb)?;
+        std::os::unix::fs::symlink("busybox", stage.join("bin/sh"))?;
+        let init = stage.join("sbin/init");
+        std::fs::copy(root().join("guest/initramfs/init"), &init)?;
+        for f in [&bb, &init] {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755))?;
+        }
+        std::fs::copy(
+            root()
+                .join("guest/scenarios")
+                .join(format!("{scenario}.sh")),
+            stage.join("scenario.sh"),
+        )?;
     }
     let p2 = work.join("p2.img");
     run(cmd("mkfs.ext4")

@@ -32,7 +32,14 @@ pub fn boot_on_kvm() -> Result<()> {
     guest::initramfs("kvm-stock", &[], &stock_initrd)?;
     let typed = realboot::token("typed");
     let tun = board::module("drivers/net/tun.ko")?;
+    let root_img = dir.join("kvm-root.img");
+    guest::root_disk("kvm-root", &root_img, 16384)?;
     let files = vec![
+        ("guest/root.img".to_owned(), std::fs::read(&root_img)?),
+        (
+            "guest/root.toml".to_owned(),
+            b"[[device]]\nkind = \"virtio-blk\"\nimage = \"/guest/root.img\"\n[[device]]\nkind = \"virtio-console\"\n".to_vec(),
+        ),
         ("tun.ko".to_owned(), tun),
         ("guest/vm.toml".to_owned(), vm.as_bytes().to_vec()),
         (
@@ -191,6 +198,21 @@ pub fn boot_on_kvm() -> Result<()> {
         );
     }
 
+    let rt = r.part("root");
+    ensure!(
+        rt.value("vda2_dev").is_some_and(|v| !v.is_empty())
+            && rt.value("root_dev") == rt.value("vda2_dev")
+            && rt.value("root_type") == Some("ext4"),
+        "root=/dev/vda2 boot: root is device {:?} ({:?}), vda2 is {:?} (log: {log})",
+        rt.value("root_dev"),
+        rt.value("root_type"),
+        rt.value("vda2_dev")
+    );
+    ensure!(
+        rt.value("splitvirt_exit") == Some("0"),
+        "root=/dev/vda2 boot: splitvirt exited {:?}",
+        rt.value("splitvirt_exit")
+    );
     let s = r.part("stock");
     ensure!(
         s.log.contains("@@ DONE"),
