@@ -49,12 +49,7 @@ impl Run {
             .filter_map(|l| l.trim_end_matches('\r').strip_prefix(tag.as_str()))
             .collect::<Vec<_>>()
             .join("\n");
-        Run {
-            log,
-            log_path: self.log_path.clone(),
-            timed_out: self.timed_out,
-            seconds: self.seconds,
-        }
+        self.with_log(log)
     }
 
     /// The board's own lines, without the inner consoles.
@@ -65,6 +60,11 @@ impl Run {
             .filter(|l| !l.contains("| "))
             .collect::<Vec<_>>()
             .join("\n");
+        self.with_log(log)
+    }
+
+    /// The same run seen through a subset of its console.
+    fn with_log(&self, log: String) -> Run {
         Run {
             log,
             log_path: self.log_path.clone(),
