@@ -284,7 +284,7 @@ fn pci_device_nodes(w: &mut FdtWriter, l: &Layout) -> FdtWriterResult<()> {
         let name = match d.kind {
             DeviceKind::VirtioBlk { .. }
             | DeviceKind::VirtioNet { .. }
-            | DeviceKind::VirtioConsole => "virtio",
+            | DeviceKind::VirtioConsole { .. } => "virtio",
             DeviceKind::Connector { .. } => "connector",
         };
         let n = w.begin_node(&format!("{name}@{:x},0", d.slot))?;

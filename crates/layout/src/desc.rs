@@ -144,7 +144,10 @@ pub struct DeviceDesc {
     pub image: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_only: Option<bool>,
-    // virtio-net
+    /// `raw` or `qcow2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    // virtio-net (and virtio-console)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

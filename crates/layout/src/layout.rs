@@ -81,12 +81,16 @@ pub enum DeviceKind {
     VirtioBlk {
         image: PathBuf,
         read_only: bool,
+        /// None: by the file name (`.qcow2`), else raw.
+        format: Option<DiskFormat>,
     },
     VirtioNet {
-        backend: String,
+        backend: NetBackend,
         mac: [u8; 6],
     },
-    VirtioConsole,
+    VirtioConsole {
+        backend: ConsoleBackend,
+    },
     Connector {
         name: String,
         dataport_size: u64,
@@ -94,12 +98,39 @@ pub enum DeviceKind {
     },
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+/// Where a virtio-net device's frames go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetBackend {
+    /// A TAP interface of the host (`tap0` or `tap:tap0`).
+    Tap(String),
+    /// A link to another VM over a Unix socket (`socket:/path`): the first VM to start listens,
+    /// the other connects.
+    Socket(PathBuf),
+}
+
+/// Where a virtio-console's `/dev/hvc0` goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConsoleBackend {
+    /// splitvirt's own stdin and stdout.
+    Stdio,
+    /// A Unix socket splitvirt listens on (`socket:/path`), one client at a time.
+    Socket(PathBuf),
+    /// A new pseudo-terminal, whose name splitvirt prints.
+    Pty,
+}
+
 impl DeviceKind {
     pub fn label(&self) -> &'static str {
         match self {
             DeviceKind::VirtioBlk { .. } => "virtio-blk",
             DeviceKind::VirtioNet { .. } => "virtio-net",
-            DeviceKind::VirtioConsole => "virtio-console",
+            DeviceKind::VirtioConsole { .. } => "virtio-console",
             DeviceKind::Connector { .. } => "connector",
         }
     }
@@ -109,7 +140,7 @@ impl DeviceKind {
         match self {
             DeviceKind::VirtioBlk { .. } => (0x1af4, 0x1042),
             DeviceKind::VirtioNet { .. } => (0x1af4, 0x1041),
-            DeviceKind::VirtioConsole => (0x1af4, 0x1043),
+            DeviceKind::VirtioConsole { .. } => (0x1af4, 0x1043),
             DeviceKind::Connector { .. } => (0x1af4, 0xa111),
         }
     }

@@ -12,7 +12,9 @@ pub mod resolve;
 pub mod size;
 
 pub use desc::{Description, LoadError, PoolReference};
-pub use layout::{Bar, Device, DeviceKind, Layout, Pci, Uart, V2m};
+pub use layout::{
+    Bar, ConsoleBackend, Device, DeviceKind, DiskFormat, Layout, NetBackend, Pci, Uart, V2m,
+};
 pub use problem::{Invalid, Problem, Rule, Severity};
 pub use profiles::Profile;
 pub use region::Region;

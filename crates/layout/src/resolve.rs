@@ -5,6 +5,7 @@ use crate::layout::*;
 use crate::problem::{Invalid, Problem, Rule};
 use crate::region::Region;
 use crate::size::{ByteSize, KIB, MIB};
+use std::path::PathBuf;
 
 /// The layout and the warnings it comes with.
 #[derive(Debug)]
@@ -476,6 +477,19 @@ fn device_kind(i: usize, d: &DeviceDesc, p: &mut Vec<Problem>) -> Option<DeviceK
                 Some(img) if !img.as_os_str().is_empty() => DeviceKind::VirtioBlk {
                     image: img.clone(),
                     read_only: d.read_only.unwrap_or(false),
+                    format: match d.format.as_deref() {
+                        None => None,
+                        Some("raw") => Some(DiskFormat::Raw),
+                        Some("qcow2") => Some(DiskFormat::Qcow2),
+                        Some(other) => {
+                            p.push(Problem::error(
+                                Rule::Device,
+                                format!("{at}: format `{other}` is not one splitvirt reads"),
+                                "use format = \"raw\" or format = \"qcow2\" (qemu-img convert -O qcow2 makes one)",
+                            ));
+                            return None;
+                        }
+                    },
                 },
                 _ => {
                     p.push(Problem::error(
@@ -491,16 +505,36 @@ fn device_kind(i: usize, d: &DeviceDesc, p: &mut Vec<Problem>) -> Option<DeviceK
             stray(&[
                 ("image", d.image.is_some()),
                 ("read_only", d.read_only.is_some()),
+                ("format", d.format.is_some()),
                 ("name", d.name.is_some()),
                 ("dataport_size", d.dataport_size.is_some()),
                 ("peer", d.peer.is_some()),
             ]);
-            let backend = d.backend.clone().unwrap_or_default();
-            if backend.is_empty() {
+            let text = d.backend.clone().unwrap_or_default();
+            let backend = if let Some(path) = text.strip_prefix("socket:") {
+                NetBackend::Socket(PathBuf::from(path))
+            } else {
+                NetBackend::Tap(text.strip_prefix("tap:").unwrap_or(&text).to_owned())
+            };
+            let bad = match &backend {
+                NetBackend::Tap(name) if name.is_empty() => Some(format!("{at} has no backend")),
+                NetBackend::Tap(name) if name.len() > 15 || name.contains(['/', ' ', ':']) => {
+                    Some(format!("{at}: backend `{text}` is not a TAP interface name (1 to 15 bytes, no `/`, space or `:`)"))
+                }
+                NetBackend::Socket(path) if path.as_os_str().is_empty() => {
+                    Some(format!("{at}: backend `{text}` names no socket path"))
+                }
+                // sun_path holds 108 bytes with the NUL.
+                NetBackend::Socket(path) if path.as_os_str().len() > 107 => {
+                    Some(format!("{at}: socket path {} is longer than 107 bytes", path.display()))
+                }
+                _ => None,
+            };
+            if let Some(message) = bad {
                 p.push(Problem::error(
                     Rule::Device,
-                    format!("{at} has no backend"),
-                    "add backend = \"tap0\" (a TAP interface name)",
+                    message,
+                    "use backend = \"tap0\" (a TAP interface) or backend = \"socket:/run/vm-link.sock\" (a link to another VM)",
                 ));
                 return None;
             }
@@ -532,18 +566,37 @@ fn device_kind(i: usize, d: &DeviceDesc, p: &mut Vec<Problem>) -> Option<DeviceK
             stray(&[
                 ("image", d.image.is_some()),
                 ("read_only", d.read_only.is_some()),
-                ("backend", d.backend.is_some()),
+                ("format", d.format.is_some()),
                 ("mac", d.mac.is_some()),
                 ("name", d.name.is_some()),
                 ("dataport_size", d.dataport_size.is_some()),
                 ("peer", d.peer.is_some()),
             ]);
-            DeviceKind::VirtioConsole
+            let text = d.backend.as_deref().unwrap_or("stdio");
+            let backend = match text {
+                "stdio" => ConsoleBackend::Stdio,
+                "pty" => ConsoleBackend::Pty,
+                _ => match text.strip_prefix("socket:") {
+                    Some(path) if !path.is_empty() && path.len() <= 107 => {
+                        ConsoleBackend::Socket(PathBuf::from(path))
+                    }
+                    _ => {
+                        p.push(Problem::error(
+                            Rule::Device,
+                            format!("{at}: backend `{text}` is not stdio, pty or socket:PATH (at most 107 bytes)"),
+                            "use backend = \"stdio\", \"pty\" or \"socket:/run/vm-console.sock\"",
+                        ));
+                        return None;
+                    }
+                },
+            };
+            DeviceKind::VirtioConsole { backend }
         }
         "connector" => {
             stray(&[
                 ("image", d.image.is_some()),
                 ("read_only", d.read_only.is_some()),
+                ("format", d.format.is_some()),
                 ("backend", d.backend.is_some()),
                 ("mac", d.mac.is_some()),
             ]);
@@ -614,7 +667,7 @@ fn default_msi_vectors(k: &DeviceKind) -> u32 {
         // One vector for configuration changes plus one per virtqueue.
         DeviceKind::VirtioBlk { .. } => 2,
         DeviceKind::VirtioNet { .. } => 3,
-        DeviceKind::VirtioConsole => 3,
+        DeviceKind::VirtioConsole { .. } => 3,
         // The connector raises INTx only (its guest driver is a UIO driver with a shared IRQ).
         DeviceKind::Connector { .. } => 0,
     }

@@ -345,6 +345,85 @@ fn device_fields_are_checked_per_kind() {
 }
 
 #[test]
+fn backends_and_disk_formats_are_parsed_or_named() {
+    use layout::{ConsoleBackend, DeviceKind, DiskFormat, NetBackend};
+    let kinds = |toml: &str| {
+        let d = Description::parse(toml, "test.toml").unwrap();
+        resolve(&d)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .layout
+            .devices
+            .into_iter()
+            .map(|d| d.kind)
+            .collect::<Vec<_>>()
+    };
+    let k = kinds(
+        "[[device]]\nkind = \"virtio-blk\"\nimage = \"a.qcow2\"\nformat = \"qcow2\"\n\
+         [[device]]\nkind = \"virtio-net\"\nbackend = \"socket:/run/link.sock\"\n\
+         [[device]]\nkind = \"virtio-net\"\nbackend = \"tap:tap3\"\n\
+         [[device]]\nkind = \"virtio-console\"\nbackend = \"socket:/run/hvc.sock\"\n\
+         [[device]]\nkind = \"virtio-console\"\nbackend = \"pty\"\n\
+         [[device]]\nkind = \"virtio-console\"\n",
+    );
+    assert!(matches!(
+        &k[0],
+        DeviceKind::VirtioBlk {
+            format: Some(DiskFormat::Qcow2),
+            ..
+        }
+    ));
+    assert!(
+        matches!(&k[1], DeviceKind::VirtioNet { backend: NetBackend::Socket(p), .. } if p.to_str() == Some("/run/link.sock"))
+    );
+    assert!(
+        matches!(&k[2], DeviceKind::VirtioNet { backend: NetBackend::Tap(t), .. } if t == "tap3")
+    );
+    assert!(matches!(
+        &k[3],
+        DeviceKind::VirtioConsole {
+            backend: ConsoleBackend::Socket(_)
+        }
+    ));
+    assert!(matches!(
+        &k[4],
+        DeviceKind::VirtioConsole {
+            backend: ConsoleBackend::Pty
+        }
+    ));
+    assert!(matches!(
+        &k[5],
+        DeviceKind::VirtioConsole {
+            backend: ConsoleBackend::Stdio
+        }
+    ));
+    rejects(
+        "[[device]]\nkind = \"virtio-blk\"\nimage = \"d\"\nformat = \"vmdk\"\n",
+        Rule::Device,
+        &["format `vmdk`"],
+    );
+    rejects(
+        "[[device]]\nkind = \"virtio-console\"\nbackend = \"tcp:1234\"\n",
+        Rule::Device,
+        &["backend `tcp:1234`", "stdio, pty or socket"],
+    );
+    rejects(
+        "[[device]]\nkind = \"virtio-net\"\nbackend = \"socket:\"\n",
+        Rule::Device,
+        &["names no socket path"],
+    );
+    rejects(
+        "[[device]]\nkind = \"virtio-net\"\nbackend = \"a-very-long-interface-name\"\n",
+        Rule::Device,
+        &["not a TAP interface name"],
+    );
+    rejects(
+        "[[device]]\nkind = \"virtio-net\"\nbackend = \"t\"\nformat = \"raw\"\n",
+        Rule::Device,
+        &["`format` is not a field of a virtio-net device"],
+    );
+}
+
+#[test]
 fn bar_placement_is_derived_and_overridable() {
     let d = Description::parse(
         "[[device]]\nkind = \"virtio-console\"\n[[device]]\nkind = \"virtio-console\"\nbar_base = 0x8000000000\n\

@@ -67,6 +67,14 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "reboot")]
         on_reset: OnReset,
     },
+    /// Attach this terminal to a VM's virtio-console socket (backend = "socket:PATH");
+    /// Ctrl-] detaches.
+    Console {
+        socket: PathBuf,
+        /// With stdin not a terminal: seconds to keep reading after stdin ends.
+        #[arg(long, default_value_t = 2)]
+        linger: u64,
+    },
     /// Check that this host can run splitvirt VMs: /dev/kvm, an in-kernel vgic-v2, a guest
     /// that runs and exits on MMIO.
     HostCheck,
@@ -283,6 +291,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             // vCPU threads may still be inside KVM_RUN: end the process, not just main.
             std::process::exit(code)
+        }
+        Cmd::Console { socket, linger } => {
+            vmm::terminal::attach(&socket, std::time::Duration::from_secs(linger))?;
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::HostCheck => {
             let r = vmm::host_check()?;

@@ -168,3 +168,38 @@ fn kconfig_fragment_and_check() {
     let (_, err) = text(&sv(&["kconfig", "check", "--role", "driver", &f]));
     assert!(err.contains("no CONFIG_ lines"), "{err}");
 }
+
+/// `splitvirt console` against a listening socket, as a VM's socket console would be.
+#[test]
+fn console_carries_both_ways_and_names_a_missing_socket() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hvc.sock");
+    let o = sv(&["console", path.to_str().unwrap()]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("hvc.sock") && err.contains("cannot connect"),
+        "{err}"
+    );
+
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_splitvirt"))
+        .args(["console", path.to_str().unwrap(), "--linger", "1"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (mut vm, _) = listener.accept().unwrap();
+    vm.write_all(b"from the guest\n").unwrap();
+    child.stdin.take().unwrap().write_all(b"typed\n").unwrap();
+    let mut got = [0u8; 6];
+    vm.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    vm.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"typed\n");
+    drop(vm);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from the guest\n");
+}

@@ -1,14 +1,21 @@
-//! virtio-blk (VIRTIO 1.2, 5.2) on a raw image file: IN, OUT, FLUSH (fdatasync before the
-//! request completes), GET_ID, and a read-only mode. Every request is checked against the
-//! disk's size and the memory the device may reach before any byte moves.
+//! virtio-blk (VIRTIO 1.2, 5.2) on a raw or qcow2 image ([`crate::disk`]): IN, OUT, FLUSH
+//! (stable storage before the request completes), GET_ID, DISCARD, WRITE_ZEROES and a read-only
+//! mode. A notify parses and checks every request on the notifying thread (a bad chain is the
+//! driver's fault and needs a reset); the I/O itself runs on a few worker threads, so several
+//! requests are in flight at once and a slow disk never stalls a vCPU. Completions may come back
+//! in any order, which virtio-blk allows.
 
+use crate::disk::{self, Disk, Format, SECTOR};
 use crate::{DeviceError, Interrupt, Memory, VirtioDevice};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+pub use crate::disk::OpenError;
 
 pub const F_SEG_MAX: u64 = 1 << 2;
 pub const F_RO: u64 = 1 << 5;
@@ -29,87 +36,132 @@ pub const S_OK: u8 = 0;
 pub const S_IOERR: u8 = 1;
 pub const S_UNSUPP: u8 = 2;
 
-const SECTOR: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
 const SEG_MAX: u32 = 126;
 /// A chain longer than this is a loop or an attack (queue size bounds an honest one).
 const MAX_CHAIN: usize = QUEUE_SIZE as usize;
 const ID_LEN: usize = 20;
+/// Threads doing a device's I/O: requests in flight at once.
+pub const WORKERS: usize = 4;
+/// Bytes a worker moves per read or write call.
+const CHUNK: usize = 256 << 10;
+/// How long a reset waits for requests already at the disk.
+const DRAIN: Duration = Duration::from_secs(30);
+
+/// A checked request, ready for a worker.
+#[derive(Debug)]
+enum Op {
+    Read {
+        offset: u64,
+        bufs: Vec<(GuestAddress, u32)>,
+    },
+    Write {
+        offset: u64,
+        bufs: Vec<(GuestAddress, u32)>,
+    },
+    Flush,
+    GetId(GuestAddress, u32),
+    Discard(u64, u64),
+    Zero(u64, u64),
+    /// Answered without touching the disk.
+    Status(u8),
+}
+
+struct Request {
+    head: u16,
+    status: GuestAddress,
+    op: Op,
+}
+
+/// The queue as the workers share it, and the requests they hold.
+struct Active {
+    mem: Memory,
+    queue: Mutex<Queue>,
+    irq: Arc<dyn Interrupt>,
+    /// Cleared by reset: late completions must not touch the rings.
+    live: AtomicBool,
+    inflight: Mutex<usize>,
+    drained: Condvar,
+}
+
+type Job = (Arc<Active>, Request);
 
 pub struct Block {
-    file: File,
+    disk: Arc<dyn Disk>,
     capacity: u64,
     read_only: bool,
     id: [u8; ID_LEN],
-    active: Option<(Memory, Queue, Arc<dyn Interrupt>)>,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("disk image {path}: {why}")]
-pub struct OpenError {
-    path: String,
-    why: String,
+    active: Option<Arc<Active>>,
+    jobs: Option<Sender<Job>>,
 }
 
 impl Block {
+    /// Opens a raw image (qcow2 when the name ends in `.qcow2`); see [`disk::open`].
     pub fn open(path: &Path, read_only: bool) -> Result<Block, OpenError> {
-        let err = |why: String| OpenError {
-            path: path.display().to_string(),
-            why,
-        };
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|e| {
-                err(format!(
-                    "cannot open it{}: {e}",
-                    if read_only {
-                        ""
-                    } else {
-                        " for writing (set read_only = true?)"
-                    }
-                ))
-            })?;
-        let len = file.metadata().map_err(|e| err(e.to_string()))?.len();
-        if len % SECTOR != 0 {
-            return Err(err(format!(
-                "its size {len} is not a multiple of 512 bytes; pad it (truncate -s)"
-            )));
-        }
-        let mut id = [0u8; ID_LEN];
+        Self::open_as(path, None, read_only)
+    }
+
+    pub fn open_as(
+        path: &Path,
+        format: Option<Format>,
+        read_only: bool,
+    ) -> Result<Block, OpenError> {
+        let disk = disk::open(path, format, read_only)?;
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        Ok(Self::with_disk(disk.into(), &name, read_only))
+    }
+
+    /// A device over any [`Disk`]; `name` (its first 20 bytes) answers GET_ID.
+    pub fn with_disk(disk: Arc<dyn Disk>, name: &str, read_only: bool) -> Block {
+        let mut id = [0u8; ID_LEN];
         for (d, s) in id.iter_mut().zip(name.bytes()) {
             *d = s;
         }
-        Ok(Block {
-            file,
-            capacity: len / SECTOR,
+        Block {
+            capacity: disk.size() / SECTOR,
+            disk,
             read_only,
             id,
             active: None,
+            jobs: None,
+        }
+    }
+
+    /// The worker threads, started when the device is first used.
+    fn jobs(&mut self) -> &Sender<Job> {
+        self.jobs.get_or_insert_with(|| {
+            let (tx, rx) = channel::<Job>();
+            let rx = Arc::new(Mutex::new(rx));
+            for n in 0..WORKERS {
+                let (rx, disk, id) = (rx.clone(), self.disk.clone(), self.id);
+                let _ = std::thread::Builder::new()
+                    .name(format!("blk-io-{n}"))
+                    .spawn(move || worker(&rx, &*disk, &id));
+            }
+            tx
         })
     }
 
-    /// One request; returns the bytes written into the guest's buffers (status included).
-    fn request(
-        file: &File,
-        capacity: u64,
-        read_only: bool,
-        id: &[u8; ID_LEN],
-        mem: &Memory,
-        descs: &[(GuestAddress, u32, bool)],
-    ) -> Result<u32, String> {
+    /// Checks one chain against the memory the device may reach and the disk's size.
+    fn parse(&self, mem: &Memory, descs: &[(GuestAddress, u32, bool)]) -> Result<Request, String> {
         let (&(haddr, hlen, hw), rest) = descs.split_first().ok_or("empty chain")?;
         let (&(saddr, slen, sw), data) = rest.split_last().ok_or("no status descriptor")?;
         if hw || hlen < 16 {
             return Err("the request header must be a device-readable buffer of 16 bytes".into());
         }
-        if !sw || slen < 1 {
-            return Err("the status must be a device-writable byte".into());
+        if !sw || slen < 1 || !mem.check_range(saddr, 1, vm_memory::Permissions::ReadWrite) {
+            return Err("the status must be a device-writable byte the device can reach".into());
+        }
+        for &(addr, len, _) in data {
+            if !mem.check_range(addr, len as usize, vm_memory::Permissions::ReadWrite) {
+                return Err(format!(
+                    "buffer {:#x}+{len:#x} is outside the memory the device may reach",
+                    addr.0
+                ));
+            }
         }
         let kind: u32 = mem.read_obj(haddr).map_err(|e| e.to_string())?;
         let sector: u64 = mem
@@ -118,171 +170,168 @@ impl Block {
             ))
             .map_err(|e| e.to_string())?;
         let total: u64 = data.iter().map(|d| u64::from(d.1)).sum();
-        let in_range = sector
-            .checked_mul(SECTOR)
+        let offset = sector.checked_mul(SECTOR);
+        let in_range = offset
             .and_then(|b| b.checked_add(total))
-            .is_some_and(|end| end <= capacity * SECTOR);
-        let mut written = 0u32;
-        let status = match kind {
-            T_IN | T_OUT if !in_range => S_IOERR,
-            T_IN if data.iter().any(|d| !d.2) => S_IOERR,
-            T_OUT if read_only || data.iter().any(|d| d.2) => S_IOERR,
-            T_IN => {
-                let mut off = sector * SECTOR;
-                for &(addr, len, _) in data {
-                    let mut buf = vec![0u8; len as usize];
-                    match file.read_exact_at(&mut buf, off) {
-                        Ok(()) => mem.write_slice(&buf, addr).map_err(|e| e.to_string())?,
-                        Err(_) => return Self::finish(mem, saddr, S_IOERR, written),
-                    }
-                    off += u64::from(len);
-                    written += len;
-                }
-                S_OK
-            }
-            T_OUT => {
-                let mut off = sector * SECTOR;
-                for &(addr, len, _) in data {
-                    let mut buf = vec![0u8; len as usize];
-                    mem.read_slice(&mut buf, addr).map_err(|e| e.to_string())?;
-                    if file.write_all_at(&buf, off).is_err() {
-                        return Self::finish(mem, saddr, S_IOERR, written);
-                    }
-                    off += u64::from(len);
-                }
-                S_OK
-            }
-            // Data is on stable storage before the guest hears the flush is done.
-            T_FLUSH => match file.sync_data() {
-                Ok(()) => S_OK,
-                Err(_) => S_IOERR,
+            .is_some_and(|end| end <= self.capacity * SECTOR);
+        let bufs = || data.iter().map(|&(a, l, _)| (a, l)).collect::<Vec<_>>();
+        let writes = |want: bool| data.iter().all(|d| d.2 == want);
+        let op = match kind {
+            T_IN | T_OUT if !in_range => Op::Status(S_IOERR),
+            T_IN if !writes(true) => Op::Status(S_IOERR),
+            T_OUT if self.read_only || !writes(false) => Op::Status(S_IOERR),
+            T_IN => Op::Read {
+                offset: offset.unwrap_or(0),
+                bufs: bufs(),
             },
-            T_DISCARD | T_WRITE_ZEROES if read_only || data.iter().any(|d| d.2) => S_IOERR,
-            T_DISCARD | T_WRITE_ZEROES => {
-                let mut status = S_OK;
-                for &(addr, len, _) in data {
-                    if len % 16 != 0 || len / 16 > MAX_SEGS {
-                        status = S_UNSUPP;
-                        break;
-                    }
+            T_OUT => Op::Write {
+                offset: offset.unwrap_or(0),
+                bufs: bufs(),
+            },
+            T_FLUSH => Op::Flush,
+            T_DISCARD | T_WRITE_ZEROES if self.read_only || !writes(false) => Op::Status(S_IOERR),
+            T_DISCARD | T_WRITE_ZEROES => match data {
+                [(addr, 16, _)] => {
                     let mut seg = [0u8; 16];
-                    mem.read_slice(&mut seg, addr).map_err(|e| e.to_string())?;
+                    mem.read_slice(&mut seg, *addr).map_err(|e| e.to_string())?;
                     let start = u64::from_le_bytes(seg[..8].try_into().expect("8 bytes"));
                     let count = u32::from_le_bytes(seg[8..12].try_into().expect("4 bytes"));
                     let fits = count <= MAX_RANGE_SECTORS
                         && start
                             .checked_add(u64::from(count))
-                            .is_some_and(|end| end <= capacity);
-                    if !fits {
-                        status = S_IOERR;
-                        break;
-                    }
-                    let (off, bytes) = (start * SECTOR, u64::from(count) * SECTOR);
-                    let ok = if kind == T_DISCARD {
-                        discard(file, off, bytes)
-                    } else {
-                        zero(file, off, bytes)
-                    };
-                    if !ok {
-                        status = S_IOERR;
-                        break;
+                            .is_some_and(|end| end <= self.capacity);
+                    let range = (start * SECTOR, u64::from(count) * SECTOR);
+                    match (fits, kind) {
+                        (false, _) => Op::Status(S_IOERR),
+                        (true, T_DISCARD) => Op::Discard(range.0, range.1),
+                        (true, _) => Op::Zero(range.0, range.1),
                     }
                 }
-                status
-            }
-            T_GET_ID => match data.first() {
-                Some(&(addr, len, true)) => {
-                    let n = (len as usize).min(ID_LEN);
-                    mem.write_slice(&id[..n], addr).map_err(|e| e.to_string())?;
-                    written += n as u32;
-                    S_OK
-                }
-                _ => S_IOERR,
+                // More segments than we announced (MAX_SEGS), or a torn one.
+                _ => Op::Status(S_UNSUPP),
             },
-            _ => S_UNSUPP,
+            T_GET_ID => match data.first() {
+                Some(&(addr, len, true)) => Op::GetId(addr, len),
+                _ => Op::Status(S_IOERR),
+            },
+            _ => Op::Status(S_UNSUPP),
         };
-        Self::finish(mem, saddr, status, written)
-    }
-
-    fn finish(
-        mem: &Memory,
-        status_addr: GuestAddress,
-        status: u8,
-        written: u32,
-    ) -> Result<u32, String> {
-        mem.write_obj(status, status_addr)
-            .map_err(|e| e.to_string())?;
-        Ok(written + 1)
+        Ok(Request {
+            head: 0,
+            status: saddr,
+            op,
+        })
     }
 
     fn process(&mut self) -> Result<(), DeviceError> {
-        let Some((mem, q, irq)) = self.active.as_mut() else {
+        let Some(active) = self.active.clone() else {
             return Ok(());
         };
         let err = |what: String| DeviceError::Queue { queue: 0, what };
-        let mut used_any = false;
-        while let Some(chain) = q.pop_descriptor_chain(&*mem) {
-            let head = chain.head_index();
-            let mut descs = Vec::new();
-            for d in chain {
-                if descs.len() >= MAX_CHAIN {
-                    return Err(err("descriptor chain too long (a loop?)".into()));
+        let mut ready = Vec::new();
+        {
+            let mut q = active.queue.lock().unwrap_or_else(|e| e.into_inner());
+            while let Some(chain) = q.pop_descriptor_chain(&active.mem) {
+                let head = chain.head_index();
+                let mut descs = Vec::new();
+                for d in chain {
+                    if descs.len() >= MAX_CHAIN {
+                        return Err(err("descriptor chain too long (a loop?)".into()));
+                    }
+                    descs.push((d.addr(), d.len(), d.is_write_only()));
                 }
-                descs.push((d.addr(), d.len(), d.is_write_only()));
+                let mut req = self
+                    .parse(&active.mem, &descs)
+                    .map_err(|e| err(format!("request at descriptor {head}: {e}")))?;
+                req.head = head;
+                ready.push(req);
             }
-            let len = Self::request(
-                &self.file,
-                self.capacity,
-                self.read_only,
-                &self.id,
-                mem,
-                &descs,
-            )
-            .map_err(|e| err(format!("request at descriptor {head}: {e}")))?;
-            q.add_used(&*mem, head, len)
-                .map_err(|e| err(e.to_string()))?;
-            used_any = true;
         }
-        if used_any && q.needs_notification(&*mem).unwrap_or(true) {
-            irq.queue(0);
+        for req in ready {
+            *active.inflight.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+            if let Err(e) = self.jobs().send((active.clone(), req)) {
+                // No worker left (they never exit while we hold the sender): do it here.
+                let (a, r) = e.0;
+                complete(&a, &*self.disk, &self.id, r, &mut Vec::new());
+            }
         }
         Ok(())
     }
 }
 
-/// DISCARD is a hint: punch a hole where the file system can, succeed either way.
-fn discard(file: &File, off: u64, len: u64) -> bool {
-    use std::os::fd::AsRawFd;
-    let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
-        return false;
-    };
-    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-    // SAFETY: fallocate on our own descriptor with in-range values.
-    let _ = unsafe { libc::fallocate(file.as_raw_fd(), mode, o, l) };
-    true
+fn worker(rx: &Mutex<Receiver<Job>>, disk: &dyn Disk, id: &[u8; ID_LEN]) {
+    let mut buf = Vec::new();
+    loop {
+        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        let Ok((active, req)) = job else { return };
+        complete(&active, disk, id, req, &mut buf);
+    }
 }
 
-/// WRITE_ZEROES must leave zeros: ZERO_RANGE where supported, else write them.
-fn zero(file: &File, off: u64, len: u64) -> bool {
-    use std::os::fd::AsRawFd;
-    let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
-        return false;
+/// Runs one request and puts it on the used ring (unless the device was reset meanwhile).
+fn complete(a: &Active, disk: &dyn Disk, id: &[u8; ID_LEN], req: Request, buf: &mut Vec<u8>) {
+    let (status, written) = if a.live.load(Ordering::Acquire) {
+        execute(&a.mem, disk, id, &req.op, buf)
+    } else {
+        (S_IOERR, 0)
     };
-    let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
-    // SAFETY: fallocate on our own descriptor with in-range values.
-    if unsafe { libc::fallocate(file.as_raw_fd(), mode, o, l) } == 0 {
-        return true;
-    }
-    let chunk = vec![0u8; 1 << 20];
-    let mut done = 0u64;
-    while done < len {
-        let n = (len - done).min(chunk.len() as u64) as usize;
-        if file.write_all_at(&chunk[..n], off + done).is_err() {
-            return false;
+    if a.live.load(Ordering::Acquire) {
+        let _ = a.mem.write_obj(status, req.status);
+        let mut q = a.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if q.add_used(&a.mem, req.head, written + 1).is_ok()
+            && q.needs_notification(&a.mem).unwrap_or(true)
+        {
+            drop(q);
+            a.irq.queue(0);
         }
-        done += n as u64;
     }
-    true
+    let mut n = a.inflight.lock().unwrap_or_else(|e| e.into_inner());
+    *n = n.saturating_sub(1);
+    a.drained.notify_all();
+}
+
+/// The disk work of one request: its status and the bytes written into guest buffers.
+fn execute(mem: &Memory, disk: &dyn Disk, id: &[u8], op: &Op, buf: &mut Vec<u8>) -> (u8, u32) {
+    let io = |r: std::io::Result<()>| if r.is_ok() { S_OK } else { S_IOERR };
+    match op {
+        Op::Status(s) => (*s, 0),
+        Op::Flush => (io(disk.flush()), 0),
+        Op::Discard(off, len) => (io(disk.discard(*off, *len)), 0),
+        Op::Zero(off, len) => (io(disk.write_zeroes(*off, *len)), 0),
+        Op::GetId(addr, len) => {
+            let n = (*len as usize).min(ID_LEN);
+            match mem.write_slice(&id[..n], *addr) {
+                Ok(()) => (S_OK, n as u32),
+                Err(_) => (S_IOERR, 0),
+            }
+        }
+        Op::Read { offset, bufs } | Op::Write { offset, bufs } => {
+            let reading = matches!(op, Op::Read { .. });
+            let (mut off, mut written) = (*offset, 0u32);
+            for &(addr, len) in bufs {
+                let mut done = 0u32;
+                while done < len {
+                    let n = (len - done).min(CHUNK as u32);
+                    buf.resize(n as usize, 0);
+                    let at = GuestAddress(addr.0 + u64::from(done));
+                    let ok = if reading {
+                        disk.read_at(buf, off).is_ok() && mem.write_slice(buf, at).is_ok()
+                    } else {
+                        mem.read_slice(buf, at).is_ok() && disk.write_at(buf, off).is_ok()
+                    };
+                    if !ok {
+                        return (S_IOERR, written);
+                    }
+                    off += u64::from(n);
+                    done += n;
+                    if reading {
+                        written += n;
+                    }
+                }
+            }
+            (S_OK, written)
+        }
+    }
 }
 
 impl VirtioDevice for Block {
@@ -322,13 +371,33 @@ impl VirtioDevice for Block {
     }
     fn activate(&mut self, mem: Memory, mut queues: Vec<Queue>, interrupt: Arc<dyn Interrupt>) {
         if let Some(q) = queues.pop() {
-            self.active = Some((mem, q, interrupt));
+            self.active = Some(Arc::new(Active {
+                mem,
+                queue: Mutex::new(q),
+                irq: interrupt,
+                live: AtomicBool::new(true),
+                inflight: Mutex::new(0),
+                drained: Condvar::new(),
+            }));
         }
     }
     fn notify(&mut self, _index: u16) -> Result<(), DeviceError> {
         self.process()
     }
+    /// After a reset the device must not touch guest memory: wait for requests at the disk.
     fn reset(&mut self) {
-        self.active = None;
+        let Some(a) = self.active.take() else { return };
+        a.live.store(false, Ordering::Release);
+        let n = a.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        let (n, timeout) = a
+            .drained
+            .wait_timeout_while(n, DRAIN, |n| *n > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        if timeout.timed_out() {
+            eprintln!(
+                "splitvirt: virtio-blk reset while {} request(s) still wait for the disk",
+                *n
+            );
+        }
     }
 }

@@ -41,7 +41,11 @@ fn read_write_flush_and_get_id() {
     d.start(0, F_FLUSH);
     // Read sector 5.
     header(&d, T_IN, 5);
-    d.post(0, &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
+    post(
+        &mut d,
+        0,
+        &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+    );
     assert_eq!(status(&d), S_OK);
     let mut got = vec![0u8; 512];
     d.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
@@ -52,20 +56,25 @@ fn read_write_flush_and_get_id() {
         .write_slice(&[0xab; 1024], GuestAddress(DATA))
         .unwrap();
     header(&d, T_OUT, 7);
-    d.post(
+    post(
+        &mut d,
         0,
         &[(HDR, 16, false), (DATA, 1024, false), (STATUS, 1, true)],
     );
     assert_eq!(status(&d), S_OK);
     header(&d, T_FLUSH, 0);
-    d.post(0, &[(HDR, 16, false), (STATUS, 1, true)]);
+    post(&mut d, 0, &[(HDR, 16, false), (STATUS, 1, true)]);
     assert_eq!(status(&d), S_OK);
     let file = std::fs::read(&path).unwrap();
     assert!(file[7 * 512..9 * 512].iter().all(|&b| b == 0xab));
     assert!(file[9 * 512..10 * 512].iter().all(|&b| b == 9));
     // GET_ID: the image's name.
     header(&d, T_GET_ID, 0);
-    d.post(0, &[(HDR, 16, false), (DATA, 20, true), (STATUS, 1, true)]);
+    post(
+        &mut d,
+        0,
+        &[(HDR, 16, false), (DATA, 20, true), (STATUS, 1, true)],
+    );
     let mut id = [0u8; 8];
     d.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
     assert_eq!(&id, b"disk.img");
@@ -79,20 +88,29 @@ fn out_of_range_read_only_and_unknown_requests_fail_cleanly() {
     let mut d = Driver::new(Block::open(&path, true).unwrap());
     d.start(0, 0);
     header(&d, T_IN, 8);
-    d.post(0, &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
+    post(
+        &mut d,
+        0,
+        &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+    );
     assert_eq!(status(&d), S_IOERR, "past the end");
     header(&d, T_IN, u64::MAX / 2);
-    d.post(0, &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
+    post(
+        &mut d,
+        0,
+        &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+    );
     assert_eq!(status(&d), S_IOERR, "overflowing sector");
     header(&d, T_OUT, 0);
-    d.post(
+    post(
+        &mut d,
         0,
         &[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)],
     );
     assert_eq!(status(&d), S_IOERR, "read-only disk");
     assert!(std::fs::read(&path).unwrap()[..512].iter().all(|&b| b == 0));
     header(&d, 99, 0);
-    d.post(0, &[(HDR, 16, false), (STATUS, 1, true)]);
+    post(&mut d, 0, &[(HDR, 16, false), (STATUS, 1, true)]);
     assert_eq!(status(&d), S_UNSUPP);
     assert_eq!(d.status() & STATUS_NEEDS_RESET, 0);
 }
@@ -105,7 +123,8 @@ fn buffers_outside_the_pool_need_reset_and_touch_no_file() {
     d.start(0, 0);
     header(&d, T_OUT, 0);
     // The data buffer is guest RAM outside the pool.
-    d.post(
+    post(
+        &mut d,
         0,
         &[
             (HDR, 16, false),
@@ -129,7 +148,7 @@ fn malformed_chains_need_reset() {
         let mut d = Driver::new(Block::open(&disk(&dir, 8), false).unwrap());
         d.start(0, 0);
         header(&d, T_IN, 0);
-        d.post(0, &chain);
+        post(&mut d, 0, &chain);
         assert_ne!(d.status() & STATUS_NEEDS_RESET, 0, "{chain:?}");
     }
 }
@@ -168,7 +187,11 @@ fn write_zeroes_and_discard() {
     };
     d.mem.write_slice(&seg(10, 4), GuestAddress(DATA)).unwrap();
     header(&d, T_WRITE_ZEROES, 0);
-    d.post(0, &[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)]);
+    post(
+        &mut d,
+        0,
+        &[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)],
+    );
     assert_eq!(status(&d), S_OK);
     let f = std::fs::read(&path).unwrap();
     assert!(f[10 * 512..14 * 512].iter().all(|&b| b == 0));
@@ -179,11 +202,203 @@ fn write_zeroes_and_discard() {
     assert_eq!(f.len(), 64 * 512, "size kept");
     d.mem.write_slice(&seg(60, 8), GuestAddress(DATA)).unwrap();
     header(&d, T_DISCARD, 0);
-    d.post(0, &[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)]);
+    post(
+        &mut d,
+        0,
+        &[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)],
+    );
     assert_eq!(status(&d), S_IOERR, "range past the end");
     d.mem.write_slice(&seg(20, 2), GuestAddress(DATA)).unwrap();
     header(&d, T_DISCARD, 0);
-    d.post(0, &[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)]);
+    post(
+        &mut d,
+        0,
+        &[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)],
+    );
     assert_eq!(status(&d), S_OK);
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 64 * 512);
+}
+
+/// Posts a chain and waits for the device to finish with it (its workers run apart).
+fn post(d: &mut Driver<Block>, q: u16, chain: &[(u64, u32, bool)]) {
+    d.post(q, chain);
+    d.settle();
+}
+
+/// A disk whose reads wait at a gate the test opens; it counts reads waiting at once.
+struct Gated {
+    state: std::sync::Mutex<(bool, usize, usize)>, // open, waiting now, most waiting at once
+    cv: std::sync::Condvar,
+}
+impl Gated {
+    fn open(&self) {
+        self.state.lock().unwrap().0 = true;
+        self.cv.notify_all();
+    }
+}
+impl virtio::disk::Disk for Gated {
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+    fn read_at(&self, buf: &mut [u8], _: u64) -> std::io::Result<()> {
+        let mut s = self.state.lock().unwrap();
+        s.1 += 1;
+        s.2 = s.2.max(s.1);
+        self.cv.notify_all();
+        let (mut s, _) = self
+            .cv
+            .wait_timeout_while(s, std::time::Duration::from_secs(10), |s| !s.0)
+            .unwrap();
+        s.1 -= 1;
+        buf.fill(0x5a);
+        Ok(())
+    }
+    fn write_at(&self, _: &[u8], _: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn discard(&self, _: u64, _: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_zeroes(&self, _: u64, _: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn gated() -> std::sync::Arc<Gated> {
+    std::sync::Arc::new(Gated {
+        state: std::sync::Mutex::new((false, 0, 0)),
+        cv: std::sync::Condvar::new(),
+    })
+}
+
+/// Waits until `n` reads are at the gate at once (false after 10 s).
+fn reads_waiting(g: &Gated, n: usize) -> bool {
+    let s = g.state.lock().unwrap();
+    let (s, _) =
+        g.cv.wait_timeout_while(s, std::time::Duration::from_secs(10), |s| s.1 < n)
+            .unwrap();
+    s.1 >= n
+}
+
+fn read_request(d: &Driver<Block>, n: u64) -> [(u64, u32, bool); 3] {
+    let (hdr, data, status) = (BUF + 0x100 * n, DATA + 0x400 * n, STATUS + n);
+    d.mem.write_obj(T_IN, GuestAddress(hdr)).unwrap();
+    d.mem.write_obj(n, GuestAddress(hdr + 8)).unwrap();
+    d.mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+    [(hdr, 16, false), (data, 512, true), (status, 1, true)]
+}
+
+#[test]
+fn a_slow_disk_does_not_stall_the_notifier_and_requests_overlap() {
+    let g = gated();
+    let mut d = Driver::new(Block::with_disk(g.clone(), "slow", true));
+    d.start(0, 0);
+    for n in 0..3 {
+        let chain = read_request(&d, n);
+        // The notify returns while the read waits at the disk.
+        d.post(0, &chain);
+    }
+    assert!(
+        reads_waiting(&g, 3),
+        "three reads should be at the disk at once"
+    );
+    assert_eq!(d.used_idx(), 0, "nothing completes before the disk answers");
+    g.open();
+    d.settle();
+    assert_eq!(d.used_idx(), 3);
+    for n in 0..3 {
+        let st: u8 = d.mem.read_obj(GuestAddress(STATUS + n)).unwrap();
+        assert_eq!(st, S_OK);
+        let b: u8 = d.mem.read_obj(GuestAddress(DATA + 0x400 * n)).unwrap();
+        assert_eq!(b, 0x5a);
+    }
+    assert_eq!(g.state.lock().unwrap().2, 3);
+}
+
+#[test]
+fn reset_waits_for_requests_at_the_disk_and_they_never_complete_after_it() {
+    let g = gated();
+    let mut d = Driver::new(Block::with_disk(g.clone(), "slow", true));
+    d.start(0, 0);
+    let chain = read_request(&d, 0);
+    d.post(0, &chain);
+    assert!(reads_waiting(&g, 1));
+    let g2 = g.clone();
+    let opener = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        g2.open();
+    });
+    let t = std::time::Instant::now();
+    d.w(0x14, 0, 1); // device reset
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(150),
+        "reset returned before the disk finished"
+    );
+    opener.join().unwrap();
+    assert_eq!(d.used_idx(), 0, "a request completed into a reset queue");
+    let st: u8 = d.mem.read_obj(GuestAddress(STATUS)).unwrap();
+    assert_eq!(st, 0xff, "a reset device wrote guest memory");
+}
+
+/// qemu-img makes the image and reads it back: the bytes the guest wrote are in the qcow2.
+#[test]
+fn qcow2_images_made_and_checked_by_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    let qemu_img = |args: &[&str]| {
+        let o = std::process::Command::new("qemu-img")
+            .args(args)
+            .output()
+            .expect("qemu-img (Debian package qemu-utils) must be installed");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "4M"]);
+    let mut d = Driver::new(Block::open(&img, false).unwrap());
+    let mut cap = [0u8; 8];
+    d.dev.bar_read(0, 0x2000, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), 8192);
+    d.start(0, F_FLUSH | F_WRITE_ZEROES);
+    d.mem
+        .write_slice(&[0xc3; 4096], GuestAddress(DATA))
+        .unwrap();
+    header(&d, T_OUT, 2048);
+    post(
+        &mut d,
+        0,
+        &[(HDR, 16, false), (DATA, 4096, false), (STATUS, 1, true)],
+    );
+    assert_eq!(status(&d), S_OK);
+    header(&d, T_FLUSH, 0);
+    post(&mut d, 0, &[(HDR, 16, false), (STATUS, 1, true)]);
+    assert_eq!(status(&d), S_OK);
+    // Read it back through the device, from a sector never written (zeros) and the written one.
+    d.mem
+        .write_slice(&[0x11; 1024], GuestAddress(DATA))
+        .unwrap();
+    header(&d, T_IN, 2047);
+    post(
+        &mut d,
+        0,
+        &[(HDR, 16, false), (DATA, 1024, true), (STATUS, 1, true)],
+    );
+    let mut got = [0u8; 1024];
+    d.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+    assert!(got[..512].iter().all(|&b| b == 0) && got[512..].iter().all(|&b| b == 0xc3));
+    drop(d);
+    assert!(qemu_img(&["check", img.to_str().unwrap()]).contains("No errors"));
+    let raw = dir.path().join("out.raw");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        img.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
+    let bytes = std::fs::read(&raw).unwrap();
+    assert!(bytes[1 << 20..(1 << 20) + 4096].iter().all(|&b| b == 0xc3));
+    assert!(bytes[..1 << 20].iter().all(|&b| b == 0));
 }

@@ -1,7 +1,7 @@
 //! The description's PCI devices as functions on the ECAM, and where their interrupts go.
 
 use crate::bus::Bus;
-use layout::{DeviceKind, Layout};
+use layout::{ConsoleBackend, DeviceKind, Layout, NetBackend};
 use pci::ecam::{devfn, DevFn};
 use pci::PciFunction;
 use platform::IrqLine;
@@ -69,62 +69,151 @@ pub enum OpenError {
     Disk(#[from] virtio::blk::OpenError),
     #[error(transparent)]
     Tap(#[from] crate::tap::TapError),
+    #[error(transparent)]
+    Endpoint(#[from] crate::endpoint::EndpointError),
 }
+
+/// Something to start once the VM's bus exists (a thread feeding a device).
+pub type Starter = Box<dyn FnOnce() + Send>;
 
 pub struct Built {
     pub functions: Vec<(DevFn, Box<dyn PciFunction>)>,
+    /// The console on splitvirt's stdio, which stdin feeds when the guest's console is hvc0.
     pub console: Option<SharedConsole>,
-    /// Network devices and the TAP each reads frames from.
-    pub nets: Vec<(SharedNet, crate::tap::Tap)>,
+    /// Threads that feed devices from their backends.
+    pub starters: Vec<Starter>,
     /// Devices the description names that this build cannot serve yet, with why.
     pub skipped: Vec<String>,
 }
 
+/// Input for a shared virtio device, as a backend thread delivers it.
+fn feed<D: virtio::VirtioDevice + 'static>(
+    f: &Arc<Mutex<VirtioPci<D>>>,
+    mut deliver: impl FnMut(&mut D, &[u8]) -> Result<(), virtio::DeviceError> + Send + 'static,
+) -> crate::endpoint::Deliver {
+    let f = f.clone();
+    Box::new(move |b: &[u8]| {
+        let mut f = f.lock().unwrap_or_else(|e| e.into_inner());
+        f.with_device(|d| deliver(d, b));
+    })
+}
+
+fn disk_format(f: Option<layout::DiskFormat>) -> Option<virtio::disk::Format> {
+    f.map(|f| match f {
+        layout::DiskFormat::Raw => virtio::disk::Format::Raw,
+        layout::DiskFormat::Qcow2 => virtio::disk::Format::Qcow2,
+    })
+}
+
+/// Opens a description's disk image as its device would (also used to report errors early).
+pub fn open_disk(kind: &DeviceKind) -> Result<Option<virtio::blk::Block>, OpenError> {
+    match kind {
+        DeviceKind::VirtioBlk {
+            image,
+            read_only,
+            format,
+        } => Ok(Some(virtio::blk::Block::open_as(
+            image,
+            disk_format(*format),
+            *read_only,
+        )?)),
+        _ => Ok(None),
+    }
+}
+
+fn virtio_pci<D: virtio::VirtioDevice>(
+    d: &layout::Device,
+    mem: &virtio::Memory,
+    signal: &dyn Fn(&layout::Device) -> Arc<dyn Signal>,
+    dev: D,
+) -> VirtioPci<D> {
+    let bar = d.bars.first().map_or(0, |b| b.base);
+    VirtioPci::new(dev, mem.clone(), bar, d.intx_pin as u8, signal(d))
+}
+
 /// Builds every device the description lists. `mem` is what devices may reach (the pool).
-/// A disk image or TAP that cannot be opened is an error here, before any vCPU runs.
+/// A disk image, TAP or socket that cannot be opened is an error here, before any vCPU runs.
 pub fn build(
     l: &Layout,
     mem: virtio::Memory,
     signal: &dyn Fn(&layout::Device) -> Arc<dyn Signal>,
-    console_out: Box<dyn Write + Send>,
+    stdout: Box<dyn Write + Send>,
 ) -> Result<Built, OpenError> {
     let mut out = Built {
         functions: Vec::new(),
         console: None,
-        nets: Vec::new(),
+        starters: Vec::new(),
         skipped: Vec::new(),
     };
-    let mut console_out = Some(console_out);
+    let mut stdout = Some(stdout);
     for d in &l.devices {
-        let bar = d.bars.first().map_or(0, |b| b.base);
+        let at = devfn(d.slot as u8, 0);
         match &d.kind {
-            DeviceKind::VirtioBlk { image, read_only } => {
-                let dev = virtio::blk::Block::open(image, *read_only)?;
-                let f = VirtioPci::new(dev, mem.clone(), bar, d.intx_pin as u8, signal(d));
-                out.functions.push((devfn(d.slot as u8, 0), Box::new(f)));
+            DeviceKind::VirtioBlk { .. } => {
+                let dev = open_disk(&d.kind)?.expect("a virtio-blk device");
+                out.functions.push((at, Box::new(virtio_pci(d, &mem, signal, dev))));
             }
             DeviceKind::VirtioNet { backend, mac } => {
-                let tap = crate::tap::Tap::open(backend)?;
-                let reader = tap.try_clone().map_err(|e| crate::tap::TapError {
-                    name: backend.clone(),
-                    why: e.to_string(),
-                })?;
-                let dev = virtio::net::Net::new(*mac, Box::new(tap));
-                let f = Arc::new(Mutex::new(VirtioPci::new(
-                    dev,
-                    mem.clone(),
-                    bar,
-                    d.intx_pin as u8,
-                    signal(d),
-                )));
-                out.nets.push((f.clone(), reader));
-                out.functions.push((devfn(d.slot as u8, 0), Box::new(SharedFunction(f))));
+                match backend {
+                    NetBackend::Tap(name) => {
+                        let tap = crate::tap::Tap::open(name)?;
+                        let reader = tap.try_clone().map_err(|e| crate::tap::TapError {
+                            name: name.clone(),
+                            why: e.to_string(),
+                        })?;
+                        let f = Arc::new(Mutex::new(virtio_pci(d, &mem, signal, virtio::net::Net::new(
+                            *mac,
+                            Box::new(tap),
+                        ))));
+                        let deliver = feed(&f, virtio::net::Net::receive);
+                        out.starters
+                            .push(Box::new(move || crate::tap::serve(reader, deliver)));
+                        out.functions.push((at, Box::new(SharedFunction(f))));
+                    }
+                    NetBackend::Socket(path) => {
+                        let link = crate::endpoint::Link::new(path)?;
+                        let f = Arc::new(Mutex::new(virtio_pci(d, &mem, signal, virtio::net::Net::new(
+                            *mac,
+                            link.sender(),
+                        ))));
+                        let deliver = feed(&f, virtio::net::Net::receive);
+                        out.starters.push(Box::new(move || link.serve(deliver)));
+                        out.functions.push((at, Box::new(SharedFunction(f))));
+                    }
+                }
             }
-            DeviceKind::VirtioConsole if console_out.is_some() => {
-                let dev = virtio::console::Console::new(console_out.take().expect("checked"));
-                let f = Arc::new(Mutex::new(VirtioPci::new(dev, mem.clone(), bar, d.intx_pin as u8, signal(d))));
-                out.console = Some(f.clone());
-                out.functions.push((devfn(d.slot as u8, 0), Box::new(SharedFunction(f))));
+            DeviceKind::VirtioConsole { backend } => {
+                let f = match backend {
+                    ConsoleBackend::Stdio => {
+                        let Some(w) = stdout.take() else {
+                            out.skipped.push(format!(
+                                "a second virtio-console on stdio (slot {}): only one can have it; give it backend = \"pty\" or a socket",
+                                d.slot
+                            ));
+                            continue;
+                        };
+                        let f = Arc::new(Mutex::new(virtio_pci(d, &mem, signal, virtio::console::Console::new(w))));
+                        out.console = Some(f.clone());
+                        f
+                    }
+                    ConsoleBackend::Socket(path) => {
+                        let s = crate::endpoint::SocketConsole::bind(path)?;
+                        let f = Arc::new(Mutex::new(virtio_pci(d, &mem, signal, virtio::console::Console::new(s.writer()))));
+                        let deliver = feed(&f, virtio::console::Console::queue_input);
+                        out.starters.push(Box::new(move || s.serve(deliver)));
+                        eprintln!("splitvirt: virtio-console (slot {}) on socket {}", d.slot, path.display());
+                        f
+                    }
+                    ConsoleBackend::Pty => {
+                        let p = crate::endpoint::Pty::open()?;
+                        eprintln!("splitvirt: virtio-console (slot {}) on {}", d.slot, p.name);
+                        let f = Arc::new(Mutex::new(virtio_pci(d, &mem, signal, virtio::console::Console::new(p.writer()))));
+                        let deliver = feed(&f, virtio::console::Console::queue_input);
+                        out.starters.push(Box::new(move || p.serve(deliver)));
+                        f
+                    }
+                };
+                out.functions.push((at, Box::new(SharedFunction(f))));
             }
             other => out.skipped.push(format!(
                 "{} at slot {} is not served yet by this build of splitvirt; the guest will not see it",
@@ -134,15 +223,4 @@ pub fn build(
         }
     }
     Ok(out)
-}
-
-/// Frames from the TAP to the device, on a thread of their own.
-pub fn start_net_rx(net: SharedNet, mut tap: crate::tap::Tap) {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; virtio::net::MAX_FRAME + 64];
-        while let Ok(n) = tap.read_frame(&mut buf) {
-            let mut f = net.lock().unwrap_or_else(|e| e.into_inner());
-            f.with_device(|d| d.receive(&buf[..n]));
-        }
-    });
 }

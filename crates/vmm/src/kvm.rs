@@ -315,40 +315,6 @@ fn vcpu_loop(id: usize, vcpu: &mut VcpuFd, bus: &Bus) -> Stop {
     }
 }
 
-/// Raw terminal mode while the guest owns stdin; restored on drop and before exit.
-struct RawTerminal(Option<libc::termios>);
-
-impl RawTerminal {
-    fn enter() -> Self {
-        // SAFETY: isatty/tcgetattr/tcsetattr on fd 0 with a valid termios buffer.
-        unsafe {
-            if libc::isatty(0) != 1 {
-                return RawTerminal(None);
-            }
-            let mut t: libc::termios = std::mem::zeroed();
-            if libc::tcgetattr(0, &mut t) != 0 {
-                return RawTerminal(None);
-            }
-            let saved = t;
-            libc::cfmakeraw(&mut t);
-            libc::tcsetattr(0, libc::TCSANOW, &t);
-            RawTerminal(Some(saved))
-        }
-    }
-    fn restore(&self) {
-        if let Some(t) = &self.0 {
-            // SAFETY: restores the attributes read from fd 0.
-            unsafe { libc::tcsetattr(0, libc::TCSANOW, t) };
-        }
-    }
-}
-
-impl Drop for RawTerminal {
-    fn drop(&mut self) {
-        self.restore();
-    }
-}
-
 /// stdin -> PL011. Ctrl-A x ends splitvirt (the guest owns Ctrl-C).
 fn input_thread(mut deliver: Box<dyn FnMut(&[u8]) + Send>, tx: mpsc::Sender<Stop>) {
     std::thread::spawn(move || {
@@ -459,11 +425,11 @@ pub fn run(l: &Layout, p: Prepared, stats: bool) -> Result<Exit, Error> {
     }
     let bus = Arc::new(bus);
     let _ = bus_cell.set(bus.clone());
-    for (net, tap) in built.nets {
-        crate::devices::start_net_rx(net, tap);
+    for start in built.starters {
+        start();
     }
 
-    let term = RawTerminal::enter();
+    let term = crate::terminal::RawTerminal::enter();
     let (tx, rx) = mpsc::channel();
     // stdin feeds the console the guest uses: hvc0 when its command line says so.
     let hvc0 = l

@@ -4,11 +4,13 @@
 
 pub mod bus;
 pub mod devices;
+pub mod endpoint;
 #[cfg(target_arch = "aarch64")]
 mod kvm;
 pub mod pci_bus;
 pub mod stats;
 pub mod tap;
+pub mod terminal;
 
 use layout::Layout;
 use std::path::PathBuf;
@@ -56,8 +58,6 @@ pub enum Error {
     },
     #[error("{0}")]
     Io(String),
-    #[error(transparent)]
-    Disk(#[from] virtio::blk::OpenError),
     #[error(transparent)]
     Device(#[from] crate::devices::OpenError),
 }
@@ -120,9 +120,7 @@ pub fn prepare(spec: &RunSpec) -> Result<Prepared, Error> {
     let l = &spec.layout;
     // Disk images are opened again when the VM starts; a bad one is reported now.
     for d in &l.devices {
-        if let layout::DeviceKind::VirtioBlk { image, read_only } = &d.kind {
-            virtio::blk::Block::open(image, *read_only)?;
-        }
+        crate::devices::open_disk(&d.kind)?;
     }
     let placement = boot::place(
         &l.ram,

@@ -68,6 +68,16 @@ impl Tap {
     }
 }
 
+/// Frames from the TAP to the device, on a thread of their own.
+pub fn serve(mut tap: Tap, mut deliver: crate::endpoint::Deliver) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; MAX_FRAME + 64];
+        while let Ok(n) = tap.read_frame(&mut buf) {
+            deliver(&buf[..n]);
+        }
+    });
+}
+
 impl NetBackend for Tap {
     fn send(&mut self, frame: &[u8]) {
         // A frame the host cannot take is lost, as on a real wire.

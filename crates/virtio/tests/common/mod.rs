@@ -123,6 +123,17 @@ impl<D: VirtioDevice> Driver<D> {
             2,
         );
     }
+    /// Waits (up to 10 s) until every posted chain is used or the device needs a reset:
+    /// devices may complete requests on threads of their own.
+    pub fn settle(&mut self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.used_idx() != self.next
+            && self.status() & STATUS_NEEDS_RESET == 0
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
     pub fn used_idx(&self) -> u16 {
         self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
     }

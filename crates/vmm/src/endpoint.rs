@@ -1,0 +1,587 @@
+//! Host ends of the guest's consoles and network links other than stdio and TAP: a Unix socket
+//! console, a pseudo-terminal console, and a Unix socket that links the virtio-net devices of
+//! two VMs. Each hands the device a writer and feeds the device from a thread of its own. Writes
+//! never block a vCPU: with no reader, or a slow one, bytes and frames are dropped, as a serial
+//! line or a cable with nothing at the other end would drop them.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {path}: {why}")]
+pub struct EndpointError {
+    pub what: &'static str,
+    pub path: String,
+    pub why: String,
+}
+
+/// What a thread hands the device it feeds.
+pub type Deliver = Box<dyn FnMut(&[u8]) + Send>;
+
+/// Output kept for a console client that connects late (the boot messages, say).
+const BACKLOG: usize = 64 << 10;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `send` without waiting and without SIGPIPE; false when the bytes did not all go.
+fn send_now(fd: RawFd, bytes: &[u8]) -> bool {
+    // SAFETY: a send on a descriptor we own, from a valid buffer.
+    let n = unsafe {
+        libc::send(
+            fd,
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    n == bytes.len() as isize
+}
+
+/// Binds a Unix socket at `path`, replacing a stale one (a file nobody listens on) but never
+/// one in use.
+fn bind_unix(path: &Path, what: &'static str) -> Result<UnixListener, EndpointError> {
+    let err = |why: String| EndpointError {
+        what,
+        path: path.display().to_string(),
+        why,
+    };
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(err(
+                "something already listens there (another splitvirt?); choose another path".into(),
+            ));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| err(format!("cannot remove the stale socket: {e}")))?;
+    }
+    UnixListener::bind(path).map_err(|e| err(format!("cannot listen there: {e}")))
+}
+
+struct ConsoleState {
+    client: Option<UnixStream>,
+    backlog: VecDeque<u8>,
+}
+
+/// hvc0 on a Unix socket that splitvirt listens on (`splitvirt console PATH` attaches to it).
+/// One client at a time; a new one replaces the old and first gets the recent output.
+pub struct SocketConsole {
+    listener: UnixListener,
+    state: Arc<Mutex<ConsoleState>>,
+}
+
+impl SocketConsole {
+    pub fn bind(path: &Path) -> Result<SocketConsole, EndpointError> {
+        Ok(SocketConsole {
+            listener: bind_unix(path, "console socket")?,
+            state: Arc::new(Mutex::new(ConsoleState {
+                client: None,
+                backlog: VecDeque::new(),
+            })),
+        })
+    }
+
+    pub fn writer(&self) -> Box<dyn Write + Send> {
+        Box::new(SocketConsoleWriter(self.state.clone()))
+    }
+
+    /// Accepts clients and hands what they type to `deliver`.
+    pub fn serve(self, deliver: Deliver) {
+        let deliver = Arc::new(Mutex::new(deliver));
+        std::thread::spawn(move || {
+            for conn in self.listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let Ok(reader) = conn.try_clone() else {
+                    continue;
+                };
+                {
+                    let mut s = lock(&self.state);
+                    let (a, b) = s.backlog.as_slices();
+                    let _ = send_now(conn.as_raw_fd(), a) && send_now(conn.as_raw_fd(), b);
+                    s.client = Some(conn);
+                }
+                let (deliver, state) = (deliver.clone(), self.state.clone());
+                std::thread::spawn(move || {
+                    let mut reader = reader;
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n @ 1..) = reader.read(&mut buf) {
+                        (lock(&deliver))(&buf[..n]);
+                    }
+                    let mut s = lock(&state);
+                    let same = s.client.as_ref().is_some_and(|c| same_socket(c, &reader));
+                    if same {
+                        s.client = None;
+                    }
+                });
+            }
+        });
+    }
+}
+
+fn same_socket(a: &UnixStream, b: &UnixStream) -> bool {
+    let ino = |s: &UnixStream| {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: fstat through a File view that is forgotten, never closed.
+        let f = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(s.as_raw_fd()) });
+        f.metadata().map(|m| m.ino()).ok()
+    };
+    ino(a).is_some() && ino(a) == ino(b)
+}
+
+struct SocketConsoleWriter(Arc<Mutex<ConsoleState>>);
+
+impl Write for SocketConsoleWriter {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let mut s = lock(&self.0);
+        s.backlog.extend(bytes);
+        let excess = s.backlog.len().saturating_sub(BACKLOG);
+        s.backlog.drain(..excess);
+        if let Some(c) = &s.client {
+            let _ = send_now(c.as_raw_fd(), bytes);
+        }
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// hvc0 on a new pseudo-terminal (`screen /dev/pts/N`). splitvirt keeps the terminal side open
+/// itself, so nothing fails while no one has it open.
+pub struct Pty {
+    master: Arc<File>,
+    _terminal: File,
+    pub name: String,
+}
+
+impl Pty {
+    pub fn open() -> Result<Pty, EndpointError> {
+        let err = |why: String| EndpointError {
+            what: "pseudo-terminal",
+            path: "/dev/ptmx".into(),
+            why,
+        };
+        let last = |what: &str| err(format!("{what}: {}", io::Error::last_os_error()));
+        // SAFETY: plain libc calls on a descriptor we own; ptsname_r writes into `name`.
+        unsafe {
+            let fd = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(last("posix_openpt"));
+            }
+            let master = File::from(OwnedFd::from_raw_fd(fd));
+            if libc::grantpt(fd) != 0 || libc::unlockpt(fd) != 0 {
+                return Err(last("grantpt/unlockpt"));
+            }
+            let mut name = [0 as libc::c_char; 128];
+            if libc::ptsname_r(fd, name.as_mut_ptr(), name.len()) != 0 {
+                return Err(last("ptsname_r"));
+            }
+            let name = std::ffi::CStr::from_ptr(name.as_ptr())
+                .to_string_lossy()
+                .into_owned();
+            let terminal = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags_noctty()
+                .open(&name)
+                .map_err(|e| err(format!("cannot open {name}: {e}")))?;
+            // Raw: bytes pass as the guest wrote them, no echo, no line editing.
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(terminal.as_raw_fd(), &mut t) == 0 {
+                libc::cfmakeraw(&mut t);
+                libc::tcsetattr(terminal.as_raw_fd(), libc::TCSANOW, &t);
+            }
+            Ok(Pty {
+                master: Arc::new(master),
+                _terminal: terminal,
+                name,
+            })
+        }
+    }
+
+    pub fn writer(&self) -> Box<dyn Write + Send> {
+        Box::new(PtyWriter(self.master.clone()))
+    }
+
+    pub fn serve(self, mut deliver: Deliver) {
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1024];
+            let mut master = &*self.master;
+            loop {
+                match master.read(&mut buf) {
+                    Ok(n @ 1..) => deliver(&buf[..n]),
+                    // Only while nobody holds the terminal side: we do, so this is rare.
+                    _ => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        });
+    }
+}
+
+trait NoCtty {
+    fn custom_flags_noctty(&mut self) -> &mut Self;
+}
+impl NoCtty for std::fs::OpenOptions {
+    fn custom_flags_noctty(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(libc::O_NOCTTY)
+    }
+}
+
+struct PtyWriter(Arc<File>);
+
+impl Write for PtyWriter {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        // A full terminal buffer (nobody reading) drops the rest rather than stall the guest.
+        let mut p = [libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        }];
+        // SAFETY: poll on one descriptor we own.
+        if unsafe { libc::poll(p.as_mut_ptr(), 1, 0) } == 1 {
+            let _ = (&*self.0).write(bytes);
+        }
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A virtio-net link between two VMs over a Unix SOCK_SEQPACKET socket (one packet, one
+/// frame). Whoever finds nobody listening at `path` listens there; the other connects. When the
+/// peer goes away frames are dropped and the link waits for it (or another) to come back.
+pub struct Link {
+    path: PathBuf,
+    peer: Arc<Mutex<Option<Arc<OwnedFd>>>>,
+}
+
+fn seqpacket() -> io::Result<OwnedFd> {
+    // SAFETY: socket() returns a new descriptor or -1.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is new and ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn sockaddr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: sockaddr_un is plain data.
+    let mut a: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    a.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= a.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    for (d, s) in a.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    Ok((
+        a,
+        std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+    ))
+}
+
+fn connect_seqpacket(path: &Path) -> io::Result<OwnedFd> {
+    let fd = seqpacket()?;
+    let (a, len) = sockaddr(path)?;
+    // SAFETY: connect with a valid address of the given length.
+    if unsafe { libc::connect(fd.as_raw_fd(), (&a as *const libc::sockaddr_un).cast(), len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+fn listen_seqpacket(path: &Path) -> io::Result<OwnedFd> {
+    let fd = seqpacket()?;
+    let (a, len) = sockaddr(path)?;
+    let _ = std::fs::remove_file(path);
+    // SAFETY: bind and listen on our socket with a valid address.
+    unsafe {
+        if libc::bind(fd.as_raw_fd(), (&a as *const libc::sockaddr_un).cast(), len) != 0
+            || libc::listen(fd.as_raw_fd(), 1) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(fd)
+}
+
+fn accept(listener: &OwnedFd) -> io::Result<OwnedFd> {
+    // SAFETY: accept on our listening socket; the peer address is not wanted.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is new and ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Holds `path.lock` for the connect-or-listen decision, so two VMs starting together do not
+/// both listen.
+struct DecisionLock(#[allow(dead_code)] File);
+
+impl DecisionLock {
+    fn take(path: &Path) -> io::Result<DecisionLock> {
+        let mut p = path.as_os_str().to_owned();
+        p.push(".lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(PathBuf::from(p))?;
+        // SAFETY: flock on our own descriptor; released when the file closes.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(DecisionLock(f))
+    }
+}
+
+impl Link {
+    /// Checks that the link's directory is usable; the connection itself is made by `serve`.
+    pub fn new(path: &Path) -> Result<Link, EndpointError> {
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            return Err(EndpointError {
+                what: "network link socket",
+                path: path.display().to_string(),
+                why: format!("its directory {} does not exist", dir.display()),
+            });
+        }
+        Ok(Link {
+            path: path.to_owned(),
+            peer: Arc::default(),
+        })
+    }
+
+    pub fn sender(&self) -> Box<dyn virtio::net::NetBackend> {
+        Box::new(LinkSender(self.peer.clone()))
+    }
+
+    /// Connects (or listens, then accepts) and hands the peer's frames to `deliver`, again and
+    /// again as peers come and go.
+    pub fn serve(self, mut deliver: Deliver) {
+        std::thread::spawn(move || {
+            let shown = self.path.display().to_string();
+            let mut listener: Option<OwnedFd> = None;
+            loop {
+                let conn = match &listener {
+                    Some(l) => accept(l),
+                    None => match self.rendezvous() {
+                        Ok((fd, true)) => {
+                            listener = Some(fd);
+                            continue;
+                        }
+                        Ok((fd, false)) => Ok(fd),
+                        Err(e) => Err(e),
+                    },
+                };
+                let conn = match conn {
+                    Ok(c) => Arc::new(c),
+                    Err(e) => {
+                        eprintln!("splitvirt: network link {shown}: {e}; trying again");
+                        listener = None;
+                        std::thread::sleep(Duration::from_millis(500));
+                        continue;
+                    }
+                };
+                eprintln!("splitvirt: network link {shown}: peer attached");
+                *lock(&self.peer) = Some(conn.clone());
+                let mut buf = vec![0u8; virtio::net::MAX_FRAME + 64];
+                loop {
+                    // SAFETY: recv into our buffer on our socket.
+                    let n = unsafe {
+                        libc::recv(conn.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+                    };
+                    if n <= 0 {
+                        break;
+                    }
+                    deliver(&buf[..n as usize]);
+                }
+                *lock(&self.peer) = None;
+                eprintln!("splitvirt: network link {shown}: peer went away; waiting for it");
+            }
+        });
+    }
+
+    /// Connects to a listening peer, or listens when there is none: (socket, is_listener).
+    fn rendezvous(&self) -> io::Result<(OwnedFd, bool)> {
+        let _held = DecisionLock::take(&self.path)?;
+        match connect_seqpacket(&self.path) {
+            Ok(fd) => Ok((fd, false)),
+            Err(_) => Ok((listen_seqpacket(&self.path)?, true)),
+        }
+    }
+}
+
+struct LinkSender(Arc<Mutex<Option<Arc<OwnedFd>>>>);
+
+impl virtio::net::NetBackend for LinkSender {
+    fn send(&mut self, frame: &[u8]) {
+        let peer = lock(&self.0).clone();
+        if let Some(fd) = peer {
+            let _ = send_now(fd.as_raw_fd(), frame);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    fn collector() -> (Deliver, mpsc::Receiver<Vec<u8>>) {
+        let (tx, rx) = mpsc::channel();
+        (
+            Box::new(move |b: &[u8]| {
+                let _ = tx.send(b.to_vec());
+            }),
+            rx,
+        )
+    }
+
+    fn until<T>(rx: &mpsc::Receiver<T>) -> T {
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("nothing arrived within 10 s")
+    }
+
+    #[test]
+    fn socket_console_replays_output_and_takes_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hvc.sock");
+        let c = SocketConsole::bind(&path).unwrap();
+        let mut w = c.writer();
+        let (deliver, rx) = collector();
+        c.serve(deliver);
+        w.write_all(b"before anyone listened\n").unwrap();
+        let mut client = UnixStream::connect(&path).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut got = vec![0u8; 23];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(got, b"before anyone listened\n");
+        client.write_all(b"typed").unwrap();
+        assert_eq!(until(&rx), b"typed");
+        // A second splitvirt may not take the same path while this one serves it.
+        let e = SocketConsole::bind(&path).err().unwrap().to_string();
+        assert!(e.contains("already listens"), "{e}");
+    }
+
+    #[test]
+    fn stale_console_sockets_are_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hvc.sock");
+        drop(UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        SocketConsole::bind(&path).unwrap();
+    }
+
+    #[test]
+    fn pty_console_carries_bytes_both_ways() {
+        let p = Pty::open().unwrap();
+        assert!(p.name.starts_with("/dev/pts/"), "{}", p.name);
+        let mut term = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p.name)
+            .unwrap();
+        let mut w = p.writer();
+        let (deliver, rx) = collector();
+        p.serve(deliver);
+        w.write_all(b"out\n").unwrap();
+        let mut got = [0u8; 4];
+        term.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"out\n", "raw mode: no CR added");
+        term.write_all(b"in").unwrap();
+        let mut all = until(&rx);
+        while all.len() < 2 {
+            all.extend(until(&rx));
+        }
+        assert_eq!(all, b"in");
+    }
+
+    #[test]
+    fn two_links_find_each_other_and_keep_frame_boundaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("net.sock");
+        let mut ends = Vec::new();
+        for _ in 0..2 {
+            let l = Link::new(&path).unwrap();
+            let tx = l.sender();
+            let (deliver, rx) = collector();
+            l.serve(deliver);
+            ends.push((tx, rx));
+        }
+        let (mut b, mut a) = (ends.pop().unwrap(), ends.pop().unwrap());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let got = loop {
+            a.0.send(&[1, 2, 3]);
+            if let Ok(f) = b.1.recv_timeout(Duration::from_millis(50)) {
+                break f;
+            }
+            assert!(std::time::Instant::now() < deadline, "link never came up");
+        };
+        assert_eq!(got, [1, 2, 3]);
+        b.0.send(&[9; 1500]);
+        assert_eq!(until(&a.1), vec![9; 1500]);
+        let e = Link::new(&dir.path().join("missing/net.sock"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("does not exist"), "{e}");
+    }
+
+    #[test]
+    fn a_link_takes_back_a_peer_that_went_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("net.sock");
+        let l = Link::new(&path).unwrap();
+        let mut tx = l.sender();
+        let (deliver, rx) = collector();
+        l.serve(deliver);
+        for round in 0u8..2 {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let peer = loop {
+                if let Ok(p) = connect_seqpacket(&path) {
+                    break p;
+                }
+                assert!(std::time::Instant::now() < deadline, "no listener");
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            assert!(send_now(peer.as_raw_fd(), &[round; 60]));
+            assert_eq!(until(&rx), vec![round; 60]);
+            // The link knows the peer once its first frame arrived.
+            tx.send(&[7, round]);
+            let mut buf = [0u8; 64];
+            // SAFETY: recv into a local buffer.
+            let n = unsafe { libc::recv(peer.as_raw_fd(), buf.as_mut_ptr().cast(), 64, 0) };
+            assert_eq!(&buf[..n as usize], &[7, round]);
+            drop(peer);
+        }
+    }
+}
