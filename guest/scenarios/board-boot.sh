@@ -1,12 +1,24 @@
-# The board boots splitvirt guests on KVM: the project's kernel, which gets a line typed on
-# splitvirt's stdin once it says it is ready (a real UART drops what arrives before the port is
-# opened), then Debian's stock kernel. Guest consoles are prefixed "guest| " / "stock| ".
+# The board boots splitvirt guests on KVM. Guest consoles are prefixed "guest| ", "disk| ",
+# "root| ", "qroot| ", "stock| ", "fault| "; the guest's socket console "hvc| ".
 check kvm_device test -c /dev/kvm
 # The board's side of the guest's network: tap0 (created by splitvirt) gets 10.0.2.1.
 insmod /tun.ko
 ( i=0
   while [ ! -e /sys/class/net/tap0 ] && [ "$i" -lt 1200 ]; do sleep 0.5; i=$((i + 1)); done
   ip addr add 10.0.2.1/24 dev tap0 && ip link set tap0 up ) &
+# The guest sends 4 MiB over TCP; nc ends a connection when its stdin ends: keep it open.
+(sleep 1500 | nc -l -p 5000 >/tmp/tap-rx.bin) &
+# The guest's hvc0 is on /tmp/hvc.sock: attach to it and answer the guest's line.
+mkfifo /tmp/hvc-in
+exec 4<>/tmp/hvc-in
+( i=0
+  while [ ! -S /tmp/hvc.sock ] && [ "$i" -lt 1200 ]; do sleep 0.5; i=$((i + 1)); done
+  /splitvirt console /tmp/hvc.sock --linger 1500 </tmp/hvc-in 2>&1 | while IFS= read -r l; do
+	echo "hvc| $l"
+	case "$l" in *"hvc0-says-"*) echo "hvc-reply-$HVC_REPLY" >&4 ;; esac
+  done ) &
+# The project's kernel, which gets a line typed on splitvirt's stdin once it says it is ready
+# (a real UART drops what arrives before the port is opened).
 mkfifo /tmp/typing
 exec 3<>/tmp/typing
 ( /splitvirt run --config /guest/vm.toml --kernel /guest/Image --initrd /guest/initrd.cpio \
@@ -15,13 +27,30 @@ exec 3<>/tmp/typing
 	echo "guest| $l"
 	case "$l" in *"@@ READY"*) echo "$TYPED" >&3 ;; esac
 done
+i=0
+while [ "$(wc -c </tmp/tap-rx.bin)" -lt 4194304 ] && [ $i -lt 60 ]; do sleep 0.5; i=$((i + 1)); done
+value tap_rx_sha "$(sha256sum /tmp/tap-rx.bin | cut -d' ' -f1)"
+# The same disk, console=hvc0: the guest's console is the virtio-console on stdio, both ways.
+( /splitvirt run --config /guest/vm-hvc.toml --kernel /guest/Image --initrd /guest/disk.cpio \
+	--cmdline "console=hvc0 loglevel=4" </tmp/typing
+  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do
+	echo "disk| $l"
+	case "$l" in *"@@ READY"*) echo "$TYPED_HVC" >&3 ;; esac
+done
 exec 3>&-
-( /splitvirt run --config /guest/vm.toml --kernel /guest/Image --initrd /guest/disk.cpio \
-	--cmdline "console=ttyAMA0 loglevel=4" </dev/null
-  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "disk| $l"; done
+# Two VMs at once, each booting root=/dev/vda2 (one raw image, one qcow2 with INTx only),
+# linked by a socket: 4 MiB over TCP from one to the other.
 ( /splitvirt run --config /guest/root.toml --kernel /guest/Image \
-	--cmdline "console=ttyAMA0 earlycon=pl011,0x9000000 root=/dev/vda2 rw" </dev/null
-  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "root| $l"; done
+	--cmdline "console=ttyAMA0 earlycon=pl011,0x9000000 loglevel=4 root=/dev/vda2 rw LINK_ROLE=listen LINK_ME=10.0.3.1 ROOT_TOKEN=$ROOT_TOKEN" </dev/null
+  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "root| $l"; done &
+( /splitvirt run --config /guest/qroot.toml --kernel /guest/Image \
+	--cmdline "console=ttyAMA0 loglevel=4 root=/dev/vda2 rw LINK_ROLE=send LINK_ME=10.0.3.2 LINK_PEER=10.0.3.1 ROOT_TOKEN=$QROOT_TOKEN" </dev/null
+  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "qroot| $l"; done &
+while [ "$(ps | grep -c '[r]oot.toml')" -gt 0 ]; do sleep 1; done
+# The images go back to the host (the outbox disk) to be read there.
+insmod /virtio_blk.ko
+i=0; while [ ! -b /dev/vda ] && [ $i -lt 60 ]; do sleep 0.5; i=$((i + 1)); done
+check outbox tar -cf /dev/vda -C /guest root.img root.qcow2
 ( /splitvirt run --config /guest/nodisk.toml --kernel /guest/stock-Image --initrd /guest/stock.cpio \
 	--cmdline "console=ttyAMA0 earlycon=pl011,0x9000000" </dev/null
   echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "stock| $l"; done

@@ -10,7 +10,13 @@ if read -t 60 line; then value typed "$line"; else result typed FAIL "nothing ar
 # virtio-console on splitvirt's PCI, its rings and buffers in the restricted pool.
 value pci_devices "$(ls /sys/bus/pci/devices | tr '\n' ' ')"
 check hvc0 test -c /dev/hvc0
-echo "hvc0-says-$HVC_TOKEN" > /dev/hvc0
+# hvc0 is on a Unix socket; the board's `splitvirt console` answers our line. Keep hvc0 open
+# throughout so that the answer cannot arrive while it is closed.
+exec 5<>/dev/hvc0
+stty -F /dev/hvc0 -echo 2>/dev/null
+echo "hvc0-says-$HVC_TOKEN" >&5
+if read -t 120 reply <&5; then value hvc_reply "$reply"; else result hvc_reply FAIL "no answer on hvc0"; fi
+exec 5>&-
 for d in /sys/bus/virtio/devices/virtio*; do value "features_$(basename "$d")" "$(cat "$d/features")"; done
 pool=$(ls -d /sys/kernel/debug/swiotlb@* 2>/dev/null | head -n 1)
 value pool_used "$(cat "$pool/io_tlb_used" 2>/dev/null)"
@@ -31,3 +37,7 @@ check eth0 test -e /sys/class/net/eth0
 ip addr add 10.0.2.15/24 dev eth0
 ip link set eth0 up
 check ping ping -c 3 -W 10 10.0.2.1
+# TCP through the TAP: 4 MiB of random bytes to the board, hashed on both sides.
+dd if=/dev/urandom of=/tmp/tx.bin bs=64k count=64 2>/dev/null
+value tap_tx_sha "$(sha256sum /tmp/tx.bin | cut -d' ' -f1)"
+check tcp_tap nc 10.0.2.1 5000 </tmp/tx.bin

@@ -1,5 +1,6 @@
-//! `cargo xtask bench boot`: boot timings and splitvirt's own memory, measured on KVM inside
-//! the board, printed as a table (a benchmark, never a pass/fail test).
+//! `cargo xtask bench boot`: boot timings and splitvirt's own memory; `cargo xtask bench io`:
+//! virtio-blk throughput and IOPS (raw and qcow2) and TCP over virtio-net. Both measured on KVM
+//! inside the board and printed as a table (benchmarks, never pass/fail tests).
 
 use crate::env::root;
 use crate::{board, guest, kernel};
@@ -87,5 +88,76 @@ pub fn boot() -> Result<()> {
         "",
         col(3)
     );
+    Ok(())
+}
+
+/// MiB moved by each sequential test and the TCP transfer; seconds of random reads.
+const IO_MIB: &str = "64";
+const IO_SECONDS: &str = "10";
+
+pub fn io() -> Result<()> {
+    let k = kernel::build(kernel::Role::Driver)?;
+    let dir = root().join("target/board");
+    std::fs::create_dir_all(&dir)?;
+    let initrd = dir.join("bench-io.cpio");
+    guest::initramfs_with(
+        "bench-io-guest",
+        &[("IOB_MIB", IO_MIB), ("IOB_SECONDS", IO_SECONDS)],
+        &[("iobench", guest::tool("iobench")?)],
+        &initrd,
+    )?;
+    let qcow2 = dir.join("bench.qcow2");
+    crate::env::ensure_apt(&["qemu-utils"])?;
+    crate::env::run(
+        crate::env::cmd("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&qcow2)
+            .arg("256M"),
+    )?;
+    let vm = |image: &str| {
+        format!(
+            "[[device]]\nkind = \"virtio-blk\"\nimage = \"{image}\"\n\
+             [[device]]\nkind = \"virtio-net\"\nbackend = \"tap0\"\n\
+             [[device]]\nkind = \"virtio-console\"\n"
+        )
+        .into_bytes()
+    };
+    let files = vec![
+        ("guest/bench-raw.toml".to_owned(), vm("/tmp/bench.raw")),
+        ("guest/bench-qcow2.toml".to_owned(), vm("/tmp/bench.qcow2")),
+        ("tmp/bench.qcow2".to_owned(), std::fs::read(&qcow2)?),
+        ("tun.ko".to_owned(), board::module("drivers/net/tun.ko")?),
+        ("guest/Image".to_owned(), std::fs::read(&k.image)?),
+        ("guest/initrd.cpio".to_owned(), std::fs::read(&initrd)?),
+    ];
+    let r = board::run("bench-io", &[], files, Duration::from_secs(2400))?;
+    ensure!(
+        !r.timed_out,
+        "the board timed out (log: {})",
+        r.log_path.display()
+    );
+    println!(
+        "\nsplitvirt virtio I/O on KVM inside the board (TCG-emulated arm64; {IO_MIB} MiB sequential, {IO_SECONDS} s random)"
+    );
+    println!(
+        "{:>8} {:>16} {:>16} {:>16} {:>14}",
+        "disk", "seq write MB/s", "seq read MB/s", "4K rand IOPS", "TCP MB/s"
+    );
+    for fmt in ["raw", "qcow2"] {
+        let p = r.part(fmt);
+        let v = |k: &str| p.value(k).unwrap_or("-").to_owned();
+        ensure!(
+            p.value("seq_read_mbps").is_some(),
+            "the {fmt} run printed no results (log: {})",
+            r.log_path.display()
+        );
+        println!(
+            "{fmt:>8} {:>16} {:>16} {:>16} {:>14}",
+            v("seq_write_mbps"),
+            v("seq_read_mbps"),
+            v("rand_read_iops"),
+            v("tcp_mbps")
+        );
+    }
     Ok(())
 }

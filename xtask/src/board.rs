@@ -46,6 +46,36 @@ pub fn run(
     extra: Files,
     timeout: Duration,
 ) -> Result<qemu::Run> {
+    run_with(scenario, vars, extra, timeout, None)
+}
+
+/// Size of the outbox: a raw disk the board sees as /dev/vda (with /virtio_blk.ko to load)
+/// and writes a tar archive to, for the host to read after the board is gone.
+pub const OUTBOX_SIZE: u64 = 128 << 20;
+
+/// `run` with an outbox disk at `outbox` (made empty here).
+pub fn run_with(
+    scenario: &str,
+    vars: &[(&str, &str)],
+    mut extra: Files,
+    timeout: Duration,
+    outbox: Option<&std::path::Path>,
+) -> Result<qemu::Run> {
+    let mut drive = Vec::new();
+    if let Some(path) = outbox {
+        let f = std::fs::File::create(path)?;
+        f.set_len(OUTBOX_SIZE)?;
+        extra.push((
+            "virtio_blk.ko".into(),
+            module("drivers/block/virtio_blk.ko")?,
+        ));
+        drive = vec![
+            "-drive".to_string(),
+            format!("file={},format=raw,if=none,id=outbox", path.display()),
+            "-device".into(),
+            "virtio-blk-pci,drive=outbox".into(),
+        ];
+    }
     let kernel = host_kernel()?;
     let sv = cross::splitvirt()?;
     let dir = root().join("target/board");
@@ -129,6 +159,7 @@ pub fn run(
         "-initrd".into(),
         initrd.display().to_string(),
     ])
+    .chain(drive)
     .collect();
     let log = dir.join(format!("{scenario}.log"));
     println!("==> booting the board with scenario {scenario}");

@@ -70,6 +70,29 @@ pub fn deb(pkg: &str) -> Result<PathBuf> {
 
 /// An initramfs with busybox, our /init and the scenario (with `vars` exported before it).
 pub fn initramfs(scenario: &str, vars: &[(&str, &str)], out: &Path) -> Result<()> {
+    initramfs_with(scenario, vars, &[], out)
+}
+
+/// A guest program from guest/tools (C), built static for arm64 with Debian's cross gcc.
+pub fn tool(name: &str) -> Result<Vec<u8>> {
+    env::ensure_apt(&["gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross"])?;
+    let src = root().join("guest/tools").join(format!("{name}.c"));
+    let out = root().join("target/board").join(name);
+    std::fs::create_dir_all(root().join("target/board"))?;
+    run(cmd("aarch64-linux-gnu-gcc")
+        .args(["-static", "-O2", "-Wall", "-Werror", "-o"])
+        .arg(&out)
+        .arg(&src))?;
+    Ok(std::fs::read(&out)?)
+}
+
+/// `initramfs` with extra executables: (path in the guest, contents).
+pub fn initramfs_with(
+    scenario: &str,
+    vars: &[(&str, &str)],
+    programs: &[(&str, Vec<u8>)],
+    out: &Path,
+) -> Result<()> {
     let bb = deb("busybox-static:arm64")?.join("bin/busybox");
     let busybox = std::fs::read(&bb).with_context(|| format!("cannot read {}", bb.display()))?;
     let init = std::fs::read(root().join("guest/initramfs/init"))?;
@@ -110,6 +133,15 @@ pub fn initramfs(scenario: &str, vars: &[(&str, &str)], out: &Path) -> Result<()
                 mode: 0o644,
             },
         );
+    for (path, data) in programs {
+        a.add(
+            path,
+            Entry::File {
+                data: data.clone(),
+                mode: 0o755,
+            },
+        );
+    }
     let f =
         std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
     a.write(std::io::BufWriter::new(f))?;
@@ -128,8 +160,13 @@ pub fn disk(files: &[(&str, &str)], out: &Path, p2_sectors: u64) -> Result<()> {
 
 /// A disk whose partition 2 is a bootable root file system: busybox, our init as /sbin/init,
 /// and the scenario, for `root=/dev/vda2` boots.
-pub fn root_disk(scenario: &str, out: &Path, p2_sectors: u64) -> Result<()> {
-    disk_with(&[], Some(scenario), out, p2_sectors)
+pub fn root_disk(
+    scenario: &str,
+    files: &[(&str, &str)],
+    out: &Path,
+    p2_sectors: u64,
+) -> Result<()> {
+    disk_with(files, Some(scenario), out, p2_sectors)
 }
 
 fn disk_with(

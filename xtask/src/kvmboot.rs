@@ -27,21 +27,64 @@ pub fn boot_on_kvm() -> Result<()> {
     guest::disk(&[("from-host.txt", &host)], &disk, 16384)?;
     let vm = "[[device]]\nkind = \"virtio-blk\"\nimage = \"/guest/disk.img\"\n\
               [[device]]\nkind = \"virtio-net\"\nbackend = \"tap0\"\n\
-              [[device]]\nkind = \"virtio-console\"\n";
+              [[device]]\nkind = \"virtio-console\"\nbackend = \"socket:/tmp/hvc.sock\"\n";
+    let vm_hvc = "[[device]]\nkind = \"virtio-blk\"\nimage = \"/guest/disk.img\"\n\
+                  [[device]]\nkind = \"virtio-console\"\n";
     let stock_initrd = dir.join("kvm-stock.cpio");
     guest::initramfs("kvm-stock", &[], &stock_initrd)?;
-    let typed = realboot::token("typed");
+    let (typed, typed_hvc, reply) = (
+        realboot::token("typed"),
+        realboot::token("typed-hvc"),
+        realboot::token("reply"),
+    );
+    let (root_token, qroot_token, root_host) = (
+        realboot::token("root"),
+        realboot::token("qroot"),
+        realboot::token("root-host"),
+    );
     let tun = board::module("drivers/net/tun.ko")?;
+    // Two root disks: one raw, one turned into qcow2 by qemu-img.
     let root_img = dir.join("kvm-root.img");
-    guest::root_disk("kvm-root", &root_img, 16384)?;
+    guest::root_disk(
+        "kvm-root",
+        &[("from-host.txt", &root_host)],
+        &root_img,
+        16384,
+    )?;
+    let qroot_raw = dir.join("kvm-qroot.raw");
+    guest::root_disk(
+        "kvm-root",
+        &[("from-host.txt", &root_host)],
+        &qroot_raw,
+        16384,
+    )?;
+    let qroot = dir.join("kvm-qroot.qcow2");
+    crate::env::ensure_apt(&["qemu-utils"])?;
+    crate::env::run(
+        crate::env::cmd("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&qroot_raw)
+            .arg(&qroot),
+    )?;
+    let link = "[[device]]\nkind = \"virtio-net\"\nbackend = \"socket:/tmp/link.sock\"\n";
+    let root_toml = format!(
+        "[[device]]\nkind = \"virtio-blk\"\nimage = \"/guest/root.img\"\n{link}mac = \"52:54:00:00:03:01\"\n\
+         [[device]]\nkind = \"virtio-console\"\n"
+    );
+    // INTx only: no MSI frame, so every interrupt goes through the swizzled lines.
+    let qroot_toml = format!(
+        "[gic]\nv2m = false\n\
+         [[device]]\nkind = \"virtio-blk\"\nimage = \"/guest/root.qcow2\"\n{link}mac = \"52:54:00:00:03:02\"\n\
+         [[device]]\nkind = \"virtio-console\"\n"
+    );
     let files = vec![
         ("guest/root.img".to_owned(), std::fs::read(&root_img)?),
-        (
-            "guest/root.toml".to_owned(),
-            b"[[device]]\nkind = \"virtio-blk\"\nimage = \"/guest/root.img\"\n[[device]]\nkind = \"virtio-console\"\n".to_vec(),
-        ),
+        ("guest/root.qcow2".to_owned(), std::fs::read(&qroot)?),
+        ("guest/root.toml".to_owned(), root_toml.into_bytes()),
+        ("guest/qroot.toml".to_owned(), qroot_toml.into_bytes()),
         ("tun.ko".to_owned(), tun),
         ("guest/vm.toml".to_owned(), vm.as_bytes().to_vec()),
+        ("guest/vm-hvc.toml".to_owned(), vm_hvc.as_bytes().to_vec()),
         (
             "guest/nodisk.toml".to_owned(),
             b"[[device]]\nkind = \"virtio-console\"\n".to_vec(),
@@ -57,15 +100,23 @@ pub fn boot_on_kvm() -> Result<()> {
         ),
         ("guest/stock.cpio".to_owned(), std::fs::read(&stock_initrd)?),
     ];
-    let r = board::run(
+    let outbox = dir.join("board-boot.outbox");
+    let r = board::run_with(
         "board-boot",
-        &[("TYPED", &typed)],
+        &[
+            ("TYPED", &typed),
+            ("TYPED_HVC", &typed_hvc),
+            ("HVC_REPLY", &reply),
+            ("ROOT_TOKEN", &root_token),
+            ("QROOT_TOKEN", &qroot_token),
+        ],
         files,
-        Duration::from_secs(900),
+        Duration::from_secs(1500),
+        Some(&outbox),
     )?;
     ensure!(
         !r.timed_out,
-        "the board did not finish within 900 s (log: {})",
+        "the board did not finish within 1500 s (log: {})",
         r.log_path.display()
     );
     ensure!(r.outer().passed("kvm_device"), "no /dev/kvm in the board");
@@ -116,9 +167,15 @@ pub fn boot_on_kvm() -> Result<()> {
     );
     // virtio-console over splitvirt's PCI, confined to the pool, with ACCESS_PLATFORM.
     ensure!(g.passed("hvc0"), "no /dev/hvc0 in the guest (log: {log})");
+    // hvc0 on a Unix socket: the guest's line reaches `splitvirt console`, its answer comes back.
     ensure!(
-        g.log.contains(&format!("hvc0-says-{hvc}")),
-        "what the guest wrote to /dev/hvc0 never reached splitvirt's stdout (log: {log})"
+        r.part("hvc").log.contains(&format!("hvc0-says-{hvc}")),
+        "what the guest wrote to /dev/hvc0 never reached the console socket (log: {log})"
+    );
+    ensure!(
+        g.value("hvc_reply") == Some(format!("hvc-reply-{reply}").as_str()),
+        "the answer on the console socket reached hvc0 as {:?} (log: {log})",
+        g.value("hvc_reply")
     );
     ensure!(
         g.log
@@ -143,6 +200,14 @@ pub fn boot_on_kvm() -> Result<()> {
     ensure!(
         g.passed("eth0") && g.passed("ping"),
         "virtio-net: no eth0 or no ping to the board (log: {log})"
+    );
+    let tap_sha = g.value("tap_tx_sha").unwrap_or_default();
+    ensure!(
+        g.passed("tcp_tap")
+            && tap_sha.len() == 64
+            && r.outer().value("tap_rx_sha") == Some(tap_sha),
+        "TCP over the TAP: the guest sent {tap_sha:?}, the board got {:?} (log: {log})",
+        r.outer().value("tap_rx_sha")
     );
     // virtio-blk: the host's file read, the guest's written and found by a second VM.
     ensure!(
@@ -171,6 +236,13 @@ pub fn boot_on_kvm() -> Result<()> {
         d.value("splitvirt_exit") == Some("0"),
         "second VM: splitvirt exited {:?}",
         d.value("splitvirt_exit")
+    );
+    // console=hvc0: the second VM's console is the virtio-console on stdio, both ways.
+    ensure!(
+        d.value("console") == Some("hvc0") && d.value("typed") == Some(typed_hvc.as_str()),
+        "console=hvc0: active console {:?}, typed line {:?}, sent {typed_hvc} (log: {log})",
+        d.value("console"),
+        d.value("typed")
     );
     std::fs::write(dir.join("kvm-guest.log"), &g.log)?;
     // doctor on this boot: every step is there (blk and net are not served yet).
@@ -212,6 +284,75 @@ pub fn boot_on_kvm() -> Result<()> {
         rt.value("splitvirt_exit") == Some("0"),
         "root=/dev/vda2 boot: splitvirt exited {:?}",
         rt.value("splitvirt_exit")
+    );
+    let q = r.part("qroot");
+    ensure!(
+        q.value("vda2_dev").is_some_and(|v| !v.is_empty())
+            && q.value("root_dev") == q.value("vda2_dev")
+            && q.value("splitvirt_exit") == Some("0"),
+        "root=/dev/vda2 from qcow2: root is {:?}, vda2 is {:?}, exit {:?} (log: {log})",
+        q.value("root_dev"),
+        q.value("vda2_dev"),
+        q.value("splitvirt_exit")
+    );
+    for (part, name) in [(&rt, "raw"), (&q, "qcow2")] {
+        ensure!(
+            part.value("host_file") == Some(root_host.as_str()),
+            "the {name} root's file from the host read {:?}",
+            part.value("host_file")
+        );
+    }
+    // INTx only for the qcow2 VM (no MSI frame), MSI-X for the other.
+    ensure!(
+        q.value("msi_irqs") == Some("0") && rt.value("msi_irqs").is_some_and(|n| n != "0"),
+        "interrupts: qcow2 VM has {:?} MSI lines (want 0), raw VM {:?}",
+        q.value("msi_irqs"),
+        rt.value("msi_irqs")
+    );
+    // The two VMs' socket link carried 4 MiB of TCP intact.
+    let sent = q.value("link_tx_sha").unwrap_or_default();
+    ensure!(
+        q.passed("link_sent") && sent.len() == 64 && rt.value("link_rx_sha") == Some(sent),
+        "VM-to-VM link: sent {sent:?}, received {:?} (log: {log})",
+        rt.value("link_rx_sha")
+    );
+    // The host finds what each root VM wrote, in the raw image and in the qcow2 image.
+    ensure!(
+        r.outer().passed("outbox"),
+        "the board could not write the outbox"
+    );
+    let back = dir.join("outbox");
+    let _ = std::fs::remove_dir_all(&back);
+    std::fs::create_dir_all(&back)?;
+    crate::env::run(
+        crate::env::cmd("tar")
+            .arg("-xf")
+            .arg(&outbox)
+            .arg("-C")
+            .arg(&back),
+    )?;
+    let raw_found = guest::read_from_p2(&back.join("root.img"), "from-guest.txt")?;
+    ensure!(
+        raw_found.trim() == root_token,
+        "the raw root image holds {raw_found:?}, the guest wrote {root_token}"
+    );
+    let check = crate::env::output(
+        crate::env::cmd("qemu-img")
+            .arg("check")
+            .arg(back.join("root.qcow2")),
+    )?;
+    ensure!(check.contains("No errors"), "qemu-img check: {check}");
+    let converted = back.join("qroot.raw");
+    crate::env::run(
+        crate::env::cmd("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(back.join("root.qcow2"))
+            .arg(&converted),
+    )?;
+    let q_found = guest::read_from_p2(&converted, "from-guest.txt")?;
+    ensure!(
+        q_found.trim() == qroot_token,
+        "the qcow2 root image holds {q_found:?}, the guest wrote {qroot_token}"
     );
     let s = r.part("stock");
     ensure!(

@@ -6,6 +6,7 @@ mod board;
 mod cpio;
 mod cross;
 mod env;
+mod fuzz;
 mod guest;
 mod kernel;
 mod kvmboot;
@@ -37,10 +38,16 @@ enum Cmd {
         #[arg(default_value = "board-smoke")]
         scenario: String,
     },
-    /// Benchmarks that print a table: `boot` (timings and memory of splitvirt on KVM).
+    /// Benchmarks that print a table: `boot` (timings and memory of splitvirt on KVM), `io`
+    /// (virtio-blk raw and qcow2, TCP over virtio-net).
     Bench {
-        #[arg(value_parser = ["boot"])]
+        #[arg(value_parser = ["boot", "io"])]
         what: String,
+    },
+    /// Run the cargo-fuzz targets (virtqueue, blk_request, ecam) for a while each.
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// Boot guests with splitvirt on KVM inside the board (the project's kernel and Debian's).
     Kvmboot,
@@ -82,6 +89,8 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Kvmboot => kvmboot::boot_on_kvm(),
+        Cmd::Fuzz { seconds } => fuzz::run_all(seconds),
+        Cmd::Bench { what } if what == "io" => bench::io(),
         Cmd::Bench { .. } => bench::boot(),
         Cmd::Realboot => {
             realboot::good_boot()?;

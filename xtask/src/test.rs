@@ -5,8 +5,9 @@ use crate::{board, kernel, kvmboot, realboot, schema};
 use anyhow::{bail, Context, Result};
 use std::time::Instant;
 
-/// What `cargo test` needs from Debian: dtc for the device tree tests, cpio to list archives.
-pub const APT_PACKAGES: &[&str] = &["device-tree-compiler", "cpio"];
+/// What `cargo test` needs from Debian: dtc for the device tree tests, cpio to list archives,
+/// qemu-img to make and check qcow2 images.
+pub const APT_PACKAGES: &[&str] = &["device-tree-compiler", "cpio", "qemu-utils"];
 
 struct Steps {
     passed: Vec<String>,
@@ -54,6 +55,7 @@ pub fn all() -> Result<()> {
         ]))
     });
     s.step("cargo test", || run(cargo().args(["test", "--workspace"])));
+    s.step("cargo fuzz: 20 s per target", || crate::fuzz::run_all(20));
     s.step("dt-validate on generated device trees", || {
         dt_validate(&schema)
     });

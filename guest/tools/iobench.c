@@ -1,0 +1,139 @@
+/* Guest-side I/O benchmark for `cargo xtask bench io` (static aarch64, no libc extras):
+ *   iobench seq-write DEV MIB     sequential 1 MiB writes with O_DIRECT, then fsync
+ *   iobench seq-read DEV MIB      sequential 1 MiB reads with O_DIRECT
+ *   iobench rand-read DEV SECONDS 4 KiB reads at random aligned offsets, O_DIRECT
+ *   iobench tcp-send IP PORT MIB  MIB of zeros over one TCP connection
+ * Each prints one line: "@@ VALUE <name> <number>" (MB/s or IOPS), read by the xtask. */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/fs.h>
+
+static double now(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+static int open_dev(const char *path, int flags)
+{
+	int fd = open(path, flags | O_DIRECT);
+	if (fd < 0) {
+		perror(path);
+		exit(1);
+	}
+	return fd;
+}
+
+static void *aligned(size_t n)
+{
+	void *p;
+	if (posix_memalign(&p, 4096, n)) {
+		perror("posix_memalign");
+		exit(1);
+	}
+	memset(p, 0xa5, n);
+	return p;
+}
+
+static int seq(const char *dev, long mib, int writing)
+{
+	int fd = open_dev(dev, writing ? O_WRONLY : O_RDONLY);
+	char *buf = aligned(1 << 20);
+	double t0 = now();
+	for (long i = 0; i < mib; i++) {
+		ssize_t n = writing ? pwrite(fd, buf, 1 << 20, (off_t)i << 20)
+				    : pread(fd, buf, 1 << 20, (off_t)i << 20);
+		if (n != 1 << 20) {
+			perror(writing ? "pwrite" : "pread");
+			return 1;
+		}
+	}
+	if (writing && fsync(fd)) {
+		perror("fsync");
+		return 1;
+	}
+	double dt = now() - t0;
+	printf("@@ VALUE %s_mbps %.1f\n", writing ? "seq_write" : "seq_read", mib * 1.048576 / dt);
+	return 0;
+}
+
+static int rand_read(const char *dev, double seconds)
+{
+	int fd = open_dev(dev, O_RDONLY);
+	uint64_t size = 0;
+	if (ioctl(fd, BLKGETSIZE64, &size) || size < 8192) {
+		fprintf(stderr, "%s: no size\n", dev);
+		return 1;
+	}
+	char *buf = aligned(4096);
+	uint64_t blocks = size / 4096, x = 88172645463325252ull, ops = 0;
+	double t0 = now(), t;
+	do {
+		for (int i = 0; i < 64; i++) {
+			x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+			if (pread(fd, buf, 4096, (off_t)(x % blocks) * 4096) != 4096) {
+				perror("pread");
+				return 1;
+			}
+			ops++;
+		}
+		t = now();
+	} while (t - t0 < seconds);
+	printf("@@ VALUE rand_read_iops %.0f\n", ops / (t - t0));
+	return 0;
+}
+
+static int tcp_send(const char *ip, int port, long mib)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(port) };
+	if (inet_pton(AF_INET, ip, &a.sin_addr) != 1)
+		return 1;
+	int s = socket(AF_INET, SOCK_STREAM, 0);
+	for (int tries = 0; connect(s, (struct sockaddr *)&a, sizeof a); tries++) {
+		if (tries > 100) {
+			perror("connect");
+			return 1;
+		}
+		sleep(1);
+	}
+	static char buf[1 << 16];
+	double t0 = now();
+	for (long sent = 0; sent < mib << 20;) {
+		ssize_t n = send(s, buf, sizeof buf, 0);
+		if (n <= 0) {
+			perror("send");
+			return 1;
+		}
+		sent += n;
+	}
+	shutdown(s, SHUT_WR);
+	/* The receiver closes after it has read everything: that is the end of the transfer. */
+	while (recv(s, buf, sizeof buf, 0) > 0)
+		;
+	printf("@@ VALUE tcp_mbps %.1f\n", mib * 1.048576 / (now() - t0));
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc == 4 && !strcmp(argv[1], "seq-write"))
+		return seq(argv[2], atol(argv[3]), 1);
+	if (argc == 4 && !strcmp(argv[1], "seq-read"))
+		return seq(argv[2], atol(argv[3]), 0);
+	if (argc == 4 && !strcmp(argv[1], "rand-read"))
+		return rand_read(argv[2], atof(argv[3]));
+	if (argc == 5 && !strcmp(argv[1], "tcp-send"))
+		return tcp_send(argv[2], atoi(argv[3]), atol(argv[4]));
+	fprintf(stderr, "usage: iobench seq-write|seq-read DEV MIB | rand-read DEV SECONDS | tcp-send IP PORT MIB\n");
+	return 2;
+}

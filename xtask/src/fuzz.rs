@@ -1,0 +1,44 @@
+//! `cargo xtask fuzz`: the cargo-fuzz targets in fuzz/ (virtqueue walk, blk requests, ECAM),
+//! each for a while. Installs cargo-fuzz from crates.io when missing. libFuzzer's coverage
+//! instrumentation works on the stable toolchain; sanitizers need nightly, which this machine
+//! cannot fetch, so the targets run without them (Rust's own bounds checks still abort).
+
+use crate::env::{cargo, root, run};
+use anyhow::{Context, Result};
+
+pub const TARGETS: &[&str] = &["virtqueue", "blk_request", "ecam"];
+const CARGO_FUZZ: &str = "0.13.2";
+
+fn ensure_cargo_fuzz() -> Result<()> {
+    let have = cargo()
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        println!("==> installing cargo-fuzz {CARGO_FUZZ}");
+        run(cargo().args([
+            "install",
+            "--locked",
+            "--quiet",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ,
+        ]))?;
+    }
+    Ok(())
+}
+
+/// Runs every target for `seconds`; a crash fails with the input saved under fuzz/artifacts.
+pub fn run_all(seconds: u64) -> Result<()> {
+    ensure_cargo_fuzz()?;
+    for t in TARGETS {
+        println!("==> fuzzing {t} for {seconds} s");
+        run(cargo()
+            .current_dir(root().join("fuzz"))
+            .args(["fuzz", "run", "--sanitizer", "none", t, "--"])
+            .arg(format!("-max_total_time={seconds}"))
+            .arg("-print_final_stats=1"))
+        .with_context(|| format!("fuzz target {t} found a failure (see fuzz/artifacts/{t})"))?;
+    }
+    Ok(())
+}
