@@ -231,7 +231,7 @@ impl Block {
         let mut ready = Vec::new();
         {
             let mut q = active.queue.lock().unwrap_or_else(|e| e.into_inner());
-            while let Some(chain) = q.pop_descriptor_chain(&active.mem) {
+            while let Some(chain) = crate::next_chain(&mut q, &active.mem) {
                 let head = chain.head_index();
                 let mut descs = Vec::new();
                 for d in chain {

@@ -49,7 +49,7 @@ impl Console {
         let err = |what: String| DeviceError::Queue { queue: RX, what };
         let mut used_any = false;
         while !self.input.is_empty() {
-            let Some(chain) = q.pop_descriptor_chain(&*mem) else {
+            let Some(chain) = crate::next_chain(q, &*mem) else {
                 break;
             };
             let head = chain.head_index();
@@ -87,7 +87,7 @@ impl Console {
         let q = &mut queues[usize::from(TX)];
         let err = |what: String| DeviceError::Queue { queue: TX, what };
         let mut used_any = false;
-        while let Some(chain) = q.pop_descriptor_chain(&*mem) {
+        while let Some(chain) = crate::next_chain(q, &*mem) {
             let head = chain.head_index();
             for (n, d) in chain.enumerate() {
                 if n >= MAX_CHAIN {

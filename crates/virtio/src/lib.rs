@@ -27,6 +27,23 @@ pub fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
+/// The next available chain of `q`. When there is none, guest notifications are re-armed (with
+/// VIRTIO_F_EVENT_IDX: the avail event moves to where the device stands) and the ring is looked
+/// at once more, so that a chain the driver added meanwhile, without a kick, is not missed.
+pub fn next_chain<'a>(
+    q: &mut Queue,
+    mem: &'a Memory,
+) -> Option<virtio_queue::DescriptorChain<&'a Memory>> {
+    use virtio_queue::QueueT;
+    if let Some(c) = q.pop_descriptor_chain(mem) {
+        return Some(c);
+    }
+    match q.enable_notification(mem) {
+        Ok(true) => q.pop_descriptor_chain(mem),
+        _ => None,
+    }
+}
+
 /// Feature bits every splitvirt device offers.
 pub const F_VERSION_1: u64 = 1 << 32;
 /// The device reaches memory through the platform's DMA translation: Linux then sends rings

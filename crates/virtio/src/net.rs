@@ -61,7 +61,7 @@ impl Net {
         let err = |what: String| DeviceError::Queue { queue: RX, what };
         let mut used = false;
         while let Some(frame) = self.backlog.front() {
-            let Some(chain) = q.pop_descriptor_chain(&*mem) else {
+            let Some(chain) = crate::next_chain(q, &*mem) else {
                 break;
             };
             let head = chain.head_index();
@@ -108,7 +108,7 @@ impl Net {
         let q = &mut queues[usize::from(TX)];
         let err = |what: String| DeviceError::Queue { queue: TX, what };
         let mut used = false;
-        while let Some(chain) = q.pop_descriptor_chain(&*mem) {
+        while let Some(chain) = crate::next_chain(q, &*mem) {
             let head = chain.head_index();
             let mut packet = Vec::new();
             for (n, d) in chain.enumerate() {

@@ -184,7 +184,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
     }
 
     fn offered(&self) -> u64 {
-        self.device.features() | F_VERSION_1 | F_ACCESS_PLATFORM
+        self.device.features() | F_VERSION_1 | F_ACCESS_PLATFORM | crate::F_EVENT_IDX
     }
 
     fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {

@@ -62,6 +62,33 @@ fn transmit_reaches_the_host_through_the_pool() {
     assert_eq!(g.r(ISR, 1), 0);
 }
 
+/// VIRTIO_F_EVENT_IDX: the device tells the driver where to kick (avail_event) and honours
+/// where the driver wants an interrupt (used_event).
+#[test]
+fn event_index_moves_the_avail_event_and_suppresses_interrupts() {
+    let (mut g, out) = console();
+    g.w(0x00, 0, 4);
+    assert_ne!(g.r(0x04, 4) & virtio::F_EVENT_IDX, 0, "offered");
+    g.start(1, virtio::F_EVENT_IDX);
+    let avail_event = GuestAddress(USED + 4 + 8 * u64::from(QSIZE));
+    let used_event = GuestAddress(AVAIL + 4 + 2 * u64::from(QSIZE));
+    g.mem.write_obj(0u16, used_event).unwrap();
+    g.mem.write_slice(b"one", GuestAddress(BUF)).unwrap();
+    g.post(1, &[(BUF, 3, false)]);
+    let ev: u16 = g.mem.read_obj(avail_event).unwrap();
+    assert_eq!(ev, 1, "kick me when chain 1 is added");
+    let raised = g.sig.intx.lock().unwrap().iter().filter(|&&l| l).count();
+    assert_eq!(raised, 1, "used_event 0 asks for this interrupt");
+    g.r(ISR, 1);
+    // The driver wants no interrupt before its 10th used entry.
+    g.mem.write_obj(10u16, used_event).unwrap();
+    g.post(1, &[(BUF, 3, false)]);
+    assert_eq!(g.used_idx(), 2);
+    let raised = g.sig.intx.lock().unwrap().iter().filter(|&&l| l).count();
+    assert_eq!(raised, 1, "suppressed by used_event");
+    assert_eq!(&*out.0.lock().unwrap(), b"oneone");
+}
+
 #[test]
 fn receive_fills_posted_buffers_with_host_input() {
     let (mut g, _) = console();
