@@ -1,0 +1,184 @@
+//! The backend's side: it serves the requests of the proxy to its PCI functions, in ring order
+//! and on one thread (so that a read sees every write posted before it), and sends interrupts
+//! and log lines from any thread.
+
+use crate::proxy::Registration;
+use crate::shm::{Doorbell, Region, RingError};
+use crate::wire::{Msg, Op};
+use pci::PciFunction;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The backend's way out: the reply ring and the proxy's doorbell, shared by the serving
+/// thread and the devices' interrupt paths.
+pub struct Outbox {
+    region: Arc<Region>,
+    to_proxy: Doorbell,
+    lock: Mutex<()>,
+}
+
+impl Outbox {
+    pub fn new(region: Arc<Region>, to_proxy: Doorbell) -> Arc<Outbox> {
+        Arc::new(Outbox {
+            region,
+            to_proxy,
+            lock: Mutex::new(()),
+        })
+    }
+
+    pub fn send(&self, m: &Msg) -> Result<(), RingError> {
+        {
+            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.region.replies().push(m, Duration::from_secs(1))?;
+        }
+        self.to_proxy.ring();
+        Ok(())
+    }
+
+    pub fn intx(&self, dev: u8, level: bool) {
+        let _ = self.send(&Msg {
+            dev,
+            w1: u64::from(level),
+            ..Msg::new(Op::Intx)
+        });
+    }
+
+    pub fn msi(&self, addr: u64, data: u32) {
+        let _ = self.send(&Msg {
+            w1: addr,
+            w2: u64::from(data),
+            ..Msg::new(Op::Msi)
+        });
+    }
+
+    pub fn log(&self, text: &str) {
+        for m in Msg::log(text) {
+            let _ = self.send(&m);
+        }
+    }
+}
+
+/// How the serving loop waits for work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// Sleep on the doorbell.
+    Block,
+    /// Look at the ring for this long before sleeping (lower latency, a busy core).
+    Poll(Duration),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("request ring: {0}")]
+    Ring(RingError),
+    #[error("the proxy went away")]
+    Gone,
+}
+
+/// Registers `devices`, then serves requests until `stop` is set or the ring breaks.
+pub fn serve(
+    region: &Region,
+    from_proxy: &Doorbell,
+    out: &Outbox,
+    devices: &mut [(Registration, Box<dyn PciFunction>)],
+    stop: &AtomicBool,
+    wait: Wait,
+) -> Result<(), ServeError> {
+    for (r, _) in devices.iter() {
+        out.send(&r.to_msg()).map_err(ServeError::Ring)?;
+    }
+    out.send(&Msg::new(Op::Ready)).map_err(ServeError::Ring)?;
+    let mut refused = 0u64;
+    while !stop.load(Ordering::Acquire) {
+        let mut worked = false;
+        loop {
+            let m = match region.requests().pop() {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(RingError::Wire(e)) => {
+                    refused += 1;
+                    if refused <= 8 {
+                        out.log(&format!("refused a malformed request: {e}"));
+                    }
+                    continue;
+                }
+                Err(e) => return Err(ServeError::Ring(e)),
+            };
+            worked = true;
+            if let Some(reply) = handle(&m, devices, out) {
+                out.send(&reply).map_err(ServeError::Ring)?;
+            }
+        }
+        if worked {
+            continue;
+        }
+        match wait {
+            Wait::Block => {
+                from_proxy.wait(Some(Duration::from_millis(100)));
+            }
+            Wait::Poll(d) => {
+                let until = Instant::now() + d;
+                while Instant::now() < until && region.requests_pending() == 0 {
+                    std::hint::spin_loop();
+                }
+                if region.requests_pending() == 0 {
+                    from_proxy.wait(Some(Duration::from_millis(100)));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn handle(
+    m: &Msg,
+    devices: &mut [(Registration, Box<dyn PciFunction>)],
+    out: &Outbox,
+) -> Option<Msg> {
+    let reply = |w2: u64| Msg {
+        id: m.id,
+        dev: m.dev,
+        len: m.len,
+        w2,
+        ..Msg::new(Op::Reply)
+    };
+    let f = devices
+        .iter_mut()
+        .find(|(r, _)| r.dev == m.dev)
+        .map(|(_, f)| f);
+    match m.op {
+        Op::Ping => Some(reply(m.w2)),
+        Op::Start => None,
+        Op::Read => {
+            let Some(f) = f else {
+                out.log(&format!("read of unknown device {}", m.dev));
+                return Some(reply(u64::MAX));
+            };
+            let mut b = [0u8; 8];
+            let data = &mut b[..usize::from(m.len)];
+            match m.space {
+                0 => f.config_read(m.w1, data),
+                s => f.bar_read(usize::from(s - 1), m.w1, data),
+            }
+            Some(reply(u64::from_le_bytes(b)))
+        }
+        Op::Write => {
+            let Some(f) = f else {
+                out.log(&format!("write to unknown device {}", m.dev));
+                return None;
+            };
+            let b = m.w2.to_le_bytes();
+            let data = &b[..usize::from(m.len)];
+            match m.space {
+                0 => f.config_write(m.w1, data),
+                s => f.bar_write(usize::from(s - 1), m.w1, data),
+            }
+            None
+        }
+        op => {
+            out.log(&format!("refused {op:?}: only the backend sends it"));
+            None
+        }
+    }
+}

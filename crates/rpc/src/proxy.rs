@@ -1,0 +1,408 @@
+//! The VMM's side: it stands in for every remote PCI function. A vCPU's read becomes a Read
+//! message and waits for its Reply (bounded by a timeout); writes are posted. One thread drains
+//! the backend's ring: replies go to the thread that waits for them, interrupts and log lines
+//! to the VMM. No lock is held while a vCPU waits: the request lock covers only the copy into
+//! the ring, so one slow access never blocks another vCPU's (the original system's deadlock).
+
+use crate::shm::{Doorbell, Region, RingError};
+use crate::wire::{Msg, Op};
+use pci::{BarKind, ConfigSpace, PciFunction};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// What the backend asks of the VMM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Intx {
+        dev: u8,
+        level: bool,
+    },
+    Msi {
+        addr: u64,
+        data: u32,
+    },
+    /// The backend is gone or broke the protocol: every access now fails at once.
+    Dead(String),
+}
+
+/// A device the backend registered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Registration {
+    pub dev: u8,
+    pub vendor: u16,
+    pub device: u16,
+    pub class: u32,
+    pub revision: u8,
+    pub bar0_size: u64,
+    pub bar0_64bit: bool,
+    pub bar0_prefetchable: bool,
+    pub intx_pin: u8,
+}
+
+impl Registration {
+    pub fn to_msg(&self) -> Msg {
+        Msg {
+            dev: self.dev,
+            w1: u64::from(self.vendor)
+                | u64::from(self.device) << 16
+                | u64::from(self.class & 0xff_ffff) << 32
+                | u64::from(self.revision) << 56,
+            w2: self.bar0_size,
+            w3: u64::from(self.bar0_64bit)
+                | u64::from(self.bar0_prefetchable) << 1
+                | u64::from(self.intx_pin) << 8,
+            ..Msg::new(Op::Register)
+        }
+    }
+
+    fn from_msg(m: &Msg) -> Registration {
+        Registration {
+            dev: m.dev,
+            vendor: m.w1 as u16,
+            device: (m.w1 >> 16) as u16,
+            class: (m.w1 >> 32) as u32 & 0xff_ffff,
+            revision: (m.w1 >> 56) as u8,
+            bar0_size: m.w2,
+            bar0_64bit: m.w3 & 1 != 0,
+            bar0_prefetchable: m.w3 & 2 != 0,
+            intx_pin: (m.w3 >> 8) as u8,
+        }
+    }
+}
+
+struct Waiter {
+    value: Mutex<Option<u64>>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct Startup {
+    registered: Vec<Registration>,
+    ready: bool,
+}
+
+pub struct Proxy {
+    region: Arc<Region>,
+    to_backend: Doorbell,
+    send: Mutex<()>,
+    pending: Mutex<HashMap<u16, Arc<Waiter>>>,
+    next_id: AtomicU16,
+    dead: AtomicBool,
+    startup: Mutex<Startup>,
+    startup_cv: Condvar,
+    events: Mutex<Box<dyn FnMut(Event) + Send>>,
+    /// How long a read waits for its reply.
+    pub timeout: Duration,
+}
+
+thread_local! {
+    static WAITER: Arc<Waiter> = Arc::new(Waiter { value: Mutex::new(None), cv: Condvar::new() });
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const ALL_ONES: u64 = u64::MAX;
+
+impl Proxy {
+    /// Starts the thread that drains the backend's ring (woken by `from_backend`).
+    pub fn start(
+        region: Arc<Region>,
+        to_backend: Doorbell,
+        from_backend: Doorbell,
+        events: Box<dyn FnMut(Event) + Send>,
+        timeout: Duration,
+    ) -> Arc<Proxy> {
+        let p = Arc::new(Proxy {
+            region,
+            to_backend,
+            send: Mutex::new(()),
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU16::new(1),
+            dead: AtomicBool::new(false),
+            startup: Mutex::default(),
+            startup_cv: Condvar::new(),
+            events: Mutex::new(events),
+            timeout,
+        });
+        let q = p.clone();
+        let _ = std::thread::Builder::new()
+            .name("rpc-replies".into())
+            .spawn(move || q.drain_loop(&from_backend));
+        p
+    }
+
+    fn drain_loop(&self, bell: &Doorbell) {
+        let mut log = Vec::new();
+        while !self.dead.load(Ordering::Acquire) {
+            bell.wait(Some(Duration::from_millis(100)));
+            loop {
+                let m = match self.region.replies().pop() {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(RingError::Wire(e)) => {
+                        eprintln!("splitvirt: backend sent a bad message ({e}); ignored");
+                        continue;
+                    }
+                    Err(e) => {
+                        self.fail(&format!("backend's ring: {e}"));
+                        return;
+                    }
+                };
+                self.dispatch(m, &mut log);
+            }
+        }
+    }
+
+    fn dispatch(&self, m: Msg, log: &mut Vec<u8>) {
+        match m.op {
+            Op::Reply => {
+                if let Some(w) = lock(&self.pending).remove(&m.id) {
+                    *lock(&w.value) = Some(m.w2);
+                    w.cv.notify_all();
+                }
+                // A reply nobody waits for (it timed out, or a forged id) is dropped.
+            }
+            Op::Intx => (lock(&self.events))(Event::Intx {
+                dev: m.dev,
+                level: m.w1 == 1,
+            }),
+            Op::Msi => (lock(&self.events))(Event::Msi {
+                addr: m.w1,
+                data: m.w2 as u32,
+            }),
+            Op::Log => {
+                if log.len() < 4096 {
+                    log.extend(m.log_bytes());
+                }
+                if m.space == 0 {
+                    eprintln!(
+                        "splitvirt-backend: {}",
+                        String::from_utf8_lossy(log).trim_end()
+                    );
+                    log.clear();
+                }
+            }
+            Op::Register => {
+                let mut s = lock(&self.startup);
+                if !s.ready && s.registered.len() < 32 {
+                    s.registered.push(Registration::from_msg(&m));
+                }
+            }
+            Op::Ready => {
+                lock(&self.startup).ready = true;
+                self.startup_cv.notify_all();
+            }
+            op => eprintln!("splitvirt: backend sent {op:?}, which only the proxy sends; ignored"),
+        }
+    }
+
+    /// The devices the backend registered, once it says Ready (None on timeout or death).
+    pub fn registrations(&self, timeout: Duration) -> Option<Vec<Registration>> {
+        let s = lock(&self.startup);
+        let (s, _) = self
+            .startup_cv
+            .wait_timeout_while(s, timeout, |s| {
+                !s.ready && !self.dead.load(Ordering::Acquire)
+            })
+            .unwrap_or_else(|e| e.into_inner());
+        s.ready.then(|| s.registered.clone())
+    }
+
+    /// Marks the backend dead: waiting reads return all ones now, later ones at once.
+    pub fn fail(&self, why: &str) {
+        if self.dead.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        eprintln!("splitvirt: backend lost: {why}");
+        for (_, w) in lock(&self.pending).drain() {
+            *lock(&w.value) = Some(ALL_ONES);
+            w.cv.notify_all();
+        }
+        self.startup_cv.notify_all();
+        (lock(&self.events))(Event::Dead(why.to_owned()));
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+
+    fn push(&self, m: &Msg) -> bool {
+        let r = {
+            let _g = lock(&self.send);
+            self.region.requests().push(m, self.timeout)
+        };
+        match r {
+            Ok(()) => {
+                self.to_backend.ring();
+                true
+            }
+            Err(e) => {
+                self.fail(&format!("request ring: {e}"));
+                false
+            }
+        }
+    }
+
+    /// Sends Start: the guest runs from now on.
+    pub fn start_devices(&self) {
+        self.push(&Msg::new(Op::Start));
+    }
+
+    /// A read of `len` (1, 2, 4 or 8) bytes; all ones when the backend fails or is too slow.
+    pub fn read(&self, dev: u8, space: u8, off: u64, len: u8) -> u64 {
+        self.round_trip(Msg {
+            dev,
+            space,
+            len,
+            w1: off,
+            ..Msg::new(Op::Read)
+        })
+    }
+
+    /// A round trip with no device work (for measurement): returns `v` back.
+    pub fn ping(&self, v: u64) -> u64 {
+        self.round_trip(Msg {
+            w2: v,
+            ..Msg::new(Op::Ping)
+        })
+    }
+
+    fn round_trip(&self, mut m: Msg) -> u64 {
+        if self.is_dead() {
+            return ALL_ONES;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        m.id = id;
+        let w = WAITER.with(|w| w.clone());
+        *lock(&w.value) = None;
+        lock(&self.pending).insert(id, w.clone());
+        if !self.push(&m) {
+            lock(&self.pending).remove(&id);
+            return ALL_ONES;
+        }
+        let deadline = Instant::now() + self.timeout;
+        let mut v = lock(&w.value);
+        while v.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                drop(v);
+                lock(&self.pending).remove(&id);
+                eprintln!(
+                    "splitvirt: backend did not answer {:?} of device {} within {:?}",
+                    m.op, m.dev, self.timeout
+                );
+                return ALL_ONES;
+            }
+            v =
+                w.cv.wait_timeout(v, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+        }
+        v.take().unwrap_or(ALL_ONES)
+    }
+
+    /// A posted write of `len` bytes of `value`.
+    pub fn write(&self, dev: u8, space: u8, off: u64, len: u8, value: u64) {
+        if !self.is_dead() {
+            self.push(&Msg {
+                dev,
+                space,
+                len,
+                w1: off,
+                w2: value,
+                ..Msg::new(Op::Write)
+            });
+        }
+    }
+}
+
+/// A PCI function served by the backend. BAR decoding needs no round trip: the proxy keeps its
+/// own copy of the function's BAR and command registers, updated by the same config writes.
+pub struct RemoteFunction {
+    proxy: Arc<Proxy>,
+    dev: u8,
+    mirror: ConfigSpace,
+}
+
+impl RemoteFunction {
+    pub fn new(proxy: Arc<Proxy>, r: &Registration, bar0_addr: u64) -> RemoteFunction {
+        let mut mirror = ConfigSpace::new(r.vendor, r.device, r.class, r.revision);
+        let kind = if r.bar0_64bit {
+            BarKind::Mem64 {
+                prefetchable: r.bar0_prefetchable,
+            }
+        } else {
+            BarKind::Mem32 {
+                prefetchable: r.bar0_prefetchable,
+            }
+        };
+        mirror.set_bar(0, r.bar0_size, kind, bar0_addr);
+        RemoteFunction {
+            proxy,
+            dev: r.dev,
+            mirror,
+        }
+    }
+
+    /// Splits an access into naturally sized pieces the wire carries.
+    fn each_piece(data_len: usize, mut f: impl FnMut(usize, u8)) {
+        let mut at = 0;
+        while at < data_len {
+            let n = match data_len - at {
+                8.. => 8,
+                4..=7 => 4,
+                2..=3 => 2,
+                _ => 1,
+            };
+            f(at, n as u8);
+            at += n;
+        }
+    }
+
+    fn read(&self, space: u8, off: u64, data: &mut [u8]) {
+        let len = data.len();
+        Self::each_piece(len, |at, n| {
+            let v = self
+                .proxy
+                .read(self.dev, space, off.wrapping_add(at as u64), n);
+            data[at..at + usize::from(n)].copy_from_slice(&v.to_le_bytes()[..usize::from(n)]);
+        });
+    }
+
+    fn write(&self, space: u8, off: u64, data: &[u8]) {
+        Self::each_piece(data.len(), |at, n| {
+            let mut b = [0u8; 8];
+            b[..usize::from(n)].copy_from_slice(&data[at..at + usize::from(n)]);
+            self.proxy.write(
+                self.dev,
+                space,
+                off.wrapping_add(at as u64),
+                n,
+                u64::from_le_bytes(b),
+            );
+        });
+    }
+}
+
+impl PciFunction for RemoteFunction {
+    fn config_read(&mut self, off: u64, data: &mut [u8]) {
+        self.read(0, off, data);
+    }
+    fn config_write(&mut self, off: u64, data: &[u8]) {
+        self.mirror.write(off, data);
+        self.write(0, off, data);
+    }
+    fn bar_address(&self, bar: usize) -> Option<(u64, u64)> {
+        self.mirror.bar_address(bar)
+    }
+    fn bar_read(&mut self, bar: usize, off: u64, data: &mut [u8]) {
+        self.read(bar as u8 + 1, off, data);
+    }
+    fn bar_write(&mut self, bar: usize, off: u64, data: &[u8]) {
+        self.write(bar as u8 + 1, off, data);
+    }
+}

@@ -1,0 +1,353 @@
+//! The control region: a memfd both processes map, holding a header and two rings of messages
+//! (docs/RPC.md, "Control region"), and the eventfd doorbells that wake the other side.
+//!
+//! Each ring has one producer and one consumer (a side with several producing threads takes a
+//! lock around `push`, held only for the copy). Indices are free-running u32s; the producer
+//! publishes `head` with release ordering after writing the slot, the consumer `tail` after
+//! reading it. Both indices are written by the peer and checked before use: a ring whose
+//! `head - tail` exceeds its size is corrupt, and the side that sees it stops using it.
+
+use crate::wire::{Msg, WireError};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+pub const MAGIC: u64 = u64::from_le_bytes(*b"svRPC\0\0\x01");
+pub const VERSION: u32 = 1;
+/// Messages per ring.
+pub const SLOTS: u32 = 256;
+const SLOT: usize = 32;
+/// Ring layout: head at +0, tail at +64 (own cache lines), slots from +128.
+const RING_HDR: usize = 128;
+const RING_BYTES: usize = RING_HDR + SLOTS as usize * SLOT;
+/// Offsets in the region: header page, then the request ring, then the reply ring.
+pub const REQUESTS_AT: usize = 0x1000;
+pub const REPLIES_AT: usize = REQUESTS_AT + RING_BYTES.next_multiple_of(0x1000);
+pub const SIZE: usize = REPLIES_AT + RING_BYTES.next_multiple_of(0x1000);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    #[error("ring corrupt: head {head} tail {tail}")]
+    Corrupt { head: u32, tail: u32 },
+    #[error("ring full for {0:?}")]
+    Full(Duration),
+    #[error("bad message: {0}")]
+    Wire(#[from] WireError),
+}
+
+/// A shared mapping of a memfd; unmapped on drop.
+pub struct Region {
+    ptr: *mut u8,
+    len: usize,
+    fd: OwnedFd,
+}
+
+// SAFETY: the mapping is only touched through atomics and volatile copies.
+unsafe impl Send for Region {}
+// SAFETY: as above.
+unsafe impl Sync for Region {}
+
+impl Region {
+    /// A new zeroed control region with its header written.
+    pub fn create() -> io::Result<Region> {
+        // SAFETY: memfd_create with a static name; the fd is ours.
+        let fd = unsafe { libc::memfd_create(c"splitvirt-rpc".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is new and ours.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: ftruncate on our fd.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), SIZE as libc::off_t) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let r = Region::map(fd)?;
+        r.u64_at(0).store(MAGIC, Ordering::Relaxed);
+        r.u32_at(8).store(VERSION, Ordering::Relaxed);
+        r.u32_at(12).store(SLOTS, Ordering::Relaxed);
+        r.u32_at(16).store(REQUESTS_AT as u32, Ordering::Relaxed);
+        r.u32_at(20).store(REPLIES_AT as u32, Ordering::Release);
+        Ok(r)
+    }
+
+    /// Maps a region made by the peer, checking its size and header.
+    pub fn open(fd: OwnedFd) -> io::Result<Region> {
+        let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+        // SAFETY: fstat into a zeroed stat buffer.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if st.st_size as usize != SIZE {
+            return Err(bad(format!(
+                "control region is {} bytes, not {SIZE}",
+                st.st_size
+            )));
+        }
+        let r = Region::map(fd)?;
+        let (magic, version) = (
+            r.u64_at(0).load(Ordering::Acquire),
+            r.u32_at(8).load(Ordering::Acquire),
+        );
+        if magic != MAGIC || version != VERSION || r.u32_at(12).load(Ordering::Relaxed) != SLOTS {
+            return Err(bad(format!(
+                "control region header: magic {magic:#x} version {version} (want {MAGIC:#x} {VERSION})"
+            )));
+        }
+        Ok(r)
+    }
+
+    fn map(fd: OwnedFd) -> io::Result<Region> {
+        // SAFETY: a fresh shared mapping of SIZE bytes of our fd.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Region {
+            ptr: ptr.cast(),
+            len: SIZE,
+            fd,
+        })
+    }
+
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    fn u32_at(&self, off: usize) -> &AtomicU32 {
+        assert!(off.is_multiple_of(4) && off + 4 <= self.len);
+        // SAFETY: in bounds, aligned, and the mapping lives as long as &self.
+        unsafe { AtomicU32::from_ptr(self.ptr.add(off).cast()) }
+    }
+
+    fn u64_at(&self, off: usize) -> &AtomicU64 {
+        assert!(off.is_multiple_of(8) && off + 8 <= self.len);
+        // SAFETY: in bounds, aligned, and the mapping lives as long as &self.
+        unsafe { AtomicU64::from_ptr(self.ptr.add(off).cast()) }
+    }
+
+    /// Requests waiting for the backend (for its polling loop).
+    pub fn requests_pending(&self) -> u32 {
+        let q = self.requests();
+        q.head()
+            .load(Ordering::Acquire)
+            .wrapping_sub(q.tail().load(Ordering::Relaxed))
+    }
+
+    /// The ring the proxy produces into.
+    pub fn requests(&self) -> Ring<'_> {
+        Ring {
+            r: self,
+            at: REQUESTS_AT,
+        }
+    }
+
+    /// The ring the backend produces into.
+    pub fn replies(&self) -> Ring<'_> {
+        Ring {
+            r: self,
+            at: REPLIES_AT,
+        }
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+pub struct Ring<'a> {
+    r: &'a Region,
+    at: usize,
+}
+
+impl Ring<'_> {
+    fn head(&self) -> &AtomicU32 {
+        self.r.u32_at(self.at)
+    }
+    fn tail(&self) -> &AtomicU32 {
+        self.r.u32_at(self.at + 64)
+    }
+    fn slot(&self, i: u32) -> usize {
+        self.at + RING_HDR + (i % SLOTS) as usize * SLOT
+    }
+
+    /// Producer side. Waits up to `wait` for room (the consumer may be slow), then gives up.
+    pub fn push(&self, m: &Msg, wait: Duration) -> Result<(), RingError> {
+        let head = self.head().load(Ordering::Relaxed);
+        let deadline = Instant::now() + wait;
+        loop {
+            let tail = self.tail().load(Ordering::Acquire);
+            let used = head.wrapping_sub(tail);
+            if used > SLOTS {
+                return Err(RingError::Corrupt { head, tail });
+            }
+            if used < SLOTS {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(RingError::Full(wait));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        let s = self.slot(head);
+        for (k, w) in m.encode().into_iter().enumerate() {
+            self.r.u64_at(s + 8 * k).store(w, Ordering::Relaxed);
+        }
+        self.head().store(head.wrapping_add(1), Ordering::Release);
+        Ok(())
+    }
+
+    /// Consumer side: the next message, if any. A message that does not decode is consumed
+    /// and returned as the error (the caller logs it and goes on).
+    pub fn pop(&self) -> Result<Option<Msg>, RingError> {
+        let tail = self.tail().load(Ordering::Relaxed);
+        let head = self.head().load(Ordering::Acquire);
+        let used = head.wrapping_sub(tail);
+        if used > SLOTS {
+            return Err(RingError::Corrupt { head, tail });
+        }
+        if used == 0 {
+            return Ok(None);
+        }
+        let s = self.slot(tail);
+        let mut w = [0u64; 4];
+        for (k, x) in w.iter_mut().enumerate() {
+            *x = self.r.u64_at(s + 8 * k).load(Ordering::Relaxed);
+        }
+        self.tail().store(tail.wrapping_add(1), Ordering::Release);
+        Ok(Some(Msg::decode(w)?))
+    }
+}
+
+/// An eventfd: `ring` wakes whoever waits on the other side.
+pub struct Doorbell(OwnedFd);
+
+impl Doorbell {
+    pub fn new() -> io::Result<Doorbell> {
+        // SAFETY: eventfd returns a new fd or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is new and ours.
+        Ok(Doorbell(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    pub fn from_fd(fd: OwnedFd) -> Doorbell {
+        Doorbell(fd)
+    }
+
+    pub fn fd(&self) -> &OwnedFd {
+        &self.0
+    }
+
+    pub fn ring(&self) {
+        let one = 1u64;
+        // SAFETY: an 8-byte write from a local to our eventfd.
+        let _ = unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Waits up to `timeout` (None: for ever) for a ring, and clears it. False on timeout.
+    pub fn wait(&self, timeout: Option<Duration>) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+        // SAFETY: poll on one fd we own.
+        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        if n == 1 {
+            let mut v = 0u64;
+            // SAFETY: an 8-byte read into a local from our eventfd.
+            let _ = unsafe { libc::read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Op;
+
+    #[test]
+    fn messages_cross_in_order_and_a_full_ring_says_so() {
+        let r = Region::create().unwrap();
+        let q = r.requests();
+        for i in 0..SLOTS {
+            q.push(
+                &Msg {
+                    w1: u64::from(i),
+                    ..Msg::new(Op::Ping)
+                },
+                Duration::ZERO,
+            )
+            .unwrap();
+        }
+        assert!(matches!(
+            q.push(&Msg::new(Op::Ping), Duration::from_millis(1)),
+            Err(RingError::Full(_))
+        ));
+        for i in 0..SLOTS {
+            assert_eq!(q.pop().unwrap().unwrap().w1, u64::from(i));
+        }
+        assert!(q.pop().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_peer_that_corrupts_the_indices_is_caught() {
+        let r = Region::create().unwrap();
+        let q = r.replies();
+        q.head().store(SLOTS + 5, Ordering::Release);
+        assert!(matches!(q.pop(), Err(RingError::Corrupt { .. })));
+        assert!(matches!(
+            q.push(&Msg::new(Op::Ping), Duration::ZERO),
+            Err(RingError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn a_second_mapping_sees_the_same_ring_and_checks_the_header() {
+        let a = Region::create().unwrap();
+        let fd = a.fd().try_clone().unwrap();
+        let b = Region::open(fd).unwrap();
+        a.requests()
+            .push(
+                &Msg {
+                    w2: 42,
+                    ..Msg::new(Op::Ping)
+                },
+                Duration::ZERO,
+            )
+            .unwrap();
+        assert_eq!(b.requests().pop().unwrap().unwrap().w2, 42);
+        a.u64_at(0).store(0, Ordering::Relaxed);
+        let e = Region::open(a.fd().try_clone().unwrap()).err().unwrap();
+        assert!(e.to_string().contains("magic"), "{e}");
+    }
+
+    #[test]
+    fn doorbells_wake_and_time_out() {
+        let d = Doorbell::new().unwrap();
+        assert!(!d.wait(Some(Duration::from_millis(1))));
+        d.ring();
+        assert!(d.wait(Some(Duration::ZERO)));
+        assert!(!d.wait(Some(Duration::ZERO)), "cleared");
+    }
+}
