@@ -139,6 +139,9 @@ pub struct DeviceDesc {
     pub intx_pin: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub msi_vectors: Option<u32>,
+    /// `backend` (the default) or `in-process`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<String>,
     // virtio-blk
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<PathBuf>,

@@ -168,6 +168,17 @@ pub struct Device {
     pub msi_vectors: u32,
     /// Interrupt IDs of the v2m frame that the budget sets aside for it.
     pub msi_intids: Option<(u32, u32)>,
+    /// Which process runs the device model.
+    pub placement: Placement,
+}
+
+/// Where a device model runs: in splitvirt's own process, or in the backend process that sees
+/// only the pool (docs/RPC.md). The connector always runs in splitvirt (it is mostly shared
+/// memory mapped into the guest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    InProcess,
+    Backend,
 }
 
 impl Layout {

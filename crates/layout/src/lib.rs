@@ -13,7 +13,8 @@ pub mod size;
 
 pub use desc::{Description, LoadError, PoolReference};
 pub use layout::{
-    Bar, ConsoleBackend, Device, DeviceKind, DiskFormat, Layout, NetBackend, Pci, Uart, V2m,
+    Bar, ConsoleBackend, Device, DeviceKind, DiskFormat, Layout, NetBackend, Pci, Placement, Uart,
+    V2m,
 };
 pub use problem::{Invalid, Problem, Rule, Severity};
 pub use profiles::Profile;

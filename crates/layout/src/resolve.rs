@@ -766,8 +766,24 @@ fn place_devices(l: &Layout, descs: &[DeviceDesc], p: &mut Vec<Problem>) -> Vec<
             next_msi = Some(first.saturating_add(msi_vectors));
             (first, msi_vectors)
         });
+        let placement = match (d.placement.as_deref(), &kind) {
+            (_, DeviceKind::Connector { .. }) | (Some("in-process"), _) => Placement::InProcess,
+            (None | Some("backend"), _) => Placement::Backend,
+            (Some(other), _) => {
+                p.push(Problem::error(
+                    Rule::Device,
+                    format!(
+                        "device[{i}] ({}): placement `{other}` is not in-process or backend",
+                        kind.label()
+                    ),
+                    "write placement = \"backend\" (a separate process that sees only the pool) or \"in-process\"",
+                ));
+                Placement::InProcess
+            }
+        };
         fixed_bars.push((i, d.bar_base));
         out.push(Device {
+            placement,
             intx_spi: l.swizzle(slot, pin),
             kind,
             slot,

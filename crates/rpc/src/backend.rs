@@ -44,8 +44,9 @@ impl Outbox {
         });
     }
 
-    pub fn msi(&self, addr: u64, data: u32) {
+    pub fn msi(&self, dev: u8, addr: u64, data: u32) {
         let _ = self.send(&Msg {
+            dev,
             w1: addr,
             w2: u64::from(data),
             ..Msg::new(Op::Msi)
@@ -82,6 +83,7 @@ pub fn serve(
     from_proxy: &Doorbell,
     out: &Outbox,
     devices: &mut [(Registration, Box<dyn PciFunction>)],
+    input: &mut dyn FnMut(u8, &[u8]),
     stop: &AtomicBool,
     wait: Wait,
 ) -> Result<(), ServeError> {
@@ -106,6 +108,10 @@ pub fn serve(
                 Err(e) => return Err(ServeError::Ring(e)),
             };
             worked = true;
+            if m.op == Op::Input {
+                input(m.dev, &m.input_bytes());
+                continue;
+            }
             if let Some(reply) = handle(&m, devices, out) {
                 out.send(&reply).map_err(ServeError::Ring)?;
             }

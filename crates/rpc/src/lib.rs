@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod proxy;
+pub mod setup;
 pub mod shm;
 pub mod wire;
 

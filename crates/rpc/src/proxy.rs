@@ -20,6 +20,7 @@ pub enum Event {
         level: bool,
     },
     Msi {
+        dev: u8,
         addr: u64,
         data: u32,
     },
@@ -171,6 +172,7 @@ impl Proxy {
                 level: m.w1 == 1,
             }),
             Op::Msi => (lock(&self.events))(Event::Msi {
+                dev: m.dev,
                 addr: m.w1,
                 data: m.w2 as u32,
             }),
@@ -303,6 +305,15 @@ impl Proxy {
                     .0;
         }
         v.take().unwrap_or(ALL_ONES)
+    }
+
+    /// Host input for console device `dev`.
+    pub fn input(&self, dev: u8, bytes: &[u8]) {
+        if !self.is_dead() {
+            for m in Msg::input(dev, bytes) {
+                self.push(&m);
+            }
+        }
     }
 
     /// A posted write of `len` bytes of `value`.

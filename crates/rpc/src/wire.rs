@@ -28,6 +28,8 @@ pub enum Op {
     Ping = 0x03,
     /// Devices are registered and the guest may start: the backend may raise interrupts.
     Start = 0x04,
+    /// Host input for a console device: `len` (up to 16) bytes in `w2`, `w3`.
+    Input = 0x05,
     // Backend -> proxy.
     /// Answer to Read or Ping: `w2` holds the bytes read (all ones when the backend failed).
     Reply = 0x81,
@@ -36,7 +38,7 @@ pub enum Op {
     Register = 0x82,
     /// INTx of `dev` to level `w1` (0 or 1).
     Intx = 0x83,
-    /// An MSI write: address `w1`, data `w2` (the proxy checks both).
+    /// An MSI write of device `dev`: address `w1`, data `w2` (the proxy checks both).
     Msi = 0x84,
     /// Up to 24 bytes of a log line in w1..w3; `len` is their count; `space` 1 = more follows.
     Log = 0x85,
@@ -63,6 +65,7 @@ impl Op {
             0x02 => Op::Write,
             0x03 => Op::Ping,
             0x04 => Op::Start,
+            0x05 => Op::Input,
             0x81 => Op::Reply,
             0x82 => Op::Register,
             0x83 => Op::Intx,
@@ -134,6 +137,7 @@ impl Msg {
                     return Err(WireError::Space { op, space: m.space });
                 }
             }
+            Op::Input if m.len > 16 => return Err(WireError::Len { op, len: m.len }),
             Op::Reply if m.len > 8 => return Err(WireError::Len { op, len: m.len }),
             Op::Intx if m.w1 > 1 => return Err(WireError::Len { op, len: m.len }),
             _ => {}
@@ -168,6 +172,32 @@ impl Msg {
                 }
             })
             .collect()
+    }
+
+    /// Input bytes split into messages of 16.
+    pub fn input(dev: u8, bytes: &[u8]) -> Vec<Msg> {
+        bytes
+            .chunks(16)
+            .map(|c| {
+                let mut b = [0u8; 16];
+                b[..c.len()].copy_from_slice(c);
+                Msg {
+                    dev,
+                    len: c.len() as u8,
+                    w2: u64::from_le_bytes(b[..8].try_into().expect("8")),
+                    w3: u64::from_le_bytes(b[8..].try_into().expect("8")),
+                    ..Msg::new(Op::Input)
+                }
+            })
+            .collect()
+    }
+
+    /// The bytes of an Input message.
+    pub fn input_bytes(&self) -> Vec<u8> {
+        let mut b = self.w2.to_le_bytes().to_vec();
+        b.extend_from_slice(&self.w3.to_le_bytes());
+        b.truncate(usize::from(self.len.min(16)));
+        b
     }
 
     /// The bytes of a Log message.

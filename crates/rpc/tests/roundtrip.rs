@@ -81,7 +81,17 @@ fn pair(wait: Wait) -> Pair {
     let (o, s) = (outbox.clone(), stop.clone());
     let backend = std::thread::spawn(move || {
         let mut devs = vec![(reg(1), function()), (reg(2), function())];
-        let _ = serve(&backend_view, &backend_wake, &o, &mut devs, &s, wait);
+        let mut input =
+            |dev: u8, b: &[u8]| o.log(&format!("input {dev} {}", String::from_utf8_lossy(b)));
+        let _ = serve(
+            &backend_view,
+            &backend_wake,
+            &o,
+            &mut devs,
+            &mut input,
+            &s,
+            wait,
+        );
     });
     let events = Arc::new(Mutex::new(Vec::new()));
     let e = events.clone();
@@ -153,7 +163,7 @@ fn interrupts_and_logs_reach_the_vmm_and_bad_messages_are_dropped() {
     p.outbox.intx(2, true);
     // A message the backend may not send, and words that do not decode at all.
     p.outbox.send(&Msg::new(Op::Read)).unwrap();
-    p.outbox.msi(0x0802_0040, 70);
+    p.outbox.msi(2, 0x0802_0040, 70);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while p.events.lock().unwrap().len() < 2 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
@@ -166,6 +176,7 @@ fn interrupts_and_logs_reach_the_vmm_and_bad_messages_are_dropped() {
                 level: true
             },
             Event::Msi {
+                dev: 2,
                 addr: 0x0802_0040,
                 data: 70
             }

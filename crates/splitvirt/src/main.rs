@@ -5,6 +5,7 @@ mod show;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use layout::{resolve, Description, Severity};
+use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -74,6 +75,16 @@ enum Cmd {
         /// With stdin not a terminal: seconds to keep reading after stdin ends.
         #[arg(long, default_value_t = 2)]
         linger: u64,
+    },
+    /// The backend process that `splitvirt run` starts for devices with placement = "backend"
+    /// (docs/RPC.md); not for use by hand.
+    #[command(hide = true)]
+    Backend {
+        /// The setup socket splitvirt passed (its pool, control region and doorbells).
+        #[arg(long)]
+        setup_fd: i32,
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Check that this host can run splitvirt VMs: /dev/kvm, an in-kernel vgic-v2, a guest
     /// that runs and exits on MMIO.
@@ -267,6 +278,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 kernel,
                 initrd,
                 stats,
+                config: config.clone(),
             };
             let code = match vmm::run(&spec) {
                 Ok(vmm::Exit::PowerOff) => {
@@ -291,6 +303,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             // vCPU threads may still be inside KVM_RUN: end the process, not just main.
             std::process::exit(code)
+        }
+        Cmd::Backend { setup_fd, config } => {
+            let l = resolve(&load(config.as_deref())?)?.layout;
+            if setup_fd < 3 {
+                anyhow::bail!("--setup-fd {setup_fd}: not a descriptor splitvirt passes");
+            }
+            // SAFETY: the descriptor splitvirt run passed us; we take it over.
+            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(setup_fd) };
+            vmm::backend::serve(&l, fd)?;
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Console { socket, linger } => {
             vmm::terminal::attach(&socket, std::time::Duration::from_secs(linger))?;

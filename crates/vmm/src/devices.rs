@@ -131,13 +131,15 @@ fn virtio_pci<D: virtio::VirtioDevice>(
     VirtioPci::new(dev, mem.clone(), bar, d.intx_pin as u8, signal(d))
 }
 
-/// Builds every device the description lists. `mem` is what devices may reach (the pool).
+/// Builds the description's devices placed `here`: the VMM builds the in-process ones, the
+/// backend process those placed in the backend. `mem` is what devices may reach (the pool).
 /// A disk image, TAP or socket that cannot be opened is an error here, before any vCPU runs.
 pub fn build(
     l: &Layout,
     mem: virtio::Memory,
     signal: &dyn Fn(&layout::Device) -> Arc<dyn Signal>,
     stdout: Box<dyn Write + Send>,
+    here: layout::Placement,
 ) -> Result<Built, OpenError> {
     let mut out = Built {
         functions: Vec::new(),
@@ -146,7 +148,13 @@ pub fn build(
         skipped: Vec::new(),
     };
     let mut stdout = Some(stdout);
-    for d in &l.devices {
+    let remote: Vec<u32> = crate::backend::remote_devices(l).map(|d| d.slot).collect();
+    let in_backend = here == layout::Placement::Backend;
+    for d in l
+        .devices
+        .iter()
+        .filter(|d| remote.contains(&d.slot) == in_backend)
+    {
         let at = devfn(d.slot as u8, 0);
         match &d.kind {
             DeviceKind::VirtioBlk { .. } => {

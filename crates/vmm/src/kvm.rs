@@ -1,5 +1,5 @@
-//! KVM on aarch64: guest memory in a memfd, vCPU threads, the in-kernel vgic-v2, and the MMIO
-//! bus with the PL011 and GICv2m models wired to KVM interrupt lines.
+//! KVM on aarch64: guest memory (memfds from `memory`), vCPU threads, the in-kernel vgic-v2, and
+//! the MMIO bus with the PL011 and GICv2m models wired to KVM interrupt lines.
 
 use crate::bus::Bus;
 use crate::{Error, Exit, HostReport, Prepared};
@@ -12,13 +12,10 @@ use kvm_bindings::{
 };
 use kvm_bindings::{KVM_ARM_VCPU_POWER_OFF, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use layout::Layout;
 use platform::{gicv2m::Gicv2m, pl011::Pl011, IrqLine, SpiTrigger};
-use std::fs::File;
 use std::io::Read;
-use std::os::fd::FromRawFd;
 use std::sync::{mpsc, Arc, Mutex};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
     move |e| Error::Kvm {
@@ -44,9 +41,9 @@ const GIC_IRQS: u32 = 128;
 const GUEST_CODE: [u32; 4] = [0xd2a1_2001, 0xd280_0820, 0x3900_0020, 0x1400_0000];
 
 /// Maps guest RAM (one host range) as memslot 0.
-fn map_memory(vm: &VmFd, host: u64, base: u64, size: u64) -> Result<(), Error> {
+fn map_memory(vm: &VmFd, slot: u32, host: u64, base: u64, size: u64) -> Result<(), Error> {
     let region = kvm_userspace_memory_region {
-        slot: 0,
+        slot,
         flags: 0,
         guest_phys_addr: base,
         memory_size: size,
@@ -115,7 +112,7 @@ pub fn smoke() -> Result<HostReport, Error> {
     let host = mem
         .get_host_address(GuestAddress(RAM))
         .map_err(|e| Error::Memory(e.to_string()))?;
-    map_memory(&vm, host as u64, RAM, 0x10000)?;
+    map_memory(&vm, 0, host as u64, RAM, 0x10000)?;
 
     let vcpu = vm.create_vcpu(0).map_err(kvm_err("create vCPU 0"))?;
     let mut kvi = kvm_vcpu_init::default();
@@ -187,55 +184,6 @@ impl SpiTrigger for Msi {
             eprintln!("splitvirt: cannot raise MSI interrupt {intid}: {e}");
         }
     }
-}
-
-/// Guest RAM in a memfd, so that the pool can be mapped on its own (for devices) and, later,
-/// shared with another process. Returns the memory and the memfd.
-fn guest_memory(l: &Layout) -> Result<(GuestMemoryMmap<()>, File), Error> {
-    let name = c"splitvirt-ram";
-    // SAFETY: a valid NUL-terminated name; the fd is checked and then owned by the File.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(Error::Memory(format!(
-            "memfd_create: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    // SAFETY: fd is a fresh descriptor we own.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(l.ram.size)
-        .map_err(|e| Error::Memory(format!("sizing RAM to {} bytes: {e}", l.ram.size)))?;
-    let keep = file
-        .try_clone()
-        .map_err(|e| Error::Memory(format!("memfd: {e}")))?;
-    let mem = GuestMemoryMmap::from_ranges_with_files([(
-        GuestAddress(l.ram.base),
-        l.ram.size as usize,
-        Some(FileOffset::new(file, 0)),
-    )])
-    .map_err(|e| Error::Memory(e.to_string()))?;
-    Ok((mem, keep))
-}
-
-/// What devices may reach: the pool alone (a second mapping of its part of the memfd), or all
-/// of RAM when the description has no pool.
-fn device_memory(
-    l: &Layout,
-    ram: &GuestMemoryMmap<()>,
-    file: &File,
-) -> Result<GuestMemoryMmap<()>, Error> {
-    let Some(pool) = &l.pool else {
-        return Ok(ram.clone());
-    };
-    let file = file
-        .try_clone()
-        .map_err(|e| Error::Memory(format!("memfd: {e}")))?;
-    GuestMemoryMmap::from_ranges_with_files([(
-        GuestAddress(pool.base),
-        pool.size as usize,
-        Some(FileOffset::new(file, pool.base - l.ram.base)),
-    )])
-    .map_err(|e| Error::Memory(format!("mapping the pool for devices: {e}")))
 }
 
 fn load(mem: &GuestMemoryMmap<()>, p: &Prepared) -> Result<(), Error> {
@@ -343,17 +291,22 @@ fn input_thread(mut deliver: Box<dyn FnMut(&[u8]) + Send>, tx: mpsc::Sender<Stop
 }
 
 /// Runs until the guest powers off or resets (the caller decides what a reset means).
-pub fn run(l: &Layout, p: Prepared, stats: bool) -> Result<Exit, Error> {
+pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
+    let (l, stats) = (&spec.layout, spec.stats);
     let start = std::time::Instant::now();
     let kvm = Kvm::new().map_err(|e| Error::NoKvm(e.to_string()))?;
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
-    let (mem, memfd) = guest_memory(l)?;
-    let dev_mem = device_memory(l, &mem, &memfd)?;
+    let ram = crate::memory::guest_ram(l).map_err(|e| Error::Memory(e.0))?;
+    let mem = ram.mem.clone();
+    let dev_mem = crate::memory::device_memory(l, &ram).map_err(|e| Error::Memory(e.0))?;
     load(&mem, &p)?;
-    let host = mem
-        .get_host_address(GuestAddress(l.ram.base))
-        .map_err(|e| Error::Memory(e.to_string()))?;
-    map_memory(&vm, host as u64, l.ram.base, l.ram.size)?;
+    // One memslot per region: RAM below the pool, the pool (its own memfd), RAM above it.
+    for (slot, r) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(r.start_addr())
+            .map_err(|e| Error::Memory(e.to_string()))?;
+        map_memory(&vm, slot as u32, host as u64, r.start_addr().0, r.len())?;
+    }
 
     let mut kvi = kvm_vcpu_init::default();
     vm.get_preferred_target(&mut kvi)
@@ -413,14 +366,66 @@ pub fn run(l: &Layout, p: Prepared, stats: bool) -> Result<Exit, Error> {
             }),
         })
     };
-    let built = crate::devices::build(l, dev_mem, &signal, Box::new(std::io::stdout()))?;
+    let built = crate::devices::build(
+        l,
+        dev_mem,
+        &signal,
+        Box::new(std::io::stdout()),
+        layout::Placement::InProcess,
+    )?;
     for s in &built.skipped {
         eprintln!("splitvirt: warning: {s}");
     }
+    // Devices in the backend process: their interrupts come back as events.
+    let mut intx_lines = std::collections::HashMap::new();
+    let mut msi_ranges = std::collections::HashMap::new();
+    for d in crate::backend::remote_devices(l) {
+        let line = SpiLine {
+            vm: vm.clone(),
+            intid: layout::layout::SPI_BASE_INTID + d.intx_spi,
+        };
+        intx_lines.insert(d.slot as u8, line);
+        msi_ranges.insert(d.slot as u8, d.msi_intids);
+    }
+    let events_bus = bus_cell.clone();
+    let events = Box::new(move |e: rpc::Event| match e {
+        rpc::Event::Intx { dev, level } => {
+            if let Some(line) = intx_lines.get(&dev) {
+                line.set_level(level);
+            }
+        }
+        rpc::Event::Msi { dev, addr, data } => {
+            // Only the SPIs the description gave this device, and only to the MSI frame.
+            let ok = msi_ranges
+                .get(&dev)
+                .copied()
+                .flatten()
+                .is_some_and(|(first, n)| data >= first && data < first.saturating_add(n));
+            match (ok, events_bus.get()) {
+                (true, Some(bus)) => bus.write(addr, &data.to_le_bytes()),
+                _ => eprintln!("splitvirt: backend sent MSI {data} for device {dev}; refused"),
+            }
+        }
+        rpc::Event::Dead(why) => {
+            eprintln!("splitvirt: the backend's devices fail from now on ({why})")
+        }
+    });
+    let mut remote = crate::backend::start(
+        l,
+        std::path::Path::new("/proc/self/exe"),
+        spec.config.as_deref(),
+        ram.pool_fd.as_ref(),
+        events,
+    )?;
     {
         let mut e = ecam.lock().unwrap_or_else(|e| e.into_inner());
         for (df, f) in built.functions {
             e.add(df, f);
+        }
+        if let Some(r) = &mut remote {
+            for (df, f) in std::mem::take(&mut r.functions) {
+                e.add(df, f);
+            }
         }
     }
     let bus = Arc::new(bus);
@@ -438,8 +443,14 @@ pub fn run(l: &Layout, p: Prepared, stats: bool) -> Result<Exit, Error> {
         .filter_map(|w| w.strip_prefix("console="))
         .last()
         == Some("hvc0");
-    match (&built.console, hvc0) {
-        (Some(c), true) => {
+    let remote_console = remote
+        .as_ref()
+        .and_then(|r| r.stdio_console.map(|dev| (r.proxy.clone(), dev)));
+    match (&built.console, hvc0, remote_console) {
+        (_, true, Some((proxy, dev))) => {
+            input_thread(Box::new(move |b: &[u8]| proxy.input(dev, b)), tx.clone())
+        }
+        (Some(c), true, _) => {
             let c = c.clone();
             input_thread(
                 Box::new(move |b: &[u8]| {

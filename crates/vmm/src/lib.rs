@@ -2,11 +2,13 @@
 //! decides where it goes; `run` hands that to the hypervisor. Everything that knows KVM is in
 //! `kvm`, compiled only for aarch64 hosts.
 
+pub mod backend;
 pub mod bus;
 pub mod devices;
 pub mod endpoint;
 #[cfg(target_arch = "aarch64")]
 mod kvm;
+pub mod memory;
 pub mod pci_bus;
 pub mod stats;
 pub mod tap;
@@ -60,6 +62,8 @@ pub enum Error {
     Io(String),
     #[error(transparent)]
     Device(#[from] crate::devices::OpenError),
+    #[error(transparent)]
+    Backend(#[from] crate::backend::BackendError),
 }
 
 /// How the guest ended, when it ended well.
@@ -75,6 +79,8 @@ pub struct RunSpec {
     pub initrd: Option<PathBuf>,
     /// Print boot timings and splitvirt's own memory at the end.
     pub stats: bool,
+    /// The description file (None: the built-in default), which the backend process reads too.
+    pub config: Option<PathBuf>,
 }
 
 /// Everything read, checked and placed: what remains is the hypervisor's part.
@@ -159,7 +165,7 @@ pub fn run(spec: &RunSpec) -> Result<Exit, Error> {
     let prepared = prepare(spec)?;
     #[cfg(target_arch = "aarch64")]
     {
-        kvm::run(&spec.layout, prepared, spec.stats)
+        kvm::run(spec, prepared)
     }
     #[cfg(not(target_arch = "aarch64"))]
     {

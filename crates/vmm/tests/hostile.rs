@@ -92,9 +92,9 @@ fn a_broken_device_and_a_bar_over_ram_leave_the_others_working() {
     let disk = dir.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let toml = format!(
-        "[[device]]\nkind = \"virtio-blk\"\nimage = \"{}\"\n\
-         [[device]]\nkind = \"virtio-net\"\nbackend = \"socket:{}\"\n\
-         [[device]]\nkind = \"virtio-console\"\n",
+        "[[device]]\nkind = \"virtio-blk\"\nimage = \"{}\"\nplacement = \"in-process\"\n\
+         [[device]]\nkind = \"virtio-net\"\nbackend = \"socket:{}\"\nplacement = \"in-process\"\n\
+         [[device]]\nkind = \"virtio-console\"\nplacement = \"in-process\"\n",
         disk.display(),
         dir.path().join("link.sock").display()
     );
@@ -109,6 +109,7 @@ fn a_broken_device_and_a_bar_over_ram_leave_the_others_working() {
         mem.clone(),
         &|_| Arc::new(NoSignal) as Arc<dyn virtio::transport::Signal>,
         Box::new(out.clone()),
+        layout::Placement::InProcess,
     )
     .unwrap();
     let (ecam, regions) = vmm::pci_bus::host(&l);

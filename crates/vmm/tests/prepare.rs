@@ -30,6 +30,7 @@ fn spec(kernel: Option<PathBuf>, initrd: Option<PathBuf>) -> RunSpec {
         kernel,
         initrd,
         stats: false,
+        config: None,
     }
 }
 
