@@ -114,23 +114,38 @@ pub fn io() -> Result<()> {
             .arg(&qcow2)
             .arg("256M"),
     )?;
-    let vm = |image: &str| {
+    // Each disk format with the devices in splitvirt's process and in the backend process.
+    let runs = [
+        ("raw-inproc", "/tmp/bench.raw", "in-process"),
+        ("raw-backend", "/tmp/bench.raw", "backend"),
+        ("qcow2-inproc", "/tmp/bench.qcow2", "in-process"),
+        ("qcow2-backend", "/tmp/bench.qcow2", "backend"),
+    ];
+    let vm = |image: &str, placement: &str| {
         format!(
-            "[[device]]\nkind = \"virtio-blk\"\nimage = \"{image}\"\n\
-             [[device]]\nkind = \"virtio-net\"\nbackend = \"tap0\"\n\
-             [[device]]\nkind = \"virtio-console\"\n"
+            "[[device]]\nkind = \"virtio-blk\"\nimage = \"{image}\"\nplacement = \"{placement}\"\n\
+             [[device]]\nkind = \"virtio-net\"\nbackend = \"tap0\"\nplacement = \"{placement}\"\n\
+             [[device]]\nkind = \"virtio-console\"\nplacement = \"{placement}\"\n"
         )
         .into_bytes()
     };
-    let files = vec![
-        ("guest/bench-raw.toml".to_owned(), vm("/tmp/bench.raw")),
-        ("guest/bench-qcow2.toml".to_owned(), vm("/tmp/bench.qcow2")),
+    let mut files: board::Files = runs
+        .iter()
+        .map(|(name, image, placement)| (format!("guest/bench-{name}.toml"), vm(image, placement)))
+        .collect();
+    files.extend([
         ("tmp/bench.qcow2".to_owned(), std::fs::read(&qcow2)?),
         ("tun.ko".to_owned(), board::module("drivers/net/tun.ko")?),
         ("guest/Image".to_owned(), std::fs::read(&k.image)?),
         ("guest/initrd.cpio".to_owned(), std::fs::read(&initrd)?),
-    ];
-    let r = board::run("bench-io", &[], files, Duration::from_secs(2400))?;
+    ]);
+    let names: Vec<&str> = runs.iter().map(|r| r.0).collect();
+    let r = board::run(
+        "bench-io",
+        &[("RUNS", &names.join(" "))],
+        files,
+        Duration::from_secs(3000),
+    )?;
     ensure!(
         !r.timed_out,
         "the board timed out (log: {})",
@@ -140,23 +155,48 @@ pub fn io() -> Result<()> {
         "\nsplitvirt virtio I/O on KVM inside the board (TCG-emulated arm64; {IO_MIB} MiB sequential, {IO_SECONDS} s random)"
     );
     println!(
-        "{:>8} {:>16} {:>16} {:>16} {:>14}",
-        "disk", "seq write MB/s", "seq read MB/s", "4K rand IOPS", "TCP MB/s"
+        "{:>14} {:>16} {:>16} {:>16} {:>14}",
+        "disk, devices", "seq write MB/s", "seq read MB/s", "4K rand IOPS", "TCP MB/s"
     );
-    for fmt in ["raw", "qcow2"] {
-        let p = r.part(fmt);
-        let v = |k: &str| p.value(k).unwrap_or("-").to_owned();
+    let mut table = Vec::new();
+    for name in &names {
+        let p = r.part(name);
+        let v = |k: &str| p.value(k).and_then(|v| v.parse::<f64>().ok());
         ensure!(
-            p.value("seq_read_mbps").is_some(),
-            "the {fmt} run printed no results (log: {})",
+            v("seq_read_mbps").is_some(),
+            "the {name} run printed no results (log: {})",
             r.log_path.display()
         );
-        println!(
-            "{fmt:>8} {:>16} {:>16} {:>16} {:>14}",
+        let row = [
             v("seq_write_mbps"),
             v("seq_read_mbps"),
             v("rand_read_iops"),
-            v("tcp_mbps")
+            v("tcp_mbps"),
+        ];
+        let cell = |x: Option<f64>| x.map_or("-".to_owned(), |x| format!("{x:.1}"));
+        println!(
+            "{name:>14} {:>16} {:>16} {:>16} {:>14}",
+            cell(row[0]),
+            cell(row[1]),
+            cell(row[2]),
+            cell(row[3])
+        );
+        table.push(row);
+    }
+    // Backend over in-process, per format: the ratios issue 6 sets goals for.
+    for (i, fmt) in ["raw", "qcow2"].iter().enumerate() {
+        let (a, b) = (table[2 * i], table[2 * i + 1]);
+        let ratio = |k: usize| match (a[k], b[k]) {
+            (Some(x), Some(y)) if x > 0.0 => format!("{:.2}x", y / x),
+            _ => "-".into(),
+        };
+        println!(
+            "{:>14} {:>16} {:>16} {:>16} {:>14}",
+            format!("{fmt} backend/in"),
+            ratio(0),
+            ratio(1),
+            ratio(2),
+            ratio(3)
         );
     }
     Ok(())

@@ -1,4 +1,5 @@
-//! `cargo xtask fuzz`: the cargo-fuzz targets in fuzz/ (virtqueue walk, blk requests, ECAM),
+//! `cargo xtask fuzz`: the cargo-fuzz targets in fuzz/ (virtqueue walk, blk requests, ECAM,
+//! RPC rings and messages),
 //! each for a while. Installs cargo-fuzz from crates.io when missing. libFuzzer's coverage
 //! instrumentation works on the stable toolchain; sanitizers need nightly, which this machine
 //! cannot fetch, so the targets run without them (Rust's own bounds checks still abort).
@@ -6,7 +7,7 @@
 use crate::env::{cargo, root, run};
 use anyhow::{Context, Result};
 
-pub const TARGETS: &[&str] = &["virtqueue", "blk_request", "ecam"];
+pub const TARGETS: &[&str] = &["virtqueue", "blk_request", "ecam", "rpc_ring"];
 const CARGO_FUZZ: &str = "0.13.2";
 
 fn ensure_cargo_fuzz() -> Result<()> {

@@ -121,6 +121,16 @@ pub fn boot_on_kvm() -> Result<()> {
     );
     ensure!(r.outer().passed("kvm_device"), "no /dev/kvm in the board");
 
+    // The backend process maps the pool and nothing of guest RAM.
+    let o = r.outer();
+    ensure!(
+        o.value("backend_pool_maps").is_some_and(|n| n != "0")
+            && o.value("backend_ram_maps") == Some("0"),
+        "backend's /proc/PID/maps: {:?} pool mappings, {:?} RAM mappings (log: {})",
+        o.value("backend_pool_maps"),
+        o.value("backend_ram_maps"),
+        r.log_path.display()
+    );
     let g = r.part("guest");
     let log = r.log_path.display();
     ensure!(

@@ -16,21 +16,28 @@ pub struct Outbox {
     region: Arc<Region>,
     to_proxy: Doorbell,
     lock: Mutex<()>,
+    /// How long a send waits for room before the ring counts as broken.
+    wait: Duration,
 }
 
 impl Outbox {
     pub fn new(region: Arc<Region>, to_proxy: Doorbell) -> Arc<Outbox> {
+        Self::with_wait(region, to_proxy, Duration::from_secs(1))
+    }
+
+    pub fn with_wait(region: Arc<Region>, to_proxy: Doorbell, wait: Duration) -> Arc<Outbox> {
         Arc::new(Outbox {
             region,
             to_proxy,
             lock: Mutex::new(()),
+            wait,
         })
     }
 
     pub fn send(&self, m: &Msg) -> Result<(), RingError> {
         {
             let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-            self.region.replies().push(m, Duration::from_secs(1))?;
+            self.region.replies().push(m, self.wait)?;
         }
         self.to_proxy.ring();
         Ok(())
@@ -93,30 +100,7 @@ pub fn serve(
     out.send(&Msg::new(Op::Ready)).map_err(ServeError::Ring)?;
     let mut refused = 0u64;
     while !stop.load(Ordering::Acquire) {
-        let mut worked = false;
-        loop {
-            let m = match region.requests().pop() {
-                Ok(Some(m)) => m,
-                Ok(None) => break,
-                Err(RingError::Wire(e)) => {
-                    refused += 1;
-                    if refused <= 8 {
-                        out.log(&format!("refused a malformed request: {e}"));
-                    }
-                    continue;
-                }
-                Err(e) => return Err(ServeError::Ring(e)),
-            };
-            worked = true;
-            if m.op == Op::Input {
-                input(m.dev, &m.input_bytes());
-                continue;
-            }
-            if let Some(reply) = handle(&m, devices, out) {
-                out.send(&reply).map_err(ServeError::Ring)?;
-            }
-        }
-        if worked {
+        if drain(region, out, devices, input, &mut refused)? {
             continue;
         }
         match wait {
@@ -135,6 +119,40 @@ pub fn serve(
         }
     }
     Ok(())
+}
+
+/// Serves every request waiting in the ring; true if there was any. `refused` counts
+/// malformed requests (the first few are logged).
+pub fn drain(
+    region: &Region,
+    out: &Outbox,
+    devices: &mut [(Registration, Box<dyn PciFunction>)],
+    input: &mut dyn FnMut(u8, &[u8]),
+    refused: &mut u64,
+) -> Result<bool, ServeError> {
+    let mut worked = false;
+    loop {
+        let m = match region.requests().pop() {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(worked),
+            Err(RingError::Wire(e)) => {
+                *refused += 1;
+                if *refused <= 8 {
+                    out.log(&format!("refused a malformed request: {e}"));
+                }
+                continue;
+            }
+            Err(e) => return Err(ServeError::Ring(e)),
+        };
+        worked = true;
+        if m.op == Op::Input {
+            input(m.dev, &m.input_bytes());
+            continue;
+        }
+        if let Some(reply) = handle(&m, devices, out) {
+            out.send(&reply).map_err(ServeError::Ring)?;
+        }
+    }
 }
 
 fn handle(

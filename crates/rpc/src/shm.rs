@@ -136,6 +136,18 @@ impl Region {
         unsafe { AtomicU64::from_ptr(self.ptr.add(off).cast()) }
     }
 
+    /// Writes raw bytes into the region, as a hostile peer could (tests and fuzzing).
+    pub fn write_raw(&self, offset: usize, bytes: &[u8]) {
+        for (i, &b) in bytes.iter().enumerate() {
+            let at = offset.saturating_add(i);
+            if at >= self.len {
+                return;
+            }
+            // SAFETY: in bounds of our mapping; the peer's view of racing bytes is its problem.
+            unsafe { self.ptr.add(at).write_volatile(b) };
+        }
+    }
+
     /// Requests waiting for the backend (for its polling loop).
     pub fn requests_pending(&self) -> u32 {
         let q = self.requests();
@@ -340,6 +352,12 @@ mod tests {
         a.u64_at(0).store(0, Ordering::Relaxed);
         let e = Region::open(a.fd().try_clone().unwrap()).err().unwrap();
         assert!(e.to_string().contains("magic"), "{e}");
+    }
+
+    #[test]
+    fn the_layout_is_the_documented_one() {
+        // docs/RPC.md, "Control region".
+        assert_eq!((REQUESTS_AT, REPLIES_AT, SIZE), (0x1000, 0x4000, 0x7000));
     }
 
     #[test]

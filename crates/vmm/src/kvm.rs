@@ -378,16 +378,15 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
     }
     // Devices in the backend process: their interrupts come back as events.
     let mut intx_lines = std::collections::HashMap::new();
-    let mut msi_ranges = std::collections::HashMap::new();
     for d in crate::backend::remote_devices(l) {
         let line = SpiLine {
             vm: vm.clone(),
             intid: layout::layout::SPI_BASE_INTID + d.intx_spi,
         };
         intx_lines.insert(d.slot as u8, line);
-        msi_ranges.insert(d.slot as u8, d.msi_intids);
     }
     let events_bus = bus_cell.clone();
+    let msi_frame = l.v2m.as_ref().map(|v| v.region.clone());
     let events = Box::new(move |e: rpc::Event| match e {
         rpc::Event::Intx { dev, level } => {
             if let Some(line) = intx_lines.get(&dev) {
@@ -395,15 +394,15 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
             }
         }
         rpc::Event::Msi { dev, addr, data } => {
-            // Only the SPIs the description gave this device, and only to the MSI frame.
-            let ok = msi_ranges
-                .get(&dev)
-                .copied()
-                .flatten()
-                .is_some_and(|(first, n)| data >= first && data < first.saturating_add(n));
-            match (ok, events_bus.get()) {
-                (true, Some(bus)) => bus.write(addr, &data.to_le_bytes()),
-                _ => eprintln!("splitvirt: backend sent MSI {data} for device {dev}; refused"),
+            // Only to the MSI frame, which checks the SPI is one of its own. Linux hands out the
+            // frame's SPIs to devices as it likes, so no per-device range applies.
+            match (&msi_frame, events_bus.get()) {
+                (Some(f), Some(bus)) if addr >= f.base && addr < f.base + f.size => {
+                    bus.write(addr, &data.to_le_bytes())
+                }
+                _ => eprintln!(
+                    "splitvirt: backend sent an MSI to {addr:#x} for device {dev}; refused"
+                ),
             }
         }
         rpc::Event::Dead(why) => {
