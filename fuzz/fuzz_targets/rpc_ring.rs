@@ -34,7 +34,12 @@ fuzz_target!(|data: &[u8]| {
     // Requests: head, tail and slots as the bytes say.
     region.write_raw(REQUESTS_AT, half);
     region.write_raw(REPLIES_AT, rest);
-    let out = Outbox::with_wait(region.clone(), Doorbell::new().unwrap(), Duration::ZERO);
+    let out = Outbox::with_wait(
+        region.clone(),
+        Doorbell::new().unwrap(),
+        Doorbell::new().unwrap(),
+        Duration::ZERO,
+    );
     let reg = Registration {
         dev: 1,
         vendor: 0x1af4,

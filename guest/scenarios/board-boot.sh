@@ -8,6 +8,7 @@ insmod /tun.ko
   ip addr add 10.0.2.1/24 dev tap0 && ip link set tap0 up ) &
 # The guest sends 4 MiB over TCP; nc ends a connection when its stdin ends: keep it open.
 (sleep 1500 | nc -l -p 5000 >/tmp/tap-rx.bin) &
+(sleep 1500 | nc -l -p 5002 >/tmp/tap-rx2.bin) &
 # The guest's hvc0 is on /tmp/hvc.sock: attach to it and answer the guest's line.
 mkfifo /tmp/hvc-in
 exec 4<>/tmp/hvc-in
@@ -39,6 +40,9 @@ done
 i=0
 while [ "$(wc -c </tmp/tap-rx.bin)" -lt 4194304 ] && [ $i -lt 60 ]; do sleep 0.5; i=$((i + 1)); done
 value tap_rx_sha "$(sha256sum /tmp/tap-rx.bin | cut -d' ' -f1)"
+i=0
+while [ "$(wc -c </tmp/tap-rx2.bin)" -lt 4194304 ] && [ $i -lt 60 ]; do sleep 0.5; i=$((i + 1)); done
+value stress_rx_sha "$(sha256sum /tmp/tap-rx2.bin | cut -d' ' -f1)"
 # The same disk, console=hvc0: the guest's console is the virtio-console on stdio, both ways.
 ( /splitvirt run --config /guest/vm-hvc.toml --kernel /guest/Image --initrd /guest/disk.cpio \
 	--cmdline "console=hvc0 loglevel=4" </tmp/typing
@@ -60,6 +64,21 @@ while [ "$(ps | grep -c '[r]oot.toml')" -gt 0 ]; do sleep 1; done
 insmod /virtio_blk.ko
 i=0; while [ ! -b /dev/vda ] && [ $i -lt 60 ]; do sleep 0.5; i=$((i + 1)); done
 check outbox tar -cf /dev/vda -C /guest root.img root.qcow2
+# The backend killed mid-I/O: splitvirt stays up and says so; the guest's UART still works.
+truncate -s 8M /tmp/kill.img
+mkfifo /tmp/kill-in
+exec 5<>/tmp/kill-in
+( /splitvirt run --config /guest/kill.toml --kernel /guest/Image --initrd /guest/kill.cpio \
+	--cmdline "console=ttyAMA0 loglevel=4" </tmp/kill-in
+  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do
+	echo "kill| $l"
+	case "$l" in *"@@ READY-KILL"*)
+		kill -9 "$(backend_pid)"
+		sleep 2
+		echo "typed-after-kill" >&5 ;;
+	esac
+done
+exec 5>&-
 ( /splitvirt run --config /guest/nodisk.toml --kernel /guest/stock-Image --initrd /guest/stock.cpio \
 	--cmdline "console=ttyAMA0 earlycon=pl011,0x9000000" </dev/null
   echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "stock| $l"; done

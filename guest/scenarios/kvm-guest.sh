@@ -41,3 +41,17 @@ check ping ping -c 3 -W 10 10.0.2.1
 dd if=/dev/urandom of=/tmp/tx.bin bs=64k count=64 2>/dev/null
 value tap_tx_sha "$(sha256sum /tmp/tx.bin | cut -d' ' -f1)"
 check tcp_tap nc 10.0.2.1 5000 </tmp/tx.bin
+# Both vCPUs at once: 3 MiB to the disk while 4 MiB go over TCP; then both checked by hash
+# (the disk's copy re-read from the device, not the page cache).
+dd if=/dev/urandom of=/tmp/stress.bin bs=64k count=48 2>/dev/null
+if mount -t ext4 /dev/vda2 /mnt; then
+	( cp /tmp/stress.bin /mnt/stress.bin && sync ) &
+	( nc 10.0.2.1 5002 </tmp/tx.bin ) &
+	wait
+	umount /mnt
+	echo 3 >/proc/sys/vm/drop_caches
+	mount -t ext4 /dev/vda2 /mnt
+	[ "$(sha256sum </tmp/stress.bin)" = "$(sha256sum </mnt/stress.bin)" ] && result stress_disk PASS
+	rm -f /mnt/stress.bin
+	umount /mnt
+fi

@@ -30,6 +30,8 @@ pub fn boot_on_kvm() -> Result<()> {
               [[device]]\nkind = \"virtio-console\"\nbackend = \"socket:/tmp/hvc.sock\"\n";
     let vm_hvc = "[[device]]\nkind = \"virtio-blk\"\nimage = \"/guest/disk.img\"\n\
                   [[device]]\nkind = \"virtio-console\"\n";
+    let kill_initrd = dir.join("kvm-kill.cpio");
+    guest::initramfs("kvm-kill", &[], &kill_initrd)?;
     let stock_initrd = dir.join("kvm-stock.cpio");
     guest::initramfs("kvm-stock", &[], &stock_initrd)?;
     let (typed, typed_hvc, reply) = (
@@ -90,6 +92,11 @@ pub fn boot_on_kvm() -> Result<()> {
             b"[[device]]\nkind = \"virtio-console\"\n".to_vec(),
         ),
         ("guest/disk.img".to_owned(), std::fs::read(&disk)?),
+        ("guest/kill.cpio".to_owned(), std::fs::read(&kill_initrd)?),
+        (
+            "guest/kill.toml".to_owned(),
+            b"[[device]]\nkind = \"virtio-blk\"\nimage = \"/tmp/kill.img\"\nplacement = \"backend\"\n".to_vec(),
+        ),
         ("guest/disk.cpio".to_owned(), std::fs::read(&disk_initrd)?),
         ("guest/fault-Image".to_owned(), fault_image()),
         ("guest/Image".to_owned(), std::fs::read(&k.image)?),
@@ -247,6 +254,17 @@ pub fn boot_on_kvm() -> Result<()> {
         "second VM: splitvirt exited {:?}",
         d.value("splitvirt_exit")
     );
+    // Two vCPUs, disk and network at once: both copies intact.
+    ensure!(
+        g.passed("stress_disk") && r.outer().value("stress_rx_sha") == Some(tap_sha),
+        "parallel disk and TCP: disk copy {}, TCP copy {:?} (want {tap_sha}) (log: {log})",
+        if g.passed("stress_disk") {
+            "intact"
+        } else {
+            "damaged or missing"
+        },
+        r.outer().value("stress_rx_sha")
+    );
     // console=hvc0: the second VM's console is the virtio-console on stdio, both ways.
     ensure!(
         d.value("console") == Some("hvc0") && d.value("typed") == Some(typed_hvc.as_str()),
@@ -363,6 +381,21 @@ pub fn boot_on_kvm() -> Result<()> {
     ensure!(
         q_found.trim() == qroot_token,
         "the qcow2 root image holds {q_found:?}, the guest wrote {qroot_token}"
+    );
+    // The backend killed mid-I/O: splitvirt stays up, names what happened, and the guest goes
+    // on (its UART works) until it powers off.
+    let kl = r.part("kill");
+    ensure!(
+        kl.log
+            .contains("splitvirt: backend lost: the backend process")
+            && kl.value("after_kill") == Some("typed-after-kill")
+            && kl.value("alive") == Some("yes")
+            && kl.value("splitvirt_exit") == Some("0"),
+        "backend killed: lost-line {}, after_kill {:?}, alive {:?}, exit {:?} (log: {log})",
+        kl.log.contains("backend lost"),
+        kl.value("after_kill"),
+        kl.value("alive"),
+        kl.value("splitvirt_exit")
     );
     let s = r.part("stock");
     ensure!(

@@ -39,9 +39,10 @@ enum Cmd {
         scenario: String,
     },
     /// Benchmarks that print a table: `boot` (timings and memory of splitvirt on KVM), `io`
-    /// (virtio-blk raw and qcow2, TCP over virtio-net).
+    /// (virtio-blk raw and qcow2, TCP over virtio-net, in-process and backend), `rpc` (the
+    /// proxy-backend round trip against eventfd and spin floors, natively).
     Bench {
-        #[arg(value_parser = ["boot", "io"])]
+        #[arg(value_parser = ["boot", "io", "rpc"])]
         what: String,
     },
     /// Run the cargo-fuzz targets (virtqueue, blk_request, ecam) for a while each.
@@ -91,6 +92,15 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Kvmboot => kvmboot::boot_on_kvm(),
         Cmd::Fuzz { seconds } => fuzz::run_all(seconds),
         Cmd::Bench { what } if what == "io" => bench::io(),
+        Cmd::Bench { what } if what == "rpc" => env::run(env::cargo().args([
+            "run",
+            "--quiet",
+            "--release",
+            "-p",
+            "rpc",
+            "--example",
+            "roundtrip",
+        ])),
         Cmd::Bench { .. } => bench::boot(),
         Cmd::Realboot => {
             realboot::good_boot()?;

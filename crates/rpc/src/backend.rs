@@ -15,20 +15,27 @@ use std::time::{Duration, Instant};
 pub struct Outbox {
     region: Arc<Region>,
     to_proxy: Doorbell,
+    to_proxy_replies: Doorbell,
     lock: Mutex<()>,
     /// How long a send waits for room before the ring counts as broken.
     wait: Duration,
 }
 
 impl Outbox {
-    pub fn new(region: Arc<Region>, to_proxy: Doorbell) -> Arc<Outbox> {
-        Self::with_wait(region, to_proxy, Duration::from_secs(1))
+    pub fn new(region: Arc<Region>, to_proxy: Doorbell, to_proxy_replies: Doorbell) -> Arc<Outbox> {
+        Self::with_wait(region, to_proxy, to_proxy_replies, Duration::from_secs(1))
     }
 
-    pub fn with_wait(region: Arc<Region>, to_proxy: Doorbell, wait: Duration) -> Arc<Outbox> {
+    pub fn with_wait(
+        region: Arc<Region>,
+        to_proxy: Doorbell,
+        to_proxy_replies: Doorbell,
+        wait: Duration,
+    ) -> Arc<Outbox> {
         Arc::new(Outbox {
             region,
             to_proxy,
+            to_proxy_replies,
             lock: Mutex::new(()),
             wait,
         })
@@ -39,7 +46,13 @@ impl Outbox {
             let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
             self.region.replies().push(m, self.wait)?;
         }
-        self.to_proxy.ring();
+        // A reply wakes the vCPU that waits for it, if it sleeps; anything else wakes the
+        // proxy's event thread.
+        if m.op == Op::Reply {
+            self.region.replies().wake(&self.to_proxy_replies);
+        } else {
+            self.to_proxy.ring();
+        }
         Ok(())
     }
 
@@ -103,20 +116,15 @@ pub fn serve(
         if drain(region, out, devices, input, &mut refused)? {
             continue;
         }
-        match wait {
-            Wait::Block => {
-                from_proxy.wait(Some(Duration::from_millis(100)));
-            }
-            Wait::Poll(d) => {
-                let until = Instant::now() + d;
-                while Instant::now() < until && region.requests_pending() == 0 {
-                    std::hint::spin_loop();
-                }
-                if region.requests_pending() == 0 {
-                    from_proxy.wait(Some(Duration::from_millis(100)));
-                }
+        if let Wait::Poll(d) = wait {
+            let until = Instant::now() + d;
+            while Instant::now() < until && region.requests_pending() == 0 {
+                std::hint::spin_loop();
             }
         }
+        region
+            .requests()
+            .sleep(from_proxy, Duration::from_millis(100));
     }
     Ok(())
 }

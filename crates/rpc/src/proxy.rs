@@ -94,6 +94,13 @@ pub struct Proxy {
     startup: Mutex<Startup>,
     startup_cv: Condvar,
     events: Mutex<Box<dyn FnMut(Event) + Send>>,
+    from_backend: Doorbell,
+    /// What a vCPU waiting for its reply sleeps on.
+    replies: Doorbell,
+    /// Held by whoever drains the backend's ring (with its partial log line).
+    consumer: Mutex<Vec<u8>>,
+    /// Spin this long for a reply before sleeping on the doorbell.
+    poll: Option<Duration>,
     /// How long a read waits for its reply.
     pub timeout: Duration,
 }
@@ -114,8 +121,31 @@ impl Proxy {
         region: Arc<Region>,
         to_backend: Doorbell,
         from_backend: Doorbell,
+        replies: Doorbell,
         events: Box<dyn FnMut(Event) + Send>,
         timeout: Duration,
+    ) -> Arc<Proxy> {
+        Self::start_with(
+            region,
+            to_backend,
+            from_backend,
+            replies,
+            events,
+            timeout,
+            None,
+        )
+    }
+
+    /// `start`, where a thread waiting for a reply spins for up to `poll` before it sleeps on
+    /// the doorbell (lower latency for a busy core).
+    pub fn start_with(
+        region: Arc<Region>,
+        to_backend: Doorbell,
+        from_backend: Doorbell,
+        replies: Doorbell,
+        events: Box<dyn FnMut(Event) + Send>,
+        timeout: Duration,
+        poll: Option<Duration>,
     ) -> Arc<Proxy> {
         let p = Arc::new(Proxy {
             region,
@@ -127,34 +157,46 @@ impl Proxy {
             startup: Mutex::default(),
             startup_cv: Condvar::new(),
             events: Mutex::new(events),
+            from_backend,
+            replies,
+            consumer: Mutex::new(Vec::new()),
+            poll,
             timeout,
         });
         let q = p.clone();
         let _ = std::thread::Builder::new()
             .name("rpc-replies".into())
-            .spawn(move || q.drain_loop(&from_backend));
+            .spawn(move || q.drain_loop());
         p
     }
 
-    fn drain_loop(&self, bell: &Doorbell) {
-        let mut log = Vec::new();
+    /// The background consumer: interrupts and log lines while no vCPU waits (a waiting vCPU
+    /// drains the ring itself, below).
+    fn drain_loop(&self) {
         while !self.dead.load(Ordering::Acquire) {
-            bell.wait(Some(Duration::from_millis(100)));
-            loop {
-                let m = match self.region.replies().pop() {
-                    Ok(Some(m)) => m,
-                    Ok(None) => break,
-                    Err(RingError::Wire(e)) => {
-                        eprintln!("splitvirt: backend sent a bad message ({e}); ignored");
-                        continue;
-                    }
-                    Err(e) => {
-                        self.fail(&format!("backend's ring: {e}"));
-                        return;
-                    }
-                };
-                self.dispatch(m, &mut log);
+            self.from_backend.wait(Some(Duration::from_millis(100)));
+            if let Ok(mut log) = self.consumer.try_lock() {
+                self.drain(&mut log);
             }
+        }
+    }
+
+    /// Takes every message waiting in the backend's ring.
+    fn drain(&self, log: &mut Vec<u8>) {
+        loop {
+            let m = match self.region.replies().pop() {
+                Ok(Some(m)) => m,
+                Ok(None) => return,
+                Err(RingError::Wire(e)) => {
+                    eprintln!("splitvirt: backend sent a bad message ({e}); ignored");
+                    continue;
+                }
+                Err(e) => {
+                    self.fail(&format!("backend's ring: {e}"));
+                    return;
+                }
+            };
+            self.dispatch(m, log);
         }
     }
 
@@ -239,7 +281,7 @@ impl Proxy {
         };
         match r {
             Ok(()) => {
-                self.to_backend.ring();
+                self.region.requests().wake(&self.to_backend);
                 true
             }
             Err(e) => {
@@ -286,12 +328,15 @@ impl Proxy {
             lock(&self.pending).remove(&id);
             return ALL_ONES;
         }
+        // The waiting thread drains the ring itself when no other does (it then hands other
+        // threads their replies): no extra thread between the backend's answer and the vCPU.
         let deadline = Instant::now() + self.timeout;
-        let mut v = lock(&w.value);
-        while v.is_none() {
+        loop {
+            if let Some(v) = lock(&w.value).take() {
+                return v;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                drop(v);
                 lock(&self.pending).remove(&id);
                 eprintln!(
                     "splitvirt: backend did not answer {:?} of device {} within {:?}",
@@ -299,12 +344,30 @@ impl Proxy {
                 );
                 return ALL_ONES;
             }
-            v =
-                w.cv.wait_timeout(v, left)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+            match self.consumer.try_lock() {
+                Ok(mut log) => {
+                    self.drain(&mut log);
+                    if w.value.lock().map(|v| v.is_some()).unwrap_or(true) {
+                        continue;
+                    }
+                    let until = self.poll.map(|p| Instant::now() + p.min(left));
+                    while until.is_some_and(|t| Instant::now() < t)
+                        && self.region.replies_pending() == 0
+                    {
+                        std::hint::spin_loop();
+                    }
+                    self.region
+                        .replies()
+                        .sleep(&self.replies, left.min(Duration::from_millis(10)));
+                }
+                Err(_) => {
+                    let v = lock(&w.value);
+                    if v.is_none() {
+                        let _ = w.cv.wait_timeout(v, left.min(Duration::from_millis(1)));
+                    }
+                }
+            }
         }
-        v.take().unwrap_or(ALL_ONES)
     }
 
     /// Host input for console device `dev`.

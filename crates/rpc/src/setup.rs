@@ -1,6 +1,6 @@
 //! The setup message (docs/RPC.md, "Setup"): one SOCK_SEQPACKET message from the VMM to the
-//! backend with four words and four descriptors (SCM_RIGHTS): the pool memfd, the control
-//! region memfd, and the two doorbell eventfds. Nothing else of the VMM crosses.
+//! backend with four words and five descriptors (SCM_RIGHTS): the pool memfd, the control
+//! region memfd, and three doorbell eventfds. Nothing else of the VMM crosses.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -14,10 +14,13 @@ pub struct Setup {
     pub pool: OwnedFd,
     pub control: OwnedFd,
     pub to_backend: OwnedFd,
+    /// Rung for interrupts and log lines.
     pub to_proxy: OwnedFd,
+    /// Rung for replies (a vCPU waiting for its answer sleeps on it).
+    pub to_proxy_replies: OwnedFd,
 }
 
-const FDS: usize = 4;
+const FDS: usize = 5;
 
 /// A SOCK_SEQPACKET pair (close-on-exec): (VMM end, backend end).
 pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -113,7 +116,7 @@ pub fn recv(sock: &OwnedFd) -> io::Result<Setup> {
         return Err(bad("setup message of another protocol version"));
     }
     if got.len() != FDS {
-        return Err(bad("setup message without its four descriptors"));
+        return Err(bad("setup message without its five descriptors"));
     }
     let mut it = got.into_iter();
     let mut next = || it.next().expect("counted");
@@ -124,6 +127,7 @@ pub fn recv(sock: &OwnedFd) -> io::Result<Setup> {
         control: next(),
         to_backend: next(),
         to_proxy: next(),
+        to_proxy_replies: next(),
     })
 }
 
@@ -135,7 +139,7 @@ mod tests {
     fn descriptors_cross_and_garbage_is_refused() {
         let (a, b) = socketpair().unwrap();
         let r = crate::shm::Region::create().unwrap();
-        let bells: Vec<_> = (0..3)
+        let bells: Vec<_> = (0..4)
             .map(|_| crate::shm::Doorbell::new().unwrap())
             .collect();
         send(
@@ -147,6 +151,7 @@ mod tests {
                 r.fd().as_raw_fd(),
                 bells[1].fd().as_raw_fd(),
                 bells[2].fd().as_raw_fd(),
+                bells[3].fd().as_raw_fd(),
             ],
         )
         .unwrap();

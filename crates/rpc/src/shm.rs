@@ -18,7 +18,7 @@ pub const VERSION: u32 = 1;
 /// Messages per ring.
 pub const SLOTS: u32 = 256;
 const SLOT: usize = 32;
-/// Ring layout: head at +0, tail at +64 (own cache lines), slots from +128.
+/// Ring layout: head at +0, tail at +64, sleepers at +96 (the consumer's), slots from +128.
 const RING_HDR: usize = 128;
 const RING_BYTES: usize = RING_HDR + SLOTS as usize * SLOT;
 /// Offsets in the region: header page, then the request ring, then the reply ring.
@@ -150,10 +150,12 @@ impl Region {
 
     /// Requests waiting for the backend (for its polling loop).
     pub fn requests_pending(&self) -> u32 {
-        let q = self.requests();
-        q.head()
-            .load(Ordering::Acquire)
-            .wrapping_sub(q.tail().load(Ordering::Relaxed))
+        self.requests().pending()
+    }
+
+    /// Replies and events waiting for the proxy (for its polling loop).
+    pub fn replies_pending(&self) -> u32 {
+        self.replies().pending()
     }
 
     /// The ring the proxy produces into.
@@ -191,6 +193,36 @@ impl Ring<'_> {
     }
     fn tail(&self) -> &AtomicU32 {
         self.r.u32_at(self.at + 64)
+    }
+    /// Consumers asleep on the ring's doorbell: the producer rings only when there are any.
+    fn sleepers(&self) -> &AtomicU32 {
+        self.r.u32_at(self.at + 96)
+    }
+
+    /// Waits on `bell` for this ring (up to `timeout`) unless it already has messages. A
+    /// producer that publishes meanwhile sees the sleeper and rings.
+    pub fn sleep(&self, bell: &Doorbell, timeout: Duration) {
+        self.sleepers().fetch_add(1, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.pending() == 0 {
+            bell.wait(Some(timeout));
+        }
+        self.sleepers().fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// After `push`: wakes a sleeping consumer through `bell`.
+    pub fn wake(&self, bell: &Doorbell) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.sleepers().load(Ordering::SeqCst) != 0 {
+            bell.ring();
+        }
+    }
+
+    /// Messages waiting.
+    pub fn pending(&self) -> u32 {
+        self.head()
+            .load(Ordering::Acquire)
+            .wrapping_sub(self.tail().load(Ordering::Relaxed))
     }
     fn slot(&self, i: u32) -> usize {
         self.at + RING_HDR + (i % SLOTS) as usize * SLOT

@@ -73,10 +73,15 @@ struct Pair {
 fn pair(wait: Wait) -> Pair {
     let region = Arc::new(Region::create().unwrap());
     let backend_view = Arc::new(Region::open(region.fd().try_clone().unwrap()).unwrap());
-    let (to_backend, to_proxy) = (Doorbell::new().unwrap(), Doorbell::new().unwrap());
+    let (to_backend, to_proxy, replies) = (
+        Doorbell::new().unwrap(),
+        Doorbell::new().unwrap(),
+        Doorbell::new().unwrap(),
+    );
     let backend_wake = Doorbell::from_fd(to_backend.fd().try_clone().unwrap());
     let proxy_wake = Doorbell::from_fd(to_proxy.fd().try_clone().unwrap());
-    let outbox = Outbox::new(backend_view.clone(), to_proxy);
+    let replies_wake = Doorbell::from_fd(replies.fd().try_clone().unwrap());
+    let outbox = Outbox::new(backend_view.clone(), to_proxy, replies);
     let stop = Arc::new(AtomicBool::new(false));
     let (o, s) = (outbox.clone(), stop.clone());
     let backend = std::thread::spawn(move || {
@@ -99,6 +104,7 @@ fn pair(wait: Wait) -> Pair {
         region,
         to_backend,
         proxy_wake,
+        replies_wake,
         Box::new(move |ev| e.lock().unwrap().push(ev)),
         Duration::from_millis(500),
     );

@@ -164,5 +164,20 @@ fn a_disk_served_by_the_backend_process_which_maps_only_the_pool() {
     );
     assert_ne!(vm.r(0x14, 1) & 0x40, 0, "DEVICE_NEEDS_RESET");
     assert!(std::fs::read(&disk).unwrap()[..512].iter().all(|&b| b == 0));
+    // The backend killed: splitvirt notices at once, says so, and accesses stop waiting.
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(remote.pid() as i32, libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !remote.proxy.is_dead() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(events
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|e| matches!(e, rpc::Event::Dead(why) if why.contains("ended"))));
+    let t = std::time::Instant::now();
+    assert_eq!(vm.r(0x12, 2), 0xffff, "all ones from a dead backend");
+    assert!(t.elapsed() < std::time::Duration::from_millis(100));
     drop(remote);
 }

@@ -15,7 +15,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Child, Command};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,6 +51,8 @@ pub struct Remote {
     pub stdio_console: Option<u8>,
     child: Child,
     _sock: OwnedFd,
+    /// Set when splitvirt ends the backend itself (no "backend lost" then).
+    stopping: Arc<AtomicBool>,
 }
 
 impl Remote {
@@ -61,6 +63,7 @@ impl Remote {
 
 impl Drop for Remote {
     fn drop(&mut self) {
+        self.stopping.store(true, Ordering::Release);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -87,9 +90,11 @@ pub fn start(
         ));
     };
     let region = Arc::new(Region::create()?);
-    let (to_backend, to_proxy) = (Doorbell::new()?, Doorbell::new()?);
+    let (to_backend, to_proxy, replies) = (Doorbell::new()?, Doorbell::new()?, Doorbell::new()?);
     let (ours, theirs) = rpc::setup::socketpair()?;
     let mut cmd = Command::new(exe);
+    // `ps` shows "splitvirt backend ..." rather than the path it was started by.
+    std::os::unix::process::CommandExt::arg0(&mut cmd, "splitvirt");
     cmd.arg("backend").arg("--setup-fd").arg("3");
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
@@ -120,15 +125,33 @@ pub fn start(
             region.fd().as_raw_fd(),
             to_backend.fd().as_raw_fd(),
             to_proxy.fd().as_raw_fd(),
+            replies.fd().as_raw_fd(),
         ],
     )?;
-    let proxy = Proxy::start(region, to_backend, to_proxy, events, READ_TIMEOUT);
+    let proxy = Proxy::start(region, to_backend, to_proxy, replies, events, READ_TIMEOUT);
+    // The backend's end of the setup socket closes when it dies, however it dies.
+    let stopping = Arc::new(AtomicBool::new(false));
+    let (watch, p, stop, pid) = (
+        ours.try_clone()?,
+        proxy.clone(),
+        stopping.clone(),
+        child.id(),
+    );
+    std::thread::spawn(move || {
+        let mut b = [0u8; 1];
+        // SAFETY: a blocking recv into a local on our socket; 0 means the peer is gone.
+        while unsafe { libc::recv(watch.as_raw_fd(), b.as_mut_ptr().cast(), 1, 0) } > 0 {}
+        if !stop.load(Ordering::Acquire) {
+            p.fail(&format!("the backend process (pid {pid}) ended"));
+        }
+    });
     let mut remote = Remote {
         proxy: proxy.clone(),
         functions: Vec::new(),
         stdio_console: None,
         child,
         _sock: ours,
+        stopping,
     };
     let Some(regs) = proxy.registrations(REGISTER_TIMEOUT) else {
         let status = remote.child.try_wait().ok().flatten();
@@ -204,7 +227,11 @@ pub fn serve(l: &Layout, setup_fd: OwnedFd) -> Result<(), BackendError> {
     let mem = crate::memory::pool_memory(pool.base, pool.size, &pool_file)?;
     drop(pool_file);
     let region = Arc::new(Region::open(s.control)?);
-    let out = Outbox::new(region.clone(), Doorbell::from_fd(s.to_proxy));
+    let out = Outbox::new(
+        region.clone(),
+        Doorbell::from_fd(s.to_proxy),
+        Doorbell::from_fd(s.to_proxy_replies),
+    );
     let from_proxy = Doorbell::from_fd(s.to_backend);
     // Only the backend's devices, built as the VMM builds its own.
     let mut mine = l.clone();
