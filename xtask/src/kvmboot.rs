@@ -382,9 +382,14 @@ pub fn boot_on_kvm() -> Result<()> {
         q_found.trim() == qroot_token,
         "the qcow2 root image holds {q_found:?}, the guest wrote {qroot_token}"
     );
-    // The backend killed mid-I/O: splitvirt stays up, names what happened, and the guest goes
-    // on (its UART works) until it powers off.
+    // The backend killed mid-I/O: splitvirt stays up, names what happened, fails the disk's
+    // requests (the guest's dd gets an I/O error, not a hang), and the guest goes on (its UART
+    // works) until it powers off.
     let kl = r.part("kill");
+    ensure!(
+        kl.value("dd_error") == Some("yes") && kl.log.contains("failed with an I/O error"),
+        "backend killed: the guest's disk writes got no I/O error (log: {log})"
+    );
     ensure!(
         kl.log
             .contains("splitvirt: backend lost: the backend process")

@@ -270,6 +270,11 @@ impl Proxy {
         (lock(&self.events))(Event::Dead(why.to_owned()));
     }
 
+    /// The control region (the backend's journals are there).
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+
     pub fn is_dead(&self) -> bool {
         self.dead.load(Ordering::Acquire)
     }

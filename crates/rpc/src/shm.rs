@@ -21,6 +21,10 @@ const SLOT: usize = 32;
 /// Ring layout: head at +0, tail at +64, sleepers at +96 (the consumer's), slots from +128.
 const RING_HDR: usize = 128;
 const RING_BYTES: usize = RING_HDR + SLOTS as usize * SLOT;
+/// Per-device journals of virtio-blk requests in flight, 64 bytes per PCI slot, in the header
+/// page: so that the VMM can fail them if the backend dies.
+pub const JOURNALS_AT: usize = 0x800;
+const JOURNAL_LIVE: u32 = u32::from_le_bytes(*b"jrnl");
 /// Offsets in the region: header page, then the request ring, then the reply ring.
 pub const REQUESTS_AT: usize = 0x1000;
 pub const REPLIES_AT: usize = REQUESTS_AT + RING_BYTES.next_multiple_of(0x1000);
@@ -146,6 +150,60 @@ impl Region {
             // SAFETY: in bounds of our mapping; the peer's view of racing bytes is its problem.
             unsafe { self.ptr.add(at).write_volatile(b) };
         }
+    }
+
+    fn journal_at(dev: u8) -> usize {
+        JOURNALS_AT + usize::from(dev % 32) * 64
+    }
+
+    /// Journal (docs/RPC.md, "Journal"): a virtio-blk queue was (re)started.
+    pub fn journal_reset(&self, dev: u8, next_avail: u16) {
+        let at = Self::journal_at(dev);
+        for w in 0..8 {
+            self.u32_at(at + 8 + 4 * w).store(0, Ordering::Release);
+        }
+        self.u32_at(at + 4)
+            .store(u32::from(next_avail), Ordering::Release);
+        self.u32_at(at).store(JOURNAL_LIVE, Ordering::Release);
+    }
+
+    /// Journal: the backend took the chain at `head`; its next avail index is `next_avail`.
+    pub fn journal_popped(&self, dev: u8, head: u16, next_avail: u16) {
+        let at = Self::journal_at(dev);
+        let h = usize::from(head % 256);
+        self.u32_at(at + 8 + 4 * (h / 32))
+            .fetch_or(1 << (h % 32), Ordering::AcqRel);
+        self.u32_at(at + 4)
+            .store(u32::from(next_avail), Ordering::Release);
+    }
+
+    /// Journal: the backend is about to put `head` on the used ring.
+    pub fn journal_completed(&self, dev: u8, head: u16) {
+        let at = Self::journal_at(dev);
+        let h = usize::from(head % 256);
+        self.u32_at(at + 8 + 4 * (h / 32))
+            .fetch_and(!(1 << (h % 32)), Ordering::AcqRel);
+    }
+
+    /// Journal: (next avail index, heads in flight), if the backend keeps one for `dev`.
+    pub fn journal(&self, dev: u8) -> Option<(u16, Vec<u16>)> {
+        let at = Self::journal_at(dev);
+        if self.u32_at(at).load(Ordering::Acquire) != JOURNAL_LIVE {
+            return None;
+        }
+        let next = self.u32_at(at + 4).load(Ordering::Acquire) as u16;
+        let mut heads = Vec::new();
+        for w in 0..8u16 {
+            let bits = self
+                .u32_at(at + 8 + 4 * usize::from(w))
+                .load(Ordering::Acquire);
+            for b in 0..32u16 {
+                if bits & (1 << b) != 0 {
+                    heads.push(w * 32 + b);
+                }
+            }
+        }
+        Some((next, heads))
     }
 
     /// Requests waiting for the backend (for its polling loop).
@@ -384,6 +442,18 @@ mod tests {
         a.u64_at(0).store(0, Ordering::Relaxed);
         let e = Region::open(a.fd().try_clone().unwrap()).err().unwrap();
         assert!(e.to_string().contains("magic"), "{e}");
+    }
+
+    #[test]
+    fn the_journal_tracks_heads_in_flight() {
+        let r = Region::create().unwrap();
+        assert_eq!(r.journal(1), None);
+        r.journal_reset(1, 5);
+        r.journal_popped(1, 3, 6);
+        r.journal_popped(1, 200, 7);
+        r.journal_completed(1, 3);
+        assert_eq!(r.journal(1), Some((7, vec![200])));
+        assert_eq!(r.journal(2), None);
     }
 
     #[test]

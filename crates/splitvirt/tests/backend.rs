@@ -6,6 +6,16 @@ use std::sync::{Arc, Mutex};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::bus::Bus;
 
+/// What the VMM's own interrupt path (the reaper) raises.
+#[derive(Default)]
+struct Intx(Mutex<Vec<bool>>);
+impl virtio::transport::Signal for Intx {
+    fn msi(&self, _: (u64, u32)) {}
+    fn intx(&self, level: bool) {
+        self.0.lock().unwrap().push(level);
+    }
+}
+
 struct Vm {
     bus: Bus,
     mem: GuestMemoryMmap<()>,
@@ -94,6 +104,8 @@ fn a_disk_served_by_the_backend_process_which_maps_only_the_pool() {
     let l = layout::resolve(&d).unwrap().layout;
     let ram = vmm::memory::guest_ram(&l).unwrap();
     let events = Arc::new(Mutex::new(Vec::new()));
+    let sig_events = Arc::new(Intx::default());
+    let sig: Arc<dyn virtio::transport::Signal> = sig_events.clone();
     let ev = events.clone();
     let mut remote = vmm::backend::start(
         &l,
@@ -101,6 +113,7 @@ fn a_disk_served_by_the_backend_process_which_maps_only_the_pool() {
         Some(&config),
         ram.pool_fd.as_ref(),
         Box::new(move |e| ev.lock().unwrap().push(e)),
+        &|_| sig.clone(),
     )
     .unwrap()
     .expect("a backend for the disk");
@@ -179,5 +192,19 @@ fn a_disk_served_by_the_backend_process_which_maps_only_the_pool() {
     let t = std::time::Instant::now();
     assert_eq!(vm.r(0x12, 2), 0xffff, "all ones from a dead backend");
     assert!(t.elapsed() < std::time::Duration::from_millis(100));
+    // The guest gets I/O errors, not a hang: the request the backend held when it died (the
+    // one outside the pool) and a new one both complete with IOERR, from splitvirt itself.
+    assert_eq!(vm.request(rings, 3, 1, 0, data, false), 1, "IOERR");
+    let used: u16 = vm.mem.read_obj(GuestAddress(rings + 0x2002)).unwrap();
+    assert_eq!(used, 4);
+    let held: u8 = vm
+        .mem
+        .read_obj(GuestAddress(rings + 0x3000 + 0x200 + 0x80))
+        .unwrap();
+    assert_eq!(held, 1, "the request in flight at the kill failed too");
+    assert!(
+        sig_events.0.lock().unwrap().contains(&true),
+        "an interrupt told the guest"
+    );
     drop(remote);
 }

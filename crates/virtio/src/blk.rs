@@ -48,6 +48,16 @@ const CHUNK: usize = 256 << 10;
 /// How long a reset waits for requests already at the disk.
 const DRAIN: Duration = Duration::from_secs(30);
 
+/// Where the device notes which requests it holds, so that someone else can fail them if this
+/// process dies (the backend's control region, docs/RPC.md "Journal").
+pub trait Journal: Send + Sync {
+    /// The queue started; the driver's next chain will be at avail index `next_avail`.
+    fn reset(&self, next_avail: u16);
+    fn popped(&self, head: u16, next_avail: u16);
+    /// Called just before the chain goes on the used ring.
+    fn completed(&self, head: u16);
+}
+
 /// A checked request, ready for a worker.
 #[derive(Debug)]
 enum Op {
@@ -82,6 +92,7 @@ struct Active {
     live: AtomicBool,
     inflight: Mutex<usize>,
     drained: Condvar,
+    journal: Option<Arc<dyn Journal>>,
 }
 
 type Job = (Arc<Active>, Request);
@@ -93,6 +104,7 @@ pub struct Block {
     id: [u8; ID_LEN],
     active: Option<Arc<Active>>,
     jobs: Option<Sender<Job>>,
+    journal: Option<Arc<dyn Journal>>,
 }
 
 impl Block {
@@ -127,7 +139,13 @@ impl Block {
             id,
             active: None,
             jobs: None,
+            journal: None,
         }
+    }
+
+    /// Keeps a journal of the requests in flight from now on.
+    pub fn set_journal(&mut self, j: Arc<dyn Journal>) {
+        self.journal = Some(j);
     }
 
     /// The worker threads, started when the device is first used.
@@ -233,6 +251,9 @@ impl Block {
             let mut q = active.queue.lock().unwrap_or_else(|e| e.into_inner());
             while let Some(chain) = crate::next_chain(&mut q, &active.mem) {
                 let head = chain.head_index();
+                if let Some(j) = &active.journal {
+                    j.popped(head, q.next_avail());
+                }
                 let mut descs = Vec::new();
                 for d in chain {
                     if descs.len() >= MAX_CHAIN {
@@ -278,6 +299,9 @@ fn complete(a: &Active, disk: &dyn Disk, id: &[u8; ID_LEN], req: Request, buf: &
     if a.live.load(Ordering::Acquire) {
         let _ = a.mem.write_obj(status, req.status);
         let mut q = a.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(j) = &a.journal {
+            j.completed(req.head);
+        }
         if q.add_used(&a.mem, req.head, written + 1).is_ok()
             && q.needs_notification(&a.mem).unwrap_or(true)
         {
@@ -371,6 +395,9 @@ impl VirtioDevice for Block {
     }
     fn activate(&mut self, mem: Memory, mut queues: Vec<Queue>, interrupt: Arc<dyn Interrupt>) {
         if let Some(q) = queues.pop() {
+            if let Some(j) = &self.journal {
+                j.reset(q.next_avail());
+            }
             self.active = Some(Arc::new(Active {
                 mem,
                 queue: Mutex::new(q),
@@ -378,6 +405,7 @@ impl VirtioDevice for Block {
                 live: AtomicBool::new(true),
                 inflight: Mutex::new(0),
                 drained: Condvar::new(),
+                journal: self.journal.clone(),
             }));
         }
     }

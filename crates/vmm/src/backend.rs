@@ -6,6 +6,7 @@
 //! all of the guest it can reach.
 
 use crate::devices;
+use crate::reaper::{Guarded, Reaper};
 use layout::{Layout, Placement};
 use pci::ecam::{devfn, DevFn};
 use pci::PciFunction;
@@ -76,7 +77,8 @@ pub fn start(
     exe: &Path,
     config: Option<&Path>,
     pool_fd: Option<&File>,
-    events: Box<dyn FnMut(Event) + Send>,
+    mut events: Box<dyn FnMut(Event) + Send>,
+    signal: &dyn Fn(&layout::Device) -> Arc<dyn virtio::transport::Signal>,
 ) -> Result<Option<Remote>, BackendError> {
     let wanted: Vec<&layout::Device> = remote_devices(l).collect();
     if wanted.is_empty() {
@@ -128,14 +130,25 @@ pub fn start(
             replies.fd().as_raw_fd(),
         ],
     )?;
+    // A backend that breaks the protocol is ended, so that what follows its death follows.
+    let pid = child.id();
+    let events = Box::new(move |e: Event| {
+        if matches!(e, Event::Dead(_)) {
+            // SAFETY: a signal to our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        events(e)
+    });
     let proxy = Proxy::start(region, to_backend, to_proxy, replies, events, READ_TIMEOUT);
-    // The backend's end of the setup socket closes when it dies, however it dies.
+    // The backend's end of the setup socket closes when it dies, however it dies: then its
+    // virtio-blk devices fail what they hold.
     let stopping = Arc::new(AtomicBool::new(false));
-    let (watch, p, stop, pid) = (
+    let reapers: Arc<std::sync::Mutex<Vec<Arc<Reaper>>>> = Arc::default();
+    let (watch, p, stop, r) = (
         ours.try_clone()?,
         proxy.clone(),
         stopping.clone(),
-        child.id(),
+        reapers.clone(),
     );
     std::thread::spawn(move || {
         let mut b = [0u8; 1];
@@ -143,8 +156,12 @@ pub fn start(
         while unsafe { libc::recv(watch.as_raw_fd(), b.as_mut_ptr().cast(), 1, 0) } > 0 {}
         if !stop.load(Ordering::Acquire) {
             p.fail(&format!("the backend process (pid {pid}) ended"));
+            for reaper in r.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                reaper.fail_all();
+            }
         }
     });
+    let pool_mem = crate::memory::pool_memory(pool.base, pool.size, pool_fd)?;
     let mut remote = Remote {
         proxy: proxy.clone(),
         functions: Vec::new(),
@@ -190,7 +207,17 @@ pub fn start(
             remote.stdio_console = Some(slot);
         }
         let f = RemoteFunction::new(proxy.clone(), r, bar.map_or(0, |b| b.base));
-        remote.functions.push((devfn(slot, 0), Box::new(f)));
+        if matches!(d.kind, layout::DeviceKind::VirtioBlk { .. }) {
+            let reaper = Reaper::new(slot, proxy.clone(), pool_mem.clone(), signal(d));
+            reapers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(reaper.clone());
+            let g = Guarded { inner: f, reaper };
+            remote.functions.push((devfn(slot, 0), Box::new(g)));
+        } else {
+            remote.functions.push((devfn(slot, 0), Box::new(f)));
+        }
     }
     proxy.start_devices();
     Ok(Some(remote))
@@ -208,6 +235,24 @@ impl virtio::transport::Signal for RemoteSignal {
     }
     fn intx(&self, level: bool) {
         self.out.intx(self.dev, level);
+    }
+}
+
+/// A virtio-blk device's journal, kept in the control region for the VMM.
+struct RegionJournal {
+    region: Arc<Region>,
+    dev: u8,
+}
+
+impl virtio::blk::Journal for RegionJournal {
+    fn reset(&self, next_avail: u16) {
+        self.region.journal_reset(self.dev, next_avail);
+    }
+    fn popped(&self, head: u16, next_avail: u16) {
+        self.region.journal_popped(self.dev, head, next_avail);
+    }
+    fn completed(&self, head: u16) {
+        self.region.journal_completed(self.dev, head);
     }
 }
 
@@ -243,12 +288,19 @@ pub fn serve(l: &Layout, setup_fd: OwnedFd) -> Result<(), BackendError> {
             dev: d.slot as u8,
         })
     };
+    let journal = |d: &layout::Device| -> Option<Arc<dyn virtio::blk::Journal>> {
+        Some(Arc::new(RegionJournal {
+            region: region.clone(),
+            dev: d.slot as u8,
+        }))
+    };
     let built = devices::build(
         &mine,
         mem,
         &signal,
         Box::new(std::io::stdout()),
         Placement::Backend,
+        &journal,
     )?;
     for s in &built.skipped {
         out.log(s);

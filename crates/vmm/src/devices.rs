@@ -140,6 +140,7 @@ pub fn build(
     signal: &dyn Fn(&layout::Device) -> Arc<dyn Signal>,
     stdout: Box<dyn Write + Send>,
     here: layout::Placement,
+    journal: &dyn Fn(&layout::Device) -> Option<Arc<dyn virtio::blk::Journal>>,
 ) -> Result<Built, OpenError> {
     let mut out = Built {
         functions: Vec::new(),
@@ -158,7 +159,10 @@ pub fn build(
         let at = devfn(d.slot as u8, 0);
         match &d.kind {
             DeviceKind::VirtioBlk { .. } => {
-                let dev = open_disk(&d.kind)?.expect("a virtio-blk device");
+                let mut dev = open_disk(&d.kind)?.expect("a virtio-blk device");
+                if let Some(j) = journal(d) {
+                    dev.set_journal(j);
+                }
                 out.functions.push((at, Box::new(virtio_pci(d, &mem, signal, dev))));
             }
             DeviceKind::VirtioNet { backend, mac } => {

@@ -10,6 +10,7 @@ pub mod endpoint;
 mod kvm;
 pub mod memory;
 pub mod pci_bus;
+pub mod reaper;
 pub mod stats;
 pub mod tap;
 pub mod terminal;
