@@ -201,3 +201,33 @@ pub fn io() -> Result<()> {
     }
     Ok(())
 }
+
+/// `cargo xtask bench rpc`: the round-trip table natively, then inside the board (arm64).
+pub fn rpc() -> Result<()> {
+    println!("==> natively (x86_64)");
+    crate::env::run(crate::env::cargo().args([
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "rpc",
+        "--example",
+        "roundtrip",
+    ]))?;
+    let exe = crate::cross::example("rpc", "roundtrip")?;
+    let files = vec![("roundtrip".to_owned(), std::fs::read(&exe)?)];
+    let r = board::run("bench-rpc", &[], files, Duration::from_secs(900))?;
+    ensure!(
+        !r.timed_out && r.log.contains("polling / spin floor"),
+        "the board run printed no table (log: {})",
+        r.log_path.display()
+    );
+    println!("==> inside the board (TCG-emulated arm64, 2 vCPUs)");
+    for l in r.log.lines().skip_while(|l| !l.contains("RPC round trip")) {
+        println!("{}", l.trim_end());
+        if l.contains("polling / spin floor") {
+            break;
+        }
+    }
+    Ok(())
+}

@@ -38,3 +38,31 @@ pub fn splitvirt() -> Result<PathBuf> {
         .join(TARGET)
         .join("release/splitvirt"))
 }
+
+/// A workspace example built the same way (for benchmarks in the board).
+pub fn example(package: &str, name: &str) -> Result<PathBuf> {
+    crate::guest::ensure_arm64_arch()?;
+    env::ensure_apt(APT)?;
+    env::run(
+        cargo()
+            .env("RUSTC", "/usr/bin/rustc")
+            .args([
+                "build",
+                "--quiet",
+                "--release",
+                "-p",
+                package,
+                "--example",
+                name,
+                "--target",
+                TARGET,
+                "--target-dir",
+            ])
+            .arg(root().join("target/aarch64")),
+    )?;
+    Ok(root()
+        .join("target/aarch64")
+        .join(TARGET)
+        .join("release/examples")
+        .join(name))
+}

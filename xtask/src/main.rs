@@ -40,7 +40,7 @@ enum Cmd {
     },
     /// Benchmarks that print a table: `boot` (timings and memory of splitvirt on KVM), `io`
     /// (virtio-blk raw and qcow2, TCP over virtio-net, in-process and backend), `rpc` (the
-    /// proxy-backend round trip against eventfd and spin floors, natively).
+    /// proxy-backend round trip against eventfd and spin floors, natively and in the board).
     Bench {
         #[arg(value_parser = ["boot", "io", "rpc"])]
         what: String,
@@ -92,15 +92,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Kvmboot => kvmboot::boot_on_kvm(),
         Cmd::Fuzz { seconds } => fuzz::run_all(seconds),
         Cmd::Bench { what } if what == "io" => bench::io(),
-        Cmd::Bench { what } if what == "rpc" => env::run(env::cargo().args([
-            "run",
-            "--quiet",
-            "--release",
-            "-p",
-            "rpc",
-            "--example",
-            "roundtrip",
-        ])),
+        Cmd::Bench { what } if what == "rpc" => bench::rpc(),
         Cmd::Bench { .. } => bench::boot(),
         Cmd::Realboot => {
             realboot::good_boot()?;

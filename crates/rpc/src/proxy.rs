@@ -443,6 +443,13 @@ impl RemoteFunction {
     }
 
     fn read(&self, space: u8, off: u64, data: &mut [u8]) {
+        // A dead backend's BARs read as zeros: a driver resetting the device waits for its
+        // status to read 0 (Linux's virtio-pci does, for ever), and nothing reads as pending.
+        // Its config space reads as all ones, as a vanished PCI function does.
+        if space != 0 && self.proxy.is_dead() {
+            data.fill(0);
+            return;
+        }
         let len = data.len();
         Self::each_piece(len, |at, n| {
             let v = self
