@@ -372,6 +372,7 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
         &signal,
         Box::new(std::io::stdout()),
         layout::Placement::InProcess,
+        &|_| None,
     )?;
     for s in &built.skipped {
         eprintln!("splitvirt: warning: {s}");
@@ -415,6 +416,7 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
         spec.config.as_deref(),
         ram.pool_fd.as_ref(),
         events,
+        &signal,
     )?;
     {
         let mut e = ecam.lock().unwrap_or_else(|e| e.into_inner());
