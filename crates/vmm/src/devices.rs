@@ -163,37 +163,40 @@ pub fn build(
                 if let Some(j) = journal(d) {
                     dev.set_journal(j);
                 }
-                out.functions.push((at, Box::new(virtio_pci(d, &mem, signal, dev))));
+                out.functions
+                    .push((at, Box::new(virtio_pci(d, &mem, signal, dev))));
             }
-            DeviceKind::VirtioNet { backend, mac } => {
-                match backend {
-                    NetBackend::Tap(name) => {
-                        let tap = crate::tap::Tap::open(name)?;
-                        let reader = tap.try_clone().map_err(|e| crate::tap::TapError {
-                            name: name.clone(),
-                            why: e.to_string(),
-                        })?;
-                        let f = Arc::new(Mutex::new(virtio_pci(d, &mem, signal, virtio::net::Net::new(
-                            *mac,
-                            Box::new(tap),
-                        ))));
-                        let deliver = feed(&f, virtio::net::Net::receive);
-                        out.starters
-                            .push(Box::new(move || crate::tap::serve(reader, deliver)));
-                        out.functions.push((at, Box::new(SharedFunction(f))));
-                    }
-                    NetBackend::Socket(path) => {
-                        let link = crate::endpoint::Link::new(path)?;
-                        let f = Arc::new(Mutex::new(virtio_pci(d, &mem, signal, virtio::net::Net::new(
-                            *mac,
-                            link.sender(),
-                        ))));
-                        let deliver = feed(&f, virtio::net::Net::receive);
-                        out.starters.push(Box::new(move || link.serve(deliver)));
-                        out.functions.push((at, Box::new(SharedFunction(f))));
-                    }
+            DeviceKind::VirtioNet { backend, mac } => match backend {
+                NetBackend::Tap(name) => {
+                    let tap = crate::tap::Tap::open(name)?;
+                    let reader = tap.try_clone().map_err(|e| crate::tap::TapError {
+                        name: name.clone(),
+                        why: e.to_string(),
+                    })?;
+                    let f = Arc::new(Mutex::new(virtio_pci(
+                        d,
+                        &mem,
+                        signal,
+                        virtio::net::Net::new(*mac, Box::new(tap)),
+                    )));
+                    let deliver = feed(&f, virtio::net::Net::receive);
+                    out.starters
+                        .push(Box::new(move || crate::tap::serve(reader, deliver)));
+                    out.functions.push((at, Box::new(SharedFunction(f))));
                 }
-            }
+                NetBackend::Socket(path) => {
+                    let link = crate::endpoint::Link::new(path)?;
+                    let f = Arc::new(Mutex::new(virtio_pci(
+                        d,
+                        &mem,
+                        signal,
+                        virtio::net::Net::new(*mac, link.sender()),
+                    )));
+                    let deliver = feed(&f, virtio::net::Net::receive);
+                    out.starters.push(Box::new(move || link.serve(deliver)));
+                    out.functions.push((at, Box::new(SharedFunction(f))));
+                }
+            },
             DeviceKind::VirtioConsole { backend } => {
                 let f = match backend {
                     ConsoleBackend::Stdio => {
@@ -204,22 +207,41 @@ pub fn build(
                             ));
                             continue;
                         };
-                        let f = Arc::new(Mutex::new(virtio_pci(d, &mem, signal, virtio::console::Console::new(w))));
+                        let f = Arc::new(Mutex::new(virtio_pci(
+                            d,
+                            &mem,
+                            signal,
+                            virtio::console::Console::new(w),
+                        )));
                         out.console = Some(f.clone());
                         f
                     }
                     ConsoleBackend::Socket(path) => {
                         let s = crate::endpoint::SocketConsole::bind(path)?;
-                        let f = Arc::new(Mutex::new(virtio_pci(d, &mem, signal, virtio::console::Console::new(s.writer()))));
+                        let f = Arc::new(Mutex::new(virtio_pci(
+                            d,
+                            &mem,
+                            signal,
+                            virtio::console::Console::new(s.writer()),
+                        )));
                         let deliver = feed(&f, virtio::console::Console::queue_input);
                         out.starters.push(Box::new(move || s.serve(deliver)));
-                        eprintln!("splitvirt: virtio-console (slot {}) on socket {}", d.slot, path.display());
+                        eprintln!(
+                            "splitvirt: virtio-console (slot {}) on socket {}",
+                            d.slot,
+                            path.display()
+                        );
                         f
                     }
                     ConsoleBackend::Pty => {
                         let p = crate::endpoint::Pty::open()?;
                         eprintln!("splitvirt: virtio-console (slot {}) on {}", d.slot, p.name);
-                        let f = Arc::new(Mutex::new(virtio_pci(d, &mem, signal, virtio::console::Console::new(p.writer()))));
+                        let f = Arc::new(Mutex::new(virtio_pci(
+                            d,
+                            &mem,
+                            signal,
+                            virtio::console::Console::new(p.writer()),
+                        )));
                         let deliver = feed(&f, virtio::console::Console::queue_input);
                         out.starters.push(Box::new(move || p.serve(deliver)));
                         f
@@ -227,11 +249,16 @@ pub fn build(
                 };
                 out.functions.push((at, Box::new(SharedFunction(f))));
             }
-            other => out.skipped.push(format!(
-                "{} at slot {} is not served yet by this build of splitvirt; the guest will not see it",
-                other.label(),
-                d.slot
-            )),
+            DeviceKind::Connector {
+                name,
+                dataport_size,
+                peer,
+            } => {
+                let (f, start) =
+                    crate::connect::build(d, name, *dataport_size, peer.as_deref(), signal(d))?;
+                out.starters.extend(start);
+                out.functions.push((at, Box::new(f)));
+            }
         }
     }
     Ok(out)

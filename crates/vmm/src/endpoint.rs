@@ -262,6 +262,10 @@ impl Write for PtyWriter {
 pub struct Link {
     path: PathBuf,
     peer: Arc<Mutex<Option<Arc<OwnedFd>>>>,
+    /// What the link carries, for its log lines.
+    what: &'static str,
+    /// The first packet each side sends; a peer whose differs is refused.
+    hello: Vec<u8>,
 }
 
 fn seqpacket() -> io::Result<OwnedFd> {
@@ -361,13 +365,22 @@ impl DecisionLock {
 impl Link {
     /// Checks that the link's directory is usable; the connection itself is made by `serve`.
     pub fn new(path: &Path) -> Result<Link, EndpointError> {
+        Self::with_hello(path, "network link", b"splitvirt net link 1".to_vec())
+    }
+
+    /// A link that carries `what`, whose peers must greet each other with the same `hello`.
+    pub fn with_hello(
+        path: &Path,
+        what: &'static str,
+        hello: Vec<u8>,
+    ) -> Result<Link, EndpointError> {
         let dir = path
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         if !dir.is_dir() {
             return Err(EndpointError {
-                what: "network link socket",
+                what,
                 path: path.display().to_string(),
                 why: format!("its directory {} does not exist", dir.display()),
             });
@@ -375,11 +388,45 @@ impl Link {
         Ok(Link {
             path: path.to_owned(),
             peer: Arc::default(),
+            what,
+            hello,
         })
+    }
+
+    /// Sends our greeting and checks the peer's (5 s at most).
+    fn greet(&self, conn: &OwnedFd) -> Result<(), String> {
+        if !send_now(conn.as_raw_fd(), &self.hello) {
+            return Err("could not greet it".into());
+        }
+        let mut p = libc::pollfd {
+            fd: conn.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one descriptor we own.
+        if unsafe { libc::poll(&mut p, 1, 5000) } != 1 {
+            return Err("it did not greet us within 5 s".into());
+        }
+        let mut buf = vec![0u8; self.hello.len() + 1];
+        // SAFETY: recv into our buffer.
+        let n = unsafe { libc::recv(conn.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 || buf[..n as usize] != self.hello[..] {
+            return Err(format!(
+                "its greeting {:?} differs from ours {:?}",
+                String::from_utf8_lossy(&buf[..n.max(0) as usize]),
+                String::from_utf8_lossy(&self.hello)
+            ));
+        }
+        Ok(())
     }
 
     pub fn sender(&self) -> Box<dyn virtio::net::NetBackend> {
         Box::new(LinkSender(self.peer.clone()))
+    }
+
+    /// A handle that sends like `send`, for use after `serve` took the link.
+    pub fn handle(&self) -> LinkHandle {
+        LinkHandle(self.peer.clone())
     }
 
     /// Connects (or listens, then accepts) and hands the peer's frames to `deliver`, again and
@@ -400,16 +447,23 @@ impl Link {
                         Err(e) => Err(e),
                     },
                 };
+                let what = self.what;
                 let conn = match conn {
                     Ok(c) => Arc::new(c),
                     Err(e) => {
-                        eprintln!("splitvirt: network link {shown}: {e}; trying again");
+                        eprintln!("splitvirt: {what} {shown}: {e}; trying again");
                         listener = None;
                         std::thread::sleep(Duration::from_millis(500));
                         continue;
                     }
                 };
-                eprintln!("splitvirt: network link {shown}: peer attached");
+                if let Err(why) = self.greet(&conn) {
+                    eprintln!("splitvirt: {what} {shown}: refused a peer: {why}");
+                    drop(conn);
+                    std::thread::sleep(Duration::from_millis(500));
+                    continue;
+                }
+                eprintln!("splitvirt: {what} {shown}: peer attached");
                 *lock(&self.peer) = Some(conn.clone());
                 let mut buf = vec![0u8; virtio::net::MAX_FRAME + 64];
                 loop {
@@ -423,7 +477,7 @@ impl Link {
                     deliver(&buf[..n as usize]);
                 }
                 *lock(&self.peer) = None;
-                eprintln!("splitvirt: network link {shown}: peer went away; waiting for it");
+                eprintln!("splitvirt: {what} {shown}: peer went away; waiting for it");
             }
         });
     }
@@ -439,6 +493,18 @@ impl Link {
 }
 
 struct LinkSender(Arc<Mutex<Option<Arc<OwnedFd>>>>);
+
+/// Sends packets on a link whose thread runs.
+#[derive(Clone)]
+pub struct LinkHandle(Arc<Mutex<Option<Arc<OwnedFd>>>>);
+
+impl LinkHandle {
+    pub fn send(&self, packet: &[u8]) -> bool {
+        lock(&self.0)
+            .clone()
+            .is_some_and(|fd| send_now(fd.as_raw_fd(), packet))
+    }
+}
 
 impl virtio::net::NetBackend for LinkSender {
     fn send(&mut self, frame: &[u8]) {
@@ -573,12 +639,16 @@ mod tests {
                 assert!(std::time::Instant::now() < deadline, "no listener");
                 std::thread::sleep(Duration::from_millis(20));
             };
+            assert!(send_now(peer.as_raw_fd(), b"splitvirt net link 1"));
             assert!(send_now(peer.as_raw_fd(), &[round; 60]));
             assert_eq!(until(&rx), vec![round; 60]);
             // The link knows the peer once its first frame arrived.
             tx.send(&[7, round]);
             let mut buf = [0u8; 64];
-            // SAFETY: recv into a local buffer.
+            // SAFETY: recv into a local buffer (the link's greeting first).
+            let n = unsafe { libc::recv(peer.as_raw_fd(), buf.as_mut_ptr().cast(), 64, 0) };
+            assert_eq!(&buf[..n as usize], b"splitvirt net link 1");
+            // SAFETY: as above.
             let n = unsafe { libc::recv(peer.as_raw_fd(), buf.as_mut_ptr().cast(), 64, 0) };
             assert_eq!(&buf[..n as usize], &[7, round]);
             drop(peer);

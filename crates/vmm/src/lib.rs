@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod bus;
+pub mod connect;
 pub mod devices;
 pub mod endpoint;
 #[cfg(target_arch = "aarch64")]
