@@ -12,7 +12,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// The dataport file, mapped shared.
 pub struct FileDataport {
@@ -27,6 +27,17 @@ unsafe impl Send for FileDataport {}
 unsafe impl Sync for FileDataport {}
 
 impl FileDataport {
+    /// A dataport no other VM shares (no peer): a memfd, so that it maps into the guest too.
+    pub fn anonymous(size: u64) -> Result<FileDataport, EndpointError> {
+        let file =
+            crate::memory::memfd(c"splitvirt-dataport", size).map_err(|e| EndpointError {
+                what: "connector dataport",
+                path: "memfd".into(),
+                why: e.0,
+            })?;
+        Self::map(file, size, Path::new("memfd"))
+    }
+
     pub fn open(path: &Path, size: u64) -> Result<FileDataport, EndpointError> {
         let err = |why: String| EndpointError {
             what: "connector dataport",
@@ -49,6 +60,15 @@ impl FileDataport {
                  uses another size (make them equal, or remove the file when no VM runs)"
             )));
         }
+        Self::map(file, size, path)
+    }
+
+    fn map(file: File, size: u64, path: &Path) -> Result<FileDataport, EndpointError> {
+        let err = |why: String| EndpointError {
+            what: "connector dataport",
+            path: path.display().to_string(),
+            why,
+        };
         // SAFETY: a new shared mapping of the whole file.
         let ptr = unsafe {
             libc::mmap(
@@ -145,63 +165,106 @@ impl platform::IrqLine for Line {
     }
 }
 
-/// A connector function and the thread that carries its peer's events (None without a peer).
+/// Where a dataport is in this process, for mapping it into the guest at BAR 1.
+#[derive(Clone, Copy, Debug)]
+pub struct HostMemory {
+    pub addr: u64,
+    pub size: u64,
+}
+
+/// A connector function, the thread that carries its peer's events (None without a peer) and
+/// its dataport's memory.
 pub fn build(
     d: &layout::Device,
     name: &str,
     dataport_size: u64,
     peer: Option<&str>,
     signal: Arc<dyn virtio::transport::Signal>,
-) -> Result<(Connector, Option<crate::devices::Starter>), EndpointError> {
+) -> Result<(Connector, Option<crate::devices::Starter>, HostMemory), EndpointError> {
     let bars = (
         d.bars.first().map_or(0, |b| b.base),
         d.bars.get(1).map_or(0, |b| b.base),
     );
     let irq = Arc::new(Line(signal));
-    let Some(path) = peer else {
-        let port = Arc::new(connector::LocalDataport(Mutex::new(vec![
-            0;
-            dataport_size
-                as usize
-        ])));
-        let p = Arc::new(LinkPeer {
-            link: None,
-            name: name.to_owned(),
-            dropped: AtomicU64::new(0),
-        });
-        return Ok((
-            Connector::new(name, bars, d.intx_pin as u8, irq, p, port),
-            None,
-        ));
+    let (port, link) = match peer {
+        None => (FileDataport::anonymous(dataport_size)?, None),
+        Some(path) => {
+            let path = Path::new(path);
+            let mut dataport_path = path.as_os_str().to_owned();
+            dataport_path.push(".dataport");
+            let port = FileDataport::open(Path::new(&dataport_path), dataport_size)?;
+            let mut hello = b"splitvirt connector 1\0".to_vec();
+            hello.extend_from_slice(&dataport_size.to_le_bytes());
+            hello.extend_from_slice(name.as_bytes());
+            (port, Some(Link::with_hello(path, "connector", hello)?))
+        }
     };
-    let path = Path::new(path);
-    let mut dataport_path = path.as_os_str().to_owned();
-    dataport_path.push(".dataport");
-    let port = Arc::new(FileDataport::open(
-        Path::new(&dataport_path),
-        dataport_size,
-    )?);
-    let mut hello = b"splitvirt connector 1\0".to_vec();
-    hello.extend_from_slice(&dataport_size.to_le_bytes());
-    hello.extend_from_slice(name.as_bytes());
-    let link = Link::with_hello(path, "connector", hello)?;
+    let host = HostMemory {
+        addr: port.host_address(),
+        size: dataport_size,
+    };
     let p = Arc::new(LinkPeer {
-        link: Some(link.handle()),
+        link: link.as_ref().map(Link::handle),
         name: name.to_owned(),
         dropped: AtomicU64::new(0),
     });
-    let c = Connector::new(name, bars, d.intx_pin as u8, irq, p, port);
+    let c = Connector::new(name, bars, d.intx_pin as u8, irq, p, Arc::new(port));
     let events = c.events();
-    let start: crate::devices::Starter = Box::new(move || {
-        link.serve(Box::new(move |_packet: &[u8]| events.receive()));
+    let start = link.map(|link| -> crate::devices::Starter {
+        Box::new(move || link.serve(Box::new(move |_packet: &[u8]| events.receive())))
     });
-    Ok((c, Some(start)))
+    Ok((c, start, host))
+}
+
+/// A function whose BAR 1 is memory mapped into the guest: when the guest moves BAR 1 or turns
+/// decoding on or off, `remap` is told where the BAR now decodes (None: nowhere).
+pub struct Mapped {
+    pub inner: Box<dyn pci::PciFunction>,
+    last: Option<u64>,
+    remap: Box<dyn FnMut(Option<u64>) + Send>,
+}
+
+impl Mapped {
+    pub fn new(
+        inner: Box<dyn pci::PciFunction>,
+        remap: Box<dyn FnMut(Option<u64>) + Send>,
+    ) -> Self {
+        Mapped {
+            inner,
+            last: None,
+            remap,
+        }
+    }
+}
+
+impl pci::PciFunction for Mapped {
+    fn config_read(&mut self, off: u64, data: &mut [u8]) {
+        self.inner.config_read(off, data)
+    }
+    fn config_write(&mut self, off: u64, data: &[u8]) {
+        self.inner.config_write(off, data);
+        let now = self.inner.bar_address(1).map(|(a, _)| a);
+        if now != self.last {
+            self.last = now;
+            (self.remap)(now);
+        }
+    }
+    fn bar_address(&self, bar: usize) -> Option<(u64, u64)> {
+        self.inner.bar_address(bar)
+    }
+    fn bar_read(&mut self, bar: usize, off: u64, data: &mut [u8]) {
+        self.inner.bar_read(bar, off, data)
+    }
+    fn bar_write(&mut self, bar: usize, off: u64, data: &[u8]) {
+        self.inner.bar_write(bar, off, data)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use pci::PciFunction;
+    use std::sync::Mutex;
     use std::time::{Duration, Instant};
 
     #[derive(Default)]
@@ -233,7 +296,8 @@ mod tests {
         let mut ends = Vec::new();
         for _ in 0..2 {
             let levels = Arc::new(Levels::default());
-            let (c, start) = build(&d, "storage", 0x2000, path.to_str(), levels.clone()).unwrap();
+            let (c, start, _) =
+                build(&d, "storage", 0x2000, path.to_str(), levels.clone()).unwrap();
             start.unwrap()();
             ends.push((c, levels));
         }
@@ -257,6 +321,23 @@ mod tests {
     }
 
     #[test]
+    fn bar_1_moves_are_reported_for_mapping() {
+        let d = device();
+        let (c, _, _) = build(&d, "m", 0x2000, None, Arc::new(Levels::default())).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let mut m = Mapped::new(Box::new(c), Box::new(move |a| s2.lock().unwrap().push(a)));
+        m.config_write(0x04, &[2, 0]); // memory decoding on
+        m.config_write(0x14, &0x2000_0000u32.to_le_bytes()); // BAR 1 moved
+        m.config_write(0x04, &[0, 0]); // off
+        let bar1 = d.bars[1].base;
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![Some(bar1), Some(0x2000_0000), None]
+        );
+    }
+
+    #[test]
     fn a_peer_with_another_size_is_refused_at_start() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.sock");
@@ -273,7 +354,9 @@ mod tests {
     #[test]
     fn without_a_peer_events_are_dropped_and_the_vm_goes_on() {
         let d = device();
-        let (mut c, start) = build(&d, "alone", 0x1000, None, Arc::new(Levels::default())).unwrap();
+        let (mut c, start, host) =
+            build(&d, "alone", 0x1000, None, Arc::new(Levels::default())).unwrap();
+        assert_eq!((host.size, host.addr % 4096), (0x1000, 0), "mappable");
         assert!(start.is_none());
         c.bar_write(0, connector::REG_EMIT, &[1]);
         c.bar_write(1, 0, b"x");

@@ -84,6 +84,8 @@ pub struct Built {
     pub starters: Vec<Starter>,
     /// Devices the description names that this build cannot serve yet, with why.
     pub skipped: Vec<String>,
+    /// Connector dataports, to map into the guest at their function's BAR 1.
+    pub dataports: Vec<(DevFn, crate::connect::HostMemory)>,
 }
 
 /// Input for a shared virtio device, as a backend thread delivers it.
@@ -147,6 +149,7 @@ pub fn build(
         console: None,
         starters: Vec::new(),
         skipped: Vec::new(),
+        dataports: Vec::new(),
     };
     let mut stdout = Some(stdout);
     let remote: Vec<u32> = crate::backend::remote_devices(l).map(|d| d.slot).collect();
@@ -254,9 +257,10 @@ pub fn build(
                 dataport_size,
                 peer,
             } => {
-                let (f, start) =
+                let (f, start, host) =
                     crate::connect::build(d, name, *dataport_size, peer.as_deref(), signal(d))?;
                 out.starters.extend(start);
+                out.dataports.push((at, host));
                 out.functions.push((at, Box::new(f)));
             }
         }

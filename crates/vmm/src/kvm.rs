@@ -41,6 +41,9 @@ const GIC_IRQS: u32 = 128;
 const GUEST_CODE: [u32; 4] = [0xd2a1_2001, 0xd280_0820, 0x3900_0020, 0x1400_0000];
 
 /// Maps guest RAM (one host range) as memslot 0.
+/// Memslots of connector dataports: this plus the function's devfn (RAM uses 0..3).
+const DATAPORT_SLOTS: u32 = 16;
+
 fn map_memory(vm: &VmFd, slot: u32, host: u64, base: u64, size: u64) -> Result<(), Error> {
     let region = kvm_userspace_memory_region {
         slot,
@@ -421,7 +424,31 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
     {
         let mut e = ecam.lock().unwrap_or_else(|e| e.into_inner());
         for (df, f) in built.functions {
-            e.add(df, f);
+            // A connector's dataport is memory in the guest at BAR 1 (no exit per access),
+            // wherever the guest puts the BAR: a memslot of its own, moved with it.
+            let Some(&(_, host)) = built.dataports.iter().find(|(d, _)| *d == df) else {
+                e.add(df, f);
+                continue;
+            };
+            let (vm, slot) = (vm.clone(), DATAPORT_SLOTS + u32::from(df));
+            let remap = move |at: Option<u64>| {
+                let region = kvm_userspace_memory_region {
+                    slot,
+                    flags: 0,
+                    guest_phys_addr: at.unwrap_or(0),
+                    memory_size: at.map_or(0, |_| host.size),
+                    userspace_addr: host.addr,
+                };
+                // SAFETY: the dataport mapping lives as long as its connector, which the VM
+                // keeps until the process ends; size 0 removes the slot.
+                if let Err(e) = unsafe { vm.set_user_memory_region(region) } {
+                    eprintln!("splitvirt: cannot map a connector dataport at {at:?}: {e}");
+                }
+            };
+            e.add(
+                df,
+                Box::new(crate::connect::Mapped::new(f, Box::new(remap))),
+            );
         }
         if let Some(r) = &mut remote {
             for (df, f) in std::mem::take(&mut r.functions) {
