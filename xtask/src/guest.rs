@@ -260,3 +260,31 @@ pub fn read_from_p2(disk: &Path, name: &str) -> Result<String> {
     }
     Ok(String::from_utf8_lossy(&o.stdout).into_owned())
 }
+
+/// An out-of-tree module from guest/modules/NAME, built against a guest kernel's build tree
+/// (in a copy under target/, so that the sources stay clean). Returns the .ko.
+pub fn kernel_module(k: &crate::kernel::Kernel, name: &str) -> Result<Vec<u8>> {
+    env::ensure_apt(&["gcc-aarch64-linux-gnu", "make", "bc", "flex", "bison"])?;
+    let src = root().join("guest/modules").join(name);
+    let work = root().join("target/guest-modules").join(name);
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    for e in std::fs::read_dir(&src)? {
+        let e = e?;
+        std::fs::copy(e.path(), work.join(e.file_name()))?;
+    }
+    // The kernel was built without `make modules`: vmlinux.symvers has what modpost needs.
+    run(cmd("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(&k.build)
+        .arg(format!("M={}", work.display()))
+        .args(["ARCH=arm64", "CROSS_COMPILE=aarch64-linux-gnu-"])
+        .arg(format!(
+            "KBUILD_EXTRA_SYMBOLS={}",
+            k.build.join("vmlinux.symvers").display()
+        ))
+        .arg("modules"))?;
+    let ko = work.join(format!("{name}.ko"));
+    std::fs::read(&ko).with_context(|| format!("no {} after the module build", ko.display()))
+}

@@ -10,6 +10,7 @@ mod fuzz;
 mod guest;
 mod kernel;
 mod kvmboot;
+mod kvmconn;
 mod qemu;
 mod realboot;
 mod schema;
@@ -50,6 +51,8 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// Two guests on KVM in the board joined by a cross-VM connector.
+    Kvmconn,
     /// Boot guests with splitvirt on KVM inside the board (the project's kernel and Debian's).
     Kvmboot,
     /// Boot the guest kernel on QEMU's virt machine with our DTB (and the negative boots).
@@ -90,6 +93,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Kvmboot => kvmboot::boot_on_kvm(),
+        Cmd::Kvmconn => kvmconn::connect_two_vms(),
         Cmd::Fuzz { seconds } => fuzz::run_all(seconds),
         Cmd::Bench { what } if what == "io" => bench::io(),
         Cmd::Bench { what } if what == "rpc" => bench::rpc(),

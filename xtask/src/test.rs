@@ -84,6 +84,10 @@ pub fn all() -> Result<()> {
         "board: splitvirt boots our kernel and Debian's on KVM",
         kvmboot::boot_on_kvm,
     );
+    s.step(
+        "board: two VMs joined by a cross-VM connector",
+        crate::kvmconn::connect_two_vms,
+    );
 
     println!("\nxtask test steps:");
     for p in &s.passed {

@@ -1,0 +1,95 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * connection: the guest driver of splitvirt's cross-VM connector (PCI 1af4:a111).
+ *
+ * One UIO device per connector, named from the device's name field: map 0 is BAR 0 (the event
+ * page: write 0x0 to send an event, 0x4 counts received events), map 1 is BAR 1 (the dataport,
+ * memory shared with the peer VM). mmap offset N * page size selects map N; a blocking read()
+ * of /dev/uioN returns the number of events so far. The interrupt is a level shared with other
+ * INTx devices: the handler claims it only when 0x4 is non-zero, and acknowledges by writing 0.
+ */
+#include <linux/io.h>
+#include <linux/module.h>
+#include <linux/pci.h>
+#include <linux/uio_driver.h>
+
+#define CONN_EVENTS 0x4
+#define CONN_NAME 0x8
+#define CONN_NAME_LEN 50
+
+struct connection {
+	struct uio_info uio;
+	void __iomem *regs;
+	char name[CONN_NAME_LEN];
+};
+
+static irqreturn_t connection_irq(int irq, struct uio_info *info)
+{
+	struct connection *c = info->priv;
+
+	if (!readl(c->regs + CONN_EVENTS))
+		return IRQ_NONE;
+	writel(0, c->regs + CONN_EVENTS);
+	return IRQ_HANDLED;
+}
+
+static int connection_probe(struct pci_dev *pdev, const struct pci_device_id *id)
+{
+	struct connection *c;
+	int err;
+
+	c = devm_kzalloc(&pdev->dev, sizeof(*c), GFP_KERNEL);
+	if (!c)
+		return -ENOMEM;
+	err = pcim_enable_device(pdev);
+	if (err)
+		return err;
+	err = pcim_iomap_regions(pdev, BIT(0), "connection");
+	if (err)
+		return err;
+	c->regs = pcim_iomap_table(pdev)[0];
+	memcpy_fromio(c->name, c->regs + CONN_NAME, CONN_NAME_LEN);
+	c->name[CONN_NAME_LEN - 1] = 0;
+
+	c->uio.name = c->name;
+	c->uio.version = "1";
+	c->uio.priv = c;
+	c->uio.mem[0].name = "event";
+	c->uio.mem[0].addr = pci_resource_start(pdev, 0);
+	c->uio.mem[0].size = pci_resource_len(pdev, 0);
+	c->uio.mem[0].memtype = UIO_MEM_PHYS;
+	/* The dataport is plain memory on the host: map it cacheable (UIO_MEM_IOVA takes the
+	 * physical path without the uncached attribute UIO_MEM_PHYS forces), so that memcpy,
+	 * unaligned accesses included, works on it. */
+	c->uio.mem[1].name = "dataport";
+	c->uio.mem[1].addr = pci_resource_start(pdev, 1);
+	c->uio.mem[1].size = pci_resource_len(pdev, 1);
+	c->uio.mem[1].memtype = UIO_MEM_IOVA;
+	c->uio.irq = pdev->irq;
+	c->uio.irq_flags = IRQF_SHARED;
+	c->uio.handler = connection_irq;
+
+	err = devm_uio_register_device(&pdev->dev, &c->uio);
+	if (err)
+		return err;
+	pci_set_drvdata(pdev, c);
+	dev_info(&pdev->dev, "connection \"%s\": dataport %pa bytes\n", c->name,
+		 &c->uio.mem[1].size);
+	return 0;
+}
+
+static const struct pci_device_id connection_ids[] = {
+	{ PCI_DEVICE(0x1af4, 0xa111) },
+	{}
+};
+MODULE_DEVICE_TABLE(pci, connection_ids);
+
+static struct pci_driver connection_driver = {
+	.name = "connection",
+	.id_table = connection_ids,
+	.probe = connection_probe,
+};
+module_pci_driver(connection_driver);
+
+MODULE_DESCRIPTION("splitvirt cross-VM connector (UIO)");
+MODULE_LICENSE("GPL");
