@@ -24,8 +24,9 @@ pub fn connect_two_vms() -> Result<()> {
         ],
         &initrd,
     )?;
-    let conn = "[[device]]\nkind = \"connector\"\nname = \"chan\"\ndataport_size = \"64K\"\n\
-                peer = \"/tmp/conn.sock\"\n";
+    // One vCPU each: two guests share the board's two emulated CPUs.
+    let conn = "vcpus = 1\n[[device]]\nkind = \"connector\"\nname = \"chan\"\n\
+                dataport_size = \"64K\"\npeer = \"/tmp/conn.sock\"\n";
     let files = vec![
         ("guest/conn.toml".to_owned(), conn.as_bytes().to_vec()),
         ("guest/Image".to_owned(), std::fs::read(&k.image)?),
