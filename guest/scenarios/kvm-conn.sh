@@ -4,6 +4,15 @@
 check insmod insmod /connection.ko
 value uio_name "$(cat /sys/class/uio/uio0/name 2>/dev/null)"
 value uio_maps "$(ls /sys/class/uio/uio0/maps 2>/dev/null | tr '\n' ' ')"
+# First the Rust library's channel through its CLI, one message each way (ping is side a,
+# pong side b; each receives from the other's ring).
+if [ "$ROLE" = ping ]; then
+	/conn send chan a "hello-from-a" && result conn_send PASS
+	value conn_reply "$(/conn recv chan a 120)"
+else
+	value conn_message "$(/conn recv chan b 120)"
+	/conn send chan b "hello-from-b" && result conn_send PASS
+fi
 if [ "$ROLE" = ping ]; then
 	/conntest seed
 	/conntest ping "$ROUNDS"

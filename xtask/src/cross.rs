@@ -66,3 +66,31 @@ pub fn example(package: &str, name: &str) -> Result<PathBuf> {
         .join("release/examples")
         .join(name))
 }
+
+/// A binary of a workspace package built the same way (guest programs in Rust).
+pub fn binary(package: &str, name: &str) -> Result<PathBuf> {
+    crate::guest::ensure_arm64_arch()?;
+    env::ensure_apt(APT)?;
+    env::run(
+        cargo()
+            .env("RUSTC", "/usr/bin/rustc")
+            .args([
+                "build",
+                "--quiet",
+                "--release",
+                "-p",
+                package,
+                "--bin",
+                name,
+                "--target",
+                TARGET,
+                "--target-dir",
+            ])
+            .arg(root().join("target/aarch64")),
+    )?;
+    Ok(root()
+        .join("target/aarch64")
+        .join(TARGET)
+        .join("release")
+        .join(name))
+}

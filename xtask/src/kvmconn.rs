@@ -21,6 +21,10 @@ pub fn connect_two_vms() -> Result<()> {
         &[
             ("connection.ko", guest::kernel_module(&k, "connection")?),
             ("conntest", guest::tool("conntest")?),
+            (
+                "conn",
+                std::fs::read(crate::cross::binary("connection", "conn")?)?,
+            ),
         ],
         &initrd,
     )?;
@@ -59,6 +63,16 @@ pub fn connect_two_vms() -> Result<()> {
             p.value("splitvirt_exit")
         );
     }
+    // The guest library's channel, through its CLI, one message each way.
+    ensure!(
+        a.passed("conn_send")
+            && b.passed("conn_send")
+            && b.value("conn_message") == Some("hello-from-a")
+            && a.value("conn_reply") == Some("hello-from-b"),
+        "conn CLI: B got {:?}, A got {:?} (log: {log})",
+        b.value("conn_message"),
+        a.value("conn_reply")
+    );
     ensure!(
         a.passed("seed_snippet") && a.value("seed_name") == Some("chan"),
         "the seed's snippet: {:?} (log: {log})",
