@@ -31,6 +31,9 @@ if [ -n "$LINK_ROLE" ]; then
 			sleep 1
 		done
 		[ $i -le 300 ] && result link_sent PASS
+		# Stay up while the listener hashes and prints: our power-off makes its splitvirt log
+		# "peer went away", and two writers on one console can interleave inside a line.
+		sleep 20
 	fi
 fi
 # A file for the host to find in the image after power-off.
