@@ -9,7 +9,7 @@
 sleep 3
 echo "@@ READY-KILL"
 if read -t 120 line; then value after_kill "$line"; fi
-sleep 5
+sleep 20
 value alive yes
 # The disk's writes will never complete: power off without the sync that would wait for them.
 echo "@@ DONE"
