@@ -14,83 +14,36 @@ pub const APT: &[&str] = &[
 ];
 
 pub fn splitvirt() -> Result<PathBuf> {
-    crate::guest::ensure_arm64_arch()?;
-    env::ensure_apt(APT)?;
     println!("==> building splitvirt for {TARGET} (static)");
-    // Linker and +crt-static for this target come from .cargo/config.toml.
-    env::run(
-        cargo()
-            .env("RUSTC", "/usr/bin/rustc")
-            .args([
-                "build",
-                "--quiet",
-                "--release",
-                "-p",
-                "splitvirt",
-                "--target",
-                TARGET,
-                "--target-dir",
-            ])
-            .arg(root().join("target/aarch64")),
-    )?;
-    Ok(root()
-        .join("target/aarch64")
-        .join(TARGET)
-        .join("release/splitvirt"))
+    build("splitvirt", &[], "release/splitvirt")
 }
 
 /// A workspace example built the same way (for benchmarks in the board).
 pub fn example(package: &str, name: &str) -> Result<PathBuf> {
-    crate::guest::ensure_arm64_arch()?;
-    env::ensure_apt(APT)?;
-    env::run(
-        cargo()
-            .env("RUSTC", "/usr/bin/rustc")
-            .args([
-                "build",
-                "--quiet",
-                "--release",
-                "-p",
-                package,
-                "--example",
-                name,
-                "--target",
-                TARGET,
-                "--target-dir",
-            ])
-            .arg(root().join("target/aarch64")),
-    )?;
-    Ok(root()
-        .join("target/aarch64")
-        .join(TARGET)
-        .join("release/examples")
-        .join(name))
+    build(
+        package,
+        &["--example", name],
+        &format!("release/examples/{name}"),
+    )
 }
 
 /// A binary of a workspace package built the same way (guest programs in Rust).
 pub fn binary(package: &str, name: &str) -> Result<PathBuf> {
+    build(package, &["--bin", name], &format!("release/{name}"))
+}
+
+/// `cargo build --release -p PACKAGE WHAT` for the target; returns `release/...` under it.
+fn build(package: &str, what: &[&str], output: &str) -> Result<PathBuf> {
     crate::guest::ensure_arm64_arch()?;
     env::ensure_apt(APT)?;
+    // Linker and +crt-static for this target come from .cargo/config.toml.
     env::run(
         cargo()
             .env("RUSTC", "/usr/bin/rustc")
-            .args([
-                "build",
-                "--quiet",
-                "--release",
-                "-p",
-                package,
-                "--bin",
-                name,
-                "--target",
-                TARGET,
-                "--target-dir",
-            ])
+            .args(["build", "--quiet", "--release", "-p", package])
+            .args(what)
+            .args(["--target", TARGET, "--target-dir"])
             .arg(root().join("target/aarch64")),
     )?;
-    Ok(root()
-        .join("target/aarch64")
-        .join(TARGET)
-        .join("release")
-        .join(name))
+    Ok(root().join("target/aarch64").join(TARGET).join(output))
 }

@@ -161,40 +161,40 @@ impl PciFunction for Connector {
     }
 }
 
-/// A dataport in plain memory (tests, and a VM whose peer has not come yet).
-pub struct LocalDataport(pub Mutex<Vec<u8>>);
-
-impl Dataport for LocalDataport {
-    fn size(&self) -> u64 {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).len() as u64
-    }
-    fn read(&self, off: u64, data: &mut [u8]) {
-        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        for (i, d) in data.iter_mut().enumerate() {
-            *d = usize::try_from(off)
-                .ok()
-                .and_then(|o| m.get(o.checked_add(i)?))
-                .copied()
-                .unwrap_or(0);
-        }
-    }
-    fn write(&self, off: u64, data: &[u8]) {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        for (i, d) in data.iter().enumerate() {
-            if let Some(x) = usize::try_from(off)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| m.get_mut(o))
-            {
-                *x = *d;
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A dataport in plain memory.
+    struct LocalDataport(Mutex<Vec<u8>>);
+
+    impl Dataport for LocalDataport {
+        fn size(&self) -> u64 {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).len() as u64
+        }
+        fn read(&self, off: u64, data: &mut [u8]) {
+            let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            for (i, d) in data.iter_mut().enumerate() {
+                *d = usize::try_from(off)
+                    .ok()
+                    .and_then(|o| m.get(o.checked_add(i)?))
+                    .copied()
+                    .unwrap_or(0);
+            }
+        }
+        fn write(&self, off: u64, data: &[u8]) {
+            let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            for (i, d) in data.iter().enumerate() {
+                if let Some(x) = usize::try_from(off)
+                    .ok()
+                    .and_then(|o| o.checked_add(i))
+                    .and_then(|o| m.get_mut(o))
+                {
+                    *x = *d;
+                }
+            }
+        }
+    }
 
     #[derive(Default)]
     struct Line(Mutex<Vec<bool>>);

@@ -37,11 +37,12 @@ pub enum BackendError {
     Memory(#[from] crate::memory::MemoryError),
 }
 
-/// The description's devices that run in the backend.
+/// The description's devices that run in the backend (never a connector: the layout places
+/// connectors in-process).
 pub fn remote_devices(l: &Layout) -> impl Iterator<Item = &layout::Device> {
     l.devices
         .iter()
-        .filter(|d| d.placement == Placement::Backend && d.kind.pci_id().1 != 0xa111)
+        .filter(|d| d.placement == Placement::Backend)
 }
 
 /// A running backend, as the VMM holds it.
@@ -278,10 +279,6 @@ pub fn serve(l: &Layout, setup_fd: OwnedFd) -> Result<(), BackendError> {
         Doorbell::from_fd(s.to_proxy_replies),
     );
     let from_proxy = Doorbell::from_fd(s.to_backend);
-    // Only the backend's devices, built as the VMM builds its own.
-    let mut mine = l.clone();
-    mine.devices
-        .retain(|d| remote_devices(l).any(|r| r.slot == d.slot));
     let signal = |d: &layout::Device| -> Arc<dyn virtio::transport::Signal> {
         Arc::new(RemoteSignal {
             out: out.clone(),
@@ -294,8 +291,9 @@ pub fn serve(l: &Layout, setup_fd: OwnedFd) -> Result<(), BackendError> {
             dev: d.slot as u8,
         }))
     };
+    // The backend's devices (`build` takes those placed here), built as the VMM builds its own.
     let built = devices::build(
-        &mine,
+        l,
         mem,
         &signal,
         Box::new(std::io::stdout()),
@@ -308,7 +306,7 @@ pub fn serve(l: &Layout, setup_fd: OwnedFd) -> Result<(), BackendError> {
     let mut funcs: Vec<(Registration, Box<dyn PciFunction>)> = Vec::new();
     for (df, mut f) in built.functions {
         let slot = df >> 3;
-        let Some(d) = mine.devices.iter().find(|d| d.slot == u32::from(slot)) else {
+        let Some(d) = l.devices.iter().find(|d| d.slot == u32::from(slot)) else {
             continue;
         };
         let mut id = [0u8; 12];

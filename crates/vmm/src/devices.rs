@@ -61,8 +61,6 @@ impl<F: PciFunction> PciFunction for SharedFunction<F> {
     }
 }
 
-pub type SharedNet = Arc<Mutex<VirtioPci<virtio::net::Net>>>;
-
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error(transparent)]
@@ -152,13 +150,7 @@ pub fn build(
         dataports: Vec::new(),
     };
     let mut stdout = Some(stdout);
-    let remote: Vec<u32> = crate::backend::remote_devices(l).map(|d| d.slot).collect();
-    let in_backend = here == layout::Placement::Backend;
-    for d in l
-        .devices
-        .iter()
-        .filter(|d| remote.contains(&d.slot) == in_backend)
-    {
+    for d in l.devices.iter().filter(|d| d.placement == here) {
         let at = devfn(d.slot as u8, 0);
         match &d.kind {
             DeviceKind::VirtioBlk { .. } => {

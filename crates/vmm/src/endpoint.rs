@@ -421,7 +421,7 @@ impl Link {
     }
 
     pub fn sender(&self) -> Box<dyn virtio::net::NetBackend> {
-        Box::new(LinkSender(self.peer.clone()))
+        Box::new(self.handle())
     }
 
     /// A handle that sends like `send`, for use after `serve` took the link.
@@ -492,8 +492,6 @@ impl Link {
     }
 }
 
-struct LinkSender(Arc<Mutex<Option<Arc<OwnedFd>>>>);
-
 /// Sends packets on a link whose thread runs.
 #[derive(Clone)]
 pub struct LinkHandle(Arc<Mutex<Option<Arc<OwnedFd>>>>);
@@ -506,12 +504,9 @@ impl LinkHandle {
     }
 }
 
-impl virtio::net::NetBackend for LinkSender {
+impl virtio::net::NetBackend for LinkHandle {
     fn send(&mut self, frame: &[u8]) {
-        let peer = lock(&self.0).clone();
-        if let Some(fd) = peer {
-            let _ = send_now(fd.as_raw_fd(), frame);
-        }
+        LinkHandle::send(self, frame);
     }
 }
 
