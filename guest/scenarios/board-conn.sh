@@ -1,8 +1,24 @@
-# Two VMs on KVM joined by a cross-VM connector at /tmp/conn.sock; consoles "ping| ", "pong| ".
+# Two VMs on KVM joined by two cross-VM connectors; consoles "ping| ", "pong| ". In MODE=test
+# the pong VM is killed mid-exchange and another ("pong2| ") takes its place.
 check kvm_device test -c /dev/kvm
-for role in pong ping; do
+vm() { # ROLE PREFIX
 	( /splitvirt run --config /guest/conn.toml --kernel /guest/Image --initrd /guest/conn.cpio \
-		--cmdline "console=ttyAMA0 loglevel=4 ROLE=$role ROUNDS=$ROUNDS" </dev/null
-	  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "$role| $l"; done &
-done
+		--cmdline "console=ttyAMA0 loglevel=4 ROLE=$1 ROUNDS=$ROUNDS MODE=$MODE" </dev/null &
+	  echo $! >"/tmp/$2.pid"
+	  wait $!
+	  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do
+		echo "$2| $l"
+		case "$l" in *"@@ VALUE phase restart"*) touch /tmp/restart-now ;; esac
+	done &
+}
+vm pong pong
+vm ping ping
+if [ "$MODE" = test ]; then
+	n=0
+	while [ ! -e /tmp/restart-now ] && [ $n -lt 1200 ]; do sleep 1; n=$((n + 1)); done
+	sleep 3
+	check pong_killed kill -9 "$(cat /tmp/pong.pid)"
+	sleep 2
+	vm repong pong2
+fi
 wait

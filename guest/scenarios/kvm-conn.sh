@@ -1,21 +1,35 @@
-# One side of a cross-VM connector (ROLE=ping or pong from the kernel command line): load the
-# guest's `connection` module, find the UIO device by its name, then exchange messages with the
-# other VM over the dataport, woken by the connector's events.
+# One side of two cross-VM connectors, `chan` (64 KiB) and `bulk` (2 MiB), as ROLE says: ping
+# (side a), pong (side b) or repong (side b again, in a VM started after the first pong was
+# killed). MODE=test checks, MODE=bench measures. Each loads the `connection` module; the UIO
+# devices are found by name.
 check insmod insmod /connection.ko
-value uio_name "$(cat /sys/class/uio/uio0/name 2>/dev/null)"
+value uio_names "$(cat /sys/class/uio/uio*/name 2>/dev/null | tr '\n' ' ')"
 value uio_maps "$(ls /sys/class/uio/uio0/maps 2>/dev/null | tr '\n' ' ')"
-# First the Rust library's channel through its CLI, one message each way (ping is side a,
-# pong side b; each receives from the other's ring).
-if [ "$ROLE" = ping ]; then
+# `conn` prints `key value` lines; they become values named PREFIX_key.
+values() { while read -r k v; do value "$1_$k" "$v"; done; }
+case "$ROLE" in
+ping)
+	# The library's channel through the CLI, one message each way.
 	/conn send chan a "hello-from-a" && result conn_send PASS
 	value conn_reply "$(/conn recv chan a 120)"
-else
+	/conntest seed
+	/conn ping chan "$ROUNDS" | values ping
+	if [ "$MODE" = bench ]; then
+		/conn memcpy 64 | values memcpy
+		/conn stream bulk 64 | values stream
+	else
+		/conn stream bulk 16 | values stream
+		# The host kills the peer VM once it sees this, and starts another.
+		value phase restart
+		/conn ping chan 3000 | values restart
+	fi ;;
+pong)
 	value conn_message "$(/conn recv chan b 120)"
 	/conn send chan b "hello-from-b" && result conn_send PASS
-fi
-if [ "$ROLE" = ping ]; then
-	/conntest seed
-	/conntest ping "$ROUNDS"
-else
-	/conntest pong "$ROUNDS"
-fi
+	/conn pong chan | values pong
+	/conn sink bulk | values sink
+	# In MODE=test this VM is killed while it answers.
+	[ "$MODE" = bench ] || /conn pong chan | values restart ;;
+repong)
+	/conn pong chan | values restart ;;
+esac

@@ -41,9 +41,10 @@ enum Cmd {
     },
     /// Benchmarks that print a table: `boot` (timings and memory of splitvirt on KVM), `io`
     /// (virtio-blk raw and qcow2, TCP over virtio-net, in-process and backend), `rpc` (the
-    /// proxy-backend round trip against eventfd and spin floors, natively and in the board).
+    /// proxy-backend round trip against eventfd and spin floors, natively and in the board),
+    /// `conn` (cross-VM connector event round trip and guest-to-guest bandwidth vs memcpy).
     Bench {
-        #[arg(value_parser = ["boot", "io", "rpc"])]
+        #[arg(value_parser = ["boot", "io", "rpc", "conn"])]
         what: String,
     },
     /// Run the cargo-fuzz targets (virtqueue, blk_request, ecam) for a while each.
@@ -51,7 +52,8 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
-    /// Two guests on KVM in the board joined by a cross-VM connector.
+    /// Two guests on KVM in the board joined by two cross-VM connectors (one peer is killed
+    /// and replaced mid-exchange).
     Kvmconn,
     /// Boot guests with splitvirt on KVM inside the board (the project's kernel and Debian's).
     Kvmboot,
@@ -97,6 +99,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Fuzz { seconds } => fuzz::run_all(seconds),
         Cmd::Bench { what } if what == "io" => bench::io(),
         Cmd::Bench { what } if what == "rpc" => bench::rpc(),
+        Cmd::Bench { what } if what == "conn" => kvmconn::bench(),
         Cmd::Bench { .. } => bench::boot(),
         Cmd::Realboot => {
             realboot::good_boot()?;

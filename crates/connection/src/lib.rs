@@ -3,11 +3,20 @@
 //! the dataport (map 1, at one page), send and wait for events, and pass messages through the
 //! dataport.
 //!
-//! The channel: the dataport's first half carries side A's messages to B, the second half B's
-//! to A. Each half is a ring of fixed-size slots with two counters, `sent` (written only by its
-//! producer) and `taken` (written only by its consumer), on separate cache lines, so that both
-//! sides write at once without a lock. A slot holds its sequence number (written last, with
-//! release ordering), a length and the bytes.
+//! The channel: the dataport's first 64 KiB (or all of it, when smaller) are two rings, the
+//! first carrying side A's messages to B, the second B's to A. Each ring is fixed-size slots
+//! with two counters, `sent` (written only by its producer) and `taken` (written only by its
+//! consumer), on separate cache lines, so that both sides write at once without a lock. A slot
+//! holds its sequence number (written last, with release ordering), a length and the bytes. The
+//! rest of the dataport is the bulk area, which programs use as they agree (`exchange` streams
+//! through it).
+//!
+//! The channel's position lives in the dataport, not in the process: opening a connection
+//! resumes where the last user of that side left off, so a restarted program or a rebooted peer
+//! VM (the dataport outlives it) carries on. A message taken by a consumer that died before it
+//! counted it is delivered again.
+
+pub mod exchange;
 
 use std::fs::File;
 use std::io::Read;
@@ -19,6 +28,8 @@ use std::time::{Duration, Instant};
 const REG_EMIT: usize = 0x0;
 const SLOT: usize = 256;
 const HEADER: usize = 128;
+/// Bytes of the dataport the two rings take (less when the dataport is smaller).
+pub const RINGS: usize = 64 << 10;
 /// Bytes a message may carry (a slot less its sequence number and length).
 pub const MAX_MESSAGE: usize = SLOT - 16;
 
@@ -34,6 +45,10 @@ pub enum Error {
     Full(Duration),
     #[error("the dataport ({0} bytes) is too small for a channel")]
     Small(usize),
+    #[error("{len} bytes at {off:#x} of the bulk area: it holds {size} (a larger dataport_size?)")]
+    Bulk { off: usize, len: usize, size: usize },
+    #[error("{0}")]
+    Protocol(String),
 }
 
 /// Which half of the dataport this side sends in; the two VMs must choose differently.
@@ -41,6 +56,15 @@ pub enum Error {
 pub enum Side {
     A,
     B,
+}
+
+impl Side {
+    pub fn other(self) -> Side {
+        match self {
+            Side::A => Side::B,
+            Side::B => Side::A,
+        }
+    }
 }
 
 struct Map {
@@ -158,14 +182,47 @@ impl Connection {
         }
         let event_page = Map::new(&device, event_size.max(8), 0)?;
         let dataport = Map::new(&device, dataport_size, page_size())?;
-        Ok(Connection {
+        let mut c = Connection {
             events,
             event_page,
             dataport,
             side,
             next_send: 1,
             next_recv: 1,
-        })
+        };
+        c.resume();
+        Ok(c)
+    }
+
+    /// Takes up the channel where the dataport says it stands: after this side's last counted
+    /// message (or one it published but died before counting), before the first message of the
+    /// other side that this side has not counted as taken.
+    fn resume(&mut self) {
+        let (base, slots) = self.half(self.side);
+        let mut next = self
+            .dataport
+            .u64_at(base)
+            .load(Ordering::Acquire)
+            .wrapping_add(1);
+        if self
+            .dataport
+            .u64_at(self.slot(base, slots, next))
+            .load(Ordering::Acquire)
+            == next
+        {
+            next += 1;
+        }
+        self.next_send = next;
+        let (base, _) = self.half(self.side.other());
+        self.next_recv = self
+            .dataport
+            .u64_at(base + 64)
+            .load(Ordering::Acquire)
+            .wrapping_add(1);
+    }
+
+    fn slot(&self, base: usize, slots: usize, seq: u64) -> usize {
+        base + HEADER + (seq % slots as u64) as usize * SLOT
     }
 
     /// Sends an event to the peer: one plain 32-bit store to the event page, which the
@@ -200,10 +257,46 @@ impl Connection {
         Ok(Some(u32::from_le_bytes(b)))
     }
 
+    /// Where `side`'s ring starts, and its slots.
     fn half(&self, side: Side) -> (usize, usize) {
-        let half = self.dataport.len / 2;
+        let half = self.dataport.len.min(RINGS) / 2;
         let base = if side == Side::A { 0 } else { half };
         (base, (half - HEADER) / SLOT)
+    }
+
+    /// Bytes in the bulk area (the dataport after the rings).
+    pub fn bulk_len(&self) -> usize {
+        self.dataport.len.saturating_sub(RINGS)
+    }
+
+    fn bulk_range(&self, off: usize, len: usize) -> Result<usize, Error> {
+        let size = self.bulk_len();
+        match off.checked_add(len) {
+            Some(end) if end <= size => Ok(RINGS + off),
+            _ => Err(Error::Bulk { off, len, size }),
+        }
+    }
+
+    /// Copies `data` into the bulk area at `off`.
+    pub fn write_bulk(&self, off: usize, data: &[u8]) -> Result<(), Error> {
+        let at = self.bulk_range(off, data.len())?;
+        // SAFETY: in bounds (checked above); the peer reads it only when told to.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.dataport.ptr.add(at), data.len())
+        };
+        std::sync::atomic::fence(Ordering::Release);
+        Ok(())
+    }
+
+    /// Copies the bulk area at `off` into `out`.
+    pub fn read_bulk(&self, off: usize, out: &mut [u8]) -> Result<(), Error> {
+        let at = self.bulk_range(off, out.len())?;
+        std::sync::atomic::fence(Ordering::Acquire);
+        // SAFETY: in bounds (checked above).
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.dataport.ptr.add(at), out.as_mut_ptr(), out.len())
+        };
+        Ok(())
     }
 
     /// Puts a message in this side's ring and emits; waits up to `timeout` for room.
@@ -214,13 +307,16 @@ impl Connection {
         let (base, slots) = self.half(self.side);
         let seq = self.next_send;
         let deadline = Instant::now() + timeout;
-        while seq - self.dataport.u64_at(base + 64).load(Ordering::Acquire) > slots as u64 {
+        // The peer writes `taken`: a value ahead of `seq` is nonsense, never an underflow.
+        while seq.saturating_sub(self.dataport.u64_at(base + 64).load(Ordering::Acquire))
+            > slots as u64
+        {
             if Instant::now() >= deadline {
                 return Err(Error::Full(timeout));
             }
             std::thread::sleep(Duration::from_micros(100));
         }
-        let slot = base + HEADER + (seq as usize % slots) * SLOT;
+        let slot = self.slot(base, slots, seq);
         // SAFETY: the slot is in bounds and ours until `seq` is published.
         unsafe {
             let p = self.dataport.ptr.add(slot + 16);
@@ -238,14 +334,9 @@ impl Connection {
 
     /// The next message from the peer, waiting for events up to `timeout`.
     pub fn recv(&mut self, timeout: Duration) -> Result<Option<Vec<u8>>, Error> {
-        let other = if self.side == Side::A {
-            Side::B
-        } else {
-            Side::A
-        };
-        let (base, slots) = self.half(other);
+        let (base, slots) = self.half(self.side.other());
         let seq = self.next_recv;
-        let slot = base + HEADER + (seq as usize % slots) * SLOT;
+        let slot = self.slot(base, slots, seq);
         let deadline = Instant::now() + timeout;
         while self.dataport.u64_at(slot).load(Ordering::Acquire) != seq {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -270,15 +361,15 @@ impl Connection {
     }
 }
 
+/// A fake UIO device for tests: sysfs entries and a device file.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fake {
     use super::*;
-    use std::io::Write;
     use std::os::fd::FromRawFd;
 
     /// A fake UIO device: sysfs entries and a device file (both maps in one file, map 1 at one
     /// page), with a pipe standing in for the event count.
-    fn fake(dir: &Path, name: &str, dataport: usize) -> PathBuf {
+    pub fn fake(dir: &Path, name: &str, dataport: usize) -> PathBuf {
         let uio = dir.join("sys/uio0");
         std::fs::create_dir_all(uio.join("maps/map0")).unwrap();
         std::fs::create_dir_all(uio.join("maps/map1")).unwrap();
@@ -292,13 +383,32 @@ mod tests {
         dev
     }
 
-    fn pipe() -> (File, File) {
+    pub fn pipe() -> (File, File) {
         let mut fds = [0; 2];
         // SAFETY: pipe fills two new descriptors we own.
         assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
         // SAFETY: both are ours.
         unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
     }
+
+    /// Side `side` of the fake device at `dev`, with its own (never written) event pipe.
+    pub fn open(dev: &Path, dataport: usize, side: Side) -> Connection {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dev)
+            .unwrap();
+        let (events, never) = pipe();
+        std::mem::forget(never); // open, so that a wait times out instead of seeing EOF
+        Connection::from_parts(f, events, 0x1000, dataport, side).unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::*;
+    use super::*;
+    use std::io::Write;
 
     #[test]
     fn opens_by_name_and_names_what_is_missing() {
@@ -370,5 +480,64 @@ mod tests {
             Err(Error::TooLong(300))
         ));
         assert_eq!(a.recv(Duration::from_millis(20)).unwrap(), None);
+    }
+
+    #[test]
+    fn a_reopened_side_resumes_where_the_last_left_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = fake(dir.path(), "chan", 0x4000);
+        let t = Duration::from_millis(50);
+        {
+            let (mut a, mut b) = (open(&dev, 0x4000, Side::A), open(&dev, 0x4000, Side::B));
+            for m in [b"one", b"two", b"3rd"] {
+                a.send(m, t).unwrap();
+            }
+            assert_eq!(b.recv(t).unwrap().as_deref(), Some(&b"one"[..]));
+            assert_eq!(b.recv(t).unwrap().as_deref(), Some(&b"two"[..]));
+        }
+        // Both processes went away; new ones carry on from the dataport's counters.
+        let (mut a, mut b) = (open(&dev, 0x4000, Side::A), open(&dev, 0x4000, Side::B));
+        assert_eq!(b.recv(t).unwrap().as_deref(), Some(&b"3rd"[..]));
+        assert_eq!(b.recv(t).unwrap(), None);
+        a.send(b"four", t).unwrap();
+        assert_eq!(b.recv(t).unwrap().as_deref(), Some(&b"four"[..]));
+        b.send(b"back", t).unwrap();
+        assert_eq!(a.recv(t).unwrap().as_deref(), Some(&b"back"[..]));
+    }
+
+    #[test]
+    fn a_hostile_peer_counter_is_not_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = fake(dir.path(), "chan", 0x4000);
+        let mut a = open(&dev, 0x4000, Side::A);
+        // The peer claims to have taken far more than was ever sent, and that A sent u64::MAX.
+        a.dataport.u64_at(64).store(u64::MAX, Ordering::Relaxed);
+        a.dataport.u64_at(0).store(u64::MAX, Ordering::Relaxed);
+        a.send(b"still fine", Duration::ZERO).unwrap();
+        let mut b = open(&dev, 0x4000, Side::B);
+        b.recv(Duration::ZERO).unwrap();
+        let a2 = open(&dev, 0x4000, Side::A);
+        drop(a2);
+    }
+
+    #[test]
+    fn the_bulk_area_follows_the_rings_and_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = RINGS + 0x2000;
+        let dev = fake(dir.path(), "bulk", size);
+        let (a, b) = (open(&dev, size, Side::A), open(&dev, size, Side::B));
+        assert_eq!(a.bulk_len(), 0x2000);
+        a.write_bulk(0x1ff0, &[9; 16]).unwrap();
+        let mut got = [0u8; 16];
+        b.read_bulk(0x1ff0, &mut got).unwrap();
+        assert_eq!(got, [9; 16]);
+        let e = a.write_bulk(0x1ff1, &[9; 16]).unwrap_err().to_string();
+        assert!(e.contains("0x1ff1") && e.contains("8192"), "{e}");
+        assert!(b.read_bulk(usize::MAX, &mut got).is_err());
+        // The rings are untouched by bulk writes.
+        let bytes = std::fs::read(&dev).unwrap();
+        assert!(bytes[page_size()..page_size() + RINGS]
+            .iter()
+            .all(|&x| x == 0));
     }
 }
