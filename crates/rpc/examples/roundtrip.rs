@@ -3,6 +3,11 @@
 //! ping-pong between two processes. Prints median and p99 per mode.
 //!
 //! The child side is this same program, started with `child MODE` and its descriptors at 3..
+//!
+//! This machine's two CPUs are sometimes close (shared caches) and sometimes not, which moves
+//! every number by up to 3x from one second to the next. So each measure runs in 10 batches,
+//! interleaved with its floor's batches, and the ratio to the floor is the median of the
+//! batches' ratios (each batch pair saw the same placement).
 
 use rpc::backend::{serve, Outbox, Wait};
 use rpc::{Doorbell, Proxy, Region, Registration};
@@ -13,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const ROUNDS: usize = 20_000;
+const BATCHES: usize = 10;
 
 fn spawn(mode: &str, fds: &[RawFd]) -> std::process::Child {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
@@ -22,7 +28,15 @@ fn spawn(mode: &str, fds: &[RawFd]) -> std::process::Child {
     unsafe {
         use std::os::unix::process::CommandExt;
         cmd.pre_exec(move || {
+            // Out of the way first: a source may sit where another one goes.
+            let mut high = [0; 8];
             for (i, &fd) in fds.iter().enumerate() {
+                high[i] = libc::fcntl(fd, libc::F_DUPFD, 64);
+                if high[i] < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (i, &fd) in high[..fds.len()].iter().enumerate() {
                 if libc::dup2(fd, 3 + i as i32) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -150,96 +164,136 @@ fn child(mode: &str) {
     }
 }
 
+fn pin(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t with one CPU set, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// One batch of `n` round trips of `mode`, with a child of its own.
+fn batch(mode: &str, n: usize) -> Vec<Duration> {
+    let mut v = Vec::with_capacity(n);
+    match mode {
+        "eventfd" => {
+            let (a, b) = (eventfd(), eventfd());
+            let mut c = spawn("eventfd", &[a.as_raw_fd(), b.as_raw_fd()]);
+            for _ in 0..n {
+                let t = Instant::now();
+                ev_write(a.as_raw_fd());
+                ev_read(b.as_raw_fd());
+                v.push(t.elapsed());
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        "spin" => {
+            // SAFETY: a new memfd, owned at once.
+            let page_fd = take(unsafe { libc::memfd_create(c"spin".as_ptr(), 0) });
+            let page = shared_page(&page_fd);
+            let mut c = spawn("spin", &[page_fd.as_raw_fd()]);
+            for i in 1..=n as u64 {
+                let t = Instant::now();
+                page[0].store(i, Ordering::Release);
+                while page[1].load(Ordering::Acquire) != i {
+                    std::hint::spin_loop();
+                }
+                v.push(t.elapsed());
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        _ => {
+            let region = Arc::new(Region::create().unwrap());
+            let (to_backend, to_proxy, replies) = (
+                Doorbell::new().unwrap(),
+                Doorbell::new().unwrap(),
+                Doorbell::new().unwrap(),
+            );
+            let mut c = spawn(
+                mode,
+                &[
+                    region.fd().as_raw_fd(),
+                    to_backend.fd().as_raw_fd(),
+                    to_proxy.fd().as_raw_fd(),
+                    replies.fd().as_raw_fd(),
+                ],
+            );
+            let poll = (mode == "poll").then_some(Duration::from_millis(50));
+            let proxy = Proxy::start_with(
+                region,
+                to_backend,
+                to_proxy,
+                replies,
+                Box::new(|_| {}),
+                Duration::from_secs(2),
+                poll,
+            );
+            proxy.registrations(Duration::from_secs(5)).unwrap();
+            for _ in 0..n / 10 {
+                proxy.read(1, 1, 0, 4);
+            }
+            for _ in 0..n {
+                let t = Instant::now();
+                assert_eq!(proxy.read(1, 1, 0, 4), 0x0707_0707);
+                v.push(t.elapsed());
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+    v
+}
+
+fn median(v: &[Duration]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    v[v.len() / 2].as_secs_f64()
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("child") {
+        pin(1);
         child(&args[2]);
         return;
     }
-    let mut rows = Vec::new();
-    // Floor 1: eventfd ping-pong between two processes.
-    let (a, b) = (eventfd(), eventfd());
-    let mut c = spawn("eventfd", &[a.as_raw_fd(), b.as_raw_fd()]);
-    let mut v = Vec::with_capacity(ROUNDS);
-    for _ in 0..ROUNDS {
-        let t = Instant::now();
-        ev_write(a.as_raw_fd());
-        ev_read(b.as_raw_fd());
-        v.push(t.elapsed());
-    }
-    let _ = c.kill();
-    let _ = c.wait();
-    rows.push(("eventfd ping-pong (floor)", stats(v)));
-    // Floor 2: spinning on shared memory.
-    // SAFETY: a new memfd, owned at once.
-    let page_fd = take(unsafe { libc::memfd_create(c"spin".as_ptr(), 0) });
-    let page = shared_page(&page_fd);
-    let mut c = spawn("spin", &[page_fd.as_raw_fd()]);
-    let mut v = Vec::with_capacity(ROUNDS);
-    for i in 1..=ROUNDS as u64 {
-        let t = Instant::now();
-        page[0].store(i, Ordering::Release);
-        while page[1].load(Ordering::Acquire) != i {
-            std::hint::spin_loop();
+    pin(0);
+    // (row name, mode); the floors first, each measure after its floor.
+    let modes = [
+        ("eventfd ping-pong (floor)", "eventfd"),
+        ("shared-memory spin (floor)", "spin"),
+        ("RPC read, blocking", "block"),
+        ("RPC read, polling", "poll"),
+    ];
+    let mut all: Vec<Vec<Duration>> = vec![Vec::new(); modes.len()];
+    // Per batch: measure / floor, for (blocking, eventfd) and (polling, spin).
+    let mut ratios = [Vec::new(), Vec::new()];
+    for _ in 0..BATCHES {
+        for (k, (floor, measure)) in [(0, 2), (1, 3)].into_iter().enumerate() {
+            let f = batch(modes[floor].1, ROUNDS / BATCHES);
+            let m = batch(modes[measure].1, ROUNDS / BATCHES);
+            ratios[k].push(median(&m) / median(&f));
+            all[floor].extend(f);
+            all[measure].extend(m);
         }
-        v.push(t.elapsed());
-    }
-    let _ = c.kill();
-    let _ = c.wait();
-    rows.push(("shared-memory spin (floor)", stats(v)));
-    // The RPC: a BAR read through the proxy, answered by the backend loop.
-    for (mode, name) in [
-        ("block", "RPC read, blocking"),
-        ("poll", "RPC read, polling"),
-    ] {
-        let region = Arc::new(Region::create().unwrap());
-        let (to_backend, to_proxy, replies) = (
-            Doorbell::new().unwrap(),
-            Doorbell::new().unwrap(),
-            Doorbell::new().unwrap(),
-        );
-        let mut c = spawn(
-            mode,
-            &[
-                region.fd().as_raw_fd(),
-                to_backend.fd().as_raw_fd(),
-                to_proxy.fd().as_raw_fd(),
-                replies.fd().as_raw_fd(),
-            ],
-        );
-        let poll = (mode == "poll").then_some(Duration::from_millis(50));
-        let proxy = Proxy::start_with(
-            region,
-            to_backend,
-            to_proxy,
-            replies,
-            Box::new(|_| {}),
-            Duration::from_secs(2),
-            poll,
-        );
-        proxy.registrations(Duration::from_secs(5)).unwrap();
-        for _ in 0..1000 {
-            proxy.read(1, 1, 0, 4);
-        }
-        let mut v = Vec::with_capacity(ROUNDS);
-        for _ in 0..ROUNDS {
-            let t = Instant::now();
-            assert_eq!(proxy.read(1, 1, 0, 4), 0x0707_0707);
-            v.push(t.elapsed());
-        }
-        let _ = c.kill();
-        let _ = c.wait();
-        rows.push((name, stats(v)));
     }
     println!("\nRPC round trip between two processes ({ROUNDS} rounds each, microseconds)");
     println!("{:<30} {:>10} {:>10}", "", "median", "p99");
-    for (name, (med, p99)) in &rows {
+    for ((name, _), v) in modes.iter().zip(all) {
+        let (med, p99) = stats(v);
         println!("{name:<30} {med:>10.2} {p99:>10.2}");
     }
-    let ratio = |i: usize, floor: usize| rows[i].1 .0 / rows[floor].1 .0;
+    let mid = |r: &mut Vec<f64>| {
+        r.sort_by(f64::total_cmp);
+        r[r.len() / 2]
+    };
     println!(
-        "blocking / eventfd floor: {:.2}x (goal 1.2x); polling / spin floor: {:.2}x (goal 2x)",
-        ratio(2, 0),
-        ratio(3, 1)
+        "blocking / eventfd floor: {:.2}x (goal 1.2x); polling / spin floor: {:.2}x (goal 2x) \
+         (medians of {BATCHES} interleaved batches' ratios)",
+        mid(&mut ratios[0]),
+        mid(&mut ratios[1])
     );
 }

@@ -8,7 +8,7 @@ use crate::wire::{Msg, Op};
 use pci::PciFunction;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The backend's way out: the reply ring and the proxy's doorbell, shared by the serving
 /// thread and the devices' interrupt paths.
@@ -117,9 +117,8 @@ pub fn serve(
             continue;
         }
         if let Wait::Poll(d) = wait {
-            let until = Instant::now() + d;
-            while Instant::now() < until && region.requests_pending() == 0 {
-                std::hint::spin_loop();
+            if crate::proxy::spin_until(d, || region.requests().ready()) {
+                continue; // without touching `sleepers`, which the proxy reads on every push
             }
         }
         region

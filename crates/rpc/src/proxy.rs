@@ -7,7 +7,6 @@
 use crate::shm::{Doorbell, Region, RingError};
 use crate::wire::{Msg, Op};
 use pci::{BarKind, ConfigSpace, PciFunction};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -73,9 +72,27 @@ impl Registration {
     }
 }
 
+/// Where a vCPU's reply lands. `asleep` says whether it waits on `cv`: most replies are
+/// taken by the waiting thread itself, and a notify is a system call.
 struct Waiter {
-    value: Mutex<Option<u64>>,
+    value: Mutex<Slot>,
     cv: Condvar,
+}
+
+#[derive(Default)]
+struct Slot {
+    reply: Option<u64>,
+    asleep: bool,
+}
+
+impl Waiter {
+    fn answer(&self, v: u64) {
+        let mut s = lock(&self.value);
+        s.reply = Some(v);
+        if s.asleep {
+            self.cv.notify_all();
+        }
+    }
 }
 
 #[derive(Default)]
@@ -88,7 +105,8 @@ pub struct Proxy {
     region: Arc<Region>,
     to_backend: Doorbell,
     send: Mutex<()>,
-    pending: Mutex<HashMap<u16, Arc<Waiter>>>,
+    /// Reads waiting for their reply: one per waiting vCPU, so a short list beats a map.
+    pending: Mutex<Vec<(u16, Arc<Waiter>)>>,
     next_id: AtomicU16,
     dead: AtomicBool,
     startup: Mutex<Startup>,
@@ -106,7 +124,7 @@ pub struct Proxy {
 }
 
 thread_local! {
-    static WAITER: Arc<Waiter> = Arc::new(Waiter { value: Mutex::new(None), cv: Condvar::new() });
+    static WAITER: Arc<Waiter> = Arc::new(Waiter { value: Mutex::default(), cv: Condvar::new() });
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -114,6 +132,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 const ALL_ONES: u64 = u64::MAX;
+
+/// The reply a draining thread waits for itself.
+#[derive(Clone, Copy)]
+enum Mine {
+    /// Not in `pending`: only this thread can see it.
+    Unlisted(u16),
+    /// In `pending`: taken out of it by whoever finds it first.
+    Pending(u16),
+}
 
 impl Proxy {
     /// Starts the thread that drains the backend's ring (woken by `from_backend`).
@@ -151,7 +178,7 @@ impl Proxy {
             region,
             to_backend,
             send: Mutex::new(()),
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Vec::new()),
             next_id: AtomicU16::new(1),
             dead: AtomicBool::new(false),
             startup: Mutex::default(),
@@ -183,19 +210,34 @@ impl Proxy {
 
     /// Takes every message waiting in the backend's ring.
     fn drain(&self, log: &mut Vec<u8>) {
+        self.drain_for(log, None);
+    }
+
+    /// `drain`, but stops at the reply to `mine` and returns it: the caller is its waiter
+    /// (registered in `pending` or not, as `Mine` says).
+    fn drain_for(&self, log: &mut Vec<u8>, mine: Option<Mine>) -> Option<u64> {
         loop {
             let m = match self.region.replies().pop() {
                 Ok(Some(m)) => m,
-                Ok(None) => return,
+                Ok(None) => return None,
                 Err(RingError::Wire(e)) => {
                     eprintln!("splitvirt: backend sent a bad message ({e}); ignored");
                     continue;
                 }
                 Err(e) => {
                     self.fail(&format!("backend's ring: {e}"));
-                    return;
+                    return None;
                 }
             };
+            match mine {
+                Some(Mine::Unlisted(id)) if m.op == Op::Reply && m.id == id => return Some(m.w2),
+                Some(Mine::Pending(id))
+                    if m.op == Op::Reply && m.id == id && self.take_pending(id).is_some() =>
+                {
+                    return Some(m.w2)
+                }
+                _ => {}
+            }
             self.dispatch(m, log);
         }
     }
@@ -203,9 +245,8 @@ impl Proxy {
     fn dispatch(&self, m: Msg, log: &mut Vec<u8>) {
         match m.op {
             Op::Reply => {
-                if let Some(w) = lock(&self.pending).remove(&m.id) {
-                    *lock(&w.value) = Some(m.w2);
-                    w.cv.notify_all();
+                if let Some(w) = self.take_pending(m.id) {
+                    w.answer(m.w2);
                 }
                 // A reply nobody waits for (it timed out, or a forged id) is dropped.
             }
@@ -262,12 +303,17 @@ impl Proxy {
             return;
         }
         eprintln!("splitvirt: backend lost: {why}");
-        for (_, w) in lock(&self.pending).drain() {
-            *lock(&w.value) = Some(ALL_ONES);
-            w.cv.notify_all();
+        for (_, w) in lock(&self.pending).drain(..) {
+            w.answer(ALL_ONES);
         }
         self.startup_cv.notify_all();
         (lock(&self.events))(Event::Dead(why.to_owned()));
+    }
+
+    fn take_pending(&self, id: u16) -> Option<Arc<Waiter>> {
+        let mut p = lock(&self.pending);
+        let at = p.iter().position(|(i, _)| *i == id)?;
+        Some(p.swap_remove(at).1)
     }
 
     /// The control region (the backend's journals are there).
@@ -280,18 +326,25 @@ impl Proxy {
     }
 
     fn push(&self, m: &Msg) -> bool {
+        self.push_within(m, self.timeout).unwrap_or(false)
+    }
+
+    /// `push`, waiting up to `wait` for room: None when the ring stayed full (and `wait` is
+    /// shorter than the timeout after which a full ring counts as broken).
+    fn push_within(&self, m: &Msg, wait: Duration) -> Option<bool> {
         let r = {
             let _g = lock(&self.send);
-            self.region.requests().push(m, self.timeout)
+            self.region.requests().push(m, wait)
         };
         match r {
             Ok(()) => {
                 self.region.requests().wake(&self.to_backend);
-                true
+                Some(true)
             }
+            Err(RingError::Full(_)) if wait < self.timeout => None,
             Err(e) => {
                 self.fail(&format!("request ring: {e}"));
-                false
+                Some(false)
             }
         }
     }
@@ -326,53 +379,98 @@ impl Proxy {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         m.id = id;
+        // The fast path: this thread consumes the reply ring for the whole round trip, so its
+        // reply can reach no other thread and needs no entry in `pending`.
+        // A full request ring sends it to the slow path: waiting there for room while holding
+        // the reply ring could stall a backend that waits for room in the reply ring.
+        let fast = self.consumer.try_lock().ok().and_then(|log| {
+            self.push_within(&m, Duration::ZERO)
+                .map(|pushed| (log, pushed))
+        });
+        if let Some((mut log, pushed)) = fast {
+            if !pushed {
+                return ALL_ONES;
+            }
+            let deadline = Instant::now() + self.timeout;
+            loop {
+                if let Some(v) = self.drain_for(&mut log, Some(Mine::Unlisted(id))) {
+                    return v;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return self.timed_out(&m);
+                }
+                // A reply found by spinning: no sleep, so `sleepers` (a line the backend reads
+                // on every reply) is not written.
+                if self
+                    .poll
+                    .is_some_and(|p| spin_until(p.min(left), || self.region.replies().ready()))
+                {
+                    continue;
+                }
+                self.region
+                    .replies()
+                    .sleep(&self.replies, left.min(Duration::from_millis(10)));
+            }
+        }
+        // Another thread consumes: it hands this one its reply through `pending`, unless it
+        // stops consuming first and this thread takes over.
         let w = WAITER.with(|w| w.clone());
-        *lock(&w.value) = None;
-        lock(&self.pending).insert(id, w.clone());
+        lock(&w.value).reply = None;
+        lock(&self.pending).push((id, w.clone()));
         if !self.push(&m) {
-            lock(&self.pending).remove(&id);
+            self.take_pending(id);
             return ALL_ONES;
         }
         // The waiting thread drains the ring itself when no other does (it then hands other
         // threads their replies): no extra thread between the backend's answer and the vCPU.
         let deadline = Instant::now() + self.timeout;
         loop {
-            if let Some(v) = lock(&w.value).take() {
+            if let Some(v) = lock(&w.value).reply.take() {
                 return v;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                lock(&self.pending).remove(&id);
-                eprintln!(
-                    "splitvirt: backend did not answer {:?} of device {} within {:?}",
-                    m.op, m.dev, self.timeout
-                );
-                return ALL_ONES;
+                self.take_pending(id);
+                return self.timed_out(&m);
             }
             match self.consumer.try_lock() {
                 Ok(mut log) => {
-                    self.drain(&mut log);
-                    if w.value.lock().map(|v| v.is_some()).unwrap_or(true) {
+                    if let Some(v) = self.drain_for(&mut log, Some(Mine::Pending(id))) {
+                        return v;
+                    }
+                    if lock(&w.value).reply.is_some() {
                         continue;
                     }
-                    let until = self.poll.map(|p| Instant::now() + p.min(left));
-                    while until.is_some_and(|t| Instant::now() < t)
-                        && self.region.replies_pending() == 0
-                    {
-                        std::hint::spin_loop();
+                    if let Some(p) = self.poll {
+                        if spin_until(p.min(left), || self.region.replies().ready()) {
+                            continue;
+                        }
                     }
                     self.region
                         .replies()
                         .sleep(&self.replies, left.min(Duration::from_millis(10)));
                 }
                 Err(_) => {
-                    let v = lock(&w.value);
-                    if v.is_none() {
-                        let _ = w.cv.wait_timeout(v, left.min(Duration::from_millis(1)));
+                    let mut v = lock(&w.value);
+                    if v.reply.is_none() {
+                        v.asleep = true;
+                        let (mut v, _) =
+                            w.cv.wait_timeout(v, left.min(Duration::from_millis(1)))
+                                .unwrap_or_else(|e| e.into_inner());
+                        v.asleep = false;
                     }
                 }
             }
         }
+    }
+
+    fn timed_out(&self, m: &Msg) -> u64 {
+        eprintln!(
+            "splitvirt: backend did not answer {:?} of device {} within {:?}",
+            m.op, m.dev, self.timeout
+        );
+        ALL_ONES
     }
 
     /// Host input for console device `dev`.
@@ -395,6 +493,23 @@ impl Proxy {
                 w2: value,
                 ..Msg::new(Op::Write)
             });
+        }
+    }
+}
+
+/// Spins until `ready` or `limit` passed, reading the clock only now and then (a clock read
+/// costs as much as a look at the ring).
+pub(crate) fn spin_until(limit: Duration, ready: impl Fn() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        for _ in 0..64 {
+            if ready() {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        if start.elapsed() >= limit {
+            return false;
         }
     }
 }

@@ -68,6 +68,24 @@ struct Pair {
     stop: Arc<AtomicBool>,
     outbox: Arc<Outbox>,
     backend: std::thread::JoinHandle<()>,
+    view: Arc<Region>,
+    wake: Arc<Doorbell>,
+}
+
+/// A backend loop on its own thread, serving devices 1 and 2 until `stop`.
+fn backend(
+    view: Arc<Region>,
+    wake: Arc<Doorbell>,
+    o: Arc<Outbox>,
+    stop: Arc<AtomicBool>,
+    wait: Wait,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut devs = vec![(reg(1), function()), (reg(2), function())];
+        let mut input =
+            |dev: u8, b: &[u8]| o.log(&format!("input {dev} {}", String::from_utf8_lossy(b)));
+        let _ = serve(&view, &wake, &o, &mut devs, &mut input, &stop, wait);
+    })
 }
 
 fn pair(wait: Wait) -> Pair {
@@ -78,26 +96,18 @@ fn pair(wait: Wait) -> Pair {
         Doorbell::new().unwrap(),
         Doorbell::new().unwrap(),
     );
-    let backend_wake = Doorbell::from_fd(to_backend.fd().try_clone().unwrap());
+    let backend_wake = Arc::new(Doorbell::from_fd(to_backend.fd().try_clone().unwrap()));
     let proxy_wake = Doorbell::from_fd(to_proxy.fd().try_clone().unwrap());
     let replies_wake = Doorbell::from_fd(replies.fd().try_clone().unwrap());
     let outbox = Outbox::new(backend_view.clone(), to_proxy, replies);
     let stop = Arc::new(AtomicBool::new(false));
-    let (o, s) = (outbox.clone(), stop.clone());
-    let backend = std::thread::spawn(move || {
-        let mut devs = vec![(reg(1), function()), (reg(2), function())];
-        let mut input =
-            |dev: u8, b: &[u8]| o.log(&format!("input {dev} {}", String::from_utf8_lossy(b)));
-        let _ = serve(
-            &backend_view,
-            &backend_wake,
-            &o,
-            &mut devs,
-            &mut input,
-            &s,
-            wait,
-        );
-    });
+    let backend = backend(
+        backend_view.clone(),
+        backend_wake.clone(),
+        outbox.clone(),
+        stop.clone(),
+        wait,
+    );
     let events = Arc::new(Mutex::new(Vec::new()));
     let e = events.clone();
     let proxy = Proxy::start(
@@ -114,6 +124,8 @@ fn pair(wait: Wait) -> Pair {
         stop,
         outbox,
         backend,
+        view: backend_view,
+        wake: backend_wake,
     }
 }
 
@@ -216,4 +228,36 @@ fn a_silent_backend_costs_a_timeout_not_a_hang_and_a_dead_one_nothing() {
         p.events.lock().unwrap().last(),
         Some(Event::Dead(_))
     ));
+}
+
+#[test]
+fn a_read_behind_a_full_request_ring_waits_for_room() {
+    let p = pair(Wait::Block);
+    p.proxy.registrations(Duration::from_secs(5)).unwrap();
+    p.stop.store(true, Ordering::Release);
+    p.backend.join().unwrap();
+    // The backend stalls while the guest posts a ring's worth of writes.
+    for i in 0..rpc::shm::SLOTS {
+        p.proxy.write(1, 1, 0, 1, u64::from(i));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (view, wake, out, s) = (
+        p.view.clone(),
+        p.wake.clone(),
+        p.outbox.clone(),
+        stop.clone(),
+    );
+    let late = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        backend(view, wake, out, s, Wait::Block).join().unwrap();
+    });
+    // The read finds no room, waits for it (not holding the reply ring), and sees the last
+    // write before it.
+    assert_eq!(
+        p.proxy.read(1, 1, 0, 1),
+        u64::from(rpc::shm::SLOTS - 1) & 0xff
+    );
+    assert!(!p.proxy.is_dead());
+    stop.store(true, Ordering::Release);
+    late.join().unwrap();
 }
