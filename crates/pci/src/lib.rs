@@ -6,7 +6,9 @@
 pub mod config;
 pub mod ecam;
 pub mod msix;
+pub mod watch;
 
 pub use config::{BarKind, ConfigSpace};
 pub use ecam::{Ecam, PciFunction};
 pub use msix::MsixTable;
+pub use watch::BarWatch;

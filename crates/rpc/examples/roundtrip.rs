@@ -9,7 +9,7 @@
 //! interleaved with its floor's batches, and the ratio to the floor is the median of the
 //! batches' ratios (each batch pair saw the same placement).
 
-use rpc::backend::{serve, Outbox, Wait};
+use rpc::backend::{serve, Inbox, Outbox, Wait};
 use rpc::{Doorbell, Proxy, Region, Registration};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::process::Command;
@@ -151,9 +151,13 @@ fn child(mode: &str) {
             };
             let mut devs: Vec<(Registration, Box<dyn pci::PciFunction>)> =
                 vec![(reg, Box::new(Nop))];
+            let inbox = Inbox {
+                region: &region,
+                bell: &from_proxy,
+                kicks: &[],
+            };
             let _ = serve(
-                &region,
-                &from_proxy,
+                inbox,
                 &out,
                 &mut devs,
                 &mut |_, _| {},

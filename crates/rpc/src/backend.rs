@@ -97,35 +97,99 @@ pub enum ServeError {
     Gone,
 }
 
-/// Registers `devices`, then serves requests until `stop` is set or the ring breaks.
+/// A doorbell the hypervisor rings instead of sending a Write: the guest wrote to one of
+/// device `dev`'s queue notify addresses (KVM's ioeventfd). Serving it replays `writes`
+/// (offset in BAR 0, 16-bit value) on the device: notifying a queue with nothing new is
+/// harmless, so one doorbell can stand for all of a device's queues.
+pub struct Kick {
+    pub dev: u8,
+    pub bell: Doorbell,
+    pub writes: Vec<(u64, u16)>,
+}
+
+/// How long a sleep lasts before the loop looks at `stop` again.
+const SLEEP: Duration = Duration::from_millis(100);
+/// A polling loop with kicks looks at them this often.
+const KICK_LOOK: Duration = Duration::from_millis(1);
+
+/// The backend's way in: the request ring, its doorbell, and the kicks.
+pub struct Inbox<'a> {
+    pub region: &'a Region,
+    pub bell: &'a Doorbell,
+    pub kicks: &'a [Kick],
+}
+
+/// Registers `devices`, then serves requests and kicks until `stop` is set or the ring
+/// breaks. A kick is served after every request already in the ring: the guest posted those
+/// before the notification that rang it.
 pub fn serve(
-    region: &Region,
-    from_proxy: &Doorbell,
+    inbox: Inbox,
     out: &Outbox,
     devices: &mut [(Registration, Box<dyn PciFunction>)],
     input: &mut dyn FnMut(u8, &[u8]),
     stop: &AtomicBool,
     wait: Wait,
 ) -> Result<(), ServeError> {
+    let Inbox {
+        region,
+        bell: from_proxy,
+        kicks,
+    } = inbox;
     for (r, _) in devices.iter() {
         out.send(&r.to_msg()).map_err(ServeError::Ring)?;
     }
     out.send(&Msg::new(Op::Ready)).map_err(ServeError::Ring)?;
+    let bells: Vec<&Doorbell> = kicks.iter().map(|k| &k.bell).collect();
     let mut refused = 0u64;
+    let mut idle = Duration::ZERO;
     while !stop.load(Ordering::Acquire) {
         if drain(region, out, devices, input, &mut refused)? {
+            // A busy ring must not starve the kicks.
+            if !bells.is_empty() {
+                run_kicks(
+                    kicks,
+                    Doorbell::wait_any(&bells, Some(Duration::ZERO)),
+                    devices,
+                );
+            }
+            idle = Duration::ZERO;
             continue;
         }
-        if let Wait::Poll(d) = wait {
-            if crate::proxy::spin_until(d, || region.requests().ready()) {
-                continue; // without touching `sleepers`, which the proxy reads on every push
+        let timeout = match wait {
+            Wait::Poll(d) if idle < d => {
+                let chunk = if kicks.is_empty() { d } else { KICK_LOOK }.min(d - idle);
+                if crate::proxy::spin_until(chunk, || region.requests().ready()) {
+                    idle = Duration::ZERO;
+                    continue; // without touching `sleepers`, which the proxy reads on every push
+                }
+                idle += chunk;
+                if idle < d {
+                    Duration::ZERO
+                } else {
+                    SLEEP
+                }
             }
+            _ => SLEEP,
+        };
+        let rang = region.requests().sleep_any(from_proxy, &bells, timeout);
+        if rang != 0 {
+            idle = Duration::ZERO;
+            drain(region, out, devices, input, &mut refused)?;
+            run_kicks(kicks, rang, devices);
         }
-        region
-            .requests()
-            .sleep(from_proxy, Duration::from_millis(100));
     }
     Ok(())
+}
+
+/// Serves the kicks whose bits are set in `rang`.
+fn run_kicks(kicks: &[Kick], rang: u64, devices: &mut [(Registration, Box<dyn PciFunction>)]) {
+    for (_, k) in kicks.iter().enumerate().filter(|(i, _)| rang & 1 << i != 0) {
+        if let Some((_, f)) = devices.iter_mut().find(|(r, _)| r.dev == k.dev) {
+            for (off, value) in &k.writes {
+                f.bar_write(0, *off, &value.to_le_bytes());
+            }
+        }
+    }
 }
 
 /// Serves every request waiting in the ring; true if there was any. `refused` counts

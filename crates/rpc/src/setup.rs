@@ -1,6 +1,8 @@
 //! The setup message (docs/RPC.md, "Setup"): one SOCK_SEQPACKET message from the VMM to the
-//! backend with four words and five descriptors (SCM_RIGHTS): the pool memfd, the control
-//! region memfd, and three doorbell eventfds. Nothing else of the VMM crosses.
+//! backend with eight words and five descriptors (SCM_RIGHTS): the pool memfd, the control
+//! region memfd, and three doorbell eventfds; then, when the hypervisor offers them, one
+//! interrupt eventfd per MSI the guest may use and one notify eventfd per device whose queue
+//! notifications the hypervisor catches itself. Nothing else of the VMM crosses.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -18,9 +20,49 @@ pub struct Setup {
     pub to_proxy: OwnedFd,
     /// Rung for replies (a vCPU waiting for its answer sleeps on it).
     pub to_proxy_replies: OwnedFd,
+    /// MSIs the backend raises itself, without a message.
+    pub msi: Option<MsiFds>,
+    /// (device, eventfd): the hypervisor signals the eventfd when the guest notifies one of
+    /// the device's queues (instead of a Write on the ring).
+    pub notify: Vec<(u8, OwnedFd)>,
+}
+
+/// One eventfd per MSI target: a write of 1 to `fds[i]` raises interrupt `first + i`, which is
+/// what an MSI write of `first + i` to `doorbell` (the MSI frame's set-SPI register) does.
+#[derive(Debug)]
+pub struct MsiFds {
+    pub doorbell: u64,
+    pub first: u32,
+    pub fds: Vec<OwnedFd>,
+}
+
+impl MsiFds {
+    /// The eventfd for an MSI write of `data` to `addr`, if it is one of ours.
+    pub fn fd_for(&self, addr: u64, data: u32) -> Option<&OwnedFd> {
+        if addr != self.doorbell {
+            return None;
+        }
+        self.fds.get(data.checked_sub(self.first)? as usize)
+    }
+
+    /// Raises the interrupt an MSI write of `data` to `addr` asks for; false if it is not ours.
+    pub fn raise(&self, addr: u64, data: u32) -> bool {
+        let Some(fd) = self.fd_for(addr, data) else {
+            return false;
+        };
+        let one = 1u64;
+        // SAFETY: an 8-byte write from a local to an eventfd we own.
+        unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) == 8 }
+    }
 }
 
 const FDS: usize = 5;
+/// At most this many MSI eventfds (SCM_RIGHTS carries up to 253 descriptors).
+pub const MAX_MSI_FDS: usize = 128;
+const WORDS: usize = 8;
+/// Devices are PCI slots 0..32: the notify eventfds' devices are a bitmap in one word.
+const MAX_DEVICES: u8 = 32;
+const MAX_FDS: usize = FDS + MAX_MSI_FDS + MAX_DEVICES as usize;
 
 /// A SOCK_SEQPACKET pair (close-on-exec): (VMM end, backend end).
 pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -41,19 +83,59 @@ pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-pub fn send(sock: &OwnedFd, pool_base: u64, pool_size: u64, fds: [RawFd; FDS]) -> io::Result<()> {
-    let words = [
+/// Sends the setup: the pool, the five descriptors, optionally the MSI eventfds as
+/// (doorbell address, first interrupt, descriptors), and the notify eventfds as (device,
+/// descriptor).
+pub fn send(
+    sock: &OwnedFd,
+    pool_base: u64,
+    pool_size: u64,
+    fds: [RawFd; FDS],
+    msi: Option<(u64, u32, &[RawFd])>,
+    notify: &[(u8, RawFd)],
+) -> io::Result<()> {
+    let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
+    let (doorbell, first, msi_fds) = msi.unwrap_or((0, 0, &[]));
+    if msi_fds.len() > MAX_MSI_FDS {
+        return Err(invalid(format!(
+            "{} MSI eventfds; at most {MAX_MSI_FDS}",
+            msi_fds.len()
+        )));
+    }
+    let mut notify = notify.to_vec();
+    notify.sort_by_key(|(dev, _)| *dev);
+    let mut devices = 0u64;
+    for (dev, _) in &notify {
+        if *dev >= MAX_DEVICES || devices & 1 << dev != 0 {
+            return Err(invalid(format!(
+                "notify eventfd for device {dev}, twice or out of range"
+            )));
+        }
+        devices |= 1 << dev;
+    }
+    let words: [u64; WORDS] = [
         SETUP_MAGIC,
         crate::shm::VERSION.into(),
         pool_base,
         pool_size,
+        doorbell,
+        u64::from(first),
+        msi_fds.len() as u64,
+        devices,
     ];
+    let fds: Vec<RawFd> = fds
+        .iter()
+        .chain(msi_fds)
+        .copied()
+        .chain(notify.iter().map(|(_, fd)| *fd))
+        .collect();
+    let n = fds.len();
     let mut iov = libc::iovec {
         iov_base: words.as_ptr() as *mut libc::c_void,
         iov_len: std::mem::size_of_val(&words),
     };
     // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE((FDS * std::mem::size_of::<RawFd>()) as u32) } as usize;
+    let space = unsafe { libc::CMSG_SPACE((n * std::mem::size_of::<RawFd>()) as u32) } as usize;
     let mut cbuf = vec![0u8; space];
     // SAFETY: msghdr is plain data; every pointer in it refers to locals that outlive sendmsg.
     unsafe {
@@ -65,8 +147,8 @@ pub fn send(sock: &OwnedFd, pool_base: u64, pool_size: u64, fds: [RawFd; FDS]) -
         let c = libc::CMSG_FIRSTHDR(&msg);
         (*c).cmsg_level = libc::SOL_SOCKET;
         (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN((FDS * std::mem::size_of::<RawFd>()) as u32) as _;
-        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c).cast::<RawFd>(), FDS);
+        (*c).cmsg_len = libc::CMSG_LEN((n * std::mem::size_of::<RawFd>()) as u32) as _;
+        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c).cast::<RawFd>(), n);
         if libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -76,13 +158,14 @@ pub fn send(sock: &OwnedFd, pool_base: u64, pool_size: u64, fds: [RawFd; FDS]) -
 
 pub fn recv(sock: &OwnedFd) -> io::Result<Setup> {
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
-    let mut words = [0u64; 4];
+    let mut words = [0u64; WORDS];
     let mut iov = libc::iovec {
         iov_base: words.as_mut_ptr().cast(),
         iov_len: std::mem::size_of_val(&words),
     };
     // SAFETY: as in `send`.
-    let space = unsafe { libc::CMSG_SPACE((FDS * std::mem::size_of::<RawFd>()) as u32) } as usize;
+    let space =
+        unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) } as usize;
     let mut cbuf = vec![0u8; space];
     let mut got = Vec::new();
     // SAFETY: recvmsg into locals; received descriptors are taken into OwnedFds at once.
@@ -115,19 +198,40 @@ pub fn recv(sock: &OwnedFd) -> io::Result<Setup> {
     if words[1] != u64::from(crate::shm::VERSION) {
         return Err(bad("setup message of another protocol version"));
     }
-    if got.len() != FDS {
-        return Err(bad("setup message without its five descriptors"));
+    let msi_count = words[6];
+    let devices = words[7];
+    if msi_count > MAX_MSI_FDS as u64
+        || devices >> MAX_DEVICES != 0
+        || got.len() as u64 != FDS as u64 + msi_count + u64::from(devices.count_ones())
+    {
+        return Err(bad(
+            "setup message whose descriptors are not five and the eventfds it counts",
+        ));
     }
+    let first = u32::try_from(words[5]).map_err(|_| bad("MSI interrupt out of range"))?;
     let mut it = got.into_iter();
     let mut next = || it.next().expect("counted");
+    let (pool, control, to_backend, to_proxy, to_proxy_replies) =
+        (next(), next(), next(), next(), next());
+    let msi_fds: Vec<OwnedFd> = it.by_ref().take(msi_count as usize).collect();
+    let notify = (0..MAX_DEVICES)
+        .filter(|d| devices & 1 << d != 0)
+        .zip(it)
+        .collect();
     Ok(Setup {
         pool_base: words[2],
         pool_size: words[3],
-        pool: next(),
-        control: next(),
-        to_backend: next(),
-        to_proxy: next(),
-        to_proxy_replies: next(),
+        pool,
+        control,
+        to_backend,
+        to_proxy,
+        to_proxy_replies,
+        msi: (!msi_fds.is_empty()).then_some(MsiFds {
+            doorbell: words[4],
+            first,
+            fds: msi_fds,
+        }),
+        notify,
     })
 }
 
@@ -153,13 +257,75 @@ mod tests {
                 bells[2].fd().as_raw_fd(),
                 bells[3].fd().as_raw_fd(),
             ],
+            None,
+            &[],
         )
         .unwrap();
         let s = recv(&b).unwrap();
         assert_eq!((s.pool_base, s.pool_size), (0x5000_0000, 64 << 20));
+        assert!(s.msi.is_none());
         crate::shm::Region::open(s.control).unwrap();
         // SAFETY: a plain write of garbage on our socket.
         unsafe { libc::send(a.as_raw_fd(), b"hello".as_ptr().cast(), 5, 0) };
         assert!(recv(&b).is_err());
+    }
+}
+
+#[cfg(test)]
+mod msi_tests {
+    use super::*;
+    use crate::shm::{Doorbell, Region};
+
+    #[test]
+    fn msi_eventfds_cross_and_only_their_own_writes_raise_them() {
+        let (a, b) = socketpair().unwrap();
+        let r = Region::create().unwrap();
+        let bells: Vec<_> = (0..7).map(|_| Doorbell::new().unwrap()).collect();
+        let base = [
+            bells[0].fd().as_raw_fd(),
+            r.fd().as_raw_fd(),
+            bells[1].fd().as_raw_fd(),
+            bells[2].fd().as_raw_fd(),
+            bells[3].fd().as_raw_fd(),
+        ];
+        let msi = [
+            bells[4].fd().as_raw_fd(),
+            bells[5].fd().as_raw_fd(),
+            bells[6].fd().as_raw_fd(),
+        ];
+        let notify = [
+            (5, bells[4].fd().as_raw_fd()),
+            (2, bells[5].fd().as_raw_fd()),
+        ];
+        send(&a, 0, 1 << 20, base, Some((0x0802_0040, 80, &msi)), &notify).unwrap();
+        let s = recv(&b).unwrap();
+        // Notify eventfds come back by device, in device order.
+        let devs: Vec<u8> = s.notify.iter().map(|(d, _)| *d).collect();
+        assert_eq!(devs, [2, 5]);
+        bells[5].ring();
+        let slot2 = Doorbell::from_fd(s.notify[0].1.try_clone().unwrap());
+        assert!(slot2.wait(Some(std::time::Duration::ZERO)));
+        let m = s.msi.unwrap();
+        assert_eq!((m.doorbell, m.first, m.fds.len()), (0x0802_0040, 80, 3));
+        assert!(m.raise(0x0802_0040, 81));
+        assert!(
+            bells[5].wait(Some(std::time::Duration::ZERO)),
+            "interrupt 81's eventfd"
+        );
+        assert!(!bells[4].wait(Some(std::time::Duration::ZERO)));
+        // Another address, or an interrupt outside the range, is not ours to raise.
+        for (addr, data) in [
+            (0x0802_0044, 81),
+            (0x0802_0040, 79),
+            (0x0802_0040, 83),
+            (0x0802_0040, u32::MAX),
+        ] {
+            assert!(!m.raise(addr, data), "{addr:#x} {data}");
+        }
+        // A count that does not match the descriptors is refused.
+        let too_many: Vec<RawFd> = (0..MAX_MSI_FDS + 1).map(|_| msi[0]).collect();
+        assert!(send(&a, 0, 1 << 20, base, Some((0, 80, &too_many)), &[]).is_err());
+        assert!(send(&a, 0, 1 << 20, base, None, &[(32, msi[0])]).is_err());
+        assert!(send(&a, 0, 1 << 20, base, None, &[(3, msi[0]), (3, msi[1])]).is_err());
     }
 }

@@ -261,12 +261,23 @@ impl Ring<'_> {
     /// Waits on `bell` for this ring (up to `timeout`) unless it already has messages. A
     /// producer that publishes meanwhile sees the sleeper and rings.
     pub fn sleep(&self, bell: &Doorbell, timeout: Duration) {
+        self.sleep_any(bell, &[], timeout);
+    }
+
+    /// `sleep`, also woken by any of `others`: bit i of the result says `others[i]` rang (and
+    /// is cleared).
+    pub fn sleep_any(&self, bell: &Doorbell, others: &[&Doorbell], timeout: Duration) -> u64 {
         self.sleepers().fetch_add(1, Ordering::SeqCst);
         std::sync::atomic::fence(Ordering::SeqCst);
-        if !self.ready() {
-            bell.wait(Some(timeout));
-        }
+        let rang = if self.ready() {
+            Doorbell::wait_any(others, Some(Duration::ZERO))
+        } else {
+            let mut all = vec![bell];
+            all.extend_from_slice(others);
+            Doorbell::wait_any(&all, Some(timeout)) >> 1
+        };
         self.sleepers().fetch_sub(1, Ordering::SeqCst);
+        rang
     }
 
     /// After `push`: wakes a sleeping consumer through `bell`.
@@ -371,22 +382,39 @@ impl Doorbell {
 
     /// Waits up to `timeout` (None: for ever) for a ring, and clears it. False on timeout.
     pub fn wait(&self, timeout: Option<Duration>) -> bool {
-        let mut p = libc::pollfd {
-            fd: self.0.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
-        // SAFETY: poll on one fd we own.
-        let n = unsafe { libc::poll(&mut p, 1, ms) };
-        if n == 1 {
-            let mut v = 0u64;
-            // SAFETY: an 8-byte read into a local from our eventfd.
-            let _ = unsafe { libc::read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-            true
-        } else {
-            false
+        Self::wait_any(&[self], timeout) != 0
+    }
+
+    /// Waits up to `timeout` for any of `bells` (at most 64), and clears those that rang: bit i
+    /// of the result says `bells[i]` rang.
+    pub fn wait_any(bells: &[&Doorbell], timeout: Option<Duration>) -> u64 {
+        let mut p: Vec<libc::pollfd> = bells
+            .iter()
+            .take(64)
+            .map(|b| libc::pollfd {
+                fd: b.0.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        if p.is_empty() {
+            return 0;
         }
+        let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+        // SAFETY: poll on descriptors we own, `p.len()` entries.
+        if unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, ms) } <= 0 {
+            return 0;
+        }
+        let mut rang = 0;
+        for (i, q) in p.iter().enumerate() {
+            if q.revents & libc::POLLIN != 0 {
+                let mut v = 0u64;
+                // SAFETY: an 8-byte read into a local from an eventfd we own.
+                let _ = unsafe { libc::read(q.fd, (&mut v as *mut u64).cast(), 8) };
+                rang |= 1 << i;
+            }
+        }
+        rang
     }
 }
 
@@ -501,6 +529,38 @@ mod tests {
     fn the_layout_is_the_documented_one() {
         // docs/RPC.md, "Control region".
         assert_eq!((REQUESTS_AT, REPLIES_AT, SIZE), (0x1000, 0x6000, 0xb000));
+    }
+
+    #[test]
+    fn a_sleeper_says_which_of_the_other_bells_rang() {
+        let r = Region::create().unwrap();
+        let (own, a, b) = (
+            Doorbell::new().unwrap(),
+            Doorbell::new().unwrap(),
+            Doorbell::new().unwrap(),
+        );
+        b.ring();
+        assert_eq!(
+            r.requests()
+                .sleep_any(&own, &[&a, &b], Duration::from_secs(1)),
+            0b10
+        );
+        assert_eq!(
+            r.requests()
+                .sleep_any(&own, &[&a, &b], Duration::from_millis(1)),
+            0
+        );
+        // A ring with a message still reports (and clears) the others without waiting.
+        r.requests()
+            .push(&Msg::new(Op::Ping), Duration::ZERO)
+            .unwrap();
+        a.ring();
+        assert_eq!(
+            r.requests()
+                .sleep_any(&own, &[&a, &b], Duration::from_secs(5)),
+            0b01
+        );
+        assert!(!a.wait(Some(Duration::ZERO)));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! BAR is a register file: what the guest would see through the proxy.
 
 use pci::{BarKind, ConfigSpace, PciFunction};
-use rpc::backend::{serve, Outbox, Wait};
+use rpc::backend::{serve, Inbox, Kick, Outbox, Wait};
 use rpc::{Doorbell, Event, Msg, Op, Proxy, Region, Registration, RemoteFunction};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -79,12 +79,18 @@ fn backend(
     o: Arc<Outbox>,
     stop: Arc<AtomicBool>,
     wait: Wait,
+    kicks: Vec<Kick>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut devs = vec![(reg(1), function()), (reg(2), function())];
         let mut input =
             |dev: u8, b: &[u8]| o.log(&format!("input {dev} {}", String::from_utf8_lossy(b)));
-        let _ = serve(&view, &wake, &o, &mut devs, &mut input, &stop, wait);
+        let inbox = Inbox {
+            region: &view,
+            bell: &wake,
+            kicks: &kicks,
+        };
+        let _ = serve(inbox, &o, &mut devs, &mut input, &stop, wait);
     })
 }
 
@@ -107,6 +113,7 @@ fn pair(wait: Wait) -> Pair {
         outbox.clone(),
         stop.clone(),
         wait,
+        Vec::new(),
     );
     let events = Arc::new(Mutex::new(Vec::new()));
     let e = events.clone();
@@ -249,7 +256,9 @@ fn a_read_behind_a_full_request_ring_waits_for_room() {
     );
     let late = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(100));
-        backend(view, wake, out, s, Wait::Block).join().unwrap();
+        backend(view, wake, out, s, Wait::Block, Vec::new())
+            .join()
+            .unwrap();
     });
     // The read finds no room, waits for it (not holding the reply ring), and sees the last
     // write before it.
@@ -260,4 +269,47 @@ fn a_read_behind_a_full_request_ring_waits_for_room() {
     assert!(!p.proxy.is_dead());
     stop.store(true, Ordering::Release);
     late.join().unwrap();
+}
+
+#[test]
+fn a_kick_replays_its_writes_after_the_requests_before_it() {
+    let p = pair(Wait::Block);
+    p.proxy.registrations(Duration::from_secs(5)).unwrap();
+    p.stop.store(true, Ordering::Release);
+    p.backend.join().unwrap();
+    // A backend whose device 2 has a kick: a notification the hypervisor caught, standing for
+    // writes of 0x0201 at 8 and 0x0403 at 10.
+    let bell = Doorbell::new().unwrap();
+    let ring_it = Doorbell::from_fd(bell.fd().try_clone().unwrap());
+    let kicks = vec![Kick {
+        dev: 2,
+        bell,
+        writes: vec![(8, 0x0201), (10, 0x0403)],
+    }];
+    let stop = Arc::new(AtomicBool::new(false));
+    let b = backend(
+        p.view.clone(),
+        p.wake.clone(),
+        p.outbox.clone(),
+        stop.clone(),
+        Wait::Block,
+        kicks,
+    );
+    for round in 0..50u64 {
+        // A write posted before the notification lands first, whatever wakes the backend.
+        p.proxy.write(2, 1, 8, 4, 0xaaaa_aaaa ^ round);
+        ring_it.ring();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while p.proxy.read(2, 1, 8, 4) != 0x0403_0201 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: kick not served"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    // Device 1 has no kick: its registers are untouched.
+    assert_eq!(p.proxy.read(1, 1, 8, 4), 0);
+    stop.store(true, Ordering::Release);
+    b.join().unwrap();
 }

@@ -114,6 +114,7 @@ fn a_disk_served_by_the_backend_process_which_maps_only_the_pool() {
         ram.pool_fd.as_ref(),
         Box::new(move |e| ev.lock().unwrap().push(e)),
         &|_| sig.clone(),
+        vmm::backend::Bypass::default(),
     )
     .unwrap()
     .expect("a backend for the disk");

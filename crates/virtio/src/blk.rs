@@ -37,6 +37,8 @@ pub const S_IOERR: u8 = 1;
 pub const S_UNSUPP: u8 = 2;
 
 const QUEUE_SIZE: u16 = 256;
+/// Virtqueues of this device (the notify addresses a hypervisor may catch itself).
+pub const QUEUES: usize = 1;
 const SEG_MAX: u32 = 126;
 /// A chain longer than this is a loop or an attack (queue size bounds an honest one).
 const MAX_CHAIN: usize = QUEUE_SIZE as usize;
@@ -372,7 +374,7 @@ impl VirtioDevice for Block {
             }
     }
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
+        &[QUEUE_SIZE; QUEUES]
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut cfg = [0u8; 60];

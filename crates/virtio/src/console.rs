@@ -9,6 +9,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::Bytes;
 
 const QUEUE_SIZE: u16 = 256;
+/// Virtqueues of this device (the notify addresses a hypervisor may catch itself).
+pub const QUEUES: usize = 2;
 const RX: u16 = 0;
 const TX: u16 = 1;
 /// Host input waiting for guest buffers; beyond this it is dropped (a guest that never reads).
@@ -120,7 +122,7 @@ impl VirtioDevice for Console {
         0
     }
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE]
+        &[QUEUE_SIZE; QUEUES]
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // cols, rows, max_nr_ports, emerg_wr: 80x25, one port.

@@ -11,6 +11,8 @@ use vm_memory::Bytes;
 pub const F_MAC: u64 = 1 << 5;
 const HDR: usize = 12;
 const QUEUE_SIZE: u16 = 256;
+/// Virtqueues of this device (the notify addresses a hypervisor may catch itself).
+pub const QUEUES: usize = 2;
 const RX: u16 = 0;
 const TX: u16 = 1;
 /// Largest frame we pass: Ethernet with a VLAN tag.
@@ -146,7 +148,7 @@ impl VirtioDevice for Net {
         F_MAC
     }
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE]
+        &[QUEUE_SIZE; QUEUES]
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut cfg = [0u8; 10];

@@ -10,7 +10,8 @@ use crate::reaper::{Guarded, Reaper};
 use layout::{Layout, Placement};
 use pci::ecam::{devfn, DevFn};
 use pci::PciFunction;
-use rpc::backend::{Outbox, Wait};
+use rpc::backend::{Inbox, Kick, Outbox, Wait};
+use rpc::setup::MsiFds;
 use rpc::{Doorbell, Event, Proxy, Region, Registration, RemoteFunction};
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -43,6 +44,18 @@ pub fn remote_devices(l: &Layout) -> impl Iterator<Item = &layout::Device> {
     l.devices
         .iter()
         .filter(|d| d.placement == Placement::Backend)
+}
+
+/// Eventfds by which the hypervisor and the backend reach each other with splitvirt out of
+/// the way (none: everything travels as messages).
+#[derive(Default)]
+pub struct Bypass<'a> {
+    /// Eventfds the hypervisor turns into MSIs (irqfds): the backend's devices raise their
+    /// MSIs through them.
+    pub msi: Option<&'a MsiFds>,
+    /// Per device, an eventfd the hypervisor rings when the guest notifies one of its queues
+    /// (ioeventfd): the notification reaches the backend without an exit to splitvirt.
+    pub notify: &'a [(u8, std::os::fd::BorrowedFd<'a>)],
 }
 
 /// A running backend, as the VMM holds it.
@@ -80,7 +93,9 @@ pub fn start(
     pool_fd: Option<&File>,
     mut events: Box<dyn FnMut(Event) + Send>,
     signal: &dyn Fn(&layout::Device) -> Arc<dyn virtio::transport::Signal>,
+    bypass: Bypass,
 ) -> Result<Option<Remote>, BackendError> {
+    let Bypass { msi, notify } = bypass;
     let wanted: Vec<&layout::Device> = remote_devices(l).collect();
     if wanted.is_empty() {
         return Ok(None);
@@ -130,6 +145,16 @@ pub fn start(
             to_proxy.fd().as_raw_fd(),
             replies.fd().as_raw_fd(),
         ],
+        msi.map(|m| {
+            let fds: Vec<_> = m.fds.iter().map(|f| f.as_raw_fd()).collect();
+            (m.doorbell, m.first, fds)
+        })
+        .as_ref()
+        .map(|(d, f, fds)| (*d, *f, fds.as_slice())),
+        &notify
+            .iter()
+            .map(|(dev, fd)| (*dev, fd.as_raw_fd()))
+            .collect::<Vec<_>>(),
     )?;
     // A backend that breaks the protocol is ended, so that what follows its death follows.
     let pid = child.id();
@@ -224,15 +249,19 @@ pub fn start(
     Ok(Some(remote))
 }
 
-/// The devices' interrupts, as the backend sends them.
+/// The devices' interrupts, as the backend sends them: an MSI straight to the hypervisor
+/// through its eventfd when splitvirt gave one for it, anything else as a message.
 struct RemoteSignal {
     out: Arc<Outbox>,
     dev: u8,
+    msi: Option<Arc<MsiFds>>,
 }
 
 impl virtio::transport::Signal for RemoteSignal {
     fn msi(&self, (addr, data): (u64, u32)) {
-        self.out.msi(self.dev, addr, data);
+        if !self.msi.as_ref().is_some_and(|m| m.raise(addr, data)) {
+            self.out.msi(self.dev, addr, data);
+        }
     }
     fn intx(&self, level: bool) {
         self.out.intx(self.dev, level);
@@ -279,10 +308,13 @@ pub fn serve(l: &Layout, setup_fd: OwnedFd) -> Result<(), BackendError> {
         Doorbell::from_fd(s.to_proxy_replies),
     );
     let from_proxy = Doorbell::from_fd(s.to_backend);
+    let msi = s.msi.map(Arc::new);
+    let notify = s.notify;
     let signal = |d: &layout::Device| -> Arc<dyn virtio::transport::Signal> {
         Arc::new(RemoteSignal {
             out: out.clone(),
             dev: d.slot as u8,
+            msi: msi.clone(),
         })
     };
     let journal = |d: &layout::Device| -> Option<Arc<dyn virtio::blk::Journal>> {
@@ -342,15 +374,25 @@ pub fn serve(l: &Layout, setup_fd: OwnedFd) -> Result<(), BackendError> {
             f.with_device(|d| d.queue_input(bytes));
         }
     };
+    // Queue notifications the hypervisor catches itself arrive as kicks, replayed as the
+    // notify writes they stand for.
+    let kicks: Vec<Kick> = notify
+        .into_iter()
+        .filter_map(|(dev, fd)| {
+            let d = l.devices.iter().find(|d| d.slot == u32::from(dev))?;
+            Some(Kick {
+                dev,
+                bell: Doorbell::from_fd(fd),
+                writes: devices::notify_writes(&d.kind)?,
+            })
+        })
+        .collect();
     let stop = AtomicBool::new(false);
-    rpc::backend::serve(
-        &region,
-        &from_proxy,
-        &out,
-        &mut funcs,
-        &mut input,
-        &stop,
-        Wait::Block,
-    )
-    .map_err(|e| BackendError::Setup(e.to_string()))
+    let inbox = Inbox {
+        region: &region,
+        bell: &from_proxy,
+        kicks: &kicks,
+    };
+    rpc::backend::serve(inbox, &out, &mut funcs, &mut input, &stop, Wait::Block)
+        .map_err(|e| BackendError::Setup(e.to_string()))
 }

@@ -216,50 +216,6 @@ pub fn build(
     Ok((c, start, host))
 }
 
-/// A function whose BAR 1 is memory mapped into the guest: when the guest moves BAR 1 or turns
-/// decoding on or off, `remap` is told where the BAR now decodes (None: nowhere).
-pub struct Mapped {
-    pub inner: Box<dyn pci::PciFunction>,
-    last: Option<u64>,
-    remap: Box<dyn FnMut(Option<u64>) + Send>,
-}
-
-impl Mapped {
-    pub fn new(
-        inner: Box<dyn pci::PciFunction>,
-        remap: Box<dyn FnMut(Option<u64>) + Send>,
-    ) -> Self {
-        Mapped {
-            inner,
-            last: None,
-            remap,
-        }
-    }
-}
-
-impl pci::PciFunction for Mapped {
-    fn config_read(&mut self, off: u64, data: &mut [u8]) {
-        self.inner.config_read(off, data)
-    }
-    fn config_write(&mut self, off: u64, data: &[u8]) {
-        self.inner.config_write(off, data);
-        let now = self.inner.bar_address(1).map(|(a, _)| a);
-        if now != self.last {
-            self.last = now;
-            (self.remap)(now);
-        }
-    }
-    fn bar_address(&self, bar: usize) -> Option<(u64, u64)> {
-        self.inner.bar_address(bar)
-    }
-    fn bar_read(&mut self, bar: usize, off: u64, data: &mut [u8]) {
-        self.inner.bar_read(bar, off, data)
-    }
-    fn bar_write(&mut self, bar: usize, off: u64, data: &[u8]) {
-        self.inner.bar_write(bar, off, data)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,7 +282,11 @@ mod tests {
         let (c, _, _) = build(&d, "m", 0x2000, None, Arc::new(Levels::default())).unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s2 = seen.clone();
-        let mut m = Mapped::new(Box::new(c), Box::new(move |a| s2.lock().unwrap().push(a)));
+        let mut m = pci::BarWatch::new(
+            Box::new(c),
+            1,
+            Box::new(move |a| s2.lock().unwrap().push(a)),
+        );
         m.config_write(0x04, &[2, 0]); // memory decoding on
         m.config_write(0x14, &0x2000_0000u32.to_le_bytes()); // BAR 1 moved
         m.config_write(0x04, &[0, 0]); // off

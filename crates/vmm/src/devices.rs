@@ -121,6 +121,25 @@ pub fn open_disk(kind: &DeviceKind) -> Result<Option<virtio::blk::Block>, OpenEr
     }
 }
 
+/// Where a virtio device's queue notifications land in its BAR 0: (offset, the value Linux
+/// writes there, 16 bits) per queue. None for a device that is not virtio.
+pub fn notify_writes(kind: &DeviceKind) -> Option<Vec<(u64, u16)>> {
+    let queues = match kind {
+        DeviceKind::VirtioBlk { .. } => virtio::blk::QUEUES,
+        DeviceKind::VirtioNet { .. } => virtio::net::QUEUES,
+        DeviceKind::VirtioConsole { .. } => virtio::console::QUEUES,
+        DeviceKind::Connector { .. } => return None,
+    };
+    Some(
+        (0..queues as u16)
+            .map(|q| {
+                let off = u64::from(q) * u64::from(virtio::transport::NOTIFY_MULTIPLIER);
+                (virtio::transport::NOTIFY + off, q)
+            })
+            .collect(),
+    )
+}
+
 fn virtio_pci<D: virtio::VirtioDevice>(
     d: &layout::Device,
     mem: &virtio::Memory,

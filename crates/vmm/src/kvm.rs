@@ -17,6 +17,127 @@ use std::io::Read;
 use std::sync::{mpsc, Arc, Mutex};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+/// One irqfd per interrupt the GICv2m frame can raise: eventfds that the backend writes to
+/// raise an MSI without a message through splitvirt (KVM's default routing maps GSI n to
+/// SPI n, interrupt 32 + n; an irqfd pulses it, which is how an edge-triggered MSI arrives).
+fn msi_irqfds(vm: &VmFd, v: &layout::layout::V2m) -> Result<rpc::setup::MsiFds, Error> {
+    use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+    let mut fds = Vec::new();
+    for intid in v.spi_base..v.spi_base + v.spi_count {
+        let e = vmm_sys_util::eventfd::EventFd::new(libc::EFD_CLOEXEC).map_err(|e| Error::Kvm {
+            what: "make an eventfd for an MSI",
+            detail: e.to_string(),
+        })?;
+        vm.register_irqfd(&e, intid - layout::layout::SPI_BASE_INTID)
+            .map_err(kvm_err("attach an MSI eventfd (irqfd)"))?;
+        // SAFETY: the eventfd's descriptor, handed over whole.
+        fds.push(unsafe { OwnedFd::from_raw_fd(e.into_raw_fd()) });
+    }
+    Ok(rpc::setup::MsiFds {
+        doorbell: v.region.base + platform::gicv2m::MSI_SETSPI_NS,
+        first: v.spi_base,
+        fds,
+    })
+}
+
+/// Queue notifications of the backend's virtio devices, caught by KVM (ioeventfd) and
+/// signalled straight to the backend: one eventfd per device, attached at each queue's notify
+/// address (a 16-bit write of the queue index, as Linux's virtio-pci writes it) wherever the
+/// guest puts BAR 0. Any other write there still exits to splitvirt and travels as a message.
+/// When the backend dies they are detached, so that notifications reach the reaper again.
+struct Notifiers {
+    vm: Arc<VmFd>,
+    devices: Mutex<std::collections::HashMap<u8, Notifier>>,
+    detached: std::sync::atomic::AtomicBool,
+}
+
+struct Notifier {
+    fd: vmm_sys_util::eventfd::EventFd,
+    writes: Vec<(u64, u16)>,
+    at: Option<u64>,
+}
+
+impl Notifiers {
+    fn new(vm: Arc<VmFd>, l: &layout::Layout) -> Result<Notifiers, Error> {
+        let mut devices = std::collections::HashMap::new();
+        for d in crate::backend::remote_devices(l) {
+            let Some(writes) = crate::devices::notify_writes(&d.kind) else {
+                continue;
+            };
+            let fd =
+                vmm_sys_util::eventfd::EventFd::new(libc::EFD_CLOEXEC).map_err(|e| Error::Kvm {
+                    what: "make an eventfd for queue notifications",
+                    detail: e.to_string(),
+                })?;
+            devices.insert(
+                d.slot as u8,
+                Notifier {
+                    fd,
+                    writes,
+                    at: None,
+                },
+            );
+        }
+        Ok(Notifiers {
+            vm,
+            devices: Mutex::new(devices),
+            detached: Default::default(),
+        })
+    }
+
+    /// (device, eventfd) for the backend.
+    fn fds(&self) -> Vec<(u8, std::os::fd::OwnedFd)> {
+        use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+        let d = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        d.iter()
+            .filter_map(|(dev, n)| {
+                let copy = n.fd.try_clone().ok()?;
+                // SAFETY: a new descriptor of our own, handed over whole.
+                Some((*dev, unsafe { OwnedFd::from_raw_fd(copy.into_raw_fd()) }))
+            })
+            .collect()
+    }
+
+    /// Device `dev`'s BAR 0 now decodes at `at` (None: nowhere).
+    fn place(&self, dev: u8, at: Option<u64>) {
+        use kvm_ioctls::IoEventAddress::Mmio;
+        let mut d = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(n) = d.get_mut(&dev) else { return };
+        if let Some(old) = n.at.take() {
+            for (off, q) in &n.writes {
+                let _ = self.vm.unregister_ioevent(&n.fd, &Mmio(old + off), *q);
+            }
+        }
+        if self.detached.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        if let Some(base) = at {
+            for (off, q) in &n.writes {
+                if let Err(e) = self.vm.register_ioevent(&n.fd, &Mmio(base + off), *q) {
+                    // Not fatal: the notification then exits to splitvirt as before.
+                    eprintln!("splitvirt: KVM will not catch device {dev}'s notifications: {e}");
+                }
+            }
+            n.at = at;
+        }
+    }
+
+    fn detach_all(&self) {
+        self.detached
+            .store(true, std::sync::atomic::Ordering::Release);
+        let devs: Vec<u8> = self
+            .devices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        for dev in devs {
+            self.place(dev, None);
+        }
+    }
+}
+
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
     move |e| Error::Kvm {
         what,
@@ -390,6 +511,8 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
         intx_lines.insert(d.slot as u8, line);
     }
     let events_bus = bus_cell.clone();
+    let notifiers = Arc::new(Notifiers::new(vm.clone(), l)?);
+    let dead_notifiers = notifiers.clone();
     let msi_frame = l.v2m.as_ref().map(|v| v.region.clone());
     let events = Box::new(move |e: rpc::Event| match e {
         rpc::Event::Intx { dev, level } => {
@@ -410,9 +533,15 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
             }
         }
         rpc::Event::Dead(why) => {
+            dead_notifiers.detach_all();
             eprintln!("splitvirt: the backend's devices fail from now on ({why})")
         }
     });
+    let msi = match &l.v2m {
+        Some(v) if crate::backend::remote_devices(l).next().is_some() => Some(msi_irqfds(&vm, v)?),
+        _ => None,
+    };
+    let notify_fds = notifiers.fds();
     let mut remote = crate::backend::start(
         l,
         std::path::Path::new("/proc/self/exe"),
@@ -420,7 +549,16 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
         ram.pool_fd.as_ref(),
         events,
         &signal,
+        crate::backend::Bypass {
+            msi: msi.as_ref(),
+            notify: &notify_fds
+                .iter()
+                .map(|(d, fd)| (*d, std::os::fd::AsFd::as_fd(fd)))
+                .collect::<Vec<_>>(),
+        },
     )?;
+    // The backend has its own copies; KVM holds the eventfds it signals.
+    drop((msi, notify_fds));
     {
         let mut e = ecam.lock().unwrap_or_else(|e| e.into_inner());
         for (df, f) in built.functions {
@@ -445,14 +583,13 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
                     eprintln!("splitvirt: cannot map a connector dataport at {at:?}: {e}");
                 }
             };
-            e.add(
-                df,
-                Box::new(crate::connect::Mapped::new(f, Box::new(remap))),
-            );
+            e.add(df, Box::new(pci::BarWatch::new(f, 1, Box::new(remap))));
         }
         if let Some(r) = &mut remote {
             for (df, f) in std::mem::take(&mut r.functions) {
-                e.add(df, f);
+                let (n, dev) = (notifiers.clone(), (df >> 3) as u8);
+                let moved = move |at: Option<u64>| n.place(dev, at);
+                e.add(df, Box::new(pci::BarWatch::new(f, 0, Box::new(moved))));
             }
         }
     }
