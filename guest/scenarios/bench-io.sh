@@ -14,8 +14,12 @@ printf '#!/bin/sh\ncat >/dev/null\n' >/tmp/sink.sh
 chmod +x /tmp/sink.sh
 nc -ll -p 5000 -e /tmp/sink.sh &
 truncate -s 256M /tmp/bench.raw
+truncate -s 96M /tmp/ab-in.raw
+truncate -s 128M /tmp/ab-backend.raw
 for run in $RUNS; do
+	mode=single
+	[ "$run" = ab ] && mode=ab
 	/splitvirt run --config /guest/bench-$run.toml --kernel /guest/Image --initrd /guest/initrd.cpio \
-		--cmdline "console=ttyAMA0 loglevel=4" </dev/null 2>&1 |
+		--cmdline "console=ttyAMA0 loglevel=4 MODE=$mode" </dev/null 2>&1 |
 		while IFS= read -r l; do echo "$run| $l"; done
 done

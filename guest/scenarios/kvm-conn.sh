@@ -15,8 +15,10 @@ ping)
 	/conntest seed
 	/conn ping chan "$ROUNDS" | values ping
 	if [ "$MODE" = bench ]; then
-		/conn memcpy 64 | values memcpy
-		/conn stream bulk 64 | values stream
+		# 960 KiB chunks: two fill the 2 MiB dataport's bulk area, and each costs one event
+		# round trip (milliseconds here).
+		/conn memcpy 64 960 | values memcpy
+		/conn stream bulk 64 960 | values stream
 	else
 		/conn stream bulk 16 | values stream
 		# The host kills the peer VM once it sees this, and starts another.

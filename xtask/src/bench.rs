@@ -133,13 +133,23 @@ pub fn io() -> Result<()> {
         .iter()
         .map(|(name, image, placement)| (format!("guest/bench-{name}.toml"), vm(image, placement)))
         .collect();
+    // The A/B VM: one disk in each place, of different sizes so that the guest's vda and vdb
+    // can be told apart.
+    files.push((
+        "guest/bench-ab.toml".to_owned(),
+        b"[[device]]\nkind = \"virtio-blk\"\nimage = \"/tmp/ab-in.raw\"\nplacement = \"in-process\"\n\
+          [[device]]\nkind = \"virtio-blk\"\nimage = \"/tmp/ab-backend.raw\"\nplacement = \"backend\"\n\
+          [[device]]\nkind = \"virtio-console\"\nplacement = \"in-process\"\n"
+            .to_vec(),
+    ));
     files.extend([
         ("tmp/bench.qcow2".to_owned(), std::fs::read(&qcow2)?),
         ("tun.ko".to_owned(), board::module("drivers/net/tun.ko")?),
         ("guest/Image".to_owned(), std::fs::read(&k.image)?),
         ("guest/initrd.cpio".to_owned(), std::fs::read(&initrd)?),
     ]);
-    let names: Vec<&str> = runs.iter().map(|r| r.0).collect();
+    let mut names: Vec<&str> = runs.iter().map(|r| r.0).collect();
+    names.push("ab");
     let r = board::run(
         "bench-io",
         &[("RUNS", &names.join(" "))],
@@ -159,7 +169,7 @@ pub fn io() -> Result<()> {
         "disk, devices", "seq write MB/s", "seq read MB/s", "4K rand IOPS", "TCP MB/s"
     );
     let mut table = Vec::new();
-    for name in &names {
+    for name in &names[..runs.len()] {
         let p = r.part(name);
         let v = |k: &str| p.value(k).and_then(|v| v.parse::<f64>().ok());
         ensure!(
@@ -197,6 +207,54 @@ pub fn io() -> Result<()> {
             ratio(1),
             ratio(2),
             ratio(3)
+        );
+    }
+    ab_table(&r.part("ab"), &r.log_path)
+}
+
+/// The A/B run: in-process (vda) and backend (vdb) disks of one VM, read in alternation.
+fn ab_table(p: &crate::qemu::Run, log: &std::path::Path) -> Result<()> {
+    let log = log.display();
+    ensure!(
+        p.value("vda_sectors") == Some("196608") && p.value("vdb_sectors") == Some("262144"),
+        "A/B run: vda {:?} and vdb {:?} sectors, want the 96 MiB in-process disk as vda and the \
+         128 MiB backend disk as vdb (log: {log})",
+        p.value("vda_sectors"),
+        p.value("vdb_sectors")
+    );
+    let nums =
+        |k: &str| -> Vec<f64> { p.values(k).iter().filter_map(|v| v.parse().ok()).collect() };
+    println!("\nA/B in one VM: raw disks, in-process (vda) and backend (vdb), read in alternation");
+    println!(
+        "{:>16} {:>24} {:>24} {:>22} {:>8}",
+        "", "in-process rounds", "backend rounds", "backend/in per round", "median"
+    );
+    for (what, key) in [
+        ("seq read MB/s", "seq_read_mbps"),
+        ("4K rand IOPS", "rand_read_iops"),
+    ] {
+        let (a, b) = (nums(&format!("vda {key}")), nums(&format!("vdb {key}")));
+        ensure!(
+            a.len() == 3 && b.len() == 3 && a.iter().all(|x| *x > 0.0),
+            "A/B run: {} and {} rounds of {key}, want 3 each (log: {log})",
+            a.len(),
+            b.len()
+        );
+        // Each round's two disks ran minutes apart at most: compare within rounds.
+        let mut ratios: Vec<f64> = a.iter().zip(&b).map(|(x, y)| y / x).collect();
+        let show = |v: &[f64], d: usize| {
+            v.iter()
+                .map(|x| format!("{x:.d$}"))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        let per_round = show(&ratios, 2);
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "{what:>16} {:>24} {:>24} {per_round:>22} {:>7.2}x",
+            show(&a, 1),
+            show(&b, 1),
+            ratios[1]
         );
     }
     Ok(())

@@ -40,6 +40,19 @@ impl Run {
         })
     }
 
+    /// Every value of `name`, in order (a value printed once per round).
+    pub fn values(&self, name: &str) -> Vec<&str> {
+        let key = format!("@@ VALUE {name} ");
+        self.log
+            .lines()
+            .filter_map(|l| {
+                l.trim_end_matches('\r')
+                    .split_once(key.as_str())
+                    .map(|(_, v)| v.trim())
+            })
+            .collect()
+    }
+
     /// The lines of one inner console (`prefix| ...`), as a run of their own.
     pub fn part(&self, prefix: &str) -> Run {
         let tag = format!("{prefix}| ");

@@ -159,13 +159,14 @@ fn decode(m: &[u8], tag: u8, n: usize) -> Result<Vec<u64>, Error> {
 }
 
 /// Copies `data` to the peer's `sink` through the bulk area in chunks of `chunk` bytes (two in
-/// flight); the time from the first chunk to the last acknowledgement.
+/// flight): the time from the first chunk to the last acknowledgement, and the part of it
+/// spent copying into the dataport.
 pub fn stream(
     c: &mut Connection,
     data: &[u8],
     chunk: usize,
     timeout: Duration,
-) -> Result<Duration, Error> {
+) -> Result<(Duration, Duration), Error> {
     if chunk == 0 || 2 * chunk > c.bulk_len() {
         return Err(Error::Bulk {
             off: 0,
@@ -180,6 +181,7 @@ pub fn stream(
         .ok_or_else(|| Error::Protocol(format!("the sink did not get ready in {timeout:?}")))?;
     decode(&m, READY, 0)?;
     let start = Instant::now();
+    let mut copying = Duration::ZERO;
     let mut acked = 0u64; // chunks acknowledged
     let await_ack = |c: &mut Connection, acked: &mut u64| -> Result<(), Error> {
         let m = c
@@ -200,7 +202,9 @@ pub fn stream(
             await_ack(c, &mut acked)?;
         }
         let off = (i % 2) as usize * chunk;
+        let t = Instant::now();
         c.write_bulk(off, piece)?;
+        copying += t.elapsed();
         c.send(
             &encode(CHUNK, &[i, off as u64, piece.len() as u64]),
             timeout,
@@ -211,11 +215,12 @@ pub fn stream(
     }
     let took = start.elapsed();
     c.send(&[], timeout)?;
-    Ok(took)
+    Ok((took, copying))
 }
 
-/// Receives one `stream`: the bytes, in order.
-pub fn sink(c: &mut Connection, idle: Duration) -> Result<Vec<u8>, Error> {
+/// Receives one `stream`: the bytes, in order, and the time spent copying them out of the
+/// dataport.
+pub fn sink(c: &mut Connection, idle: Duration) -> Result<(Vec<u8>, Duration), Error> {
     let first = c
         .recv(idle)?
         .ok_or_else(|| Error::Protocol(format!("no message for {idle:?}")))?;
@@ -224,6 +229,7 @@ pub fn sink(c: &mut Connection, idle: Duration) -> Result<Vec<u8>, Error> {
     // touched before the clock starts (a first touch of a page is a fault, costly in a VM).
     let mut out = vec![1u8; (total as usize).min(256 << 20)];
     let mut filled = 0;
+    let mut copying = Duration::ZERO;
     c.send(&[READY], idle)?;
     let mut expect = 0u64;
     loop {
@@ -232,7 +238,7 @@ pub fn sink(c: &mut Connection, idle: Duration) -> Result<Vec<u8>, Error> {
             .ok_or_else(|| Error::Protocol(format!("no message for {idle:?}")))?;
         if m.is_empty() {
             out.truncate(filled);
-            return Ok(out);
+            return Ok((out, copying));
         }
         let w = decode(&m, CHUNK, 3)?;
         let (i, off, len) = (w[0], w[1] as usize, w[2] as usize);
@@ -244,7 +250,9 @@ pub fn sink(c: &mut Connection, idle: Duration) -> Result<Vec<u8>, Error> {
         if out.len() < filled + len {
             out.resize(filled + len, 0);
         }
+        let t = Instant::now();
         c.read_bulk(off, &mut out[filled..filled + len])?;
+        copying += t.elapsed();
         filled += len;
         c.send(&encode(ACK, &[i]), idle)?;
         expect += 1;
@@ -385,7 +393,8 @@ mod tests {
         let mut a = open(&dev, size, Side::A);
         let data = pattern((1 << 20) + 123);
         stream(&mut a, &data, 64 << 10, t).unwrap();
-        let got = sink.join().unwrap();
+        let (got, copying) = sink.join().unwrap();
+        assert!(copying > Duration::ZERO);
         assert_eq!(got.len(), data.len());
         assert_eq!(fnv(&got), fnv(&data));
         // Chunks that do not fit twice in the bulk area are refused up front.

@@ -78,17 +78,20 @@ fn main() -> ExitCode {
                 let mut c = Connection::open(name, Side::A)?;
                 let data = exchange::pattern((num(2, 16.0) * (1 << 20) as f64) as usize);
                 let chunk = (num(3, 256.0) as usize) << 10;
-                let took = exchange::stream(&mut c, &data, chunk, Duration::from_secs(30))?;
+                let (took, copying) =
+                    exchange::stream(&mut c, &data, chunk, Duration::from_secs(30))?;
                 println!("bytes {}", data.len());
                 println!("fnv {:016x}", exchange::fnv(&data));
                 println!("mib_per_s {:.1}", mib_per_s(data.len(), took));
+                println!("copy_in_mib_per_s {:.1}", mib_per_s(data.len(), copying));
                 Ok(true)
             }
             (Some("sink"), Some(name)) => {
                 let mut c = Connection::open(name, Side::B)?;
-                let got = exchange::sink(&mut c, secs(2, 600.0))?;
+                let (got, copying) = exchange::sink(&mut c, secs(2, 600.0))?;
                 println!("bytes {}", got.len());
                 println!("fnv {:016x}", exchange::fnv(&got));
+                println!("copy_out_mib_per_s {:.1}", mib_per_s(got.len(), copying));
                 Ok(true)
             }
             (Some("memcpy"), _) => {
