@@ -8,7 +8,8 @@
 //!   conn pong NAME [SECONDS]            side b: answer until side a ends (or SECONDS idle)
 //!   conn stream NAME MIB [CHUNK_KIB]    side a: copy MIB through the bulk area to `sink`
 //!   conn sink NAME [SECONDS]            side b: receive one stream
-//!   conn memcpy MIB [CHUNK_KIB]         the same copy inside this guest, for comparison
+//!   conn memcpy MIB [CHUNK_KIB]         the same copy inside this guest, for comparison (also
+//!                                       into two alternating chunks, as `stream` writes)
 //! Results are `key value` lines. The channel's position is kept in the dataport, so one
 //! `send` or `recv` per call carries on a running exchange.
 
@@ -96,8 +97,11 @@ fn main() -> ExitCode {
             }
             (Some("memcpy"), _) => {
                 let data = exchange::pattern((num(1, 16.0) * (1 << 20) as f64) as usize);
-                let took = exchange::local_copy(&data, (num(2, 256.0) as usize) << 10);
+                let chunk = (num(2, 256.0) as usize) << 10;
+                let took = exchange::local_copy(&data, chunk);
                 println!("mib_per_s {:.1}", mib_per_s(data.len(), took));
+                let took = exchange::local_copy_window(&data, chunk);
+                println!("window_mib_per_s {:.1}", mib_per_s(data.len(), took));
                 Ok(true)
             }
             _ => {
