@@ -158,6 +158,12 @@ fn decode(m: &[u8], tag: u8, n: usize) -> Result<Vec<u64>, Error> {
         .collect())
 }
 
+/// The peer's next message, or an error naming `what` did not come within `t`.
+fn next(c: &mut Connection, t: Duration, what: &str) -> Result<Vec<u8>, Error> {
+    c.recv(t)?
+        .ok_or_else(|| Error::Protocol(format!("no {what} within {t:?}")))
+}
+
 /// Copies `data` to the peer's `sink` through the bulk area in chunks of `chunk` bytes (two in
 /// flight): the time from the first chunk to the last acknowledgement, and the part of it
 /// spent copying into the dataport.
@@ -176,18 +182,12 @@ pub fn stream(
     }
     let n = data.len().div_ceil(chunk) as u64;
     c.send(&encode(START, &[data.len() as u64]), timeout)?;
-    let m = c
-        .recv(timeout)?
-        .ok_or_else(|| Error::Protocol(format!("the sink did not get ready in {timeout:?}")))?;
-    decode(&m, READY, 0)?;
+    decode(&next(c, timeout, "readiness from the sink")?, READY, 0)?;
     let start = Instant::now();
     let mut copying = Duration::ZERO;
     let mut acked = 0u64; // chunks acknowledged
     let await_ack = |c: &mut Connection, acked: &mut u64| -> Result<(), Error> {
-        let m = c
-            .recv(timeout)?
-            .ok_or_else(|| Error::Protocol(format!("no acknowledgement for {timeout:?}")))?;
-        let i = decode(&m, ACK, 1)?[0];
+        let i = decode(&next(c, timeout, "acknowledgement")?, ACK, 1)?[0];
         if i != *acked {
             return Err(Error::Protocol(format!(
                 "acknowledgement of chunk {i}, expected {acked}"
@@ -221,21 +221,17 @@ pub fn stream(
 /// Receives one `stream`: the bytes, in order, and the time spent copying them out of the
 /// dataport.
 pub fn sink(c: &mut Connection, idle: Duration) -> Result<(Vec<u8>, Duration), Error> {
-    let first = c
-        .recv(idle)?
-        .ok_or_else(|| Error::Protocol(format!("no message for {idle:?}")))?;
-    let total = decode(&first, START, 1)?[0];
-    // The peer names the size: take it as a hint only, never as an allocation. The buffer is
-    // touched before the clock starts (a first touch of a page is a fault, costly in a VM).
+    let total = decode(&next(c, idle, "stream start")?, START, 1)?[0];
+    // The peer names the size: a hint, so the buffer is capped (and grows past it if need be).
+    // It is touched before the clock starts (a first touch of a page is a fault, costly in a
+    // VM).
     let mut out = vec![1u8; (total as usize).min(256 << 20)];
     let mut filled = 0;
     let mut copying = Duration::ZERO;
     c.send(&[READY], idle)?;
     let mut expect = 0u64;
     loop {
-        let m = c
-            .recv(idle)?
-            .ok_or_else(|| Error::Protocol(format!("no message for {idle:?}")))?;
+        let m = next(c, idle, "further chunk")?;
         if m.is_empty() {
             out.truncate(filled);
             return Ok((out, copying));

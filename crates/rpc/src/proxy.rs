@@ -400,17 +400,7 @@ impl Proxy {
                 if left.is_zero() {
                     return self.timed_out(&m);
                 }
-                // A reply found by spinning: no sleep, so `sleepers` (a line the backend reads
-                // on every reply) is not written.
-                if self
-                    .poll
-                    .is_some_and(|p| spin_until(p.min(left), || self.region.replies().ready()))
-                {
-                    continue;
-                }
-                self.region
-                    .replies()
-                    .sleep(&self.replies, left.min(Duration::from_millis(10)));
+                self.await_replies(left);
             }
         }
         // Another thread consumes: it hands this one its reply through `pending`, unless it
@@ -442,14 +432,7 @@ impl Proxy {
                     if lock(&w.value).reply.is_some() {
                         continue;
                     }
-                    if let Some(p) = self.poll {
-                        if spin_until(p.min(left), || self.region.replies().ready()) {
-                            continue;
-                        }
-                    }
-                    self.region
-                        .replies()
-                        .sleep(&self.replies, left.min(Duration::from_millis(10)));
+                    self.await_replies(left);
                 }
                 Err(_) => {
                     let mut v = lock(&w.value);
@@ -463,6 +446,19 @@ impl Proxy {
                 }
             }
         }
+    }
+
+    /// Waits (at most `left`, and 10 ms at a time) for the reply ring to hold something: spins
+    /// first in polling mode. A reply found by spinning skips the sleep, so `sleepers` (a line
+    /// the backend reads on every reply) is not written.
+    fn await_replies(&self, left: Duration) {
+        let ready = || self.region.replies().ready();
+        if self.poll.is_some_and(|p| spin_until(p.min(left), ready)) {
+            return;
+        }
+        self.region
+            .replies()
+            .sleep(&self.replies, left.min(Duration::from_millis(10)));
     }
 
     fn timed_out(&self, m: &Msg) -> u64 {

@@ -272,9 +272,8 @@ impl Ring<'_> {
         let rang = if self.ready() {
             Doorbell::wait_any(others, Some(Duration::ZERO))
         } else {
-            let mut all = vec![bell];
-            all.extend_from_slice(others);
-            Doorbell::wait_any(&all, Some(timeout)) >> 1
+            let all = std::iter::once(bell).chain(others.iter().copied());
+            Doorbell::poll_all(all, Some(timeout)) >> 1
         };
         self.sleepers().fetch_sub(1, Ordering::SeqCst);
         rang
@@ -388,25 +387,37 @@ impl Doorbell {
     /// Waits up to `timeout` for any of `bells` (at most 64), and clears those that rang: bit i
     /// of the result says `bells[i]` rang.
     pub fn wait_any(bells: &[&Doorbell], timeout: Option<Duration>) -> u64 {
-        let mut p: Vec<libc::pollfd> = bells
-            .iter()
-            .take(64)
-            .map(|b| libc::pollfd {
+        Self::poll_all(bells.iter().copied(), timeout)
+    }
+
+    /// `wait_any` over an iterator, with the poll set on the stack: a sleeping vCPU and the
+    /// backend's loop call this for every sleep.
+    fn poll_all<'a>(bells: impl Iterator<Item = &'a Doorbell>, timeout: Option<Duration>) -> u64 {
+        let unused = libc::pollfd {
+            fd: -1,
+            events: 0,
+            revents: 0,
+        };
+        let mut p = [unused; 64];
+        let mut n = 0;
+        for b in bells.take(64) {
+            p[n] = libc::pollfd {
                 fd: b.0.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
-            })
-            .collect();
-        if p.is_empty() {
+            };
+            n += 1;
+        }
+        if n == 0 {
             return 0;
         }
         let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
-        // SAFETY: poll on descriptors we own, `p.len()` entries.
-        if unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, ms) } <= 0 {
+        // SAFETY: poll on descriptors we own, the first `n` entries of `p`.
+        if unsafe { libc::poll(p.as_mut_ptr(), n as libc::nfds_t, ms) } <= 0 {
             return 0;
         }
         let mut rang = 0;
-        for (i, q) in p.iter().enumerate() {
+        for (i, q) in p[..n].iter().enumerate() {
             if q.revents & libc::POLLIN != 0 {
                 let mut v = 0u64;
                 // SAFETY: an 8-byte read into a local from an eventfd we own.

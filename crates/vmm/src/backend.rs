@@ -96,6 +96,9 @@ pub fn start(
     bypass: Bypass,
 ) -> Result<Option<Remote>, BackendError> {
     let Bypass { msi, notify } = bypass;
+    let msi_fds: Vec<_> = msi.map_or(Vec::new(), |m| {
+        m.fds.iter().map(|f| f.as_raw_fd()).collect()
+    });
     let wanted: Vec<&layout::Device> = remote_devices(l).collect();
     if wanted.is_empty() {
         return Ok(None);
@@ -145,12 +148,7 @@ pub fn start(
             to_proxy.fd().as_raw_fd(),
             replies.fd().as_raw_fd(),
         ],
-        msi.map(|m| {
-            let fds: Vec<_> = m.fds.iter().map(|f| f.as_raw_fd()).collect();
-            (m.doorbell, m.first, fds)
-        })
-        .as_ref()
-        .map(|(d, f, fds)| (*d, *f, fds.as_slice())),
+        msi.map(|m| (m.doorbell, m.first, msi_fds.as_slice())),
         &notify
             .iter()
             .map(|(dev, fd)| (*dev, fd.as_raw_fd()))

@@ -21,23 +21,32 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 /// raise an MSI without a message through splitvirt (KVM's default routing maps GSI n to
 /// SPI n, interrupt 32 + n; an irqfd pulses it, which is how an edge-triggered MSI arrives).
 fn msi_irqfds(vm: &VmFd, v: &layout::layout::V2m) -> Result<rpc::setup::MsiFds, Error> {
-    use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
     let mut fds = Vec::new();
     for intid in v.spi_base..v.spi_base + v.spi_count {
-        let e = vmm_sys_util::eventfd::EventFd::new(libc::EFD_CLOEXEC).map_err(|e| Error::Kvm {
-            what: "make an eventfd for an MSI",
-            detail: e.to_string(),
-        })?;
+        let e = eventfd("make an eventfd for an MSI")?;
         vm.register_irqfd(&e, intid - layout::layout::SPI_BASE_INTID)
             .map_err(kvm_err("attach an MSI eventfd (irqfd)"))?;
-        // SAFETY: the eventfd's descriptor, handed over whole.
-        fds.push(unsafe { OwnedFd::from_raw_fd(e.into_raw_fd()) });
+        fds.push(owned(e));
     }
     Ok(rpc::setup::MsiFds {
         doorbell: v.region.base + platform::gicv2m::MSI_SETSPI_NS,
         first: v.spi_base,
         fds,
     })
+}
+
+fn eventfd(what: &'static str) -> Result<vmm_sys_util::eventfd::EventFd, Error> {
+    vmm_sys_util::eventfd::EventFd::new(libc::EFD_CLOEXEC).map_err(|e| Error::Kvm {
+        what,
+        detail: e.to_string(),
+    })
+}
+
+/// An eventfd as a plain descriptor, for the backend.
+fn owned(e: vmm_sys_util::eventfd::EventFd) -> std::os::fd::OwnedFd {
+    use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+    // SAFETY: the eventfd's descriptor, handed over whole.
+    unsafe { OwnedFd::from_raw_fd(e.into_raw_fd()) }
 }
 
 /// Queue notifications of the backend's virtio devices, caught by KVM (ioeventfd) and
@@ -64,11 +73,7 @@ impl Notifiers {
             let Some(writes) = crate::devices::notify_writes(&d.kind) else {
                 continue;
             };
-            let fd =
-                vmm_sys_util::eventfd::EventFd::new(libc::EFD_CLOEXEC).map_err(|e| Error::Kvm {
-                    what: "make an eventfd for queue notifications",
-                    detail: e.to_string(),
-                })?;
+            let fd = eventfd("make an eventfd for queue notifications")?;
             devices.insert(
                 d.slot as u8,
                 Notifier {
@@ -87,14 +92,9 @@ impl Notifiers {
 
     /// (device, eventfd) for the backend.
     fn fds(&self) -> Vec<(u8, std::os::fd::OwnedFd)> {
-        use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
         let d = self.devices.lock().unwrap_or_else(|e| e.into_inner());
         d.iter()
-            .filter_map(|(dev, n)| {
-                let copy = n.fd.try_clone().ok()?;
-                // SAFETY: a new descriptor of our own, handed over whole.
-                Some((*dev, unsafe { OwnedFd::from_raw_fd(copy.into_raw_fd()) }))
-            })
+            .filter_map(|(dev, n)| Some((*dev, owned(n.fd.try_clone().ok()?))))
             .collect()
     }
 
