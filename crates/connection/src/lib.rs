@@ -210,7 +210,7 @@ impl Connection {
             .load(Ordering::Acquire)
             == next
         {
-            next += 1;
+            next = next.wrapping_add(1);
         }
         self.next_send = next;
         let (base, _) = self.half(self.side.other());
@@ -327,7 +327,7 @@ impl Connection {
             .store(msg.len() as u64, Ordering::Relaxed);
         self.dataport.u64_at(slot).store(seq, Ordering::Release);
         self.dataport.u64_at(base).store(seq, Ordering::Release);
-        self.next_send += 1;
+        self.next_send = self.next_send.wrapping_add(1);
         self.emit();
         Ok(())
     }
@@ -356,7 +356,7 @@ impl Connection {
         self.dataport
             .u64_at(base + 64)
             .store(seq, Ordering::Release);
-        self.next_recv += 1;
+        self.next_recv = self.next_recv.wrapping_add(1);
         Ok(Some(out))
     }
 }
@@ -514,6 +514,13 @@ mod tests {
         a.dataport.u64_at(64).store(u64::MAX, Ordering::Relaxed);
         a.dataport.u64_at(0).store(u64::MAX, Ordering::Relaxed);
         a.send(b"still fine", Duration::ZERO).unwrap();
+        // Counters at the very end of u64 wrap instead of overflowing.
+        a.dataport.u64_at(0).store(u64::MAX - 1, Ordering::Relaxed);
+        let (_, slots) = a.half(Side::A);
+        let at = a.slot(0, slots, u64::MAX);
+        a.dataport.u64_at(at).store(u64::MAX, Ordering::Relaxed);
+        let mut a3 = open(&dev, 0x4000, Side::A);
+        a3.send(b"wrapped", Duration::ZERO).unwrap();
         let mut b = open(&dev, 0x4000, Side::B);
         b.recv(Duration::ZERO).unwrap();
         let a2 = open(&dev, 0x4000, Side::A);
