@@ -9,7 +9,7 @@
 //! interleaved with its floor's batches, and the ratio to the floor is the median of the
 //! batches' ratios (each batch pair saw the same placement).
 
-use rpc::backend::{serve, Inbox, Outbox, Wait};
+use rpc::backend::{drain, serve, Inbox, Outbox, Wait};
 use rpc::{Doorbell, Proxy, Region, Registration};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::process::Command;
@@ -107,6 +107,21 @@ impl pci::PciFunction for Nop {
     fn bar_write(&mut self, _: usize, _: u64, _: &[u8]) {}
 }
 
+fn nop_device() -> (Registration, Box<dyn pci::PciFunction>) {
+    let reg = Registration {
+        dev: 1,
+        vendor: 0x1af4,
+        device: 0x1042,
+        class: 0,
+        revision: 1,
+        bar0_size: 0x1000,
+        bar0_64bit: false,
+        bar0_prefetchable: false,
+        intx_pin: 1,
+    };
+    (reg, Box::new(Nop))
+}
+
 fn child(mode: &str) {
     match mode {
         "eventfd" => loop {
@@ -138,19 +153,7 @@ fn child(mode: &str) {
             } else {
                 Wait::Block
             };
-            let reg = Registration {
-                dev: 1,
-                vendor: 0x1af4,
-                device: 0x1042,
-                class: 0,
-                revision: 1,
-                bar0_size: 0x1000,
-                bar0_64bit: false,
-                bar0_prefetchable: false,
-                intx_pin: 1,
-            };
-            let mut devs: Vec<(Registration, Box<dyn pci::PciFunction>)> =
-                vec![(reg, Box::new(Nop))];
+            let mut devs = vec![nop_device()];
             let inbox = Inbox {
                 region: &region,
                 bell: &from_proxy,
@@ -209,6 +212,33 @@ fn batch(mode: &str, n: usize) -> Vec<Duration> {
             let _ = c.kill();
             let _ = c.wait();
         }
+        "one-thread" => {
+            // Both sides' work for one read, with no message crossing between CPUs: what the
+            // software costs, apart from the transfers the spin floor measures.
+            let region = Arc::new(Region::create().unwrap());
+            let out = Outbox::new(
+                region.clone(),
+                Doorbell::new().unwrap(),
+                Doorbell::new().unwrap(),
+            );
+            let bell = Doorbell::new().unwrap();
+            let mut devs = vec![nop_device()];
+            let m = rpc::Msg {
+                dev: 1,
+                space: 1,
+                len: 4,
+                ..rpc::Msg::new(rpc::Op::Read)
+            };
+            for _ in 0..n {
+                let t = Instant::now();
+                region.requests().push(&m, Duration::ZERO).unwrap();
+                region.requests().wake(&bell);
+                drain(&region, &out, &mut devs, &mut |_, _| {}, &mut 0).unwrap();
+                let r = region.replies().pop().unwrap().unwrap();
+                v.push(t.elapsed());
+                assert_eq!(r.w2, 0x0707_0707);
+            }
+        }
         _ => {
             let region = Arc::new(Region::create().unwrap());
             let (to_backend, to_proxy, replies) = (
@@ -265,6 +295,12 @@ fn main() {
         return;
     }
     pin(0);
+    // `roundtrip only MODE`: one long batch of one mode, for a profiler.
+    if args.get(1).map(String::as_str) == Some("only") {
+        let v = batch(&args[2], 2_000_000);
+        println!("{} median {:.3} us", args[2], median(&v) * 1e6);
+        return;
+    }
     // (row name, mode); the floors first, each measure after its floor.
     let modes = [
         ("eventfd ping-pong (floor)", "eventfd"),
@@ -290,6 +326,11 @@ fn main() {
         let (med, p99) = stats(v);
         println!("{name:<30} {med:>10.2} {p99:>10.2}");
     }
+    let (med, p99) = stats(batch("one-thread", ROUNDS));
+    println!(
+        "{:<30} {med:>10.2} {p99:>10.2}",
+        "RPC read's work, one thread"
+    );
     let mid = |r: &mut Vec<f64>| {
         r.sort_by(f64::total_cmp);
         r[r.len() / 2]

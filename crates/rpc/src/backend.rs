@@ -158,7 +158,7 @@ pub fn serve(
         let timeout = match wait {
             Wait::Poll(d) if idle < d => {
                 let chunk = if kicks.is_empty() { d } else { KICK_LOOK }.min(d - idle);
-                if crate::proxy::spin_until(chunk, || region.requests().ready()) {
+                if crate::proxy::spin_until(chunk, &mut None, || region.requests().ready()) {
                     idle = Duration::ZERO;
                     continue; // without touching `sleepers`, which the proxy reads on every push
                 }

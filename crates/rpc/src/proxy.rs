@@ -391,7 +391,18 @@ impl Proxy {
             if !pushed {
                 return ALL_ONES;
             }
-            let deadline = Instant::now() + self.timeout;
+            // Polling starts with no clock read: a reply found by then needs none at all.
+            let mut started = None;
+            let ready = || self.region.replies().ready();
+            if self
+                .poll
+                .is_some_and(|p| spin_until(p.min(self.timeout), &mut started, ready))
+            {
+                if let Some(v) = self.drain_for(&mut log, Some(Mine::Unlisted(id))) {
+                    return v;
+                }
+            }
+            let deadline = started.unwrap_or_else(Instant::now) + self.timeout;
             loop {
                 if let Some(v) = self.drain_for(&mut log, Some(Mine::Unlisted(id))) {
                     return v;
@@ -453,7 +464,10 @@ impl Proxy {
     /// the backend reads on every reply) is not written.
     fn await_replies(&self, left: Duration) {
         let ready = || self.region.replies().ready();
-        if self.poll.is_some_and(|p| spin_until(p.min(left), ready)) {
+        if self
+            .poll
+            .is_some_and(|p| spin_until(p.min(left), &mut None, ready))
+        {
             return;
         }
         self.region
@@ -493,10 +507,14 @@ impl Proxy {
     }
 }
 
-/// Spins until `ready` or `limit` passed, reading the clock only now and then (a clock read
-/// costs as much as a look at the ring).
-pub(crate) fn spin_until(limit: Duration, ready: impl Fn() -> bool) -> bool {
-    let start = Instant::now();
+/// Spins until `ready` (true) or `limit` passed (false). The clock is read only after every 64
+/// looks, the first time included (a clock read costs about as much as a message's trip
+/// between two CPUs), and `started` keeps that first reading for the caller.
+pub(crate) fn spin_until(
+    limit: Duration,
+    started: &mut Option<Instant>,
+    ready: impl Fn() -> bool,
+) -> bool {
     loop {
         for _ in 0..64 {
             if ready() {
@@ -504,7 +522,8 @@ pub(crate) fn spin_until(limit: Duration, ready: impl Fn() -> bool) -> bool {
             }
             std::hint::spin_loop();
         }
-        if start.elapsed() >= limit {
+        let now = Instant::now();
+        if now.duration_since(*started.get_or_insert(now)) >= limit {
             return false;
         }
     }

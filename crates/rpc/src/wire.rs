@@ -95,6 +95,7 @@ impl Msg {
         }
     }
 
+    #[inline]
     pub fn encode(&self) -> [u64; 4] {
         let w0 = u64::from(self.op as u8)
             | u64::from(self.dev) << 8
@@ -104,6 +105,7 @@ impl Msg {
         [w0, self.w1, self.w2, self.w3]
     }
 
+    #[inline]
     pub fn decode(w: [u64; 4]) -> Result<Msg, WireError> {
         let w0 = w[0];
         let op = Op::from_u8(w0 as u8).ok_or(WireError::Op(w0 as u8))?;

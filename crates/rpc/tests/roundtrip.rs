@@ -95,6 +95,11 @@ fn backend(
 }
 
 fn pair(wait: Wait) -> Pair {
+    pair_with(wait, None)
+}
+
+/// `pair`, whose proxy spins up to `poll` for a reply before it sleeps.
+fn pair_with(wait: Wait, poll: Option<Duration>) -> Pair {
     let region = Arc::new(Region::create().unwrap());
     let backend_view = Arc::new(Region::open(region.fd().try_clone().unwrap()).unwrap());
     let (to_backend, to_proxy, replies) = (
@@ -117,13 +122,14 @@ fn pair(wait: Wait) -> Pair {
     );
     let events = Arc::new(Mutex::new(Vec::new()));
     let e = events.clone();
-    let proxy = Proxy::start(
+    let proxy = Proxy::start_with(
         region,
         to_backend,
         proxy_wake,
         replies_wake,
         Box::new(move |ev| e.lock().unwrap().push(ev)),
         Duration::from_millis(500),
+        poll,
     );
     Pair {
         proxy,
@@ -235,6 +241,27 @@ fn a_silent_backend_costs_a_timeout_not_a_hang_and_a_dead_one_nothing() {
         p.events.lock().unwrap().last(),
         Some(Event::Dead(_))
     ));
+}
+
+#[test]
+fn a_polling_vcpu_gets_its_answers_and_still_times_out() {
+    let p = pair_with(
+        Wait::Poll(Duration::from_millis(20)),
+        Some(Duration::from_millis(100)),
+    );
+    p.proxy.registrations(Duration::from_secs(5)).unwrap();
+    for i in 0..1000u64 {
+        assert_eq!(p.proxy.ping(i), i);
+    }
+    p.stop.store(true, Ordering::Release);
+    p.backend.join().unwrap();
+    let t = std::time::Instant::now();
+    assert_eq!(p.proxy.read(1, 0, 0, 4), u64::MAX);
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(2),
+        "waited {waited:?} for a 500 ms timeout"
+    );
 }
 
 #[test]
