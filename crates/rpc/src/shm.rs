@@ -134,12 +134,14 @@ impl Region {
         &self.fd
     }
 
+    #[inline]
     fn u32_at(&self, off: usize) -> &AtomicU32 {
         assert!(off.is_multiple_of(4) && off + 4 <= self.len);
         // SAFETY: in bounds, aligned, and the mapping lives as long as &self.
         unsafe { AtomicU32::from_ptr(self.ptr.add(off).cast()) }
     }
 
+    #[inline]
     fn u64_at(&self, off: usize) -> &AtomicU64 {
         assert!(off.is_multiple_of(8) && off + 8 <= self.len);
         // SAFETY: in bounds, aligned, and the mapping lives as long as &self.
@@ -242,18 +244,22 @@ pub struct Ring<'a> {
 }
 
 impl Ring<'_> {
+    #[inline]
     fn head(&self) -> &AtomicU32 {
         self.r.u32_at(self.at)
     }
     /// The producer's last look at `tail` (in shared memory only so that the ring needs no
     /// per-process state; the consumer never reads it).
+    #[inline]
     fn seen_tail(&self) -> &AtomicU32 {
         self.r.u32_at(self.at + 4)
     }
+    #[inline]
     fn tail(&self) -> &AtomicU32 {
         self.r.u32_at(self.at + 64)
     }
     /// Consumers asleep on the ring's doorbell: the producer rings only when there are any.
+    #[inline]
     fn sleepers(&self) -> &AtomicU32 {
         self.r.u32_at(self.at + 128)
     }
@@ -294,6 +300,7 @@ impl Ring<'_> {
         self.r.u32_at(self.slot(tail)).load(Ordering::Acquire) == tail.wrapping_add(1)
     }
 
+    #[inline]
     fn slot(&self, i: u32) -> usize {
         self.at + RING_HDR + (i % SLOTS) as usize * SLOT
     }
