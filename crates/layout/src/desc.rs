@@ -22,6 +22,9 @@ pub struct Description {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<PoolDesc>,
     pub kernel: KernelDesc,
+    /// How splitvirt talks to its backend process. Absent: the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendDesc>,
     #[serde(default, rename = "device", skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<DeviceDesc>,
 }
@@ -111,6 +114,15 @@ pub struct PciDesc {
 pub struct PoolDesc {
     pub base: u64,
     pub size: ByteSize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendDesc {
+    /// Microseconds each side of the RPC spins for the next message before it sleeps on its
+    /// doorbell (0: sleep at once). Spinning trades a host CPU for latency.
+    #[serde(default)]
+    pub poll_us: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -12,6 +12,9 @@ pub const PPI_BASE_INTID: u32 = 16;
 pub const MAX_INTID: u32 = 1019;
 /// GICv2 addresses at most 8 CPUs.
 pub const MAX_VCPUS: u32 = 8;
+/// Longest RPC polling spin: past a few milliseconds a spin only burns the CPU that an
+/// idle device's sleeping side would give back.
+pub const MAX_RPC_POLL_US: u32 = 10_000;
 /// KVM's default guest physical address space on arm64 (40 bits).
 pub const IPA_LIMIT: u64 = 1 << 40;
 /// Device numbers on one PCI bus; 0 is the host bridge.
@@ -43,6 +46,9 @@ pub struct Layout {
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub devices: Vec<Device>,
+    /// How long each side of the backend's RPC spins for a message before it sleeps (None:
+    /// it sleeps at once).
+    pub rpc_poll: Option<std::time::Duration>,
     /// Interrupt lines the GIC must implement (a multiple of 32, covering every ID in use).
     pub gic_irqs: u32,
 }

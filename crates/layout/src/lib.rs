@@ -11,7 +11,7 @@ pub mod region;
 pub mod resolve;
 pub mod size;
 
-pub use desc::{Description, LoadError, PoolReference};
+pub use desc::{BackendDesc, Description, LoadError, PoolReference};
 pub use layout::{
     Bar, ConsoleBackend, Device, DeviceKind, DiskFormat, Layout, NetBackend, Pci, Placement, Uart,
     V2m,

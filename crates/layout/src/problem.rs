@@ -29,6 +29,7 @@ pub enum Rule {
     Device,
     Swiotlb,
     Earlycon,
+    Backend,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

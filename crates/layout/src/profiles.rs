@@ -150,6 +150,7 @@ impl Profile {
                     image: None,
                     initrd: None,
                 },
+                backend: None,
                 // The seed's driver VM: 00:01.0 block, 00:02.0 network, and a console.
                 devices: vec![
                     DeviceDesc {
@@ -199,6 +200,7 @@ impl Profile {
                     image: None,
                     initrd: None,
                 },
+                backend: None,
                 devices: Vec::new(),
             },
         }

@@ -1,11 +1,12 @@
 //! Turns a description into a layout, finding every problem on the way (not just the first).
 
-use crate::desc::{Description, DeviceDesc};
+use crate::desc::{BackendDesc, Description, DeviceDesc};
 use crate::layout::*;
 use crate::problem::{Invalid, Problem, Rule};
 use crate::region::Region;
 use crate::size::{ByteSize, KIB, MIB};
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// The layout and the warnings it comes with.
 #[derive(Debug)]
@@ -87,6 +88,7 @@ fn build(d: &Description, p: &mut Vec<Problem>) -> Layout {
         kernel: d.kernel.image.clone(),
         initrd: d.kernel.initrd.clone(),
         devices: Vec::new(),
+        rpc_poll: None,
         gic_irqs: 0,
     };
     check_vcpus(&layout, p);
@@ -99,8 +101,35 @@ fn build(d: &Description, p: &mut Vec<Problem>) -> Layout {
     if regions_ok {
         layout.devices = place_devices(&layout, &d.devices, p);
     }
+    layout.rpc_poll = backend_poll(d.backend, &layout, p);
     layout.gic_irqs = gic_irqs(&layout);
     layout
+}
+
+/// `[backend] poll_us`: bounded, and a warning when no device runs in the backend.
+fn backend_poll(b: Option<BackendDesc>, l: &Layout, p: &mut Vec<Problem>) -> Option<Duration> {
+    let us = b.map_or(0, |b| b.poll_us);
+    if us > MAX_RPC_POLL_US {
+        p.push(Problem::error(
+            Rule::Backend,
+            format!(
+                "backend.poll_us = {us}: a spin longer than {MAX_RPC_POLL_US} µs burns a host \
+                 CPU without making messages faster"
+            ),
+            format!(
+                "set backend.poll_us between 0 (no spinning) and {MAX_RPC_POLL_US}; 50 suits most"
+            ),
+        ));
+        return None;
+    }
+    if us > 0 && !l.devices.iter().any(|d| d.placement == Placement::Backend) {
+        p.push(Problem::warning(
+            Rule::Backend,
+            format!("backend.poll_us = {us}, but no device runs in the backend process"),
+            "remove [backend] or give a device placement = \"backend\"",
+        ));
+    }
+    (us > 0).then(|| Duration::from_micros(u64::from(us)))
 }
 
 fn check_vcpus(l: &Layout, p: &mut Vec<Problem>) {

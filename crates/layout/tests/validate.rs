@@ -345,6 +345,37 @@ fn device_fields_are_checked_per_kind() {
 }
 
 #[test]
+fn backend_polling_is_bounded_and_reaches_the_layout() {
+    let l = resolve(&Description::parse("[backend]\npoll_us = 50", "t").unwrap())
+        .unwrap()
+        .layout;
+    assert_eq!(l.rpc_poll, Some(std::time::Duration::from_micros(50)));
+    let l = resolve(&Description::parse("[backend]\npoll_us = 0", "t").unwrap())
+        .unwrap()
+        .layout;
+    assert_eq!(l.rpc_poll, None);
+    assert_eq!(
+        resolve(&Description::default_vm()).unwrap().layout.rpc_poll,
+        None
+    );
+    rejects(
+        "[backend]\npoll_us = 20000",
+        Rule::Backend,
+        &["backend.poll_us = 20000", "10000"],
+    );
+    let ps = problems(
+        "[backend]\npoll_us = 50\n[[device]]\nkind = \"virtio-console\"\nbackend = \"pty\"\n\
+         placement = \"in-process\"",
+    );
+    assert!(
+        ps.iter()
+            .any(|p| p.rule == Rule::Backend && p.severity == Severity::Warning),
+        "{ps:?}"
+    );
+    assert!(Description::parse("[backend]\npoll = 50", "t").is_err());
+}
+
+#[test]
 fn backends_and_disk_formats_are_parsed_or_named() {
     use layout::{ConsoleBackend, DeviceKind, DiskFormat, NetBackend};
     let kinds = |toml: &str| {

@@ -163,7 +163,15 @@ pub fn start(
         }
         events(e)
     });
-    let proxy = Proxy::start(region, to_backend, to_proxy, replies, events, READ_TIMEOUT);
+    let proxy = Proxy::start_with(
+        region,
+        to_backend,
+        to_proxy,
+        replies,
+        events,
+        READ_TIMEOUT,
+        l.rpc_poll,
+    );
     // The backend's end of the setup socket closes when it dies, however it dies: then its
     // virtio-blk devices fail what they hold.
     let stopping = Arc::new(AtomicBool::new(false));
@@ -391,6 +399,7 @@ pub fn serve(l: &Layout, setup_fd: OwnedFd) -> Result<(), BackendError> {
         bell: &from_proxy,
         kicks: &kicks,
     };
-    rpc::backend::serve(inbox, &out, &mut funcs, &mut input, &stop, Wait::Block)
+    let wait = l.rpc_poll.map_or(Wait::Block, Wait::Poll);
+    rpc::backend::serve(inbox, &out, &mut funcs, &mut input, &stop, wait)
         .map_err(|e| BackendError::Setup(e.to_string()))
 }
