@@ -14,6 +14,10 @@ pub trait PciFunction: Send {
     fn bar_address(&self, bar: usize) -> Option<(u64, u64)>;
     fn bar_read(&mut self, bar: usize, off: u64, data: &mut [u8]);
     fn bar_write(&mut self, bar: usize, off: u64, data: &[u8]);
+    /// The writes that follow restore the state a previous instance of this function was
+    /// left in (its process died): a function that keeps state in guest memory takes it from
+    /// there when that state comes to life (a virtio device: each queue's position).
+    fn resume(&mut self) {}
 }
 
 /// The host bridge at 00:00.0: identity only (Red Hat's generic PCIe host bridge ID, as QEMU's

@@ -36,7 +36,7 @@ pub const S_OK: u8 = 0;
 pub const S_IOERR: u8 = 1;
 pub const S_UNSUPP: u8 = 2;
 
-const QUEUE_SIZE: u16 = 256;
+pub const QUEUE_SIZE: u16 = 256;
 /// Virtqueues of this device (the notify addresses a hypervisor may catch itself).
 pub const QUEUES: usize = 1;
 const SEG_MAX: u32 = 126;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::Bytes;
 
-const QUEUE_SIZE: u16 = 256;
+pub const QUEUE_SIZE: u16 = 256;
 /// Virtqueues of this device (the notify addresses a hypervisor may catch itself).
 pub const QUEUES: usize = 2;
 const RX: u16 = 0;

@@ -8,6 +8,7 @@ pub mod blk;
 pub mod console;
 pub mod disk;
 pub mod net;
+pub mod shadow;
 pub mod transport;
 
 use std::sync::Arc;

@@ -10,7 +10,7 @@ use vm_memory::Bytes;
 
 pub const F_MAC: u64 = 1 << 5;
 const HDR: usize = 12;
-const QUEUE_SIZE: u16 = 256;
+pub const QUEUE_SIZE: u16 = 256;
 /// Virtqueues of this device (the notify addresses a hypervisor may catch itself).
 pub const QUEUES: usize = 2;
 const RX: u16 = 0;

@@ -96,6 +96,8 @@ pub struct VirtioPci<D: VirtioDevice> {
     driver_features: u64,
     queue_select: u16,
     config_generation: u8,
+    /// Set by `resume`: the next activation continues each queue where its used ring stands.
+    resume: bool,
     /// Errors seen (logged once): a hostile or broken driver.
     pub errors: u64,
 }
@@ -152,6 +154,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
             driver_features: 0,
             queue_select: 0,
             config_generation: 0,
+            resume: false,
             errors: 0,
         }
     }
@@ -198,6 +201,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
         self.device_feature_select = 0;
         self.driver_feature_select = 0;
         self.queue_select = 0;
+        self.resume = false;
         for q in &mut self.queues {
             q.reset();
         }
@@ -263,6 +267,18 @@ impl<D: VirtioDevice> VirtioPci<D> {
                     what: "its rings lie outside the memory the device may reach".into(),
                 });
             }
+            if self.resume && q.ready() {
+                // A previous instance of the device used everything before this index (a
+                // request it held when it died was completed by the VMM).
+                let used = q
+                    .used_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
+                    .map_err(|e| DeviceError::Queue {
+                        queue: i as u16,
+                        what: format!("cannot read its used index to resume: {e}"),
+                    })?;
+                q.set_next_avail(used.0);
+                q.set_next_used(used.0);
+            }
             // The device gets its own copy; ours keeps answering the driver's register reads.
             let copy = Queue::try_from(q.state()).map_err(|e| DeviceError::Queue {
                 queue: i as u16,
@@ -270,6 +286,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
             })?;
             ready.push(copy);
         }
+        self.resume = false;
         self.device
             .activate(self.mem.clone(), ready, Arc::new(Irq(self.shared.clone())));
         Ok(())
@@ -463,6 +480,10 @@ impl<D: VirtioDevice> PciFunction for VirtioPci<D> {
             MSIX_PBA..BAR_SIZE => self.shared().msix.read_pba(off - MSIX_PBA, data),
             _ => {}
         }
+    }
+
+    fn resume(&mut self) {
+        self.resume = true;
     }
 
     fn bar_write(&mut self, bar: usize, off: u64, data: &[u8]) {

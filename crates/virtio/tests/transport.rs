@@ -133,12 +133,9 @@ fn rings_outside_the_pool_fail_at_driver_ok() {
 #[test]
 fn msix_vectors_route_queue_interrupts() {
     let (mut g, _) = console();
-    // Enable MSI-X in config space (capability found through the list).
-    let mut cap = g.dev.config().bytes()[0x34] as u64;
-    while g.dev.config().bytes()[cap as usize] != 0x11 {
-        cap = g.dev.config().bytes()[cap as usize + 1] as u64;
-    }
-    g.dev.config_write(cap + 2, &0x8000u16.to_le_bytes());
+    // Enable MSI-X in config space.
+    let cap = g.msix_cap();
+    g.cfg_w(cap + 2, 0x8000, 2);
     // Vector 2 -> v2m SETSPI with interrupt ID 70, unmasked.
     g.w(MSIX_TABLE + 32, 0x0802_0040, 4);
     g.w(MSIX_TABLE + 40, 70, 4);

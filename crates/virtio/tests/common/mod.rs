@@ -41,27 +41,58 @@ impl Signal for Sig {
     }
 }
 
+pub const BAR_ADDR: u64 = 0x80_0000_0000;
+
 pub struct Driver<D: VirtioDevice> {
     pub dev: VirtioPci<D>,
     pub mem: GuestMemoryMmap<()>,
     pub sig: Arc<Sig>,
-    next: u16,
+    /// Chains posted so far.
+    pub next: u16,
+    /// Sees every write the driver makes, as the VMM's shadow of a remote device does.
+    pub tap: Option<virtio::shadow::Shadow>,
 }
 
 impl<D: VirtioDevice> Driver<D> {
     pub fn new(device: D) -> Self {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(POOL), 1 << 20)]).unwrap();
+        Self::on(device, mem)
+    }
+    /// A driver of `device` over memory `mem` (shared with another driver's device).
+    pub fn on(device: D, mem: GuestMemoryMmap<()>) -> Self {
         let sig = Arc::new(Sig::default());
-        let dev = VirtioPci::new(device, mem.clone(), 0x80_0000_0000, 1, sig.clone());
+        let dev = VirtioPci::new(device, mem.clone(), BAR_ADDR, 1, sig.clone());
         Driver {
             dev,
             mem,
             sig,
             next: 0,
+            tap: None,
         }
     }
     pub fn w(&mut self, off: u64, v: u64, len: usize) {
-        self.dev.bar_write(0, off, &v.to_le_bytes()[..len]);
+        let b = &v.to_le_bytes()[..len];
+        self.dev.bar_write(0, off, b);
+        if let Some(t) = &mut self.tap {
+            t.bar_write(0, off, b);
+        }
+    }
+    /// A config-space write.
+    pub fn cfg_w(&mut self, off: u64, v: u64, len: usize) {
+        let b = &v.to_le_bytes()[..len];
+        self.dev.config_write(off, b);
+        if let Some(t) = &mut self.tap {
+            t.config_write(off, b);
+        }
+    }
+    /// The MSI-X capability's offset, found through the list.
+    pub fn msix_cap(&self) -> u64 {
+        let bytes = self.dev.config().bytes();
+        let mut cap = usize::from(bytes[0x34]);
+        while bytes[cap] != 0x11 {
+            cap = usize::from(bytes[cap + 1]);
+        }
+        cap as u64
     }
     pub fn r(&mut self, off: u64, len: usize) -> u64 {
         let mut b = [0u8; 8];

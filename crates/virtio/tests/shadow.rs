@@ -1,0 +1,152 @@
+//! A device's second instance, brought up by replaying the shadow of the driver's writes to
+//! the first, carries on where the first stopped: what the VMM does for a device whose backend
+//! process died and was started again.
+
+mod common;
+
+use common::*;
+use pci::PciFunction;
+use virtio::console::{self, Console};
+use virtio::shadow::{Shadow, Step};
+use virtio::transport::*;
+use virtio::{F_ACCESS_PLATFORM, F_EVENT_IDX, F_VERSION_1};
+use vm_memory::{Bytes, GuestAddress};
+
+const MSI_ADDR: u64 = 0x0802_0040;
+
+fn console_with_shadow() -> (Driver<Console>, Out) {
+    let out = Out::default();
+    let mut d = Driver::new(Console::new(Box::new(out.clone())));
+    d.tap = Some(Shadow::new(
+        3,
+        &[console::QUEUE_SIZE; console::QUEUES],
+        d.mem.clone(),
+        BAR_ADDR,
+    ));
+    (d, out)
+}
+
+/// A second console over the same memory, given the first one's replay.
+fn replayed(first: &mut Driver<Console>) -> (Driver<Console>, Out, Vec<Step>) {
+    let out = Out::default();
+    let mut d = Driver::on(Console::new(Box::new(out.clone())), first.mem.clone());
+    let steps = first.tap.as_mut().unwrap().replay();
+    for s in &steps {
+        match *s {
+            Step::Config { off, value } => d.dev.config_write(off, &value.to_le_bytes()),
+            Step::Bar { off, len, value } => {
+                d.dev
+                    .bar_write(0, off, &value.to_le_bytes()[..usize::from(len)])
+            }
+            Step::Resume => d.dev.resume(),
+        }
+    }
+    d.next = first.next;
+    (d, out, steps)
+}
+
+/// Every register a driver can read back, except the ISR (read-to-clear) and device config.
+fn registers(d: &mut Driver<Console>) -> Vec<u64> {
+    let mut v = Vec::new();
+    for off in (0..0x100).step_by(4) {
+        let mut b = [0u8; 4];
+        d.dev.config_read(off, &mut b);
+        v.push(u64::from(u32::from_le_bytes(b)));
+    }
+    for off in [0x00, 0x08, 0x10, 0x12, 0x14, 0x16] {
+        v.push(d.r(off, 2));
+    }
+    for sel in 0..2 {
+        d.dev.bar_write(0, 0x08, &u32::to_le_bytes(sel));
+        v.push(d.r(0x0c, 4));
+    }
+    d.dev.bar_write(0, 0x08, &0u32.to_le_bytes());
+    for q in 0..console::QUEUES as u16 {
+        d.dev.bar_write(0, 0x16, &q.to_le_bytes());
+        for (off, len) in [
+            (0x18, 2),
+            (0x1a, 2),
+            (0x1c, 2),
+            (0x20, 8),
+            (0x28, 8),
+            (0x30, 8),
+        ] {
+            v.push(d.r(off, len));
+        }
+    }
+    for off in (MSIX_TABLE..MSIX_TABLE + 48).step_by(4) {
+        v.push(d.r(off, 4));
+    }
+    v
+}
+
+#[test]
+fn a_replayed_console_has_the_same_registers_and_carries_on_after_the_last_used_buffer() {
+    let (mut a, out_a) = console_with_shadow();
+    // As Linux does it: the BAR moved, memory and bus mastering on, MSI-X on with vectors for
+    // the config change and the transmit queue, event index negotiated.
+    a.cfg_w(0x10, 0x4000_000c, 4);
+    a.cfg_w(0x14, 0x80, 4);
+    a.cfg_w(0x04, 0x6, 2);
+    let cap = a.msix_cap();
+    a.cfg_w(cap + 2, 0x8000, 2);
+    for (v, spi) in [(0u64, 70u64), (1, 71)] {
+        a.w(MSIX_TABLE + 16 * v, MSI_ADDR, 4);
+        a.w(MSIX_TABLE + 16 * v + 8, spi, 4);
+        a.w(MSIX_TABLE + 16 * v + 12, 0, 4);
+    }
+    a.negotiate(F_VERSION_1 | F_ACCESS_PLATFORM | F_EVENT_IDX);
+    a.w(0x10, 0, 2);
+    a.w(0x16, 1, 2);
+    a.w(0x18, u64::from(QSIZE), 2);
+    a.w(0x20, DESC, 8);
+    a.w(0x28, AVAIL, 8);
+    a.w(0x30, USED, 8);
+    a.w(0x1a, 1, 2);
+    a.w(0x1c, 1, 2);
+    a.w(0x14, 0xf, 1);
+    // Queue layout written after DRIVER_OK is ignored by the device, and so by its shadow.
+    a.w(0x20, DESC + 0x100, 8);
+    for (i, m) in [b"one\n", b"two\n", b"six\n"].iter().enumerate() {
+        let at = BUF + 16 * i as u64;
+        a.mem.write_slice(*m, GuestAddress(at)).unwrap();
+        a.post(1, &[(at, 4, false)]);
+    }
+    assert_eq!(&*out_a.0.lock().unwrap(), b"one\ntwo\nsix\n");
+    assert_eq!(a.used_idx(), 3);
+
+    let (mut b, out_b, steps) = replayed(&mut a);
+    assert!(steps.contains(&Step::Resume));
+    assert_eq!(registers(&mut a), registers(&mut b));
+    assert_eq!(b.status(), 0xf);
+    // The new instance takes the next buffer, not the ones the first one already used, and
+    // signals through the replayed MSI-X entry.
+    b.mem.write_slice(b"ten\n", GuestAddress(BUF + 64)).unwrap();
+    // used_event (after the avail ring): an interrupt when the fourth buffer is used.
+    b.mem
+        .write_obj(3u16, GuestAddress(AVAIL + 4 + 2 * u64::from(QSIZE)))
+        .unwrap();
+    b.post(1, &[(BUF + 64, 4, false)]);
+    assert_eq!(&*out_b.0.lock().unwrap(), b"ten\n");
+    assert_eq!(b.used_idx(), 4);
+    assert_eq!(b.sig.msis.lock().unwrap().last(), Some(&(MSI_ADDR, 71)));
+}
+
+#[test]
+fn a_device_the_driver_reset_replays_as_reset_and_a_failed_one_as_failed() {
+    let (mut a, _) = console_with_shadow();
+    a.start(1, 0);
+    a.w(0x14, 0, 1);
+    let (mut b, _, steps) = replayed(&mut a);
+    assert!(!steps.contains(&Step::Resume));
+    assert_eq!(b.status(), 0);
+    assert_eq!(registers(&mut a), registers(&mut b));
+
+    // A driver that never offered ACCESS_PLATFORM: FEATURES_OK did not stick, then FAILED.
+    let (mut a, _) = console_with_shadow();
+    a.negotiate(F_VERSION_1);
+    a.w(0x14, 0x83, 1);
+    let (mut b, _, _) = replayed(&mut a);
+    assert_eq!(b.status(), 0x83);
+    assert_eq!(registers(&mut a), registers(&mut b));
+}
