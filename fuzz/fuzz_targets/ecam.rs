@@ -19,7 +19,7 @@ const MEM64: (u64, u64) = (0x80_0000_0000, 0x10_0000_0000);
 
 fuzz_target!(|data: &[u8]| {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x5000_0000), 4096)]).unwrap();
-    let mut ecam = Ecam::new(vec![MEM32, MEM64]);
+    let ecam = Ecam::new(vec![MEM32, MEM64]);
     let dev = virtio::console::Console::new(Box::new(std::io::sink()));
     ecam.add(
         devfn(1, 0),

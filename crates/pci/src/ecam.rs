@@ -5,6 +5,7 @@
 
 use crate::config::{ConfigSpace, CONFIG_SIZE};
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// One PCI function: its config space and its BARs. Device models implement this.
 pub trait PciFunction: Send {
@@ -53,39 +54,64 @@ pub fn devfn(dev: u8, func: u8) -> DevFn {
     ((dev & 31) << 3) | (func & 7)
 }
 
+type Function = Arc<Mutex<Box<dyn PciFunction>>>;
+
+struct Slot {
+    f: Function,
+    /// Where each BAR decodes, as of the function's last config write: routing reads this,
+    /// not the function, so it never waits for a function that is busy.
+    bars: [Option<(u64, u64)>; 6],
+}
+
+fn bars_of(f: &dyn PciFunction) -> [Option<(u64, u64)>; 6] {
+    std::array::from_fn(|bar| f.bar_address(bar))
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The first bus of the ECAM window, where all functions sit (offset >> 20 == 0).
+///
+/// Every function has a lock of its own, and an access holds only that one: a vCPU waiting
+/// on a slow function (one served by another process, say) holds up no access to any other
+/// function. The table of functions is locked only to find one.
 pub struct Ecam {
-    functions: BTreeMap<DevFn, Box<dyn PciFunction>>,
+    slots: Mutex<BTreeMap<DevFn, Slot>>,
     /// CPU-side windows BARs may decode in: (base, size).
     windows: Vec<(u64, u64)>,
 }
 
 impl Ecam {
     pub fn new(windows: Vec<(u64, u64)>) -> Self {
-        let mut e = Ecam {
-            functions: BTreeMap::new(),
+        let e = Ecam {
+            slots: Mutex::new(BTreeMap::new()),
             windows,
         };
         e.add(devfn(0, 0), Box::new(HostBridge::default()));
         e
     }
 
-    pub fn add(&mut self, df: DevFn, f: Box<dyn PciFunction>) {
-        self.functions.insert(df, f);
+    pub fn add(&self, df: DevFn, f: Box<dyn PciFunction>) {
+        let bars = bars_of(&*f);
+        let f = Arc::new(Mutex::new(f));
+        lock(&self.slots).insert(df, Slot { f, bars });
     }
 
-    /// The first bus only: (devfn, register) of an ECAM offset, or None for other buses.
-    fn decode(&self, off: u64) -> Option<(DevFn, u64)> {
+    /// The first bus only: (function, devfn, register) of an ECAM offset, if present.
+    fn decode(&self, off: u64) -> Option<(Function, DevFn, u64)> {
         let bus = off >> 20;
         if bus != 0 {
             return None;
         }
-        Some((((off >> 12) & 0xff) as u8, off & 0xfff))
+        let df = ((off >> 12) & 0xff) as u8;
+        let f = lock(&self.slots).get(&df)?.f.clone();
+        Some((f, df, off & 0xfff))
     }
 
     /// A config read of any size; an access that crosses into the next function's page is
     /// split, so each byte comes from the function that owns it.
-    pub fn read(&mut self, off: u64, data: &mut [u8]) {
+    pub fn read(&self, off: u64, data: &mut [u8]) {
         let reg = off & 0xfff;
         if reg + data.len() as u64 > CONFIG_SIZE as u64 {
             for (i, d) in data.iter_mut().enumerate() {
@@ -93,16 +119,13 @@ impl Ecam {
             }
             return;
         }
-        match self
-            .decode(off)
-            .and_then(|(df, reg)| Some((self.functions.get_mut(&df)?, reg)))
-        {
-            Some((f, reg)) => f.config_read(reg, data),
+        match self.decode(off) {
+            Some((f, _, reg)) => lock(&f).config_read(reg, data),
             None => data.fill(0xff),
         }
     }
 
-    pub fn write(&mut self, off: u64, data: &[u8]) {
+    pub fn write(&self, off: u64, data: &[u8]) {
         let reg = off & 0xfff;
         if reg + data.len() as u64 > CONFIG_SIZE as u64 {
             for (i, d) in data.iter().enumerate() {
@@ -110,28 +133,41 @@ impl Ecam {
             }
             return;
         }
-        if let Some((f, reg)) = self
-            .decode(off)
-            .and_then(|(df, reg)| Some((self.functions.get_mut(&df)?, reg)))
-        {
-            f.config_write(reg, data);
+        if let Some((f, df, reg)) = self.decode(off) {
+            let mut g = lock(&f);
+            g.config_write(reg, data);
+            // Updated under the function's lock, so that two writers store in their order.
+            let bars = bars_of(&**g);
+            if let Some(s) = lock(&self.slots).get_mut(&df) {
+                s.bars = bars;
+            }
         }
     }
 
     /// The function, BAR and offset that decode `addr` now, if any.
     pub fn bar_lookup(&self, addr: u64, len: u64) -> Option<(DevFn, usize, u64)> {
-        for (df, f) in &self.functions {
-            for bar in 0..6 {
-                let Some((base, size)) = f.bar_address(bar) else {
+        self.route(addr, len)
+            .map(|(_, df, bar, off)| (df, bar, off))
+    }
+
+    fn route(&self, addr: u64, len: u64) -> Option<(Function, DevFn, usize, u64)> {
+        let slots = lock(&self.slots);
+        for (df, s) in slots.iter() {
+            for (bar, &(base, size)) in s
+                .bars
+                .iter()
+                .enumerate()
+                .filter_map(|(i, b)| Some((i, b.as_ref()?)))
+            {
+                let Some(end) = base.checked_add(size) else {
                     continue;
                 };
-                let end = base.checked_add(size)?;
                 let inside_window = self
                     .windows
                     .iter()
                     .any(|&(w, s)| base >= w && end <= w.saturating_add(s));
                 if inside_window && addr >= base && addr.saturating_add(len) <= end {
-                    return Some((*df, bar, addr - base));
+                    return Some((s.f.clone(), *df, bar, addr - base));
                 }
             }
         }
@@ -139,24 +175,20 @@ impl Ecam {
     }
 
     /// A memory access in a PCI window; false when no BAR decodes it.
-    pub fn bar_read(&mut self, addr: u64, data: &mut [u8]) -> bool {
-        match self.bar_lookup(addr, data.len() as u64) {
-            Some((df, bar, off)) => {
-                if let Some(f) = self.functions.get_mut(&df) {
-                    f.bar_read(bar, off, data);
-                }
+    pub fn bar_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.route(addr, data.len() as u64) {
+            Some((f, _, bar, off)) => {
+                lock(&f).bar_read(bar, off, data);
                 true
             }
             None => false,
         }
     }
 
-    pub fn bar_write(&mut self, addr: u64, data: &[u8]) -> bool {
-        match self.bar_lookup(addr, data.len() as u64) {
-            Some((df, bar, off)) => {
-                if let Some(f) = self.functions.get_mut(&df) {
-                    f.bar_write(bar, off, data);
-                }
+    pub fn bar_write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.route(addr, data.len() as u64) {
+            Some((f, _, bar, off)) => {
+                lock(&f).bar_write(bar, off, data);
                 true
             }
             None => false,
@@ -199,7 +231,7 @@ mod tests {
     }
 
     fn ecam() -> Ecam {
-        let mut e = Ecam::new(vec![(0x1000_0000, 0x1000_0000)]);
+        let e = Ecam::new(vec![(0x1000_0000, 0x1000_0000)]);
         let mut cfg = ConfigSpace::new(0x1af4, 0x1043, 0x07_80_00, 1);
         cfg.set_bar(
             0,
@@ -219,7 +251,7 @@ mod tests {
         e
     }
 
-    fn r32(e: &mut Ecam, off: u64) -> u32 {
+    fn r32(e: &Ecam, off: u64) -> u32 {
         let mut d = [0u8; 4];
         e.read(off, &mut d);
         u32::from_le_bytes(d)
@@ -227,22 +259,18 @@ mod tests {
 
     #[test]
     fn present_absent_and_other_buses() {
-        let mut e = ecam();
-        assert_eq!(r32(&mut e, 0), 0x0008_1b36, "host bridge");
-        assert_eq!(r32(&mut e, 3 << 15), 0x1043_1af4);
-        assert_eq!(r32(&mut e, 4 << 15), u32::MAX, "absent device");
-        assert_eq!(
-            r32(&mut e, (3 << 15) | (1 << 12)),
-            u32::MAX,
-            "absent function"
-        );
-        assert_eq!(r32(&mut e, 1 << 20), u32::MAX, "bus 1");
+        let e = ecam();
+        assert_eq!(r32(&e, 0), 0x0008_1b36, "host bridge");
+        assert_eq!(r32(&e, 3 << 15), 0x1043_1af4);
+        assert_eq!(r32(&e, 4 << 15), u32::MAX, "absent device");
+        assert_eq!(r32(&e, (3 << 15) | (1 << 12)), u32::MAX, "absent function");
+        assert_eq!(r32(&e, 1 << 20), u32::MAX, "bus 1");
         e.write(4 << 15, &[0; 4]);
     }
 
     #[test]
     fn an_access_across_two_functions_is_split() {
-        let mut e = ecam();
+        let e = ecam();
         let mut d = [0u8; 4];
         // Last two bytes of 00:02.7 (absent) and first two of 00:03.0.
         e.read((3 << 15) - 2, &mut d);
@@ -251,7 +279,7 @@ mod tests {
 
     #[test]
     fn bars_route_only_when_enabled_and_inside_a_window() {
-        let mut e = ecam();
+        let e = ecam();
         assert!(!e.bar_write(0x1000_0000, &[1]), "memory decoding off");
         e.write((3 << 15) | COMMAND as u64, &COMMAND_MEMORY.to_le_bytes());
         assert!(e.bar_write(0x1000_0004, &[7]));
@@ -270,7 +298,7 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn any_guest_access_is_safe(off in 0u64..(1 << 24), len in 1usize..9, val in proptest::collection::vec(proptest::prelude::any::<u8>(), 8)) {
-            let mut e = ecam();
+            let e = ecam();
             let mut d = vec![0u8; len];
             e.read(off, &mut d);
             e.write(off, &val[..len]);

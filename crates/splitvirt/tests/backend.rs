@@ -126,7 +126,7 @@ fn a_disk_served_by_the_backend_process_which_maps_only_the_pool() {
 
     let (ecam, regions) = vmm::pci_bus::host(&l);
     for (df, f) in std::mem::take(&mut remote.functions) {
-        ecam.lock().unwrap().add(df, f);
+        ecam.add(df, f);
     }
     let mut bus = Bus::default();
     for (r, dev) in regions {

@@ -9,7 +9,28 @@ use std::sync::{Arc, Mutex};
 /// Unknown addresses remembered for the log-once rule; past this many, no more are logged.
 const UNKNOWN_LOG_MAX: usize = 256;
 
-pub type Shared = Arc<Mutex<dyn MmioDevice>>;
+/// What the bus calls. A device model behind a `Mutex` is one (its accesses take turns); a
+/// device that must not make other vCPUs wait while one of its accesses does (the PCI windows,
+/// whose functions may be served by another process) locks inside, as narrowly as it can.
+pub trait BusDevice: Send + Sync {
+    fn read(&self, offset: u64, data: &mut [u8]);
+    fn write(&self, offset: u64, data: &[u8]);
+}
+
+impl<T: MmioDevice> BusDevice for Mutex<T> {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(offset, data)
+    }
+    fn write(&self, offset: u64, data: &[u8]) {
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(offset, data)
+    }
+}
+
+pub type Shared = Arc<dyn BusDevice>;
 
 #[derive(Default)]
 pub struct Bus {
@@ -38,7 +59,7 @@ impl Bus {
 
     pub fn read(&self, addr: u64, data: &mut [u8]) {
         match self.find(addr) {
-            Some((off, d)) => d.lock().unwrap_or_else(|e| e.into_inner()).read(off, data),
+            Some((off, d)) => d.read(off, data),
             None => {
                 data.fill(0);
                 self.unknown(addr, "read", data.len());
@@ -48,7 +69,7 @@ impl Bus {
 
     pub fn write(&self, addr: u64, data: &[u8]) {
         match self.find(addr) {
-            Some((off, d)) => d.lock().unwrap_or_else(|e| e.into_inner()).write(off, data),
+            Some((off, d)) => d.write(off, data),
             None => self.unknown(addr, "write", data.len()),
         }
     }

@@ -560,7 +560,7 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
     // The backend has its own copies; KVM holds the eventfds it signals.
     drop((msi, notify_fds));
     {
-        let mut e = ecam.lock().unwrap_or_else(|e| e.into_inner());
+        let e = &ecam;
         for (df, f) in built.functions {
             // A connector's dataport is memory in the guest at BAR 1 (no exit per access),
             // wherever the guest puts the BAR: a memslot of its own, moved with it.

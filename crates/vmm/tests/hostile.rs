@@ -115,7 +115,7 @@ fn a_broken_device_and_a_bar_over_ram_leave_the_others_working() {
     .unwrap();
     let (ecam, regions) = vmm::pci_bus::host(&l);
     for (df, f) in built.functions {
-        ecam.lock().unwrap().add(df, f);
+        ecam.add(df, f);
     }
     let mut bus = Bus::default();
     for (r, dev) in regions {
