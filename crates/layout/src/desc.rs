@@ -123,6 +123,10 @@ pub struct BackendDesc {
     /// doorbell (0: sleep at once). Spinning trades a host CPU for latency.
     #[serde(default)]
     pub poll_us: u32,
+    /// How many times a backend process that dies is replaced by a new one, which takes its
+    /// devices over where they stood (absent: 3; 0: its devices fail from then on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarts: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

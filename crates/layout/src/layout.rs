@@ -15,6 +15,8 @@ pub const MAX_VCPUS: u32 = 8;
 /// Longest RPC polling spin: past a few milliseconds a spin only burns the CPU that an
 /// idle device's sleeping side would give back.
 pub const MAX_RPC_POLL_US: u32 = 10_000;
+/// Backend restarts when the description does not say.
+pub const DEFAULT_RPC_RESTARTS: u32 = 3;
 /// KVM's default guest physical address space on arm64 (40 bits).
 pub const IPA_LIMIT: u64 = 1 << 40;
 /// Device numbers on one PCI bus; 0 is the host bridge.
@@ -49,6 +51,8 @@ pub struct Layout {
     /// How long each side of the backend's RPC spins for a message before it sleeps (None:
     /// it sleeps at once).
     pub rpc_poll: Option<std::time::Duration>,
+    /// How many times a backend process that dies is started again.
+    pub rpc_restarts: u32,
     /// Interrupt lines the GIC must implement (a multiple of 32, covering every ID in use).
     pub gic_irqs: u32,
 }

@@ -89,6 +89,10 @@ fn build(d: &Description, p: &mut Vec<Problem>) -> Layout {
         initrd: d.kernel.initrd.clone(),
         devices: Vec::new(),
         rpc_poll: None,
+        rpc_restarts: d
+            .backend
+            .and_then(|b| b.restarts)
+            .unwrap_or(DEFAULT_RPC_RESTARTS),
         gic_irqs: 0,
     };
     check_vcpus(&layout, p);

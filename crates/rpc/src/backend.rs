@@ -245,6 +245,13 @@ fn handle(
     match m.op {
         Op::Ping => Some(reply(m.w2)),
         Op::Start => None,
+        Op::Resume => {
+            match f {
+                Some(f) => f.resume(),
+                None => out.log(&format!("resume of unknown device {}", m.dev)),
+            }
+            None
+        }
         Op::Read => {
             let Some(f) = f else {
                 out.log(&format!("read of unknown device {}", m.dev));

@@ -10,6 +10,6 @@ pub mod setup;
 pub mod shm;
 pub mod wire;
 
-pub use proxy::{Event, Proxy, Registration, RemoteFunction};
+pub use proxy::{Event, Link, Proxy, Registration, RemoteFunction};
 pub use shm::{Doorbell, Region};
 pub use wire::{Msg, Op};

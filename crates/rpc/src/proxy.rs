@@ -8,7 +8,7 @@ use crate::shm::{Doorbell, Region, RingError};
 use crate::wire::{Msg, Op};
 use pci::{BarKind, ConfigSpace, PciFunction};
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 /// What the backend asks of the VMM.
@@ -349,6 +349,16 @@ impl Proxy {
         }
     }
 
+    /// Sends Resume for device `dev`: the writes that follow restore its state.
+    pub fn resume(&self, dev: u8) {
+        if !self.is_dead() {
+            self.push(&Msg {
+                dev,
+                ..Msg::new(Op::Resume)
+            });
+        }
+    }
+
     /// Sends Start: the guest runs from now on.
     pub fn start_devices(&self) {
         self.push(&Msg::new(Op::Start));
@@ -529,16 +539,39 @@ pub(crate) fn spin_until(
     }
 }
 
+/// The proxy of the backend that serves a function now: a backend that died and was started
+/// again has a new one.
+pub struct Link(RwLock<Arc<Proxy>>);
+
+impl Link {
+    pub fn new(proxy: Arc<Proxy>) -> Arc<Link> {
+        Arc::new(Link(RwLock::new(proxy)))
+    }
+
+    pub fn get(&self) -> Arc<Proxy> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// From now on accesses go to `proxy`. An access under way finishes with the old one.
+    pub fn set(&self, proxy: Arc<Proxy>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = proxy;
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&Proxy) -> R) -> R {
+        f(&self.0.read().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
 /// A PCI function served by the backend. BAR decoding needs no round trip: the proxy keeps its
 /// own copy of the function's BAR and command registers, updated by the same config writes.
 pub struct RemoteFunction {
-    proxy: Arc<Proxy>,
+    link: Arc<Link>,
     dev: u8,
     mirror: ConfigSpace,
 }
 
 impl RemoteFunction {
-    pub fn new(proxy: Arc<Proxy>, r: &Registration, bar0_addr: u64) -> RemoteFunction {
+    pub fn new(link: Arc<Link>, r: &Registration, bar0_addr: u64) -> RemoteFunction {
         let mut mirror = ConfigSpace::new(r.vendor, r.device, r.class, r.revision);
         let kind = if r.bar0_64bit {
             BarKind::Mem64 {
@@ -551,7 +584,7 @@ impl RemoteFunction {
         };
         mirror.set_bar(0, r.bar0_size, kind, bar0_addr);
         RemoteFunction {
-            proxy,
+            link,
             dev: r.dev,
             mirror,
         }
@@ -576,31 +609,32 @@ impl RemoteFunction {
         // A dead backend's BARs read as zeros: a driver resetting the device waits for its
         // status to read 0 (Linux's virtio-pci does, for ever), and nothing reads as pending.
         // Its config space reads as all ones, as a vanished PCI function does.
-        if space != 0 && self.proxy.is_dead() {
-            data.fill(0);
-            return;
-        }
-        let len = data.len();
-        Self::each_piece(len, |at, n| {
-            let v = self
-                .proxy
-                .read(self.dev, space, off.wrapping_add(at as u64), n);
-            data[at..at + usize::from(n)].copy_from_slice(&v.to_le_bytes()[..usize::from(n)]);
-        });
+        self.link.with(|proxy| {
+            if space != 0 && proxy.is_dead() {
+                data.fill(0);
+                return;
+            }
+            Self::each_piece(data.len(), |at, n| {
+                let v = proxy.read(self.dev, space, off.wrapping_add(at as u64), n);
+                data[at..at + usize::from(n)].copy_from_slice(&v.to_le_bytes()[..usize::from(n)]);
+            });
+        })
     }
 
     fn write(&self, space: u8, off: u64, data: &[u8]) {
-        Self::each_piece(data.len(), |at, n| {
-            let mut b = [0u8; 8];
-            b[..usize::from(n)].copy_from_slice(&data[at..at + usize::from(n)]);
-            self.proxy.write(
-                self.dev,
-                space,
-                off.wrapping_add(at as u64),
-                n,
-                u64::from_le_bytes(b),
-            );
-        });
+        self.link.with(|proxy| {
+            Self::each_piece(data.len(), |at, n| {
+                let mut b = [0u8; 8];
+                b[..usize::from(n)].copy_from_slice(&data[at..at + usize::from(n)]);
+                proxy.write(
+                    self.dev,
+                    space,
+                    off.wrapping_add(at as u64),
+                    n,
+                    u64::from_le_bytes(b),
+                );
+            })
+        })
     }
 }
 

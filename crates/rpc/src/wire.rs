@@ -30,6 +30,9 @@ pub enum Op {
     Start = 0x04,
     /// Host input for a console device: `len` (up to 16) bytes in `w2`, `w3`.
     Input = 0x05,
+    /// The writes that follow restore device `dev` to the state a previous backend left it
+    /// in (`PciFunction::resume`).
+    Resume = 0x06,
     // Backend -> proxy.
     /// Answer to Read or Ping: `w2` holds the bytes read (all ones when the backend failed).
     Reply = 0x81,
@@ -66,6 +69,7 @@ impl Op {
             0x03 => Op::Ping,
             0x04 => Op::Start,
             0x05 => Op::Input,
+            0x06 => Op::Resume,
             0x81 => Op::Reply,
             0x82 => Op::Register,
             0x83 => Op::Intx,

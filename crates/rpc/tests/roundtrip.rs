@@ -3,7 +3,7 @@
 
 use pci::{BarKind, ConfigSpace, PciFunction};
 use rpc::backend::{serve, Inbox, Kick, Outbox, Wait};
-use rpc::{Doorbell, Event, Msg, Op, Proxy, Region, Registration, RemoteFunction};
+use rpc::{Doorbell, Event, Link, Msg, Op, Proxy, Region, Registration, RemoteFunction};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,6 +34,10 @@ impl PciFunction for Regs {
                 *r = *d;
             }
         }
+    }
+    /// Seen in the last register.
+    fn resume(&mut self) {
+        self.regs[63] = 0xaa;
     }
 }
 
@@ -143,11 +147,47 @@ fn pair_with(wait: Wait, poll: Option<Duration>) -> Pair {
 }
 
 #[test]
+fn a_link_moves_a_function_to_another_backend_and_resume_reaches_the_device() {
+    let (first, second) = (pair(Wait::Block), pair(Wait::Block));
+    let regs = first.proxy.registrations(Duration::from_secs(5)).unwrap();
+    second.proxy.registrations(Duration::from_secs(5)).unwrap();
+    let link = Link::new(first.proxy.clone());
+    let mut f = RemoteFunction::new(link.clone(), &regs[0], 0x80_0000_0000);
+    let r8 = |f: &mut RemoteFunction, off| {
+        let mut b = [0u8];
+        f.bar_read(0, off, &mut b);
+        b[0]
+    };
+    f.bar_write(0, 5, &[1]);
+    assert_eq!(r8(&mut f, 5), 1);
+    link.set(second.proxy.clone());
+    assert_eq!(r8(&mut f, 5), 0, "the second backend's device");
+    assert_eq!(r8(&mut f, 63), 0);
+    second.proxy.resume(1);
+    assert_eq!(r8(&mut f, 63), 0xaa, "Resume called the device's resume");
+    link.set(first.proxy.clone());
+    assert_eq!(r8(&mut f, 5), 1, "and back");
+    // Resume of a device the backend does not have: logged, nothing else.
+    first.proxy.resume(9);
+    assert_eq!(first.proxy.ping(3), 3);
+    assert!(first
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|e| !matches!(e, Event::Dead(_))));
+    for p in [first, second] {
+        p.stop.store(true, Ordering::Release);
+        p.backend.join().unwrap();
+    }
+}
+
+#[test]
 fn registration_config_and_bar_accesses_in_order() {
     let p = pair(Wait::Block);
     let regs = p.proxy.registrations(Duration::from_secs(5)).unwrap();
     assert_eq!(regs, vec![reg(1), reg(2)]);
-    let mut f = RemoteFunction::new(p.proxy.clone(), &regs[0], 0x80_0000_0000);
+    let mut f = RemoteFunction::new(Link::new(p.proxy.clone()), &regs[0], 0x80_0000_0000);
     let mut id = [0u8; 4];
     f.config_read(0, &mut id);
     assert_eq!(u32::from_le_bytes(id), 0x1042_1af4);

@@ -86,8 +86,20 @@ impl Vm {
     }
 }
 
-#[test]
-fn a_disk_served_by_the_backend_process_which_maps_only_the_pool() {
+/// A VM's PCI side with one virtio-blk disk of 1 MiB in `splitvirt backend`, whose
+/// description also holds `backend` (a `[backend]` table).
+struct Setup {
+    _dir: tempfile::TempDir,
+    disk: std::path::PathBuf,
+    l: layout::Layout,
+    remote: vmm::backend::Remote,
+    events: Arc<Mutex<Vec<rpc::Event>>>,
+    intx: Arc<Intx>,
+    vm: Vm,
+    ecam_fn: u64,
+}
+
+fn setup(backend: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
@@ -95,7 +107,7 @@ fn a_disk_served_by_the_backend_process_which_maps_only_the_pool() {
     std::fs::write(
         &config,
         format!(
-            "[gic]\nv2m = false\n[[device]]\nkind = \"virtio-blk\"\nimage = \"{}\"\nplacement = \"backend\"\n",
+            "[gic]\nv2m = false\n{backend}\n[[device]]\nkind = \"virtio-blk\"\nimage = \"{}\"\nplacement = \"backend\"\n",
             disk.display()
         ),
     )
@@ -104,26 +116,20 @@ fn a_disk_served_by_the_backend_process_which_maps_only_the_pool() {
     let l = layout::resolve(&d).unwrap().layout;
     let ram = vmm::memory::guest_ram(&l).unwrap();
     let events = Arc::new(Mutex::new(Vec::new()));
-    let sig_events = Arc::new(Intx::default());
-    let sig: Arc<dyn virtio::transport::Signal> = sig_events.clone();
+    let intx = Arc::new(Intx::default());
+    let sig: Arc<dyn virtio::transport::Signal> = intx.clone();
     let ev = events.clone();
     let mut remote = vmm::backend::start(
         &l,
         std::path::Path::new(env!("CARGO_BIN_EXE_splitvirt")),
         Some(&config),
         ram.pool_fd.as_ref(),
-        Box::new(move |e| ev.lock().unwrap().push(e)),
+        Arc::new(move |e| ev.lock().unwrap().push(e)),
         &|_| sig.clone(),
         vmm::backend::Bypass::default(),
     )
     .unwrap()
     .expect("a backend for the disk");
-
-    // The backend's memory map: the pool memfd, never the RAM memfd.
-    let maps = std::fs::read_to_string(format!("/proc/{}/maps", remote.pid())).unwrap();
-    assert!(maps.contains("splitvirt-pool"), "{maps}");
-    assert!(!maps.contains("splitvirt-ram"), "{maps}");
-
     let (ecam, regions) = vmm::pci_bus::host(&l);
     for (df, f) in std::mem::take(&mut remote.functions) {
         ecam.add(df, f);
@@ -134,19 +140,99 @@ fn a_disk_served_by_the_backend_process_which_maps_only_the_pool() {
     }
     let dev = &l.devices[0];
     let ecam_fn = l.pci.ecam.base + (u64::from(dev.slot) << 15);
-    let mut id = [0u8; 4];
-    bus.read(ecam_fn, &mut id);
-    assert_eq!(
-        u32::from_le_bytes(id),
-        0x1042_1af4,
-        "identity through the proxy"
-    );
     bus.write(ecam_fn + 4, &2u16.to_le_bytes());
     let vm = Vm {
         bus,
         mem: ram.mem.clone(),
         bar: dev.bars[0].base,
     };
+    Setup {
+        _dir: dir,
+        disk,
+        l,
+        remote,
+        events,
+        intx,
+        vm,
+        ecam_fn,
+    }
+}
+
+/// The backend process's memory map: the pool memfd, never the RAM memfd.
+fn assert_maps_only_the_pool(pid: u32) {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(maps.contains("splitvirt-pool"), "{maps}");
+    assert!(!maps.contains("splitvirt-ram"), "{maps}");
+}
+
+#[test]
+fn a_killed_backend_is_replaced_and_the_disk_carries_on_where_it_stood() {
+    let s = setup("[backend]\nrestarts = 1");
+    let vm = &s.vm;
+    let rings = s.l.pool.as_ref().unwrap().base;
+    let data = rings + 0x8000;
+    vm.start(rings);
+    vm.mem
+        .write_slice(&[0x5a; 512], GuestAddress(data))
+        .unwrap();
+    assert_eq!(vm.request(rings, 0, 1, 3, data, false), 0, "write");
+    let first = s.remote.pid();
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(first as i32, libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !s.remote.proxy().is_dead() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // No backend for the moment: the reaper answers.
+    assert_eq!(
+        vm.request(rings, 1, 1, 4, data, false),
+        1,
+        "IOERR while dead"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while (s.remote.pid() == 0 || s.remote.pid() == first) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let second = s.remote.pid();
+    assert!(second != 0 && second != first, "a new backend ({second})");
+    assert_maps_only_the_pool(second);
+    // The new backend's device is the one the driver set up, and it takes the next request,
+    // not the two already used.
+    vm.mem.write_slice(&[0; 512], GuestAddress(data)).unwrap();
+    assert_eq!(
+        vm.request(rings, 2, 0, 3, data, true),
+        0,
+        "read after the restart"
+    );
+    let mut got = [0u8; 512];
+    vm.mem.read_slice(&mut got, GuestAddress(data)).unwrap();
+    assert!(got.iter().all(|&b| b == 0x5a));
+    let used: u16 = vm.mem.read_obj(GuestAddress(rings + 0x2002)).unwrap();
+    assert_eq!(used, 3);
+    assert_eq!(vm.r(0x14, 1), 0xf, "DRIVER_OK, as the driver left it");
+    assert_eq!(vm.r(0x18, 2), 16, "the queue size the driver set");
+    assert!(
+        std::fs::read(&s.disk).unwrap()[4 * 512..5 * 512]
+            .iter()
+            .all(|&b| b == 0),
+        "the write made while no backend served reached no disk"
+    );
+}
+
+#[test]
+fn a_disk_served_by_the_backend_process_which_maps_only_the_pool() {
+    let s = setup("[backend]\nrestarts = 0");
+    assert_maps_only_the_pool(s.remote.pid());
+    let (l, remote, events, sig_events, vm, ecam_fn, disk) = (
+        &s.l, &s.remote, &s.events, &s.intx, &s.vm, s.ecam_fn, &s.disk,
+    );
+    let mut id = [0u8; 4];
+    vm.bus.read(ecam_fn, &mut id);
+    assert_eq!(
+        u32::from_le_bytes(id),
+        0x1042_1af4,
+        "identity through the proxy"
+    );
     assert_eq!(vm.r(0x12, 2), 1, "one queue");
     let pool = l.pool.clone().unwrap();
     let rings = pool.base;
@@ -161,7 +247,7 @@ fn a_disk_served_by_the_backend_process_which_maps_only_the_pool() {
     let mut got = [0u8; 512];
     vm.mem.read_slice(&mut got, GuestAddress(data)).unwrap();
     assert!(got.iter().all(|&b| b == 0x5a));
-    assert!(std::fs::read(&disk).unwrap()[3 * 512..4 * 512]
+    assert!(std::fs::read(disk).unwrap()[3 * 512..4 * 512]
         .iter()
         .all(|&b| b == 0x5a));
     // INTx (no MSI frame here): the backend raised the device's line through the proxy.
@@ -177,12 +263,12 @@ fn a_disk_served_by_the_backend_process_which_maps_only_the_pool() {
         "not completed"
     );
     assert_ne!(vm.r(0x14, 1) & 0x40, 0, "DEVICE_NEEDS_RESET");
-    assert!(std::fs::read(&disk).unwrap()[..512].iter().all(|&b| b == 0));
+    assert!(std::fs::read(disk).unwrap()[..512].iter().all(|&b| b == 0));
     // The backend killed: splitvirt notices at once, says so, and accesses stop waiting.
     // SAFETY: a signal to our own child.
     unsafe { libc::kill(remote.pid() as i32, libc::SIGKILL) };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !remote.proxy.is_dead() && std::time::Instant::now() < deadline {
+    while !remote.proxy().is_dead() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     assert!(events
@@ -210,5 +296,4 @@ fn a_disk_served_by_the_backend_process_which_maps_only_the_pool() {
         sig_events.0.lock().unwrap().contains(&true),
         "an interrupt told the guest"
     );
-    drop(remote);
 }

@@ -10,7 +10,7 @@
 //! size is fixed by the device's queue count, whatever the guest writes.
 
 use crate::transport::{
-    VirtioPci, MSIX_TABLE, NO_VECTOR, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK,
+    Route, VirtioPci, MSIX_TABLE, NO_VECTOR, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK,
     STATUS_FEATURES_OK,
 };
 use crate::{DeviceError, Interrupt, Memory, VirtioDevice};
@@ -18,6 +18,16 @@ use pci::msix::Message;
 use pci::PciFunction;
 use std::sync::Arc;
 use virtio_queue::Queue;
+
+/// A queue's layout, as the driver programmed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueRegs {
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    pub ready: bool,
+}
 
 /// One step of a replay, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,6 +89,34 @@ impl Shadow {
             t: VirtioPci::new(device, mem, bar_addr, 0, Arc::new(Quiet)),
             queues: queue_sizes.len() as u16,
         }
+    }
+
+    /// The status the driver last set (0: reset).
+    pub fn status(&mut self) -> u8 {
+        self.read(0x14, 1) as u8
+    }
+
+    /// Queue `q`'s registers as the driver set them.
+    pub fn queue(&mut self, q: u16) -> Option<QueueRegs> {
+        if q >= self.queues {
+            return None;
+        }
+        let select = self.read(0x16, 2) as u16;
+        self.t.bar_write(0, 0x16, &q.to_le_bytes());
+        let regs = QueueRegs {
+            size: self.read(0x18, 2) as u16,
+            desc: self.read(0x20, 8),
+            avail: self.read(0x28, 8),
+            used: self.read(0x30, 8),
+            ready: self.read(0x1c, 2) & 1 == 1,
+        };
+        self.t.bar_write(0, 0x16, &select.to_le_bytes());
+        Some(regs)
+    }
+
+    /// How the device would interrupt for queue `q` now.
+    pub fn queue_route(&self, q: u16) -> Route {
+        self.t.queue_route(q)
     }
 
     pub fn config_write(&mut self, off: u64, data: &[u8]) {

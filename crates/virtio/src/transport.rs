@@ -84,6 +84,14 @@ impl Interrupt for Irq {
     }
 }
 
+/// See `VirtioPci::queue_route`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    Msi(Message),
+    Held,
+    Intx,
+}
+
 pub struct VirtioPci<D: VirtioDevice> {
     device: D,
     cfg: ConfigSpace,
@@ -180,6 +188,24 @@ impl<D: VirtioDevice> VirtioPci<D> {
 
     pub fn config(&self) -> &ConfigSpace {
         &self.cfg
+    }
+
+    /// How an interrupt for queue `q` goes out now (for whoever signals on the device's
+    /// behalf): the MSI-X message, nothing (no vector, or masked: left pending), or INTx.
+    pub fn queue_route(&self, q: u16) -> Route {
+        let mut s = self.shared();
+        if !s.msix.enabled() {
+            return Route::Intx;
+        }
+        let v = s
+            .queue_vectors
+            .get(usize::from(q))
+            .copied()
+            .unwrap_or(NO_VECTOR);
+        match s.msix.signal(v) {
+            Some(m) => Route::Msi(m),
+            None => Route::Held,
+        }
     }
 
     pub fn status(&self) -> u8 {

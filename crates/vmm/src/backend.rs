@@ -6,7 +6,8 @@
 //! all of the guest it can reach.
 
 use crate::devices;
-use crate::reaper::{Guarded, Reaper};
+use crate::kept::{Kept, Watched};
+use crate::reaper::Reaper;
 use layout::{Layout, Placement};
 use pci::ecam::{devfn, DevFn};
 use pci::PciFunction;
@@ -15,10 +16,10 @@ use rpc::setup::MsiFds;
 use rpc::{Doorbell, Event, Proxy, Region, Registration, RemoteFunction};
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How long a vCPU waits for a read from the backend before it reads all ones.
@@ -47,58 +48,227 @@ pub fn remote_devices(l: &Layout) -> impl Iterator<Item = &layout::Device> {
 }
 
 /// Eventfds by which the hypervisor and the backend reach each other with splitvirt out of
-/// the way (none: everything travels as messages).
+/// the way (none: everything travels as messages). Kept for the life of the VM: a restarted
+/// backend gets them again.
 #[derive(Default)]
-pub struct Bypass<'a> {
+pub struct Bypass {
     /// Eventfds the hypervisor turns into MSIs (irqfds): the backend's devices raise their
     /// MSIs through them.
-    pub msi: Option<&'a MsiFds>,
+    pub msi: Option<MsiFds>,
     /// Per device, an eventfd the hypervisor rings when the guest notifies one of its queues
     /// (ioeventfd): the notification reaches the backend without an exit to splitvirt.
-    pub notify: &'a [(u8, std::os::fd::BorrowedFd<'a>)],
+    pub notify: Vec<(u8, OwnedFd)>,
+    /// Called when a restarted backend has taken the devices over (the hypervisor's
+    /// notification eventfds, detached when the backend died, go back on).
+    pub reattached: Option<Box<dyn Fn() + Send + Sync>>,
 }
 
-/// A running backend, as the VMM holds it.
+/// Everything a backend process is started from, kept to start another one.
+struct Launch {
+    layout: Layout,
+    exe: PathBuf,
+    config: Option<PathBuf>,
+    pool: (u64, u64),
+    pool_fd: File,
+    bypass: Bypass,
+    events: Arc<dyn Fn(Event) + Send + Sync>,
+}
+
+/// A backend process just started, its devices registered and checked.
+struct Started {
+    proxy: Arc<Proxy>,
+    child: Child,
+    sock: OwnedFd,
+    regs: Vec<Registration>,
+}
+
+/// The backend process of the moment.
+struct Current {
+    child: Mutex<Option<Child>>,
+    proxy: Arc<rpc::Link>,
+    /// Set when splitvirt ends the backend itself (no "backend lost", no restart then).
+    stopping: AtomicBool,
+}
+
+/// Host input for a console.
+pub type Input = Box<dyn Fn(&[u8]) + Send>;
+
+/// The backend, as the VMM holds it.
 pub struct Remote {
-    pub proxy: Arc<Proxy>,
     pub functions: Vec<(DevFn, Box<dyn PciFunction>)>,
     /// The console device whose input comes from splitvirt's stdin, if it is remote.
     pub stdio_console: Option<u8>,
-    child: Child,
-    _sock: OwnedFd,
-    /// Set when splitvirt ends the backend itself (no "backend lost" then).
-    stopping: Arc<AtomicBool>,
+    current: Arc<Current>,
 }
 
 impl Remote {
+    /// The backend process of the moment (0 between a death and a restart).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        lock(&self.current.child).as_ref().map_or(0, |c| c.id())
+    }
+
+    /// The proxy to the backend of the moment.
+    pub fn proxy(&self) -> Arc<Proxy> {
+        self.current.proxy.get()
+    }
+
+    /// Host input for the stdio console, for whichever backend serves it.
+    pub fn console_input(&self) -> Option<Input> {
+        let (dev, link) = (self.stdio_console?, self.current.proxy.clone());
+        Some(Box::new(move |b: &[u8]| link.get().input(dev, b)))
     }
 }
 
 impl Drop for Remote {
     fn drop(&mut self) {
-        self.stopping.store(true, Ordering::Release);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.current.stopping.store(true, Ordering::Release);
+        if let Some(mut c) = lock(&self.current.child).take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Launch {
+    /// Starts a backend process and waits for its devices, which must be `wanted`'s.
+    fn start(&self, wanted: &[&layout::Device]) -> Result<Started, BackendError> {
+        let region = Arc::new(Region::create()?);
+        let (to_backend, to_proxy, replies) =
+            (Doorbell::new()?, Doorbell::new()?, Doorbell::new()?);
+        let (ours, theirs) = rpc::setup::socketpair()?;
+        let mut cmd = Command::new(&self.exe);
+        // `ps` shows "splitvirt backend ..." rather than the path it was started by.
+        std::os::unix::process::CommandExt::arg0(&mut cmd, "splitvirt");
+        cmd.arg("backend").arg("--setup-fd").arg("3");
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
+        let fd = theirs.as_raw_fd();
+        // SAFETY: between fork and exec only async-signal-safe calls: dup2 and prctl.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || {
+                if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The backend ends with splitvirt, whatever happens to splitvirt.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| BackendError::Setup(format!("cannot start `splitvirt backend`: {e}")))?;
+        drop(theirs);
+        let msi = self.bypass.msi.as_ref();
+        let msi_fds: Vec<_> = msi.map_or(Vec::new(), |m| {
+            m.fds.iter().map(|f| f.as_raw_fd()).collect()
+        });
+        rpc::setup::send(
+            &ours,
+            self.pool.0,
+            self.pool.1,
+            [
+                self.pool_fd.as_raw_fd(),
+                region.fd().as_raw_fd(),
+                to_backend.fd().as_raw_fd(),
+                to_proxy.fd().as_raw_fd(),
+                replies.fd().as_raw_fd(),
+            ],
+            msi.map(|m| (m.doorbell, m.first, msi_fds.as_slice())),
+            &self
+                .bypass
+                .notify
+                .iter()
+                .map(|(dev, fd)| (*dev, fd.as_raw_fd()))
+                .collect::<Vec<_>>(),
+        )?;
+        // A backend that breaks the protocol is ended, so that what follows its death follows.
+        let (pid, events) = (child.id(), self.events.clone());
+        let events = Box::new(move |e: Event| {
+            if matches!(e, Event::Dead(_)) {
+                // SAFETY: a signal to our own child.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+            events(e)
+        });
+        let proxy = Proxy::start_with(
+            region,
+            to_backend,
+            to_proxy,
+            replies,
+            events,
+            READ_TIMEOUT,
+            self.layout.rpc_poll,
+        );
+        let Some(regs) = proxy.registrations(REGISTER_TIMEOUT) else {
+            let status = child.try_wait().ok().flatten();
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(BackendError::Setup(match status {
+                Some(s) => format!("the backend ended ({s}) before registering its devices"),
+                None => format!("the backend registered no devices within {REGISTER_TIMEOUT:?}"),
+            }));
+        };
+        if let Err(e) = check_registrations(wanted, &regs) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        Ok(Started {
+            proxy,
+            child,
+            sock: ours,
+            regs,
+        })
+    }
+}
+
+/// Every device of the description, registered as described.
+fn check_registrations(
+    wanted: &[&layout::Device],
+    regs: &[Registration],
+) -> Result<(), BackendError> {
+    for d in wanted {
+        let slot = d.slot as u8;
+        let Some(r) = regs.iter().find(|r| r.dev == slot) else {
+            return Err(BackendError::Setup(format!(
+                "the backend did not register the {} at slot {slot}",
+                d.kind.label()
+            )));
+        };
+        let expect = (d.kind.pci_id(), d.bars.first().map(|b| b.size));
+        if ((r.vendor, r.device), Some(r.bar0_size)) != expect {
+            return Err(BackendError::Setup(format!(
+                "the backend registered {:04x}:{:04x} with a {:#x}-byte BAR at slot {slot}; the \
+                 description has a {} there",
+                r.vendor,
+                r.device,
+                r.bar0_size,
+                d.kind.label()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Starts the backend for `l`'s backend devices (None when there are none). `exe` is the
-/// splitvirt binary (`/proc/self/exe` in splitvirt itself).
+/// splitvirt binary (`/proc/self/exe` in splitvirt itself). When the backend dies, its
+/// virtio-blk requests fail, and a new backend is started (up to `[backend] restarts`
+/// times) that takes the devices over where they stood.
 pub fn start(
     l: &Layout,
     exe: &Path,
     config: Option<&Path>,
     pool_fd: Option<&File>,
-    mut events: Box<dyn FnMut(Event) + Send>,
+    events: Arc<dyn Fn(Event) + Send + Sync>,
     signal: &dyn Fn(&layout::Device) -> Arc<dyn virtio::transport::Signal>,
     bypass: Bypass,
 ) -> Result<Option<Remote>, BackendError> {
-    let Bypass { msi, notify } = bypass;
-    let msi_fds: Vec<_> = msi.map_or(Vec::new(), |m| {
-        m.fds.iter().map(|f| f.as_raw_fd()).collect()
-    });
     let wanted: Vec<&layout::Device> = remote_devices(l).collect();
     if wanted.is_empty() {
         return Ok(None);
@@ -110,149 +280,146 @@ pub fn start(
                 .into(),
         ));
     };
-    let region = Arc::new(Region::create()?);
-    let (to_backend, to_proxy, replies) = (Doorbell::new()?, Doorbell::new()?, Doorbell::new()?);
-    let (ours, theirs) = rpc::setup::socketpair()?;
-    let mut cmd = Command::new(exe);
-    // `ps` shows "splitvirt backend ..." rather than the path it was started by.
-    std::os::unix::process::CommandExt::arg0(&mut cmd, "splitvirt");
-    cmd.arg("backend").arg("--setup-fd").arg("3");
-    if let Some(c) = config {
-        cmd.arg("--config").arg(c);
-    }
-    let fd = theirs.as_raw_fd();
-    // SAFETY: between fork and exec only async-signal-safe calls: dup2 and prctl.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        cmd.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The backend ends with splitvirt, whatever happens to splitvirt.
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    let child = cmd
-        .spawn()
-        .map_err(|e| BackendError::Setup(format!("cannot start `splitvirt backend`: {e}")))?;
-    drop(theirs);
-    rpc::setup::send(
-        &ours,
-        pool.base,
-        pool.size,
-        [
-            pool_fd.as_raw_fd(),
-            region.fd().as_raw_fd(),
-            to_backend.fd().as_raw_fd(),
-            to_proxy.fd().as_raw_fd(),
-            replies.fd().as_raw_fd(),
-        ],
-        msi.map(|m| (m.doorbell, m.first, msi_fds.as_slice())),
-        &notify
-            .iter()
-            .map(|(dev, fd)| (*dev, fd.as_raw_fd()))
-            .collect::<Vec<_>>(),
-    )?;
-    // A backend that breaks the protocol is ended, so that what follows its death follows.
-    let pid = child.id();
-    let events = Box::new(move |e: Event| {
-        if matches!(e, Event::Dead(_)) {
-            // SAFETY: a signal to our own child.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-        events(e)
-    });
-    let proxy = Proxy::start_with(
-        region,
-        to_backend,
-        to_proxy,
-        replies,
+    let launch = Launch {
+        layout: l.clone(),
+        exe: exe.to_owned(),
+        config: config.map(Path::to_owned),
+        pool: (pool.base, pool.size),
+        pool_fd: pool_fd.try_clone()?,
+        bypass,
         events,
-        READ_TIMEOUT,
-        l.rpc_poll,
-    );
-    // The backend's end of the setup socket closes when it dies, however it dies: then its
-    // virtio-blk devices fail what they hold.
-    let stopping = Arc::new(AtomicBool::new(false));
-    let reapers: Arc<std::sync::Mutex<Vec<Arc<Reaper>>>> = Arc::default();
-    let (watch, p, stop, r) = (
-        ours.try_clone()?,
-        proxy.clone(),
-        stopping.clone(),
-        reapers.clone(),
-    );
-    std::thread::spawn(move || {
-        let mut b = [0u8; 1];
-        // SAFETY: a blocking recv into a local on our socket; 0 means the peer is gone.
-        while unsafe { libc::recv(watch.as_raw_fd(), b.as_mut_ptr().cast(), 1, 0) } > 0 {}
-        if !stop.load(Ordering::Acquire) {
-            p.fail(&format!("the backend process (pid {pid}) ended"));
-            for reaper in r.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-                reaper.fail_all();
-            }
-        }
-    });
+    };
+    let started = launch.start(&wanted)?;
     let pool_mem = crate::memory::pool_memory(pool.base, pool.size, pool_fd)?;
-    let mut remote = Remote {
-        proxy: proxy.clone(),
-        functions: Vec::new(),
-        stdio_console: None,
-        child,
-        _sock: ours,
-        stopping,
-    };
-    let Some(regs) = proxy.registrations(REGISTER_TIMEOUT) else {
-        let status = remote.child.try_wait().ok().flatten();
-        return Err(BackendError::Setup(match status {
-            Some(s) => format!("the backend ended ({s}) before registering its devices"),
-            None => format!("the backend registered no devices within {REGISTER_TIMEOUT:?}"),
-        }));
-    };
+    let mut functions: Vec<(DevFn, Box<dyn PciFunction>)> = Vec::new();
+    let mut kept = Vec::new();
+    let mut stdio_console = None;
     for d in &wanted {
         let slot = d.slot as u8;
-        let Some(r) = regs.iter().find(|r| r.dev == slot) else {
-            return Err(BackendError::Setup(format!(
-                "the backend did not register the {} at slot {slot}",
-                d.kind.label()
-            )));
+        let Some(r) = started.regs.iter().find(|r| r.dev == slot) else {
+            continue; // checked above
         };
-        let bar = d.bars.first().copied();
-        let expect = (d.kind.pci_id(), bar.map(|b| b.size));
-        if ((r.vendor, r.device), Some(r.bar0_size)) != expect {
-            return Err(BackendError::Setup(format!(
-                "the backend registered {:04x}:{:04x} with a {:#x}-byte BAR at slot {slot}; the \
-                 description has a {} there",
-                r.vendor,
-                r.device,
-                r.bar0_size,
-                d.kind.label()
-            )));
-        }
         if matches!(
             d.kind,
             layout::DeviceKind::VirtioConsole {
                 backend: layout::ConsoleBackend::Stdio
             }
-        ) && remote.stdio_console.is_none()
+        ) && stdio_console.is_none()
         {
-            remote.stdio_console = Some(slot);
+            stdio_console = Some(slot);
         }
-        let f = RemoteFunction::new(proxy.clone(), r, bar.map_or(0, |b| b.base));
-        if matches!(d.kind, layout::DeviceKind::VirtioBlk { .. }) {
-            let reaper = Reaper::new(slot, proxy.clone(), pool_mem.clone(), signal(d));
-            reapers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(reaper.clone());
-            let g = Guarded { inner: f, reaper };
-            remote.functions.push((devfn(slot, 0), Box::new(g)));
-        } else {
-            remote.functions.push((devfn(slot, 0), Box::new(f)));
+        let bar = d.bars.first().map_or(0, |b| b.base);
+        let link = rpc::Link::new(started.proxy.clone());
+        let inner = RemoteFunction::new(link.clone(), r, bar);
+        let Some((ty, queues)) = devices::virtio_shape(&d.kind) else {
+            functions.push((devfn(slot, 0), Box::new(inner)));
+            continue;
+        };
+        let shadow = virtio::shadow::Shadow::new(ty, &queues, pool_mem.clone(), bar);
+        let reaper = matches!(d.kind, layout::DeviceKind::VirtioBlk { .. })
+            .then(|| Reaper::new(slot, pool_mem.clone(), signal(d)));
+        let notify = devices::notify_writes(&d.kind).unwrap_or_default();
+        let k = Kept::new(slot, link, shadow, reaper, notify);
+        kept.push(k.clone());
+        functions.push((devfn(slot, 0), Box::new(Watched { inner, kept: k })));
+    }
+    started.proxy.start_devices();
+    let current = Arc::new(Current {
+        child: Mutex::new(Some(started.child)),
+        proxy: rpc::Link::new(started.proxy),
+        stopping: AtomicBool::new(false),
+    });
+    let watch = Watch {
+        launch,
+        devices: wanted.iter().map(|d| (*d).clone()).collect(),
+        kept,
+        current: current.clone(),
+        restarts: l.rpc_restarts,
+    };
+    let sock = started.sock;
+    std::thread::Builder::new()
+        .name("backend-watch".into())
+        .spawn(move || watch.run(sock))?;
+    Ok(Some(Remote {
+        functions,
+        stdio_console,
+        current,
+    }))
+}
+
+/// Watches the backend process, and starts another one when it dies.
+struct Watch {
+    launch: Launch,
+    devices: Vec<layout::Device>,
+    kept: Vec<Arc<Kept>>,
+    current: Arc<Current>,
+    restarts: u32,
+}
+
+/// Between a backend's death and its successor's start: time for the guest to see its I/O
+/// errors, and a bound on how fast a backend that dies at once can be restarted.
+const RESTART_DELAY: Duration = Duration::from_millis(500);
+
+impl Watch {
+    fn run(mut self, mut sock: OwnedFd) {
+        loop {
+            // The backend's end of the setup socket closes when it dies, however it dies.
+            let mut b = [0u8; 1];
+            // SAFETY: a blocking recv into a local on our socket; 0 means the peer is gone.
+            while unsafe { libc::recv(sock.as_raw_fd(), b.as_mut_ptr().cast(), 1, 0) } > 0 {}
+            if self.current.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            let pid = match lock(&self.current.child).take() {
+                Some(mut c) => {
+                    let _ = c.wait();
+                    c.id()
+                }
+                None => 0,
+            };
+            self.current
+                .proxy
+                .get()
+                .fail(&format!("the backend process (pid {pid}) ended"));
+            for k in &self.kept {
+                k.reap();
+            }
+            if self.restarts == 0 {
+                eprintln!("splitvirt: the backend is not restarted: its devices fail from now on");
+                return;
+            }
+            self.restarts -= 1;
+            std::thread::sleep(RESTART_DELAY);
+            if self.current.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            let wanted: Vec<&layout::Device> = self.devices.iter().collect();
+            let started = match self.launch.start(&wanted) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!(
+                        "splitvirt: cannot restart the backend ({e}): its devices fail from now on"
+                    );
+                    return;
+                }
+            };
+            started.proxy.start_devices();
+            for k in &self.kept {
+                k.reattach(&started.proxy);
+            }
+            let pid = started.child.id();
+            *lock(&self.current.child) = Some(started.child);
+            self.current.proxy.set(started.proxy);
+            if let Some(f) = &self.launch.bypass.reattached {
+                f();
+            }
+            eprintln!(
+                "splitvirt: backend restarted (pid {pid}); its devices carry on ({} restart(s) left)",
+                self.restarts
+            );
+            sock = started.sock;
         }
     }
-    proxy.start_devices();
-    Ok(Some(remote))
 }
 
 /// The devices' interrupts, as the backend sends them: an MSI straight to the hypervisor

@@ -121,17 +121,24 @@ pub fn open_disk(kind: &DeviceKind) -> Result<Option<virtio::blk::Block>, OpenEr
     }
 }
 
+/// A virtio device's type and queue sizes. None for a device that is not virtio.
+pub fn virtio_shape(kind: &DeviceKind) -> Option<(u32, Vec<u16>)> {
+    use virtio::{blk, console, net};
+    let (ty, queues, size) = match kind {
+        DeviceKind::VirtioBlk { .. } => (2, blk::QUEUES, blk::QUEUE_SIZE),
+        DeviceKind::VirtioNet { .. } => (1, net::QUEUES, net::QUEUE_SIZE),
+        DeviceKind::VirtioConsole { .. } => (3, console::QUEUES, console::QUEUE_SIZE),
+        DeviceKind::Connector { .. } => return None,
+    };
+    Some((ty, vec![size; queues]))
+}
+
 /// Where a virtio device's queue notifications land in its BAR 0: (offset, the value Linux
 /// writes there, 16 bits) per queue. None for a device that is not virtio.
 pub fn notify_writes(kind: &DeviceKind) -> Option<Vec<(u64, u16)>> {
-    let queues = match kind {
-        DeviceKind::VirtioBlk { .. } => virtio::blk::QUEUES,
-        DeviceKind::VirtioNet { .. } => virtio::net::QUEUES,
-        DeviceKind::VirtioConsole { .. } => virtio::console::QUEUES,
-        DeviceKind::Connector { .. } => return None,
-    };
+    let (_, queues) = virtio_shape(kind)?;
     Some(
-        (0..queues as u16)
+        (0..queues.len() as u16)
             .map(|q| {
                 let off = u64::from(q) * u64::from(virtio::transport::NOTIFY_MULTIPLIER);
                 (virtio::transport::NOTIFY + off, q)

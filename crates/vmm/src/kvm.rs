@@ -53,7 +53,8 @@ fn owned(e: vmm_sys_util::eventfd::EventFd) -> std::os::fd::OwnedFd {
 /// signalled straight to the backend: one eventfd per device, attached at each queue's notify
 /// address (a 16-bit write of the queue index, as Linux's virtio-pci writes it) wherever the
 /// guest puts BAR 0. Any other write there still exits to splitvirt and travels as a message.
-/// When the backend dies they are detached, so that notifications reach the reaper again.
+/// When the backend dies they are detached, so that notifications reach the reaper again, and
+/// a restarted backend gets them back.
 struct Notifiers {
     vm: Arc<VmFd>,
     devices: Mutex<std::collections::HashMap<u8, Notifier>>,
@@ -63,7 +64,9 @@ struct Notifiers {
 struct Notifier {
     fd: vmm_sys_util::eventfd::EventFd,
     writes: Vec<(u64, u16)>,
+    /// Where BAR 0 decodes, and whether KVM catches the writes there now.
     at: Option<u64>,
+    attached: bool,
 }
 
 impl Notifiers {
@@ -80,6 +83,7 @@ impl Notifiers {
                     fd,
                     writes,
                     at: None,
+                    attached: false,
                 },
             );
         }
@@ -100,40 +104,39 @@ impl Notifiers {
 
     /// Device `dev`'s BAR 0 now decodes at `at` (None: nowhere).
     fn place(&self, dev: u8, at: Option<u64>) {
-        use kvm_ioctls::IoEventAddress::Mmio;
         let mut d = self.devices.lock().unwrap_or_else(|e| e.into_inner());
         let Some(n) = d.get_mut(&dev) else { return };
-        if let Some(old) = n.at.take() {
-            for (off, q) in &n.writes {
-                let _ = self.vm.unregister_ioevent(&n.fd, &Mmio(old + off), *q);
-            }
-        }
-        if self.detached.load(std::sync::atomic::Ordering::Acquire) {
-            return;
-        }
-        if let Some(base) = at {
-            for (off, q) in &n.writes {
-                if let Err(e) = self.vm.register_ioevent(&n.fd, &Mmio(base + off), *q) {
-                    // Not fatal: the notification then exits to splitvirt as before.
-                    eprintln!("splitvirt: KVM will not catch device {dev}'s notifications: {e}");
-                }
-            }
-            n.at = at;
-        }
+        self.catch(dev, n, false);
+        n.at = at;
+        let on = !self.detached.load(std::sync::atomic::Ordering::Acquire);
+        self.catch(dev, n, on);
     }
 
-    fn detach_all(&self) {
+    /// KVM catches `n`'s notification writes (`on`) or lets them exit to splitvirt.
+    fn catch(&self, dev: u8, n: &mut Notifier, on: bool) {
+        use kvm_ioctls::IoEventAddress::Mmio;
+        let Some(base) = n.at else { return };
+        if n.attached == on {
+            return;
+        }
+        for (off, q) in &n.writes {
+            if !on {
+                let _ = self.vm.unregister_ioevent(&n.fd, &Mmio(base + off), *q);
+            } else if let Err(e) = self.vm.register_ioevent(&n.fd, &Mmio(base + off), *q) {
+                // Not fatal: the notification then exits to splitvirt as before.
+                eprintln!("splitvirt: KVM will not catch device {dev}'s notifications: {e}");
+            }
+        }
+        n.attached = on;
+    }
+
+    /// Every device's notifications caught by KVM (`on`: a backend serves them) or not.
+    fn attach_all(&self, on: bool) {
         self.detached
-            .store(true, std::sync::atomic::Ordering::Release);
-        let devs: Vec<u8> = self
-            .devices
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .copied()
-            .collect();
-        for dev in devs {
-            self.place(dev, None);
+            .store(!on, std::sync::atomic::Ordering::Release);
+        let mut d = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        for (dev, n) in d.iter_mut() {
+            self.catch(*dev, n, on);
         }
     }
 }
@@ -514,7 +517,7 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
     let notifiers = Arc::new(Notifiers::new(vm.clone(), l)?);
     let dead_notifiers = notifiers.clone();
     let msi_frame = l.v2m.as_ref().map(|v| v.region.clone());
-    let events = Box::new(move |e: rpc::Event| match e {
+    let events = Arc::new(move |e: rpc::Event| match e {
         rpc::Event::Intx { dev, level } => {
             if let Some(line) = intx_lines.get(&dev) {
                 line.set_level(level);
@@ -532,16 +535,15 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
                 ),
             }
         }
-        rpc::Event::Dead(why) => {
-            dead_notifiers.detach_all();
-            eprintln!("splitvirt: the backend's devices fail from now on ({why})")
-        }
+        // The notifications go to splitvirt (and the reaper) until a new backend serves them.
+        rpc::Event::Dead(_) => dead_notifiers.attach_all(false),
     });
     let msi = match &l.v2m {
         Some(v) if crate::backend::remote_devices(l).next().is_some() => Some(msi_irqfds(&vm, v)?),
         _ => None,
     };
-    let notify_fds = notifiers.fds();
+    let notify = notifiers.fds();
+    let back_on = notifiers.clone();
     let mut remote = crate::backend::start(
         l,
         std::path::Path::new("/proc/self/exe"),
@@ -550,15 +552,11 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
         events,
         &signal,
         crate::backend::Bypass {
-            msi: msi.as_ref(),
-            notify: &notify_fds
-                .iter()
-                .map(|(d, fd)| (*d, std::os::fd::AsFd::as_fd(fd)))
-                .collect::<Vec<_>>(),
+            msi,
+            notify,
+            reattached: Some(Box::new(move || back_on.attach_all(true))),
         },
     )?;
-    // The backend has its own copies; KVM holds the eventfds it signals.
-    drop((msi, notify_fds));
     {
         let e = &ecam;
         for (df, f) in built.functions {
@@ -608,13 +606,9 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
         .filter_map(|w| w.strip_prefix("console="))
         .last()
         == Some("hvc0");
-    let remote_console = remote
-        .as_ref()
-        .and_then(|r| r.stdio_console.map(|dev| (r.proxy.clone(), dev)));
+    let remote_console = remote.as_ref().and_then(|r| r.console_input());
     match (&built.console, hvc0, remote_console) {
-        (_, true, Some((proxy, dev))) => {
-            input_thread(Box::new(move |b: &[u8]| proxy.input(dev, b)), tx.clone())
-        }
+        (_, true, Some(input)) => input_thread(Box::new(move |b: &[u8]| input(b)), tx.clone()),
         (Some(c), true, _) => {
             let c = c.clone();
             input_thread(

@@ -7,6 +7,7 @@ pub mod bus;
 pub mod connect;
 pub mod devices;
 pub mod endpoint;
+pub mod kept;
 #[cfg(target_arch = "aarch64")]
 mod kvm;
 pub mod memory;

@@ -84,7 +84,7 @@ mod tests {
             bar0_prefetchable: false,
             intx_pin: 1,
         };
-        Box::new(rpc::RemoteFunction::new(proxy, &reg, bar))
+        Box::new(rpc::RemoteFunction::new(rpc::Link::new(proxy), &reg, bar))
     }
 
     #[test]
