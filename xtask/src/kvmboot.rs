@@ -385,8 +385,9 @@ pub fn boot_on_kvm() -> Result<()> {
         "the qcow2 root image holds {q_found:?}, the guest wrote {qroot_token}"
     );
     // The backend killed mid-I/O: splitvirt stays up, names what happened, fails the disk's
-    // requests (the guest's dd gets an I/O error, not a hang), and the guest goes on (its UART
-    // works) until it powers off.
+    // requests (the guest's dd gets an I/O error, not a hang), the guest goes on (its UART
+    // works), and a new backend takes the disk over: a pattern written after the restart reads
+    // back from the device.
     let kl = r.part("kill");
     ensure!(
         kl.log.contains("failed with an I/O error"),
@@ -403,6 +404,12 @@ pub fn boot_on_kvm() -> Result<()> {
         kl.value("after_kill"),
         kl.value("alive"),
         kl.value("splitvirt_exit")
+    );
+    ensure!(
+        kl.log.contains("splitvirt: backend restarted") && kl.value("after_restart") == Some("ok"),
+        "backend killed: restarted {}, the disk after the restart {:?} (log: {log})",
+        kl.log.contains("backend restarted"),
+        kl.value("after_restart")
     );
     let s = r.part("stock");
     ensure!(
