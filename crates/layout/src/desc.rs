@@ -116,7 +116,7 @@ pub struct PoolDesc {
     pub size: ByteSize,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendDesc {
     /// Microseconds each side of the RPC spins for the next message before it sleeps on its
@@ -127,6 +127,10 @@ pub struct BackendDesc {
     /// devices over where they stood (absent: 3; 0: its devices fail from then on).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restarts: Option<u32>,
+    /// Reach a backend already listening on this Unix socket (`splitvirt backend --listen`)
+    /// instead of starting one: it may run as another user, or in a container of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

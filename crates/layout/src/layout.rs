@@ -53,6 +53,9 @@ pub struct Layout {
     pub rpc_poll: Option<std::time::Duration>,
     /// How many times a backend process that dies is started again.
     pub rpc_restarts: u32,
+    /// The socket of a backend that `splitvirt backend --listen` serves (None: splitvirt
+    /// starts its own).
+    pub rpc_connect: Option<PathBuf>,
     /// Interrupt lines the GIC must implement (a multiple of 32, covering every ID in use).
     pub gic_irqs: u32,
 }

@@ -91,8 +91,10 @@ fn build(d: &Description, p: &mut Vec<Problem>) -> Layout {
         rpc_poll: None,
         rpc_restarts: d
             .backend
+            .as_ref()
             .and_then(|b| b.restarts)
             .unwrap_or(DEFAULT_RPC_RESTARTS),
+        rpc_connect: d.backend.as_ref().and_then(|b| b.connect.clone()),
         gic_irqs: 0,
     };
     check_vcpus(&layout, p);
@@ -105,13 +107,13 @@ fn build(d: &Description, p: &mut Vec<Problem>) -> Layout {
     if regions_ok {
         layout.devices = place_devices(&layout, &d.devices, p);
     }
-    layout.rpc_poll = backend_poll(d.backend, &layout, p);
+    layout.rpc_poll = backend_poll(d.backend.as_ref(), &layout, p);
     layout.gic_irqs = gic_irqs(&layout);
     layout
 }
 
 /// `[backend] poll_us`: bounded, and a warning when no device runs in the backend.
-fn backend_poll(b: Option<BackendDesc>, l: &Layout, p: &mut Vec<Problem>) -> Option<Duration> {
+fn backend_poll(b: Option<&BackendDesc>, l: &Layout, p: &mut Vec<Problem>) -> Option<Duration> {
     let us = b.map_or(0, |b| b.poll_us);
     if us > MAX_RPC_POLL_US {
         p.push(Problem::error(

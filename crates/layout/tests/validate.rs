@@ -345,7 +345,7 @@ fn device_fields_are_checked_per_kind() {
 }
 
 #[test]
-fn backend_polling_is_bounded_and_reaches_the_layout() {
+fn backend_table_is_bounded_and_reaches_the_layout() {
     let l = resolve(&Description::parse("[backend]\npoll_us = 50", "t").unwrap())
         .unwrap()
         .layout;
@@ -373,6 +373,18 @@ fn backend_polling_is_bounded_and_reaches_the_layout() {
         "{ps:?}"
     );
     assert!(Description::parse("[backend]\npoll = 50", "t").is_err());
+    let l = resolve(
+        &Description::parse("[backend]\nrestarts = 0\nconnect = \"/run/b.sock\"", "t").unwrap(),
+    )
+    .unwrap()
+    .layout;
+    assert_eq!(l.rpc_restarts, 0);
+    assert_eq!(
+        l.rpc_connect.as_deref(),
+        Some(std::path::Path::new("/run/b.sock"))
+    );
+    let l = resolve(&Description::default_vm()).unwrap().layout;
+    assert_eq!((l.rpc_restarts, l.rpc_connect), (3, None));
 }
 
 #[test]

@@ -76,13 +76,18 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         linger: u64,
     },
-    /// The backend process that `splitvirt run` starts for devices with placement = "backend"
-    /// (docs/RPC.md); not for use by hand.
-    #[command(hide = true)]
+    /// The backend process: the device models of devices with placement = "backend"
+    /// (docs/RPC.md). `splitvirt run` starts one itself; `--listen SOCKET` serves the VMs whose
+    /// description says `[backend] connect = SOCKET`, each with a process of its own (so the
+    /// backend can run as another user, or in a container of its own).
     Backend {
-        /// The setup socket splitvirt passed (its pool, control region and doorbells).
+        /// The setup socket `splitvirt run` passed (its pool, control region and doorbells).
+        #[arg(long, required_unless_present = "listen", conflicts_with = "listen")]
+        setup_fd: Option<i32>,
+        /// Wait for VMs on this Unix socket.
         #[arg(long)]
-        setup_fd: i32,
+        listen: Option<PathBuf>,
+        /// The VMs' description (the same file `splitvirt run` is given).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -304,8 +309,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // vCPU threads may still be inside KVM_RUN: end the process, not just main.
             std::process::exit(code)
         }
-        Cmd::Backend { setup_fd, config } => {
+        Cmd::Backend {
+            listen: Some(socket),
+            config,
+            ..
+        } => {
+            // Checked now, so that a bad description fails here rather than per VM.
+            resolve(&load(config.as_deref())?)?;
+            let exe = std::env::current_exe()?;
+            vmm::backend::listen(&socket, &exe, config.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Backend {
+            setup_fd, config, ..
+        } => {
             let l = resolve(&load(config.as_deref())?)?.layout;
+            let setup_fd = setup_fd.unwrap_or(-1);
             if setup_fd < 3 {
                 anyhow::bail!("--setup-fd {setup_fd}: not a descriptor splitvirt passes");
             }

@@ -100,6 +100,12 @@ struct Setup {
 }
 
 fn setup(backend: &str) -> Setup {
+    let (dir, disk, config) = describe(backend);
+    attach(dir, disk, &config)
+}
+
+/// A directory with the disk and the description (whose `[backend]` table is `backend`).
+fn describe(backend: &str) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
@@ -112,7 +118,11 @@ fn setup(backend: &str) -> Setup {
         ),
     )
     .unwrap();
-    let d = layout::Description::load(&config).unwrap();
+    (dir, disk, config)
+}
+
+fn attach(dir: tempfile::TempDir, disk: std::path::PathBuf, config: &std::path::Path) -> Setup {
+    let d = layout::Description::load(config).unwrap();
     let l = layout::resolve(&d).unwrap().layout;
     let ram = vmm::memory::guest_ram(&l).unwrap();
     let events = Arc::new(Mutex::new(Vec::new()));
@@ -122,7 +132,7 @@ fn setup(backend: &str) -> Setup {
     let mut remote = vmm::backend::start(
         &l,
         std::path::Path::new(env!("CARGO_BIN_EXE_splitvirt")),
-        Some(&config),
+        Some(config),
         ram.pool_fd.as_ref(),
         Arc::new(move |e| ev.lock().unwrap().push(e)),
         &|_| sig.clone(),
@@ -217,6 +227,95 @@ fn a_killed_backend_is_replaced_and_the_disk_carries_on_where_it_stood() {
             .all(|&b| b == 0),
         "the write made while no backend served reached no disk"
     );
+}
+
+/// Kills the process when dropped.
+struct Reap(std::process::Child);
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The children of process `pid` (Linux's /proc/PID/task/PID/children).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_listening_backend_serves_a_vm_that_connects_and_again_after_a_kill() {
+    let (dir, disk, config) = describe("");
+    let sock = dir.path().join("backend.sock");
+    let with_connect = format!(
+        "[backend]\nconnect = \"{}\"\nrestarts = 1\n{}",
+        sock.display(),
+        std::fs::read_to_string(&config).unwrap()
+    );
+    std::fs::write(&config, with_connect).unwrap();
+    let listener = Reap(
+        std::process::Command::new(env!("CARGO_BIN_EXE_splitvirt"))
+            .arg("backend")
+            .arg("--listen")
+            .arg(&sock)
+            .arg("--config")
+            .arg(&config)
+            .spawn()
+            .unwrap(),
+    );
+    // splitvirt waits for the socket to appear.
+    let s = attach(dir, disk, &config);
+    assert_eq!(s.remote.pid(), 0, "splitvirt started no backend itself");
+    let served = children(listener.0.id());
+    assert_eq!(
+        served.len(),
+        1,
+        "one backend process for the VM: {served:?}"
+    );
+    assert_maps_only_the_pool(served[0]);
+    let vm = &s.vm;
+    let rings = s.l.pool.as_ref().unwrap().base;
+    let data = rings + 0x8000;
+    vm.start(rings);
+    vm.mem
+        .write_slice(&[0x33; 512], GuestAddress(data))
+        .unwrap();
+    assert_eq!(vm.request(rings, 0, 1, 7, data, false), 0, "write");
+    // SAFETY: a signal to a process of this test.
+    unsafe { libc::kill(served[0] as i32, libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut again = Vec::new();
+    while std::time::Instant::now() < deadline {
+        again = children(listener.0.id());
+        if again.len() == 1 && again[0] != served[0] && !s.remote.proxy().is_dead() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(
+        again.len() == 1 && again[0] != served[0],
+        "a new backend process: {again:?}"
+    );
+    vm.mem.write_slice(&[0; 512], GuestAddress(data)).unwrap();
+    assert_eq!(
+        vm.request(rings, 1, 0, 7, data, true),
+        0,
+        "read after reconnecting"
+    );
+    let mut got = [0u8; 512];
+    vm.mem.read_slice(&mut got, GuestAddress(data)).unwrap();
+    assert!(got.iter().all(|&b| b == 0x33));
+    // The VM goes: its backend process ends, the listener stays.
+    drop(s);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !children(listener.0.id()).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(children(listener.0.id()).is_empty());
 }
 
 #[test]

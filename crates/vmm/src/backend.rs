@@ -74,17 +74,113 @@ struct Launch {
     events: Arc<dyn Fn(Event) + Send + Sync>,
 }
 
-/// A backend process just started, its devices registered and checked.
+/// A backend just started (or reached), its devices registered and checked.
 struct Started {
     proxy: Arc<Proxy>,
-    child: Child,
+    /// None for a backend reached through `[backend] connect`.
+    child: Option<Child>,
     sock: OwnedFd,
     regs: Vec<Registration>,
+}
+
+/// How long splitvirt tries to reach a listening backend.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Starts `splitvirt backend --setup-fd 3` on `setup`. `bound` ties its life to ours.
+fn spawn_backend(
+    exe: &Path,
+    config: Option<&Path>,
+    setup: &OwnedFd,
+    bound: bool,
+) -> std::io::Result<Child> {
+    let mut cmd = Command::new(exe);
+    // `ps` shows "splitvirt backend ..." rather than the path it was started by.
+    std::os::unix::process::CommandExt::arg0(&mut cmd, "splitvirt");
+    cmd.arg("backend").arg("--setup-fd").arg("3");
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    let fd = setup.as_raw_fd();
+    // SAFETY: between fork and exec only async-signal-safe calls: dup2 and prctl.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if bound {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// Connects to a listening backend, trying again until `CONNECT_TIMEOUT`.
+fn connect(path: &Path) -> Result<OwnedFd, BackendError> {
+    let deadline = std::time::Instant::now() + CONNECT_TIMEOUT;
+    loop {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => return Ok(s.into()),
+            Err(e) if std::time::Instant::now() >= deadline => {
+                return Err(BackendError::Setup(format!(
+                    "cannot reach the backend at {} ({e}); start `splitvirt backend --listen {} \
+                     --config FILE` there first, with this VM's description",
+                    path.display(),
+                    path.display()
+                )))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// `splitvirt backend --listen SOCKET`: each VM that connects (its description says
+/// `[backend] connect = SOCKET`) is served by a backend process of its own, started as
+/// `splitvirt run` would start it, which lives as long as that VM's connection.
+pub fn listen(socket: &Path, exe: &Path, config: Option<&Path>) -> Result<(), BackendError> {
+    use std::os::unix::fs::FileTypeExt;
+    // A socket left by an earlier listener is replaced; any other file is not touched.
+    if let Ok(m) = std::fs::symlink_metadata(socket) {
+        if !m.file_type().is_socket() {
+            return Err(BackendError::Setup(format!(
+                "{} exists and is not a socket: remove it or listen elsewhere",
+                socket.display()
+            )));
+        }
+        std::fs::remove_file(socket)?;
+    }
+    let listener = std::os::unix::net::UnixListener::bind(socket)?;
+    eprintln!("splitvirt backend: listening on {}", socket.display());
+    for conn in listener.incoming() {
+        let conn: OwnedFd = match conn {
+            Ok(c) => c.into(),
+            Err(e) => {
+                eprintln!("splitvirt backend: accept: {e}");
+                continue;
+            }
+        };
+        match spawn_backend(exe, config, &conn, false) {
+            Ok(mut child) => {
+                let pid = child.id();
+                eprintln!("splitvirt backend: a VM connected; process {pid} serves it");
+                std::thread::spawn(move || {
+                    let status = child.wait();
+                    eprintln!("splitvirt backend: process {pid} ended ({status:?})");
+                });
+            }
+            Err(e) => eprintln!("splitvirt backend: cannot start a backend process: {e}"),
+        }
+    }
+    Ok(())
 }
 
 /// The backend process of the moment.
 struct Current {
     child: Mutex<Option<Child>>,
+    /// A copy of the setup socket, to hang up on a backend splitvirt did not start.
+    sock: Mutex<Option<OwnedFd>>,
     proxy: Arc<rpc::Link>,
     /// Set when splitvirt ends the backend itself (no "backend lost", no restart then).
     stopping: AtomicBool,
@@ -126,6 +222,10 @@ impl Drop for Remote {
             let _ = c.kill();
             let _ = c.wait();
         }
+        if let Some(s) = lock(&self.current.sock).take() {
+            // SAFETY: shutting down our own socket.
+            unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_RDWR) };
+        }
     }
 }
 
@@ -139,31 +239,24 @@ impl Launch {
         let region = Arc::new(Region::create()?);
         let (to_backend, to_proxy, replies) =
             (Doorbell::new()?, Doorbell::new()?, Doorbell::new()?);
-        let (ours, theirs) = rpc::setup::socketpair()?;
-        let mut cmd = Command::new(&self.exe);
-        // `ps` shows "splitvirt backend ..." rather than the path it was started by.
-        std::os::unix::process::CommandExt::arg0(&mut cmd, "splitvirt");
-        cmd.arg("backend").arg("--setup-fd").arg("3");
-        if let Some(c) = &self.config {
-            cmd.arg("--config").arg(c);
-        }
-        let fd = theirs.as_raw_fd();
-        // SAFETY: between fork and exec only async-signal-safe calls: dup2 and prctl.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(move || {
-                if libc::dup2(fd, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+        let (ours, mut child) = match &self.layout.rpc_connect {
+            Some(path) => (connect(path)?, None),
+            None => {
+                let (ours, theirs) = rpc::setup::socketpair()?;
                 // The backend ends with splitvirt, whatever happens to splitvirt.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| BackendError::Setup(format!("cannot start `splitvirt backend`: {e}")))?;
-        drop(theirs);
+                let child = spawn_backend(&self.exe, self.config.as_deref(), &theirs, true)
+                    .map_err(|e| {
+                        BackendError::Setup(format!("cannot start `splitvirt backend`: {e}"))
+                    })?;
+                (ours, Some(child))
+            }
+        };
+        let end = |child: &mut Option<Child>| {
+            if let Some(c) = child {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        };
         let msi = self.bypass.msi.as_ref();
         let msi_fds: Vec<_> = msi.map_or(Vec::new(), |m| {
             m.fds.iter().map(|f| f.as_raw_fd()).collect()
@@ -187,12 +280,18 @@ impl Launch {
                 .map(|(dev, fd)| (*dev, fd.as_raw_fd()))
                 .collect::<Vec<_>>(),
         )?;
-        // A backend that breaks the protocol is ended, so that what follows its death follows.
-        let (pid, events) = (child.id(), self.events.clone());
+        // A backend that breaks the protocol is ended (a connected one is hung up on), so
+        // that what follows its death follows.
+        let pid = child.as_ref().map(|c| c.id());
+        let (hangup, events) = (ours.try_clone()?, self.events.clone());
         let events = Box::new(move |e: Event| {
             if matches!(e, Event::Dead(_)) {
-                // SAFETY: a signal to our own child.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                match pid {
+                    // SAFETY: a signal to our own child.
+                    Some(pid) => unsafe { libc::kill(pid as i32, libc::SIGKILL) },
+                    // SAFETY: shutting down our own socket.
+                    None => unsafe { libc::shutdown(hangup.as_raw_fd(), libc::SHUT_RDWR) },
+                };
             }
             events(e)
         });
@@ -206,17 +305,15 @@ impl Launch {
             self.layout.rpc_poll,
         );
         let Some(regs) = proxy.registrations(REGISTER_TIMEOUT) else {
-            let status = child.try_wait().ok().flatten();
-            let _ = child.kill();
-            let _ = child.wait();
+            let status = child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            end(&mut child);
             return Err(BackendError::Setup(match status {
                 Some(s) => format!("the backend ended ({s}) before registering its devices"),
                 None => format!("the backend registered no devices within {REGISTER_TIMEOUT:?}"),
             }));
         };
         if let Err(e) = check_registrations(wanted, &regs) {
-            let _ = child.kill();
-            let _ = child.wait();
+            end(&mut child);
             return Err(e);
         }
         Ok(Started {
@@ -325,7 +422,8 @@ pub fn start(
     }
     started.proxy.start_devices();
     let current = Arc::new(Current {
-        child: Mutex::new(Some(started.child)),
+        child: Mutex::new(started.child),
+        sock: Mutex::new(started.sock.try_clone().ok()),
         proxy: rpc::Link::new(started.proxy),
         stopping: AtomicBool::new(false),
     });
@@ -370,17 +468,17 @@ impl Watch {
             if self.current.stopping.load(Ordering::Acquire) {
                 return;
             }
-            let pid = match lock(&self.current.child).take() {
+            let who = match lock(&self.current.child).take() {
                 Some(mut c) => {
                     let _ = c.wait();
-                    c.id()
+                    format!("process (pid {})", c.id())
                 }
-                None => 0,
+                None => "connection".to_owned(),
             };
             self.current
                 .proxy
                 .get()
-                .fail(&format!("the backend process (pid {pid}) ended"));
+                .fail(&format!("the backend {who} ended"));
             for k in &self.kept {
                 k.reap();
             }
@@ -407,14 +505,20 @@ impl Watch {
             for k in &self.kept {
                 k.reattach(&started.proxy);
             }
-            let pid = started.child.id();
-            *lock(&self.current.child) = Some(started.child);
+            let who = started
+                .child
+                .as_ref()
+                .map_or("reached again".to_owned(), |c| {
+                    format!("restarted (pid {})", c.id())
+                });
+            *lock(&self.current.child) = started.child;
+            *lock(&self.current.sock) = started.sock.try_clone().ok();
             self.current.proxy.set(started.proxy);
             if let Some(f) = &self.launch.bypass.reattached {
                 f();
             }
             eprintln!(
-                "splitvirt: backend restarted (pid {pid}); its devices carry on ({} restart(s) left)",
+                "splitvirt: backend {who}; its devices carry on ({} restart(s) left)",
                 self.restarts
             );
             sock = started.sock;
