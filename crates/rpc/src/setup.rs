@@ -6,6 +6,8 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 
 pub const SETUP_MAGIC: u64 = u64::from_le_bytes(*b"svSETUP1");
 
@@ -81,6 +83,90 @@ pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
     }
     // SAFETY: both are new and ours.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// A `SOCK_SEQPACKET` socket (close-on-exec) with `path` as a Unix address.
+fn seqpacket_at(path: &Path) -> io::Result<(OwnedFd, libc::sockaddr_un)> {
+    // SAFETY: a new socket we own at once.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is new and ours.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero sockaddr_un is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{}: a Unix socket path must be under {} bytes",
+                path.display(),
+                addr.sun_path.len()
+            ),
+        ));
+    }
+    for (d, b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *b as libc::c_char;
+    }
+    Ok((fd, addr))
+}
+
+const ADDR_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+
+/// A listening setup socket at `path` (message boundaries kept, as with `socketpair`).
+pub fn listen(path: &Path) -> io::Result<OwnedFd> {
+    let (fd, addr) = seqpacket_at(path)?;
+    // SAFETY: bind and listen on our socket with a filled address.
+    let ok = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            ADDR_LEN,
+        ) == 0
+            && libc::listen(fd.as_raw_fd(), 8) == 0
+    };
+    if !ok {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// The next connection on a socket from `listen`.
+pub fn accept(listener: &OwnedFd) -> io::Result<OwnedFd> {
+    // SAFETY: accept4 returns a new descriptor we own, or -1.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is new and ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A setup socket connected to the listener at `path`.
+pub fn connect(path: &Path) -> io::Result<OwnedFd> {
+    let (fd, addr) = seqpacket_at(path)?;
+    // SAFETY: connect our socket to a filled address.
+    if unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            ADDR_LEN,
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
 }
 
 /// Sends the setup: the pool, the five descriptors, optionally the MSI eventfds as

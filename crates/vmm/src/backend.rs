@@ -121,8 +121,8 @@ fn spawn_backend(
 fn connect(path: &Path) -> Result<OwnedFd, BackendError> {
     let deadline = std::time::Instant::now() + CONNECT_TIMEOUT;
     loop {
-        match std::os::unix::net::UnixStream::connect(path) {
-            Ok(s) => return Ok(s.into()),
+        match rpc::setup::connect(path) {
+            Ok(s) => return Ok(s),
             Err(e) if std::time::Instant::now() >= deadline => {
                 return Err(BackendError::Setup(format!(
                     "cannot reach the backend at {} ({e}); start `splitvirt backend --listen {} \
@@ -151,13 +151,14 @@ pub fn listen(socket: &Path, exe: &Path, config: Option<&Path>) -> Result<(), Ba
         }
         std::fs::remove_file(socket)?;
     }
-    let listener = std::os::unix::net::UnixListener::bind(socket)?;
+    let listener = rpc::setup::listen(socket)?;
     eprintln!("splitvirt backend: listening on {}", socket.display());
-    for conn in listener.incoming() {
-        let conn: OwnedFd = match conn {
-            Ok(c) => c.into(),
+    loop {
+        let conn = match rpc::setup::accept(&listener) {
+            Ok(c) => c,
             Err(e) => {
                 eprintln!("splitvirt backend: accept: {e}");
+                std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
         };
@@ -173,7 +174,6 @@ pub fn listen(socket: &Path, exe: &Path, config: Option<&Path>) -> Result<(), Ba
             Err(e) => eprintln!("splitvirt backend: cannot start a backend process: {e}"),
         }
     }
-    Ok(())
 }
 
 /// The backend process of the moment.
