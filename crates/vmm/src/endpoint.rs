@@ -268,77 +268,13 @@ pub struct Link {
     hello: Vec<u8>,
 }
 
-fn seqpacket() -> io::Result<OwnedFd> {
-    // SAFETY: socket() returns a new descriptor or -1.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is new and ours.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
+// The SOCK_SEQPACKET helpers are the RPC setup's (one packet, one frame, there too).
+use rpc::setup::{accept, connect as connect_seqpacket};
 
-fn sockaddr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
-    use std::os::unix::ffi::OsStrExt;
-    // SAFETY: sockaddr_un is plain data.
-    let mut a: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    a.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let bytes = path.as_os_str().as_bytes();
-    if bytes.len() >= a.sun_path.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "socket path too long",
-        ));
-    }
-    for (d, s) in a.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
-    }
-    Ok((
-        a,
-        std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
-    ))
-}
-
-fn connect_seqpacket(path: &Path) -> io::Result<OwnedFd> {
-    let fd = seqpacket()?;
-    let (a, len) = sockaddr(path)?;
-    // SAFETY: connect with a valid address of the given length.
-    if unsafe { libc::connect(fd.as_raw_fd(), (&a as *const libc::sockaddr_un).cast(), len) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fd)
-}
-
+/// Listens at `path`, replacing whatever socket was there.
 fn listen_seqpacket(path: &Path) -> io::Result<OwnedFd> {
-    let fd = seqpacket()?;
-    let (a, len) = sockaddr(path)?;
     let _ = std::fs::remove_file(path);
-    // SAFETY: bind and listen on our socket with a valid address.
-    unsafe {
-        if libc::bind(fd.as_raw_fd(), (&a as *const libc::sockaddr_un).cast(), len) != 0
-            || libc::listen(fd.as_raw_fd(), 1) != 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(fd)
-}
-
-fn accept(listener: &OwnedFd) -> io::Result<OwnedFd> {
-    // SAFETY: accept on our listening socket; the peer address is not wanted.
-    let fd = unsafe {
-        libc::accept4(
-            listener.as_raw_fd(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            libc::SOCK_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is new and ours.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    rpc::setup::listen(path)
 }
 
 /// Holds `path.lock` for the connect-or-listen decision, so two VMs starting together do not
