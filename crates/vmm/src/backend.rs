@@ -86,7 +86,9 @@ struct Started {
 /// How long splitvirt tries to reach a listening backend.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Starts `splitvirt backend --setup-fd 3` on `setup`. `bound` ties its life to ours.
+/// Starts `splitvirt backend --setup-fd 3` on `setup`. `bound` ties its life to ours (the
+/// parent-death signal follows the forking *thread*: a restarted backend is forked by the
+/// watch thread, which lives as long as that backend does).
 fn spawn_backend(
     exe: &Path,
     config: Option<&Path>,
