@@ -159,41 +159,47 @@ impl Shadow {
         let selectors = [(0x00, self.read(0x00, 4), 4), (0x08, self.read(0x08, 4), 4)];
         let queue_select = self.read(0x16, 2);
         let mut bar = |off: u64, len: u8, value: u64| steps.push(Step::Bar { off, len, value });
+        // A driver may program features and queues before it sets any status bit, so all of
+        // it is replayed whatever the status; a status write of 0 would be a reset, so the
+        // handshake writes only the bits it has.
+        let handshake = status & (STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        for step in [status & STATUS_ACKNOWLEDGE, handshake] {
+            if step != 0 {
+                bar(0x14, 1, u64::from(step));
+            }
+        }
+        let features = [0, 1].map(|i| self.read_selected(0x08, i, 0x0c, 4));
+        for (i, f) in features.into_iter().enumerate() {
+            bar(0x08, 4, i as u64);
+            bar(0x0c, 4, f);
+        }
+        if status & STATUS_FEATURES_OK != 0 {
+            bar(0x14, 1, u64::from(handshake | STATUS_FEATURES_OK));
+        }
+        for v in 0..u64::from(self.queues) + 1 {
+            for word in 0..4 {
+                let at = MSIX_TABLE + 16 * v + 4 * word;
+                bar(at, 4, self.read(at, 4));
+            }
+        }
+        let config_vector = self.read(0x10, 2);
+        if config_vector != u64::from(NO_VECTOR) {
+            bar(0x10, 2, config_vector);
+        }
+        for q in 0..u32::from(self.queues) {
+            bar(0x16, 2, u64::from(q));
+            for (off, len) in [(0x18, 2), (0x20, 8), (0x28, 8), (0x30, 8), (0x1a, 2)] {
+                let v = self.read_selected(0x16, q, off, len);
+                if off != 0x1a || v != u64::from(NO_VECTOR) {
+                    bar(off, len as u8, v);
+                }
+            }
+            bar(0x1c, 2, self.read(0x1c, 2));
+        }
+        if status & STATUS_DRIVER_OK != 0 {
+            steps.push(Step::Resume);
+        }
         if status != 0 {
-            let features = [0, 1].map(|i| self.read_selected(0x08, i, 0x0c, 4));
-            let handshake = status & (STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-            bar(0x14, 1, u64::from(status & STATUS_ACKNOWLEDGE));
-            bar(0x14, 1, u64::from(handshake));
-            for (i, f) in features.into_iter().enumerate() {
-                bar(0x08, 4, i as u64);
-                bar(0x0c, 4, f);
-            }
-            if status & STATUS_FEATURES_OK != 0 {
-                bar(0x14, 1, u64::from(handshake | STATUS_FEATURES_OK));
-            }
-            for v in 0..u64::from(self.queues) + 1 {
-                for word in 0..4 {
-                    let at = MSIX_TABLE + 16 * v + 4 * word;
-                    bar(at, 4, self.read(at, 4));
-                }
-            }
-            let config_vector = self.read(0x10, 2);
-            if config_vector != u64::from(NO_VECTOR) {
-                bar(0x10, 2, config_vector);
-            }
-            for q in 0..u32::from(self.queues) {
-                bar(0x16, 2, u64::from(q));
-                for (off, len) in [(0x18, 2), (0x20, 8), (0x28, 8), (0x30, 8), (0x1a, 2)] {
-                    let v = self.read_selected(0x16, q, off, len);
-                    if off != 0x1a || v != u64::from(NO_VECTOR) {
-                        bar(off, len as u8, v);
-                    }
-                }
-                bar(0x1c, 2, self.read(0x1c, 2));
-            }
-            if status & STATUS_DRIVER_OK != 0 {
-                steps.push(Step::Resume);
-            }
             steps.push(Step::Bar {
                 off: 0x14,
                 len: 1,
