@@ -236,8 +236,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Launch {
-    /// Starts a backend process and waits for its devices, which must be `wanted`'s.
-    fn start(&self, wanted: &[&layout::Device]) -> Result<Started, BackendError> {
+    /// Starts a backend process and waits for its devices, which must be the description's.
+    fn start(&self) -> Result<Started, BackendError> {
         let region = Arc::new(Region::create()?);
         let (to_backend, to_proxy, replies) =
             (Doorbell::new()?, Doorbell::new()?, Doorbell::new()?);
@@ -314,7 +314,8 @@ impl Launch {
                 None => format!("the backend registered no devices within {REGISTER_TIMEOUT:?}"),
             }));
         };
-        if let Err(e) = check_registrations(wanted, &regs) {
+        let wanted: Vec<&layout::Device> = remote_devices(&self.layout).collect();
+        if let Err(e) = check_registrations(&wanted, &regs) {
             end(&mut child);
             return Err(e);
         }
@@ -388,7 +389,7 @@ pub fn start(
         bypass,
         events,
     };
-    let started = launch.start(&wanted)?;
+    let started = launch.start()?;
     let pool_mem = crate::memory::pool_memory(pool.base, pool.size, pool_fd)?;
     let mut functions: Vec<(DevFn, Box<dyn PciFunction>)> = Vec::new();
     let mut kept = Vec::new();
@@ -431,7 +432,6 @@ pub fn start(
     });
     let watch = Watch {
         launch,
-        devices: wanted.iter().map(|d| (*d).clone()).collect(),
         kept,
         current: current.clone(),
         restarts: l.rpc_restarts,
@@ -450,7 +450,6 @@ pub fn start(
 /// Watches the backend process, and starts another one when it dies.
 struct Watch {
     launch: Launch,
-    devices: Vec<layout::Device>,
     kept: Vec<Arc<Kept>>,
     current: Arc<Current>,
     restarts: u32,
@@ -493,8 +492,7 @@ impl Watch {
             if self.current.stopping.load(Ordering::Acquire) {
                 return;
             }
-            let wanted: Vec<&layout::Device> = self.devices.iter().collect();
-            let started = match self.launch.start(&wanted) {
+            let started = match self.launch.start() {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!(

@@ -12,8 +12,8 @@ use virtio::shadow::{Shadow, Step};
 use virtio::transport::{MSIX_TABLE, NOTIFY};
 
 pub struct Kept {
-    pub dev: u8,
-    pub link: Arc<Link>,
+    dev: u8,
+    link: Arc<Link>,
     shadow: Mutex<Shadow>,
     reaper: Option<Reaper>,
     /// BAR 0 writes that notify each of the device's queues.

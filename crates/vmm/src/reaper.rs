@@ -1,8 +1,9 @@
 //! What the VMM does for a virtio-blk device when its backend dies: every request the guest
 //! handed it (those the backend's journal says it held, and those it never took from the avail
-//! ring) completes with VIRTIO_BLK_S_IOERR, and so does every later one until a new backend takes
-//! the device over. The guest sees I/O errors, not a hang. The queue's registers and MSI-X entries come from the device's shadow
-//! (`virtio::shadow`), which the guest's writes update on their way to the backend.
+//! ring) completes with VIRTIO_BLK_S_IOERR, and so does every later one until a new backend
+//! takes the device over. The guest sees I/O errors, not a hang. The queue's registers and
+//! MSI-X entries come from the device's shadow (`virtio::shadow`), which the guest's writes
+//! update on their way to the backend.
 //!
 //! Guest memory is reached only through the pool mapping, like the devices themselves; every
 //! index and address read from the rings is bounded.
