@@ -168,6 +168,15 @@ fn attach(dir: tempfile::TempDir, disk: std::path::PathBuf, config: &std::path::
     }
 }
 
+/// Looks at `done` every 5 ms until it holds or `seconds` pass (the caller's asserts say
+/// which).
+fn wait_until(seconds: u64, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    while !done() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// The backend process's memory map: the pool memfd, never the RAM memfd.
 fn assert_maps_only_the_pool(pid: u32) {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
@@ -189,20 +198,14 @@ fn a_killed_backend_is_replaced_and_the_disk_carries_on_where_it_stood() {
     let first = s.remote.pid();
     // SAFETY: a signal to our own child.
     unsafe { libc::kill(first as i32, libc::SIGKILL) };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !s.remote.proxy().is_dead() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    wait_until(5, || s.remote.proxy().is_dead());
     // No backend for the moment: the reaper answers.
     assert_eq!(
         vm.request(rings, 1, 1, 4, data, false),
         1,
         "IOERR while dead"
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while (s.remote.pid() == 0 || s.remote.pid() == first) && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    wait_until(20, || s.remote.pid() != 0 && s.remote.pid() != first);
     let second = s.remote.pid();
     assert!(second != 0 && second != first, "a new backend ({second})");
     assert_maps_only_the_pool(second);
@@ -287,15 +290,11 @@ fn a_listening_backend_serves_a_vm_that_connects_and_again_after_a_kill() {
     assert_eq!(vm.request(rings, 0, 1, 7, data, false), 0, "write");
     // SAFETY: a signal to a process of this test.
     unsafe { libc::kill(served[0] as i32, libc::SIGKILL) };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let mut again = Vec::new();
-    while std::time::Instant::now() < deadline {
+    wait_until(20, || {
         again = children(listener.0.id());
-        if again.len() == 1 && again[0] != served[0] && !s.remote.proxy().is_dead() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+        again.len() == 1 && again[0] != served[0] && !s.remote.proxy().is_dead()
+    });
     assert!(
         again.len() == 1 && again[0] != served[0],
         "a new backend process: {again:?}"
@@ -311,10 +310,7 @@ fn a_listening_backend_serves_a_vm_that_connects_and_again_after_a_kill() {
     assert!(got.iter().all(|&b| b == 0x33));
     // The VM goes: its backend process ends, the listener stays.
     drop(s);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !children(listener.0.id()).is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    wait_until(10, || children(listener.0.id()).is_empty());
     assert!(children(listener.0.id()).is_empty());
 }
 
@@ -366,10 +362,7 @@ fn a_disk_served_by_the_backend_process_which_maps_only_the_pool() {
     // The backend killed: splitvirt notices at once, says so, and accesses stop waiting.
     // SAFETY: a signal to our own child.
     unsafe { libc::kill(remote.pid() as i32, libc::SIGKILL) };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !remote.proxy().is_dead() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    wait_until(5, || remote.proxy().is_dead());
     assert!(events
         .lock()
         .unwrap()

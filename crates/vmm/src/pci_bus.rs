@@ -61,6 +61,19 @@ mod tests {
     use super::*;
     use crate::bus::Bus;
 
+    /// The default description's layout, ECAM and bus.
+    fn default_bus() -> (Layout, Arc<Ecam>, Bus) {
+        let l = layout::resolve(&layout::Description::default_vm())
+            .unwrap()
+            .layout;
+        let (ecam, regions) = host(&l);
+        let mut bus = Bus::default();
+        for (r, d) in regions {
+            bus.add(r, d);
+        }
+        (l, ecam, bus)
+    }
+
     /// A function served by a backend that never answers: its reads wait out the proxy's
     /// timeout, as they would for a stalled backend process.
     fn unanswered(dev: u8, bar: u64, timeout: std::time::Duration) -> Box<dyn pci::PciFunction> {
@@ -90,14 +103,7 @@ mod tests {
     #[test]
     fn a_vcpu_waiting_on_one_function_holds_up_no_other() {
         use std::time::Duration;
-        let l = layout::resolve(&layout::Description::default_vm())
-            .unwrap()
-            .layout;
-        let (ecam, regions) = host(&l);
-        let mut bus = Bus::default();
-        for (r, d) in regions {
-            bus.add(r, d);
-        }
+        let (l, ecam, bus) = default_bus();
         let bus = Arc::new(bus);
         let (mem, cfg) = (l.pci.mem32.base, l.pci.ecam.base);
         // 00:01.0 and 00:02.0 in the 32-bit window, both served by silent backends: a read of
@@ -137,14 +143,7 @@ mod tests {
 
     #[test]
     fn the_guest_finds_the_host_bridge_and_nothing_else() {
-        let l = layout::resolve(&layout::Description::default_vm())
-            .unwrap()
-            .layout;
-        let (_, regions) = host(&l);
-        let mut bus = Bus::default();
-        for (r, d) in regions {
-            bus.add(r, d);
-        }
+        let (l, _, bus) = default_bus();
         let mut id = [0u8; 4];
         bus.read(l.pci.ecam.base, &mut id);
         assert_eq!(u32::from_le_bytes(id), 0x0008_1b36);
