@@ -98,13 +98,8 @@ fn a_replayed_console_has_the_same_registers_and_carries_on_after_the_last_used_
     a.negotiate(F_VERSION_1 | F_ACCESS_PLATFORM | F_EVENT_IDX);
     a.w(0x10, 0, 2);
     a.w(0x16, 1, 2);
-    a.w(0x18, u64::from(QSIZE), 2);
-    a.w(0x20, DESC, 8);
-    a.w(0x28, AVAIL, 8);
-    a.w(0x30, USED, 8);
     a.w(0x1a, 1, 2);
-    a.w(0x1c, 1, 2);
-    a.w(0x14, 0xf, 1);
+    a.enable_on_fixed_rings();
     // Queue layout written after DRIVER_OK is ignored by the device, and so by its shadow.
     a.w(0x20, DESC + 0x100, 8);
     for (i, m) in [b"one\n", b"two\n", b"six\n"].iter().enumerate() {

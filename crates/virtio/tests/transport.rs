@@ -150,12 +150,7 @@ fn msix_vectors_route_queue_interrupts() {
     );
     g.w(0x1a, 2, 2);
     assert_eq!(g.r(0x1a, 2), 2);
-    g.w(0x18, u64::from(QSIZE), 2);
-    g.w(0x20, DESC, 8);
-    g.w(0x28, AVAIL, 8);
-    g.w(0x30, USED, 8);
-    g.w(0x1c, 1, 2);
-    g.w(0x14, 0xf, 1);
+    g.enable_on_fixed_rings();
     g.mem.write_slice(b"x", GuestAddress(BUF)).unwrap();
     g.post(1, &[(BUF, 1, false)]);
     assert_eq!(*g.sig.msis.lock().unwrap(), vec![(0x0802_0040, 70)]);

@@ -117,6 +117,10 @@ impl<D: VirtioDevice> Driver<D> {
     pub fn start(&mut self, q: u16, extra_features: u64) {
         self.negotiate(F_VERSION_1 | F_ACCESS_PLATFORM | extra_features);
         self.w(0x16, u64::from(q), 2);
+        self.enable_on_fixed_rings();
+    }
+    /// The selected queue on the fixed rings, enabled, then DRIVER_OK.
+    pub fn enable_on_fixed_rings(&mut self) {
         self.w(0x18, u64::from(QSIZE), 2);
         self.w(0x20, DESC, 8);
         self.w(0x28, AVAIL, 8);
