@@ -148,6 +148,10 @@ pub fn run_with(
         "-monitor",
         "none",
         "-no-reboot",
+        // No default NIC: its ROM (efi-virtio.rom) comes only with a Recommends of QEMU's
+        // package, and the board's networks are all inside it.
+        "-nic",
+        "none",
         "-append",
         "console=ttyAMA0 rdinit=/init panic=-1",
     ]

@@ -57,7 +57,9 @@ fn qemu_args(kernel: &Path, initrd: &Path, dtb: &Path, disk: &Path) -> Vec<Strin
         "-netdev",
         "user,id=n0",
         "-device",
-        &format!("virtio-net-pci,netdev=n0,addr=2.0,{modern}"),
+        // A direct kernel boot needs no option ROM; without `romfile=` QEMU insists on
+        // efi-virtio.rom, which only a Recommends of its package brings.
+        &format!("virtio-net-pci,netdev=n0,addr=2.0,romfile=,{modern}"),
         "-chardev",
         "null,id=vc0",
         "-device",
