@@ -10,6 +10,12 @@ pub const SPI_BASE_INTID: u32 = 32;
 pub const PPI_BASE_INTID: u32 = 16;
 /// Largest interrupt ID a GICv2 can route (1020..1023 are special).
 pub const MAX_INTID: u32 = 1019;
+/// A GICv2m frame's `spi_base + spi_count` may not exceed this (Linux's `V2M_MAX_SPI`).
+pub const V2M_MAX_END: u32 = 1019;
+/// The GIC CPU interface KVM's vgic-v2 maps is 8 KiB (GICC_DIR sits at 0x1000).
+pub const GIC_CPU_MIN_SIZE: u64 = 8 * 1024;
+/// The end of what a 32-bit BAR can address.
+pub const FOUR_GIB: u64 = 1 << 32;
 /// GICv2 addresses at most 8 CPUs.
 pub const MAX_VCPUS: u32 = 8;
 /// Longest RPC polling spin: past a few milliseconds a spin only burns the CPU that an

@@ -30,6 +30,10 @@ pub enum Rule {
     Swiotlb,
     Earlycon,
     Backend,
+    /// The GIC CPU interface is smaller than the architecture's registers.
+    GicSize,
+    /// A PCI window that cannot hold the BARs placed in it.
+    PciWindow,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

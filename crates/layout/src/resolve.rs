@@ -102,6 +102,8 @@ fn build(d: &Description, p: &mut Vec<Problem>) -> Layout {
     check_ram(&layout, p);
     check_pool(&layout, p);
     check_ecam(&layout, p);
+    check_gic_cpu(&layout, p);
+    check_mem32(&layout, p);
     check_irqs(&layout, p);
     check_cmdline(&layout, p);
     if regions_ok {
@@ -302,6 +304,36 @@ fn check_ecam(l: &Layout, p: &mut Vec<Problem>) {
     }
 }
 
+fn check_gic_cpu(l: &Layout, p: &mut Vec<Problem>) {
+    let c = &l.gic_cpu;
+    if c.size != 0 && c.size < GIC_CPU_MIN_SIZE {
+        p.push(Problem::error(
+            Rule::GicSize,
+            format!(
+                "{c}: gic.cpu_interface_size = {} is smaller than the GICv2 CPU interface (8 KiB: GICC_DIR is at offset 0x1000)",
+                ByteSize(c.size)
+            ),
+            "set gic.cpu_interface_size to at least \"8K\" (the default is \"64K\", as on a GIC-400)",
+        ));
+    }
+}
+
+fn check_mem32(l: &Layout, p: &mut Vec<Problem>) {
+    let w = &l.pci.mem32;
+    if w.size != 0 && w.end().is_none_or(|e| e > FOUR_GIB) {
+        p.push(Problem::error(
+            Rule::PciWindow,
+            format!(
+                "{w} ends above 4 GiB: a 32-bit BAR cannot hold an address there"
+            ),
+            format!(
+                "move pci.mem32 below 4 GiB (base + size <= 0x1_0000_0000; this size fits at base {:#x} or lower), and use pci.mem64 for the space above",
+                FOUR_GIB.saturating_sub(w.size)
+            ),
+        ));
+    }
+}
+
 /// One interrupt source for the collision check.
 struct Irq {
     what: String,
@@ -358,18 +390,29 @@ fn check_irqs(l: &Layout, p: &mut Vec<Problem>) {
         );
     }
     if let Some(v) = &l.v2m {
-        let last = (u64::from(v.spi_base) + u64::from(v.spi_count)).saturating_sub(1);
-        if v.spi_count == 0 || v.spi_base < SPI_BASE_INTID || last > u64::from(MAX_INTID) {
+        let end = u64::from(v.spi_base) + u64::from(v.spi_count);
+        let last = end.saturating_sub(1);
+        // Linux's gic-v2m driver refuses a frame with base + count > 1019 (V2M_MAX_SPI), so
+        // interrupt ID 1019 itself, a valid SPI, is out of an MSI frame's reach.
+        if v.spi_count == 0 || v.spi_base < SPI_BASE_INTID || end > u64::from(V2M_MAX_END) {
             p.push(Problem::error(
                 Rule::V2mRange,
                 format!(
-                    "gic.v2m: interrupt IDs {}..{} (spi_base {}, spi_count {}) are not all SPIs (32..{MAX_INTID})",
+                    "gic.v2m: interrupt IDs {}..{} (spi_base {}, spi_count {}) are not all SPIs that Linux's GICv2m driver accepts (32..{})",
                     v.spi_base,
                     last,
                     v.spi_base,
-                    v.spi_count
+                    v.spi_count,
+                    V2M_MAX_END - 1
                 ),
-                format!("choose spi_base >= 32 and spi_base + spi_count - 1 <= {MAX_INTID}, spi_count >= 1"),
+                format!(
+                    "choose spi_base >= 32, spi_count >= 1 and spi_base + spi_count <= {V2M_MAX_END}{}",
+                    if v.spi_count > 0 && v.spi_base >= SPI_BASE_INTID && v.spi_base < V2M_MAX_END {
+                        format!(" (spi_count = {} with this base)", V2M_MAX_END - v.spi_base)
+                    } else {
+                        String::new()
+                    }
+                ),
             ));
         } else {
             irqs.push(Irq {

@@ -205,6 +205,39 @@ fn v2m_range_must_be_spis() {
         Rule::V2mRange,
         &["spi_count 0"],
     );
+    // Interrupt ID 1019 is an SPI, but Linux's gic-v2m refuses base + count > 1019.
+    rejects(
+        "[gic.v2m]\nspi_base = 1000\nspi_count = 20\n",
+        Rule::V2mRange,
+        &["1000..1019", "spi_count 20"],
+    );
+    let fits = problems("[gic.v2m]\nspi_base = 1000\nspi_count = 19\n");
+    assert!(
+        !fits.iter().any(|p| p.rule == Rule::V2mRange),
+        "{fits:?}"
+    );
+}
+
+#[test]
+fn gic_cpu_interface_holds_gicc_dir() {
+    rejects(
+        "[gic]\ncpu_interface_size = \"4K\"\n",
+        Rule::GicSize,
+        &["GIC CPU interface", "4 KiB", "8 KiB"],
+    );
+    let ok = problems("[gic]\ncpu_interface_size = \"8K\"\n");
+    assert!(!ok.iter().any(|p| p.rule == Rule::GicSize), "{ok:?}");
+}
+
+#[test]
+fn the_32_bit_window_ends_below_4_gib() {
+    rejects(
+        "[pci.mem32]\nbase = 0xf0000000\nsize = \"512M\"\n",
+        Rule::PciWindow,
+        &["PCI 32-bit window", "0xf0000000", "4 GiB"],
+    );
+    let ok = problems("[pci.mem32]\nbase = 0xe0000000\nsize = \"512M\"\n");
+    assert!(!ok.iter().any(|p| p.rule == Rule::PciWindow), "{ok:?}");
 }
 
 #[test]
