@@ -290,6 +290,7 @@ pub fn boot_on_kvm() -> Result<()> {
         "restricted DMA pool",
         "PCI enumerated",
         "virtio devices bound",
+        "virtio drivers bound",
         "init started",
     ] {
         ensure!(

@@ -279,11 +279,82 @@ pub fn read(log: &str) -> Report {
             Status::Found(format!("{} virtio device(s){how}", virtio.len())),
         );
     }
-    // 7. Userspace.
-    match find(&lines, "Run /init as init process")
+    let init = find(&lines, "Run /init as init process")
         .or_else(|| find(&lines, "as init process"))
-        .or_else(|| find(&lines, "@@ INIT started"))
-    {
+        .or_else(|| find(&lines, "@@ INIT started"));
+    // 7. Each virtio function taken by its class driver (a disk, an interface, a console).
+    let mut notes = Vec::new();
+    if !virtio.is_empty() && virtio.iter().all(|f| f.failure.is_none()) {
+        let bindings = drivers(&lines, &virtio);
+        let unbound: Vec<&Binding> = bindings
+            .iter()
+            .filter(|b| matches!(b.evidence, Evidence::Unbound(_)))
+            .collect();
+        // A log that ends before init may end before a probe, too: then absence proves nothing.
+        let decisive =
+            |b: &&Binding| init.is_some() || matches!(b.evidence, Evidence::Unbound(Some(_)));
+        let unbound: Vec<&Binding> = unbound.into_iter().filter(decisive).collect();
+        for b in &bindings {
+            if let Evidence::Unconfirmed = b.evidence {
+                notes.push(format!(
+                    "{} ({}): no line shows its driver; the kernel prints none when it binds one, so check in the guest that it exists (needs {})",
+                    b.bdf, b.class.name(), b.class.config()
+                ));
+            }
+        }
+        if let Some(first) = unbound.first() {
+            let list = unbound
+                .iter()
+                .map(|b| format!("{} ({})", b.bdf, b.class.name()))
+                .collect::<Vec<_>>()
+                .join(", ");
+            push(
+                &mut steps,
+                "virtio drivers bound",
+                Status::Failed(format!("no driver took {list}")),
+            );
+            let seen = match &first.evidence {
+                Evidence::Unbound(Some(l)) => format!("; the guest then reported `{l}`"),
+                _ => String::new(),
+            };
+            diag(
+                &mut diagnosis,
+                "virtio drivers bound",
+                format!(
+                    "{} was enumerated and set up by virtio-pci, but no {} ever appeared{seen}",
+                    list,
+                    first.class.shows()
+                ),
+                &format!(
+                    "build the guest kernel with {} (splitvirt kconfig check --role driver .config names what is missing)",
+                    unbound
+                        .iter()
+                        .map(|b| b.class.config())
+                        .collect::<Vec<_>>()
+                        .join(" and ")
+                ),
+            );
+        } else {
+            let bound = bindings
+                .iter()
+                .filter_map(|b| match &b.evidence {
+                    Evidence::Bound(what) => Some(format!("{} -> {what}", b.bdf)),
+                    _ => None,
+                })
+                .collect::<Vec<_>>();
+            push(
+                &mut steps,
+                "virtio drivers bound",
+                Status::Found(if bound.is_empty() {
+                    "no driver line expected".into()
+                } else {
+                    bound.join(", ")
+                }),
+            );
+        }
+    }
+    // 8. Userspace.
+    match init {
         Some(l) => push(&mut steps, "init started", Status::Found(l.into())),
         None => {
             let panic = find(&lines, "Kernel panic");
@@ -312,7 +383,6 @@ pub fn read(log: &str) -> Report {
             }
         }
     }
-    let mut notes = Vec::new();
     if let Some(p) = phandle {
         notes.push(format!(
             "`{p}`: a phandle (usually the host bridge's msi-parent) points at no node; Linux 6.x falls back to INTx, older kernels fail to probe the devices (error -524). Emit msi-parent only with a v2m@ frame node"
@@ -329,6 +399,150 @@ pub fn read(log: &str) -> Report {
         diagnosis,
         notes,
     }
+}
+
+/// The virtio device classes whose drivers doctor can see at work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    Block,
+    Net,
+    Console,
+    Other,
+}
+
+impl Class {
+    fn of(f: &PciFunction) -> Class {
+        // Modern ids are 0x1040 + virtio type; transitional ones 0x1000.. (facts: 1af4).
+        match f.device {
+            0x1042 | 0x1001 => Class::Block,
+            0x1041 | 0x1000 => Class::Net,
+            0x1043 | 0x1003 => Class::Console,
+            _ => Class::Other,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Class::Block => "virtio-blk",
+            Class::Net => "virtio-net",
+            Class::Console => "virtio-console",
+            Class::Other => "virtio device",
+        }
+    }
+    fn shows(self) -> &'static str {
+        match self {
+            Class::Block => "vdX disk",
+            Class::Net => "network interface",
+            Class::Console => "hvc console",
+            Class::Other => "driver line",
+        }
+    }
+    /// The Kconfig symbols its driver needs (facts #4: VIRTIO_BLK depends on BLK_DEV).
+    fn config(self) -> &'static str {
+        match self {
+            Class::Block => "CONFIG_VIRTIO_BLK=y (it depends on CONFIG_BLK_DEV=y)",
+            Class::Net => "CONFIG_VIRTIO_NET=y (it depends on CONFIG_NETDEVICES=y)",
+            Class::Console => "CONFIG_VIRTIO_CONSOLE=y",
+            Class::Other => "the driver for its virtio type",
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Evidence {
+    /// The driver's own line: what it made (`vda`, `eth0`, `hvc0`).
+    Bound(String),
+    /// No line of its driver where one is printed; with the guest's own complaint if it made one.
+    Unbound(Option<String>),
+    /// Its driver prints nothing when it binds, and nothing says it is missing.
+    Unconfirmed,
+}
+
+#[derive(Debug)]
+struct Binding {
+    bdf: String,
+    class: Class,
+    evidence: Evidence,
+}
+
+/// Matches each virtio function with its driver's lines. virtio-pci numbers the devices it
+/// registers in the order it probes them (`virtioN`), which is the order of its first line per
+/// function.
+fn drivers(lines: &[&str], virtio: &[&PciFunction]) -> Vec<Binding> {
+    let first = |f: &PciFunction| {
+        let tag = format!("virtio-pci {}", f.bdf);
+        lines.iter().position(|l| l.contains(&tag))
+    };
+    let mut order: Vec<&PciFunction> = virtio.to_vec();
+    order.sort_by_key(|f| first(f).unwrap_or(usize::MAX));
+    let complaint = |pats: &[&str]| {
+        lines
+            .iter()
+            .find(|l| pats.iter().any(|p| l.contains(p)))
+            .map(|l| l.to_string())
+    };
+    order
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let class = Class::of(f);
+            let own = |driver: &str| {
+                let tag = format!("{driver} virtio{i}");
+                lines.iter().copied().filter(move |l| l.contains(&tag))
+            };
+            let evidence = match class {
+                Class::Block => match own("virtio_blk").find_map(disk_name) {
+                    // virtio_blk prints the disk's capacity at notice level when it binds.
+                    Some(vd) => Evidence::Bound(vd),
+                    None => {
+                        Evidence::Unbound(complaint(&["can't open '/dev/vd", "unknown-block(0,0)"]))
+                    }
+                },
+                Class::Net => match own("virtio_net")
+                    .next()
+                    .or_else(|| find(lines, "virtio_net virtio"))
+                {
+                    Some(l) => Evidence::Bound(
+                        l.split_whitespace()
+                            .nth(2)
+                            .unwrap_or("an interface")
+                            .trim_end_matches(':')
+                            .to_owned(),
+                    ),
+                    None => match complaint(&[
+                        "SIOCGIFFLAGS: No such device",
+                        "can't find device 'eth",
+                        "Cannot find device \"eth",
+                    ]) {
+                        Some(l) => Evidence::Unbound(Some(l)),
+                        None => Evidence::Unconfirmed,
+                    },
+                },
+                Class::Console => match own("virtio_console")
+                    .next()
+                    .or_else(|| find(lines, "console [hvc"))
+                {
+                    Some(_) => Evidence::Bound("hvc".into()),
+                    None => match complaint(&["can't open '/dev/hvc", "/dev/hvc0: No such"]) {
+                        Some(l) => Evidence::Unbound(Some(l)),
+                        None => Evidence::Unconfirmed,
+                    },
+                },
+                Class::Other => Evidence::Unconfirmed,
+            };
+            Binding {
+                bdf: f.bdf.clone(),
+                class,
+                evidence,
+            }
+        })
+        .collect()
+}
+
+/// `virtio_blk virtio0: [vda] 131072 512-byte logical blocks` -> `vda`.
+fn disk_name(line: &str) -> Option<String> {
+    let (_, rest) = line.split_once("[vd")?;
+    let (name, _) = rest.split_once(']')?;
+    Some(format!("vd{name}"))
 }
 
 fn is_bridge(f: &PciFunction) -> bool {
@@ -375,7 +589,8 @@ mod tests {
         [    0.0] Memory: 1K/2K available\n[    0.0] software IO TLB: Reserved memory: created restricted DMA pool at 0x0000000050000000, size 64 MiB\n\
         [    0.5] pci-host-generic 70000000.pcie: host bridge /pcie@70000000 ranges:\n\
         [    0.5] pci 0000:00:01.0: [1af4:1042] type 00 class 0x010000 conventional PCI endpoint\n\
-        [    0.7] virtio-pci 0000:00:01.0: assigned reserved memory node swiotlb@50000000\n";
+        [    0.7] virtio-pci 0000:00:01.0: assigned reserved memory node swiotlb@50000000\n\
+        [    0.8] virtio_blk virtio0: [vda] 131072 512-byte logical blocks\n";
 
     #[test]
     fn a_virtio_timeout_points_at_the_backend() {
@@ -401,6 +616,56 @@ mod tests {
             + "Run /init as init process\n";
         let d = read(&log).diagnosis.unwrap();
         assert!(d.cause.contains("did not get the restricted pool"), "{d:?}");
+    }
+
+    #[test]
+    fn an_enumerated_disk_that_no_driver_took_is_named() {
+        // What a kernel without VIRTIO_BLK prints: virtio-pci sets the function up, no vda.
+        let log = BASE.replace("[    0.8] virtio_blk virtio0: [vda] 131072 512-byte logical blocks\n", "")
+            + "[    1.0] Run /init as init process\ndd: can't open '/dev/vda': No such device or address\n";
+        let r = read(&log);
+        let d = r.diagnosis.as_ref().expect("diagnosed");
+        assert_eq!(d.step, "virtio drivers bound", "{r}");
+        assert!(d.cause.contains("0000:00:01.0 (virtio-blk)"), "{d:?}");
+        assert!(d.cause.contains("can't open '/dev/vda'"), "{d:?}");
+        assert!(d.fix.contains("CONFIG_VIRTIO_BLK=y"), "{d:?}");
+        // The same log with the driver's line is whole.
+        let r = read(&format!("{BASE}Run /init as init process\n"));
+        assert!(r.ok(), "{r}");
+        assert!(r.to_string().contains("0000:00:01.0 -> vda"), "{r}");
+    }
+
+    #[test]
+    fn a_log_that_ends_before_init_proves_no_driver_missing() {
+        let r = read(&BASE.replace(
+            "virtio_blk virtio0: [vda] 131072 512-byte logical blocks",
+            "",
+        ));
+        assert_ne!(r.diagnosis.unwrap().step, "virtio drivers bound");
+    }
+
+    #[test]
+    fn a_missing_network_driver_is_named_when_the_guest_says_so() {
+        let log =
+            BASE.replace(
+                "[1af4:1042] type 00 class 0x010000",
+                "[1af4:1041] type 00 class 0x020000",
+            )
+            .replace(
+                "[    0.8] virtio_blk virtio0: [vda] 131072 512-byte logical blocks\n",
+                "",
+            ) + "Run /init as init process\nip: SIOCGIFFLAGS: No such device\n";
+        let d = read(&log).diagnosis.unwrap();
+        assert_eq!(d.step, "virtio drivers bound");
+        assert!(d.fix.contains("CONFIG_VIRTIO_NET=y"), "{d:?}");
+        // Silence is not proof: the net driver prints nothing when it binds.
+        let quiet = log.replace("ip: SIOCGIFFLAGS: No such device\n", "");
+        let r = read(&quiet);
+        assert!(r.ok(), "{r}");
+        assert!(
+            r.notes.iter().any(|n| n.contains("CONFIG_VIRTIO_NET")),
+            "{r}"
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@ fn status<'a>(r: &'a doctor::Report, step: &str) -> &'a Status {
 fn a_good_boot_has_every_step() {
     let r = read(&log("qemu-virt"));
     assert!(r.ok(), "{r}");
-    assert_eq!(r.steps.len(), 7);
+    assert_eq!(r.steps.len(), 8);
     assert!(
         r.steps.iter().all(|s| matches!(s.status, Status::Found(_))),
         "{r}"

@@ -212,10 +212,7 @@ fn v2m_range_must_be_spis() {
         &["1000..1019", "spi_count 20"],
     );
     let fits = problems("[gic.v2m]\nspi_base = 1000\nspi_count = 19\n");
-    assert!(
-        !fits.iter().any(|p| p.rule == Rule::V2mRange),
-        "{fits:?}"
-    );
+    assert!(!fits.iter().any(|p| p.rule == Rule::V2mRange), "{fits:?}");
 }
 
 #[test]
