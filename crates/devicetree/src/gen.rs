@@ -301,8 +301,11 @@ mod tests {
     use crate::tree::Tree;
     use layout::{resolve, Description};
 
+    /// The seed's driver VM (disk, network and console), as the examples file writes it.
     fn default_layout() -> Layout {
-        resolve(&Description::default_vm()).unwrap().layout
+        let f =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/driver-vm.toml");
+        resolve(&Description::load(&f).unwrap()).unwrap().layout
     }
 
     /// Runs one node function inside a root node and reads the result back.

@@ -269,8 +269,25 @@ impl Description {
         };
         self.kernel.image.as_mut().map(fix);
         self.kernel.initrd.as_mut().map(fix);
+        if let Some(b) = &mut self.backend {
+            b.connect.as_mut().map(fix);
+        }
+        // Socket paths too: two VMs whose files sit side by side name the same socket.
+        let fix_str = |p: &mut String| {
+            if Path::new(p.as_str()).is_relative() {
+                *p = dir.join(&*p).display().to_string();
+            }
+        };
         for d in &mut self.devices {
             d.image.as_mut().map(fix);
+            d.peer.as_mut().map(fix_str);
+            if let Some(b) = &mut d.backend {
+                if let Some(path) = b.strip_prefix("socket:") {
+                    let mut path = path.to_owned();
+                    fix_str(&mut path);
+                    *b = format!("socket:{path}");
+                }
+            }
         }
     }
 }
@@ -331,6 +348,32 @@ mod tests {
         assert!(msg.contains("vm.toml"), "{msg}");
         assert!(msg.contains("memory"), "{msg}");
         assert!(msg.contains("sise"), "{msg}");
+    }
+
+    #[test]
+    fn socket_paths_are_relative_to_the_file_like_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("vm.toml");
+        std::fs::write(
+            &f,
+            "[backend]\nconnect = \"be.sock\"\n\
+             [[device]]\nkind = \"connector\"\nname = \"c\"\ndataport_size = \"1M\"\npeer = \"c.sock\"\n\
+             [[device]]\nkind = \"virtio-net\"\nbackend = \"socket:link.sock\"\n\
+             [[device]]\nkind = \"virtio-console\"\nbackend = \"socket:/run/abs.sock\"\n",
+        )
+        .unwrap();
+        let d = Description::load(&f).unwrap();
+        let at = |n: &str| dir.path().join(n).display().to_string();
+        assert_eq!(d.backend.unwrap().connect, Some(dir.path().join("be.sock")));
+        assert_eq!(d.devices[0].peer.as_deref(), Some(at("c.sock").as_str()));
+        assert_eq!(
+            d.devices[1].backend.as_deref(),
+            Some(format!("socket:{}", at("link.sock")).as_str())
+        );
+        assert_eq!(
+            d.devices[2].backend.as_deref(),
+            Some("socket:/run/abs.sock")
+        );
     }
 
     #[test]

@@ -53,7 +53,8 @@ pub const DRIVER_MEM64_SIZE: u64 = 0x10_0000_0000;
 /// 64 MSI SPIs from interrupt ID 64 (seed: `arm,msi-base-spi = <64>`).
 pub const DRIVER_V2M_SPI_BASE: u32 = 64;
 pub const DRIVER_V2M_SPI_COUNT: u32 = 64;
-pub const DRIVER_CMDLINE: &str = "console=ttyAMA0 earlycon=pl011,0x9000000 root=/dev/vda2 rw";
+/// No `root=`: the default VM has no disk, so it runs the initramfs it is given.
+pub const DRIVER_CMDLINE: &str = "console=ttyAMA0 earlycon=pl011,0x9000000";
 
 // ---- qemu-virt: QEMU's own virt machine (hw/arm/virt.c), so that our DTB can replace QEMU's.
 
@@ -151,24 +152,12 @@ impl Profile {
                     initrd: None,
                 },
                 backend: None,
-                // The seed's driver VM: 00:01.0 block, 00:02.0 network, and a console.
-                devices: vec![
-                    DeviceDesc {
-                        kind: "virtio-blk".into(),
-                        image: Some("disk.img".into()),
-                        ..Default::default()
-                    },
-                    DeviceDesc {
-                        kind: "virtio-net".into(),
-                        backend: Some("tap0".into()),
-                        mac: Some("52:54:00:12:34:56".into()),
-                        ..Default::default()
-                    },
-                    DeviceDesc {
-                        kind: "virtio-console".into(),
-                        ..Default::default()
-                    },
-                ],
+                // Only what needs no host file or privilege: a console, served by the backend
+                // process. The seed's disk and TAP are in examples/driver-vm.toml.
+                devices: vec![DeviceDesc {
+                    kind: "virtio-console".into(),
+                    ..Default::default()
+                }],
             },
             Profile::QemuVirt => Description {
                 profile: self.name().into(),

@@ -35,10 +35,29 @@ fn the_default_is_valid_and_has_no_warnings() {
         l.pool.as_ref().map(|p| (p.base, p.size)),
         Some((0x5000_0000, 64 << 20))
     );
+    // Nothing that needs a host file or privilege: one console, in the backend.
+    assert_eq!(l.devices.len(), 1);
+    assert_eq!(l.devices[0].slot, 1);
+    assert!(!l.cmdline.contains("root="), "{}", l.cmdline);
+}
+
+/// The seed's driver VM with its disk, TAP and console, as examples/driver-vm.toml writes it.
+fn seed_vm() -> Description {
+    Description::load(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/driver-vm.toml"),
+    )
+    .unwrap()
+}
+
+#[test]
+fn the_seeds_driver_vm_is_valid() {
+    let r = resolve(&seed_vm()).unwrap();
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
     assert_eq!(
-        l.devices.iter().map(|d| d.slot).collect::<Vec<_>>(),
+        r.layout.devices.iter().map(|d| d.slot).collect::<Vec<_>>(),
         vec![1, 2, 3]
     );
+    assert!(r.layout.cmdline.contains("root=/dev/vda2"));
 }
 
 #[test]
@@ -531,7 +550,7 @@ fn bar_placement_is_derived_and_overridable() {
 
 #[test]
 fn intx_follows_the_swizzle_and_msi_ranges_are_disjoint() {
-    let l = resolve(&Description::default_vm()).unwrap().layout;
+    let l = resolve(&seed_vm()).unwrap().layout;
     for d in &l.devices {
         assert_eq!(
             d.intx_spi,

@@ -38,11 +38,21 @@ fn config_check_default_and_example_are_valid() {
 }
 
 #[test]
-fn the_example_file_is_the_default_written_out() {
-    let d = layout::Description::load(&repo("examples/driver-vm.toml")).unwrap();
-    let mut default = layout::Description::default_vm();
-    // The example's image path is relative to the file.
-    default.devices[0].image = Some(repo("examples").join("disk.img"));
+fn the_example_file_is_the_default_written_out_with_the_seeds_devices() {
+    let mut d = layout::Description::load(&repo("examples/driver-vm.toml")).unwrap();
+    // The seed's disk (its path relative to the file), TAP and console, booting from the disk.
+    assert_eq!(
+        d.devices
+            .iter()
+            .map(|x| x.kind.as_str())
+            .collect::<Vec<_>>(),
+        ["virtio-blk", "virtio-net", "virtio-console"]
+    );
+    assert_eq!(d.devices[0].image, Some(repo("examples").join("disk.img")));
+    assert!(d.kernel.cmdline.ends_with(" root=/dev/vda2 rw"));
+    let default = layout::Description::default_vm();
+    d.devices.drain(..2);
+    d.kernel.cmdline = default.kernel.cmdline.clone();
     assert_eq!(d, default);
 }
 
@@ -84,7 +94,8 @@ fn typos_and_missing_files_are_named() {
 
 #[test]
 fn config_show_is_sorted_by_address() {
-    let o = sv(&["config", "show"]);
+    let ex = repo("examples/driver-vm.toml");
+    let o = sv(&["config", "show", ex.to_str().unwrap()]);
     assert!(o.status.success());
     let (out, _) = text(&o);
     let starts: Vec<u64> = out

@@ -41,6 +41,29 @@ pub struct OpenError {
     pub why: String,
 }
 
+/// What to do about a disk image that would not open, by the reason it gave.
+fn open_failure(e: &std::io::Error, read_only: bool) -> String {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::NotFound => format!(
+            "cannot open it: {e}; create it (for instance `truncate -s 1G IMAGE`, or `qemu-img \
+             create -f qcow2 IMAGE 1G`) or point `image` at an existing file (a relative path \
+             is taken from the description's directory)"
+        ),
+        ErrorKind::PermissionDenied if !read_only => format!(
+            "cannot open it for writing: {e}; give this user write access to it, or set \
+             read_only = true to serve it read-only"
+        ),
+        ErrorKind::PermissionDenied => {
+            format!("cannot open it for reading: {e}; give this user read access to it")
+        }
+        _ => format!(
+            "cannot open it{}: {e}",
+            if read_only { "" } else { " for writing" }
+        ),
+    }
+}
+
 /// Opens `path` as `format`. Without a format, a name ending in `.qcow2` means qcow2 and
 /// anything else raw; a raw-by-default file that starts like a qcow2 image is refused rather
 /// than shown to the guest as its bytes (or, worse, trusted as qcow2 when the guest wrote the
@@ -58,16 +81,7 @@ pub fn open(
         .read(true)
         .write(!read_only)
         .open(path)
-        .map_err(|e| {
-            err(format!(
-                "cannot open it{}: {e}",
-                if read_only {
-                    ""
-                } else {
-                    " for writing (set read_only = true?)"
-                }
-            ))
-        })?;
+        .map_err(|e| err(open_failure(&e, read_only)))?;
     let mut magic = [0u8; 4];
     let has_magic = file.read_exact_at(&mut magic, 0).is_ok() && &magic == QCOW2_MAGIC;
     let by_name = path.extension().is_some_and(|e| e == "qcow2");
@@ -270,5 +284,19 @@ mod tests {
         let p = raw_file(&dir, "odd.img", &[0u8; 1000]);
         let e = open(&p, None, true).err().unwrap().to_string();
         assert!(e.contains("1000") && e.contains("truncate"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_image_says_how_to_make_one_not_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = open(&dir.path().join("disk.img"), None, false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("disk.img") && e.contains("No such file") && e.contains("truncate"),
+            "{e}"
+        );
+        assert!(!e.contains("read_only"), "{e}");
     }
 }

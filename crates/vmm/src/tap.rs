@@ -35,9 +35,17 @@ impl Tap {
             .write(true)
             .open("/dev/net/tun")
             .map_err(|e| {
-                err(format!(
-                    "cannot open /dev/net/tun: {e} (is the tun module loaded, and are you root?)"
-                ))
+                err(match e.kind() {
+                    std::io::ErrorKind::NotFound => format!(
+                        "cannot open /dev/net/tun: {e}; load the tun module (`modprobe tun`), or \
+                         use backend = \"socket:PATH\" to link this VM to another without a TAP"
+                    ),
+                    _ => format!(
+                        "cannot open /dev/net/tun: {e}; run splitvirt as root or with \
+                         CAP_NET_ADMIN, or create the interface beforehand for this user \
+                         (`ip tuntap add {name} mode tap user $USER`)"
+                    ),
+                })
             })?;
         // SAFETY: ifreq is plain data; zeroed is a valid value.
         let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
@@ -48,10 +56,16 @@ impl Tap {
         // SAFETY: TUNSETIFF reads the ifreq we own, on the tun fd we own.
         let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &ifr) };
         if rc < 0 {
-            return Err(err(format!(
-                "TUNSETIFF: {}",
-                std::io::Error::last_os_error()
-            )));
+            let e = std::io::Error::last_os_error();
+            let fix = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                format!(
+                    "; creating a TAP needs CAP_NET_ADMIN: run splitvirt as root, or create it \
+                     beforehand for this user (`ip tuntap add {name} mode tap user $USER`)"
+                )
+            } else {
+                String::new()
+            };
+            return Err(err(format!("TUNSETIFF: {e}{fix}")));
         }
         Ok(Tap { file })
     }
