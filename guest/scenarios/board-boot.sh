@@ -68,8 +68,9 @@ check outbox tar -cf /dev/vda -C /guest root.img root.qcow2
 truncate -s 8M /tmp/kill.img
 mkfifo /tmp/kill-in
 exec 5<>/tmp/kill-in
-( /splitvirt run --config /guest/kill.toml --kernel /guest/Image --initrd /guest/kill.cpio \
-	--cmdline "console=ttyAMA0 loglevel=4" </tmp/kill-in
+# splitvirt logs to a file of its own, read after it ends: its lines never mix with the guest's.
+( /splitvirt --log-file /tmp/kill-sv.log run --config /guest/kill.toml --kernel /guest/Image \
+	--initrd /guest/kill.cpio --cmdline "console=ttyAMA0 loglevel=4" </tmp/kill-in
   echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do
 	echo "kill| $l"
 	case "$l" in *"@@ READY-KILL"*)
@@ -79,6 +80,9 @@ exec 5<>/tmp/kill-in
 	esac
 done
 exec 5>&-
+value kill_ioerr "$(grep -c 'failed with an I/O error' /tmp/kill-sv.log)"
+value kill_lost "$(grep -c 'backend lost: the backend process' /tmp/kill-sv.log)"
+value kill_restarted "$(grep -c 'backend restarted' /tmp/kill-sv.log)"
 ( /splitvirt run --config /guest/nodisk.toml --kernel /guest/stock-Image --initrd /guest/stock.cpio \
 	--cmdline "console=ttyAMA0 earlycon=pl011,0x9000000" </dev/null
   echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "stock| $l"; done

@@ -49,7 +49,7 @@ impl MmioDevice for Gicv2m {
             self.spis.trigger(id);
         } else {
             if self.rejected == 0 {
-                eprintln!(
+                ratelog::warn!(
                     "gicv2m: ignoring MSI to interrupt ID {id}, outside {}..{}",
                     self.spi_base,
                     self.spi_base + self.spi_count

@@ -221,7 +221,7 @@ impl Proxy {
                 Ok(Some(m)) => m,
                 Ok(None) => return None,
                 Err(RingError::Wire(e)) => {
-                    eprintln!("splitvirt: backend sent a bad message ({e}); ignored");
+                    ratelog::warn!("backend sent a bad message ({e}); ignored");
                     continue;
                 }
                 Err(e) => {
@@ -264,10 +264,7 @@ impl Proxy {
                     log.extend(m.log_bytes());
                 }
                 if m.space == 0 {
-                    eprintln!(
-                        "splitvirt-backend: {}",
-                        String::from_utf8_lossy(log).trim_end()
-                    );
+                    ratelog::info!("backend: {}", String::from_utf8_lossy(log).trim_end());
                     log.clear();
                 }
             }
@@ -281,7 +278,7 @@ impl Proxy {
                 lock(&self.startup).ready = true;
                 self.startup_cv.notify_all();
             }
-            op => eprintln!("splitvirt: backend sent {op:?}, which only the proxy sends; ignored"),
+            op => ratelog::warn!("backend sent {op:?}, which only the proxy sends; ignored"),
         }
     }
 
@@ -302,7 +299,7 @@ impl Proxy {
         if self.dead.swap(true, Ordering::AcqRel) {
             return;
         }
-        eprintln!("splitvirt: backend lost: {why}");
+        log::error!("backend lost: {why}");
         for (_, w) in lock(&self.pending).drain(..) {
             w.answer(ALL_ONES);
         }
@@ -486,9 +483,11 @@ impl Proxy {
     }
 
     fn timed_out(&self, m: &Msg) -> u64 {
-        eprintln!(
-            "splitvirt: backend did not answer {:?} of device {} within {:?}",
-            m.op, m.dev, self.timeout
+        ratelog::warn!(
+            "backend did not answer {:?} of device {} within {:?}",
+            m.op,
+            m.dev,
+            self.timeout
         );
         ALL_ONES
     }

@@ -16,9 +16,17 @@ use std::process::ExitCode;
     about = "A VMM for arm64 Linux guests whose virtio devices run in another process"
 )]
 struct Cli {
+    /// Write splitvirt's log here (appending) instead of to stderr, so that it never mixes with
+    /// the guest's console; the backend processes it starts write there too. Levels come from
+    /// RUST_LOG (default `info`; `debug`, `warn`, `error`, `off`).
+    #[arg(long, global = true, env = LOG_FILE_ENV, value_name = "FILE")]
+    log_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
+
+/// How the log file reaches the backend processes, which are this binary started anew.
+const LOG_FILE_ENV: &str = "SPLITVIRT_LOG_FILE";
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -178,8 +186,44 @@ fn origin(file: Option<&Path>) -> String {
     })
 }
 
+/// Leveled logging (`log` + env_logger): one line per record, written whole, to stderr or to
+/// `--log-file`.
+fn init_logging(cli: &Cli) -> Result<()> {
+    let name = match cli.cmd {
+        Cmd::Backend { .. } => "splitvirt-backend",
+        _ => "splitvirt",
+    };
+    let mut b = env_logger::Builder::new();
+    b.filter_level(log::LevelFilter::Info)
+        .parse_env(env_logger::Env::default())
+        .format(move |f, r| {
+            use std::io::Write;
+            match r.level() {
+                log::Level::Info => writeln!(f, "{name}: {}", r.args()),
+                l => writeln!(f, "{name}: {}: {}", l.as_str().to_lowercase(), r.args()),
+            }
+        });
+    if let Some(path) = &cli.log_file {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open the log file {}", path.display()))?;
+        b.target(env_logger::Target::Pipe(Box::new(file)));
+        // The backend processes are started from this binary with the same environment.
+        std::env::set_var(LOG_FILE_ENV, path);
+    }
+    b.try_init()?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(&cli) {
+        eprintln!("splitvirt: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("splitvirt: {e:#}");
@@ -287,22 +331,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let code = match vmm::run(&spec) {
                 Ok(vmm::Exit::PowerOff) => {
-                    eprintln!("splitvirt: the guest powered off");
+                    log::info!("the guest powered off");
                     0
                 }
                 Ok(vmm::Exit::Reset) if on_reset == OnReset::Reboot => {
-                    eprintln!("splitvirt: the guest reset; starting it again");
+                    log::info!("the guest reset; starting it again");
                     // A fresh process is a fresh machine: memory, devices and vCPUs anew.
                     let err = reexec();
-                    eprintln!("splitvirt: cannot restart: {err}");
+                    log::error!("cannot restart: {err}");
                     1
                 }
                 Ok(vmm::Exit::Reset) => {
-                    eprintln!("splitvirt: the guest reset; ending (--on-reset exit)");
+                    log::info!("the guest reset; ending (--on-reset exit)");
                     0
                 }
                 Err(e) => {
-                    eprintln!("splitvirt: {e}");
+                    log::error!("{e}");
                     1
                 }
             };

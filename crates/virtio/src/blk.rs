@@ -424,8 +424,8 @@ impl VirtioDevice for Block {
             .wait_timeout_while(n, DRAIN, |n| *n > 0)
             .unwrap_or_else(|e| e.into_inner());
         if timeout.timed_out() {
-            eprintln!(
-                "splitvirt: virtio-blk reset while {} request(s) still wait for the disk",
+            ratelog::warn!(
+                "virtio-blk reset while {} request(s) still wait for the disk",
                 *n
             );
         }

@@ -241,7 +241,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
     /// The device cannot go on with what the driver gave it: DEVICE_NEEDS_RESET, and tell it.
     fn needs_reset(&mut self, e: &DeviceError) {
         if self.errors == 0 {
-            eprintln!(
+            ratelog::warn!(
                 "virtio: device {} needs reset: {e}",
                 self.device.device_type()
             );

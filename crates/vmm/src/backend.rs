@@ -154,12 +154,12 @@ pub fn listen(socket: &Path, exe: &Path, config: Option<&Path>) -> Result<(), Ba
         std::fs::remove_file(socket)?;
     }
     let listener = rpc::setup::listen(socket)?;
-    eprintln!("splitvirt backend: listening on {}", socket.display());
+    log::info!("listening on {}", socket.display());
     loop {
         let conn = match rpc::setup::accept(&listener) {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("splitvirt backend: accept: {e}");
+                ratelog::warn!("accept: {e}");
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
@@ -167,13 +167,13 @@ pub fn listen(socket: &Path, exe: &Path, config: Option<&Path>) -> Result<(), Ba
         match spawn_backend(exe, config, &conn, false) {
             Ok(mut child) => {
                 let pid = child.id();
-                eprintln!("splitvirt backend: a VM connected; process {pid} serves it");
+                ratelog::info!("a VM connected; process {pid} serves it");
                 std::thread::spawn(move || {
                     let status = child.wait();
-                    eprintln!("splitvirt backend: process {pid} ended ({status:?})");
+                    ratelog::info!("process {pid} ended ({status:?})");
                 });
             }
-            Err(e) => eprintln!("splitvirt backend: cannot start a backend process: {e}"),
+            Err(e) => ratelog::error!("cannot start a backend process: {e}"),
         }
     }
 }
@@ -484,7 +484,7 @@ impl Watch {
                 k.reap();
             }
             if self.restarts == 0 {
-                eprintln!("splitvirt: the backend is not restarted: its devices fail from now on");
+                log::error!("the backend is not restarted: its devices fail from now on");
                 return;
             }
             self.restarts -= 1;
@@ -495,9 +495,7 @@ impl Watch {
             let started = match self.launch.start() {
                 Ok(s) => s,
                 Err(e) => {
-                    eprintln!(
-                        "splitvirt: cannot restart the backend ({e}): its devices fail from now on"
-                    );
+                    log::error!("cannot restart the backend ({e}): its devices fail from now on");
                     return;
                 }
             };
@@ -517,8 +515,8 @@ impl Watch {
             if let Some(f) = &self.launch.bypass.reattached {
                 f();
             }
-            eprintln!(
-                "splitvirt: backend {who}; its devices carry on ({} restart(s) left)",
+            log::warn!(
+                "backend {who}; its devices carry on ({} restart(s) left)",
                 self.restarts
             );
             sock = started.sock;

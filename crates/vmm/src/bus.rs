@@ -53,7 +53,7 @@ impl Bus {
     fn unknown(&self, addr: u64, what: &str, len: usize) {
         let mut seen = self.unknown.lock().unwrap_or_else(|e| e.into_inner());
         if seen.len() < UNKNOWN_LOG_MAX && seen.insert(addr) {
-            eprintln!("splitvirt: guest {what} of {len} byte(s) at {addr:#x} hits no device (logged once)");
+            log::warn!("guest {what} of {len} byte(s) at {addr:#x} hits no device (logged once)");
         }
     }
 

@@ -147,8 +147,8 @@ impl Peer for LinkPeer {
         }
         let n = self.dropped.fetch_add(1, Ordering::Relaxed);
         if n < 3 || n.is_power_of_two() {
-            eprintln!(
-                "splitvirt: connector {}: no peer; event dropped ({} so far)",
+            ratelog::warn!(
+                "connector {}: no peer; event dropped ({} so far)",
                 self.name,
                 n + 1
             );

@@ -20,7 +20,7 @@ impl Signal for DeviceSignal {
     fn msi(&self, (addr, data): (u64, u32)) {
         match self.bus.get() {
             Some(bus) => bus.write(addr, &data.to_le_bytes()),
-            None => eprintln!("splitvirt: MSI to {addr:#x} before the bus exists"),
+            None => ratelog::warn!("MSI to {addr:#x} before the bus exists"),
         }
     }
     fn intx(&self, level: bool) {
@@ -247,8 +247,8 @@ pub fn build(
                         )));
                         let deliver = feed(&f, virtio::console::Console::queue_input);
                         out.starters.push(Box::new(move || s.serve(deliver)));
-                        eprintln!(
-                            "splitvirt: virtio-console (slot {}) on socket {}",
+                        log::info!(
+                            "virtio-console (slot {}) on socket {}",
                             d.slot,
                             path.display()
                         );
@@ -256,7 +256,7 @@ pub fn build(
                     }
                     ConsoleBackend::Pty => {
                         let p = crate::endpoint::Pty::open()?;
-                        eprintln!("splitvirt: virtio-console (slot {}) on {}", d.slot, p.name);
+                        log::info!("virtio-console (slot {}) on {}", d.slot, p.name);
                         let f = Arc::new(Mutex::new(virtio_pci(
                             d,
                             &mem,

@@ -387,19 +387,19 @@ impl Link {
                 let conn = match conn {
                     Ok(c) => Arc::new(c),
                     Err(e) => {
-                        eprintln!("splitvirt: {what} {shown}: {e}; trying again");
+                        ratelog::warn!("{what} {shown}: {e}; trying again");
                         listener = None;
                         std::thread::sleep(Duration::from_millis(500));
                         continue;
                     }
                 };
                 if let Err(why) = self.greet(&conn) {
-                    eprintln!("splitvirt: {what} {shown}: refused a peer: {why}");
+                    ratelog::warn!("{what} {shown}: refused a peer: {why}");
                     drop(conn);
                     std::thread::sleep(Duration::from_millis(500));
                     continue;
                 }
-                eprintln!("splitvirt: {what} {shown}: peer attached");
+                ratelog::info!("{what} {shown}: peer attached");
                 *lock(&self.peer) = Some(conn.clone());
                 let mut buf = vec![0u8; virtio::net::MAX_FRAME + 64];
                 loop {
@@ -413,7 +413,7 @@ impl Link {
                     deliver(&buf[..n as usize]);
                 }
                 *lock(&self.peer) = None;
-                eprintln!("splitvirt: {what} {shown}: peer went away; waiting for it");
+                ratelog::info!("{what} {shown}: peer went away; waiting for it");
             }
         });
     }

@@ -124,7 +124,7 @@ impl Notifiers {
                 let _ = self.vm.unregister_ioevent(&n.fd, &Mmio(base + off), *q);
             } else if let Err(e) = self.vm.register_ioevent(&n.fd, &Mmio(base + off), *q) {
                 // Not fatal: the notification then exits to splitvirt as before.
-                eprintln!("splitvirt: KVM will not catch device {dev}'s notifications: {e}");
+                log::warn!("KVM will not catch device {dev}'s notifications: {e}");
             }
         }
         n.attached = on;
@@ -290,7 +290,7 @@ impl IrqLine for SpiLine {
             .vm
             .set_irq_line((KVM_ARM_IRQ_TYPE_SPI << 24) | self.intid, high)
         {
-            eprintln!("splitvirt: cannot set interrupt {}: {e}", self.intid);
+            ratelog::error!("cannot set interrupt {}: {e}", self.intid);
         }
     }
 }
@@ -308,7 +308,7 @@ impl SpiTrigger for Msi {
             .set_irq_line(irq, true)
             .and_then(|_| self.vm.set_irq_line(irq, false))
         {
-            eprintln!("splitvirt: cannot raise MSI interrupt {intid}: {e}");
+            ratelog::error!("cannot raise MSI interrupt {intid}: {e}");
         }
     }
 }
@@ -502,7 +502,7 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
         &|_| None,
     )?;
     for s in &built.skipped {
-        eprintln!("splitvirt: warning: {s}");
+        log::warn!("{s}");
     }
     // Devices in the backend process: their interrupts come back as events.
     let mut intx_lines = std::collections::HashMap::new();
@@ -530,9 +530,7 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
                 (Some(f), Some(bus)) if addr >= f.base && addr < f.base + f.size => {
                     bus.write(addr, &data.to_le_bytes())
                 }
-                _ => eprintln!(
-                    "splitvirt: backend sent an MSI to {addr:#x} for device {dev}; refused"
-                ),
+                _ => ratelog::warn!("backend sent an MSI to {addr:#x} for device {dev}; refused"),
             }
         }
         // The notifications go to splitvirt (and the reaper) until a new backend serves them.
@@ -578,7 +576,7 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
                 // SAFETY: the dataport mapping lives as long as its connector, which the VM
                 // keeps until the process ends; size 0 removes the slot.
                 if let Err(e) = unsafe { vm.set_user_memory_region(region) } {
-                    eprintln!("splitvirt: cannot map a connector dataport at {at:?}: {e}");
+                    ratelog::error!("cannot map a connector dataport at {at:?}: {e}");
                 }
             };
             e.add(df, Box::new(pci::BarWatch::new(f, 1, Box::new(remap))));

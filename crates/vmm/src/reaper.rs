@@ -95,8 +95,8 @@ impl Reaper {
         let _ = self
             .mem
             .write_obj(used_idx, GuestAddress(q.used.wrapping_add(2)));
-        eprintln!(
-            "splitvirt: virtio-blk at slot {}: {done} request(s) failed with an I/O error (backend gone)",
+        ratelog::warn!(
+            "virtio-blk at slot {}: {done} request(s) failed with an I/O error (backend gone)",
             self.dev
         );
         match shadow.queue_route(0) {
