@@ -32,6 +32,31 @@ pub fn binary(package: &str, name: &str) -> Result<PathBuf> {
     build(package, &["--bin", name], &format!("release/{name}"))
 }
 
+/// Clippy with `-D warnings` on the whole workspace built for the target, so that the code
+/// behind `cfg(target_arch = "aarch64")` (the KVM binding) is linted too. Debian's clippy
+/// matches Debian's rustc-web, which has the arm64 standard library.
+pub fn clippy() -> Result<()> {
+    crate::guest::ensure_arm64_arch()?;
+    env::ensure_apt(APT)?;
+    env::ensure_apt(&["rust-web-clippy"])?;
+    env::run(
+        env::cmd("/usr/bin/cargo-clippy")
+            .current_dir(root())
+            .env("RUSTC", "/usr/bin/rustc")
+            .args([
+                "clippy",
+                "--quiet",
+                "--workspace",
+                "--all-targets",
+                "--target",
+                TARGET,
+            ])
+            .arg("--target-dir")
+            .arg(root().join("target/aarch64-clippy"))
+            .args(["--", "-D", "warnings"]),
+    )
+}
+
 /// `cargo build --release -p PACKAGE WHAT` for the target; returns `release/...` under it.
 fn build(package: &str, what: &[&str], output: &str) -> Result<PathBuf> {
     crate::guest::ensure_arm64_arch()?;

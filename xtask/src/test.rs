@@ -54,6 +54,7 @@ pub fn all() -> Result<()> {
             "warnings",
         ]))
     });
+    s.step("cargo clippy -D warnings, aarch64", crate::cross::clippy);
     s.step("cargo test", || run(cargo().args(["test", "--workspace"])));
     s.step("cargo fuzz: 20 s per target", || crate::fuzz::run_all(20));
     s.step("dt-validate on generated device trees", || {

@@ -390,10 +390,13 @@ impl Proxy {
         // reply can reach no other thread and needs no entry in `pending`.
         // A full request ring sends it to the slow path: waiting there for room while holding
         // the reply ring could stall a backend that waits for room in the reply ring.
-        let fast = self.consumer.try_lock().ok().and_then(|log| {
-            self.push_within(&m, Duration::ZERO)
-                .map(|pushed| (log, pushed))
-        });
+        // Push only while holding the reply ring (not `zip`, which would push either way).
+        let fast = match self.consumer.try_lock() {
+            Ok(log) => self
+                .push_within(&m, Duration::ZERO)
+                .map(|pushed| (log, pushed)),
+            Err(_) => None,
+        };
         if let Some((mut log, pushed)) = fast {
             if !pushed {
                 return ALL_ONES;

@@ -391,7 +391,7 @@ fn vcpu_loop(id: usize, vcpu: &mut VcpuFd, bus: &Bus) -> Stop {
 }
 
 /// stdin -> PL011. Ctrl-A x ends splitvirt (the guest owns Ctrl-C).
-fn input_thread(mut deliver: Box<dyn FnMut(&[u8]) + Send>, tx: mpsc::Sender<Stop>) {
+fn input_thread(mut deliver: crate::endpoint::Deliver, tx: mpsc::Sender<Stop>) {
     std::thread::spawn(move || {
         let mut stdin = std::io::stdin();
         let mut buf = [0u8; 256];
@@ -583,7 +583,7 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
         }
         if let Some(r) = &mut remote {
             for (df, f) in std::mem::take(&mut r.functions) {
-                let (n, dev) = (notifiers.clone(), (df >> 3) as u8);
+                let (n, dev) = (notifiers.clone(), df >> 3);
                 let moved = move |at: Option<u64>| n.place(dev, at);
                 e.add(df, Box::new(pci::BarWatch::new(f, 0, Box::new(moved))));
             }
@@ -602,7 +602,7 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
         .cmdline
         .split_whitespace()
         .filter_map(|w| w.strip_prefix("console="))
-        .last()
+        .next_back()
         == Some("hvc0");
     let remote_console = remote.as_ref().and_then(|r| r.console_input());
     match (&built.console, hvc0, remote_console) {
