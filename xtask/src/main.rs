@@ -6,6 +6,7 @@ mod board;
 mod cpio;
 mod cross;
 mod env;
+mod fresh;
 mod fuzz;
 mod guest;
 mod kernel;
@@ -32,6 +33,13 @@ enum Cmd {
     Demo,
     /// Every test: formatting, clippy, unit and integration tests, dt-validate.
     Test,
+    /// `.ci/run` from a clean clone of HEAD inside a fresh Debian 12 root (debootstrap, cached
+    /// as a tarball): a missing install step fails here first. `--warm` keeps the splitvirt
+    /// cache of earlier fresh runs.
+    Fresh {
+        #[arg(long)]
+        warm: bool,
+    },
     /// Install the tools the tests need (apt packages, the dtschema venv and schema).
     Deps,
     /// Boot the board (emulated arm64 with KVM) with a scenario; default: the KVM smoke test.
@@ -80,6 +88,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Demo => demo(),
         Cmd::Test => test::all(),
+        Cmd::Fresh { warm } => fresh::run_ci(warm),
         Cmd::Board { scenario } if scenario == "board-smoke" => board::smoke(),
         Cmd::Board { scenario } => {
             let r = board::run(
