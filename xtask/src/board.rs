@@ -57,9 +57,34 @@ pub const OUTBOX_SIZE: u64 = 128 << 20;
 pub fn run_with(
     scenario: &str,
     vars: &[(&str, &str)],
+    extra: Files,
+    timeout: Duration,
+    outbox: Option<&std::path::Path>,
+) -> Result<qemu::Run> {
+    run_as(
+        scenario,
+        vars,
+        extra,
+        timeout,
+        outbox,
+        Console::Logged(None),
+    )
+}
+
+/// Where the board's console goes: to its log (each line also to a callback, for a live view),
+/// or to this terminal both ways (interactive; no log).
+pub enum Console<'a> {
+    Logged(Option<&'a mut dyn FnMut(&str)>),
+    Terminal,
+}
+
+pub fn run_as(
+    scenario: &str,
+    vars: &[(&str, &str)],
     mut extra: Files,
     timeout: Duration,
     outbox: Option<&std::path::Path>,
+    console: Console,
 ) -> Result<qemu::Run> {
     let mut drive = Vec::new();
     if let Some(path) = outbox {
@@ -167,7 +192,11 @@ pub fn run_with(
     .collect();
     let log = dir.join(format!("{scenario}.log"));
     println!("==> booting the board with scenario {scenario}");
-    let r = qemu::run(&args, &log, timeout)?;
+    let r = match console {
+        Console::Logged(None) => qemu::run(&args, &log, timeout)?,
+        Console::Logged(Some(f)) => qemu::run_streaming(&args, &log, timeout, f)?,
+        Console::Terminal => qemu::run_interactive(&args)?,
+    };
     println!(
         "  board ran {:.1}s, console in {}",
         r.seconds,

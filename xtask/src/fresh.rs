@@ -34,6 +34,18 @@ pub fn run_ci(warm: bool) -> Result<()> {
     run(cmd("tar").arg("-xf").arg(&tarball).arg("-C").arg(&sysroot))?;
     std::fs::copy("/etc/resolv.conf", sysroot.join("etc/resolv.conf"))
         .context("cannot copy /etc/resolv.conf into the fresh root")?;
+    // The machine's own certificate authorities (its registries may be reached through a
+    // proxy that signs with them): part of how every machine of ours reaches a registry.
+    let local_ca = Path::new("/usr/local/share/ca-certificates");
+    if local_ca.is_dir() {
+        let to = sysroot.join("usr/local/share/ca-certificates");
+        std::fs::create_dir_all(&to)?;
+        for e in std::fs::read_dir(local_ca)?.flatten() {
+            if e.path().is_file() {
+                std::fs::copy(e.path(), to.join(e.file_name()))?;
+            }
+        }
+    }
     // A clean clone: what is committed, nothing of this work tree's build or cache.
     let src = sysroot.join("work/splitvirt");
     println!("==> cloning the committed HEAD into the fresh root");
@@ -116,11 +128,33 @@ fn mount_script(sysroot: &Path, toolchain: &Path, warm: Option<&Path>, kvm: bool
             w.display()
         ));
     }
-    s.push_str(
-        "exec chroot \"$R\" /usr/bin/env -i HOME=/root CI=true TERM=dumb LANG=C.UTF-8 \
+    // The machine's environment for reaching registries (certificate bundles, proxies),
+    // nothing else of this shell's.
+    let mut pass = String::new();
+    for (k, v) in std::env::vars() {
+        let k_up = k.to_ascii_uppercase();
+        let keep = k_up.ends_with("_PROXY")
+            || matches!(
+                k_up.as_str(),
+                "SSL_CERT_FILE"
+                    | "SSL_CERT_DIR"
+                    | "CURL_CA_BUNDLE"
+                    | "GIT_SSL_CAINFO"
+                    | "REQUESTS_CA_BUNDLE"
+                    | "PIP_CERT"
+                    | "PIP_DEFAULT_TIMEOUT"
+                    | "PIP_DISABLE_PIP_VERSION_CHECK"
+                    | "CARGO_HTTP_CAINFO"
+            );
+        if keep && !v.contains('\'') {
+            pass.push_str(&format!("{k}='{v}' "));
+        }
+    }
+    s.push_str(&format!(
+        "exec chroot \"$R\" /usr/bin/env -i HOME=/root CI=true TERM=dumb LANG=C.UTF-8 {pass}\
          PATH=/opt/rust/bin:/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-         /bin/bash -c 'cd /work/splitvirt && exec bash .ci/run' </dev/null\n",
-    );
+         /bin/bash -c 'update-ca-certificates >/dev/null && cd /work/splitvirt && exec bash .ci/run' </dev/null\n",
+    ));
     s
 }
 

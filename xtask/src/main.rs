@@ -5,6 +5,7 @@ mod bench;
 mod board;
 mod cpio;
 mod cross;
+mod demo;
 mod env;
 mod fresh;
 mod fuzz;
@@ -29,8 +30,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// The main job: the default VM's memory map, device tree (DTB and DTS) and its lint.
-    Demo,
+    /// The main job: the default VM's memory map and device tree, then splitvirt boots it on
+    /// KVM (in the board) with its disk and console in the backend process, runs a workload
+    /// and prints a summary. `--shell` leaves you at a shell in the guest instead.
+    Demo {
+        #[arg(long)]
+        shell: bool,
+    },
     /// Every test: formatting, clippy, unit and integration tests, dt-validate.
     Test,
     /// `.ci/run` from a clean clone of HEAD inside a fresh Debian 12 root (debootstrap, cached
@@ -86,7 +92,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Demo => demo(),
+        Cmd::Demo { shell } => demo::run(shell),
         Cmd::Test => test::all(),
         Cmd::Fresh { warm } => fresh::run_ci(warm),
         Cmd::Board { scenario } if scenario == "board-smoke" => board::smoke(),
@@ -123,20 +129,4 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
-}
-
-fn demo() -> Result<()> {
-    let sv = env::splitvirt()?;
-    let out = env::root().join("out/demo");
-    std::fs::create_dir_all(&out)?;
-    let dtb = out.join("driver-vm.dtb");
-    let dts = out.join("driver-vm.dts");
-    env::run(env::cmd(&sv).args(["config", "show"]))?;
-    env::run(env::cmd(&sv).arg("dtb").arg("-o").arg(&dtb))?;
-    let text = env::output(env::cmd(&sv).args(["dtb", "--dts"]))?;
-    std::fs::write(&dts, text)?;
-    env::run(env::cmd(&sv).arg("lint-dtb").arg(&dtb))?;
-    println!("\nwrote {} and {}", dtb.display(), dts.display());
-    println!("(booting the VM on KVM comes with the VMM; see README)");
-    Ok(())
 }

@@ -127,3 +127,91 @@ pub fn run(args: &[String], log: &Path, timeout: Duration) -> Result<Run> {
         seconds: t.elapsed().as_secs_f64(),
     })
 }
+
+/// `run`, handing each console line to `on_line` as it arrives (a live view of a long boot).
+pub fn run_streaming(
+    args: &[String],
+    log: &Path,
+    timeout: Duration,
+    on_line: &mut dyn FnMut(&str),
+) -> Result<Run> {
+    use std::io::{BufRead, Write};
+    env::ensure_apt(APT)?;
+    let mut file = std::fs::File::create(log)?;
+    let t = Instant::now();
+    let mut child = Command::new("qemu-system-aarch64")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start qemu-system-aarch64")?;
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    for pipe in [
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut r = std::io::BufReader::new(pipe);
+            let mut line = Vec::new();
+            while r.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+                if tx.send(std::mem::take(&mut line)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut timed_out = false;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                file.write_all(&line)?;
+                on_line(String::from_utf8_lossy(&line).trim_end());
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if t.elapsed() > timeout {
+            let _ = child.kill();
+            timed_out = true;
+            break;
+        }
+    }
+    let _ = child.wait();
+    drop(file);
+    let bytes = std::fs::read(log)?;
+    Ok(Run {
+        log: String::from_utf8_lossy(&bytes).into_owned(),
+        log_path: log.to_owned(),
+        timed_out,
+        seconds: t.elapsed().as_secs_f64(),
+    })
+}
+
+/// The board on this terminal, both ways: for a shell in a guest. No log, no time limit.
+pub fn run_interactive(args: &[String]) -> Result<Run> {
+    env::ensure_apt(APT)?;
+    let t = Instant::now();
+    let st = Command::new("qemu-system-aarch64")
+        .args(args)
+        .status()
+        .context("cannot start qemu-system-aarch64")?;
+    anyhow::ensure!(st.success(), "qemu-system-aarch64 ended with {st}");
+    Ok(Run {
+        log: String::new(),
+        log_path: PathBuf::new(),
+        timed_out: false,
+        seconds: t.elapsed().as_secs_f64(),
+    })
+}
