@@ -1,9 +1,15 @@
-# The demo in the board: splitvirt boots the driver VM on KVM with its disk and console in the
-# backend process. Guest console lines are prefixed "vm| "; what splitvirt logs goes to its own
-# file. The backend is looked at from outside while the guest runs.
+# The demo on an arm64 host with KVM (the board, or this machine itself): splitvirt boots the
+# driver VM with its disk and console in the backend process. Guest console lines are prefixed
+# "vm| "; what splitvirt logs goes to its own file. The backend is looked at from outside while
+# the guest runs. SV is the splitvirt binary, G the directory with Image, root.img, demo.toml.
+SV=${SV:-/splitvirt}
+G=${G:-/guest}
+LOG=${LOG:-/tmp/sv.log}
 check kvm_device test -c /dev/kvm
 up() { cut -d' ' -f1 /proc/uptime; }
-backend_pid() { ps | awk '/[s]plitvirt-backend|[s]plitvirt backend/ {print $1; exit}'; }
+backend_pid() { for c in /proc/[0-9]*/cmdline; do
+	case "$(tr '\0' ' ' <"$c" 2>/dev/null)" in *" backend --setup-fd "*) p=${c#/proc/}; echo "${p%/cmdline}"; return ;; esac
+done; }
 ( i=0
   while [ -z "$(backend_pid)" ] && [ "$i" -lt 600 ]; do sleep 0.2; i=$((i + 1)); done
   pid=$(backend_pid)
@@ -20,11 +26,11 @@ backend_pid() { ps | awk '/[s]plitvirt-backend|[s]plitvirt backend/ {print $1; e
 t0=$(up)
 echo "demo: starting splitvirt (devices in its backend process)"
 if [ -n "$DEMO_SHELL" ]; then
-	/splitvirt --log-file /tmp/sv.log run --config /guest/demo.toml --kernel /guest/Image \
+	"$SV" --log-file "$LOG" run --config "$G/demo.toml" --kernel "$G/Image" \
 		--cmdline "console=ttyAMA0 root=/dev/vda2 rw loglevel=4 DEMO_SHELL=1"
 	value splitvirt_exit $?
 else
-	( /splitvirt --log-file /tmp/sv.log run --config /guest/demo.toml --kernel /guest/Image \
+	( "$SV" --log-file "$LOG" run --config "$G/demo.toml" --kernel "$G/Image" \
 		--cmdline "console=ttyAMA0 root=/dev/vda2 rw loglevel=4" </dev/null
 	  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do
 		case "$l" in *"@@ INIT started"*) value init_ms "$(awk -v a="$t0" -v b="$(up)" 'BEGIN { printf "%d", (b - a) * 1000 }')" ;; esac
@@ -32,4 +38,4 @@ else
 	done
 fi
 wait
-sed 's/^/svlog| /' /tmp/sv.log
+sed 's/^/svlog| /' "$LOG"

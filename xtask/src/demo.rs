@@ -10,20 +10,20 @@ use anyhow::{bail, ensure, Result};
 use std::time::{Duration, Instant};
 
 /// The demo's VM: the built-in default (a console in the backend) plus the root disk.
-const VM: &str = "[[device]]\nkind = \"virtio-blk\"\nimage = \"/guest/root.img\"\n\
+const VM: &str = "[[device]]\nkind = \"virtio-blk\"\nimage = \"root.img\"\n\
                   [[device]]\nkind = \"virtio-console\"\n";
 
 pub fn run(shell: bool) -> Result<()> {
     let t = Instant::now();
     describe()?;
-    if cfg!(target_arch = "aarch64") && std::path::Path::new("/dev/kvm").exists() {
-        // The same VM directly on this host is not wired yet: the board path is the one tested.
-        println!("note: this host has /dev/kvm; the demo still boots inside the board");
+    let direct = cfg!(target_arch = "aarch64") && std::path::Path::new("/dev/kvm").exists();
+    if direct {
+        println!("\n==> the driver VM on this host's KVM");
+        println!("    first run: the guest kernel (3-6 min) and busybox (a download)");
+    } else {
+        println!("\n==> the driver VM on KVM, inside the board (an emulated arm64 machine)");
+        println!("    first run: the guest kernel (3-6 min), Debian's board kernel and busybox (downloads)");
     }
-    println!("\n==> the driver VM on KVM, inside the board (an emulated arm64 machine)");
-    println!(
-        "    first run: the guest kernel (3-6 min), Debian's board kernel and busybox (downloads)"
-    );
     let k = kernel::build(kernel::Role::Driver)?;
     let dir = root().join("target/demo");
     std::fs::create_dir_all(&dir)?;
@@ -41,15 +41,6 @@ pub fn run(shell: bool) -> Result<()> {
     };
     if shell {
         println!("==> a shell in the guest follows; `exit` powers it off, Ctrl-A x ends splitvirt");
-        board::run_as(
-            "demo-board",
-            &vars,
-            files,
-            Duration::from_secs(3600),
-            None,
-            board::Console::Terminal,
-        )?;
-        return Ok(());
     }
     let mut live = |l: &str| {
         let l = l.trim_end_matches('\r');
@@ -61,14 +52,30 @@ pub fn run(shell: bool) -> Result<()> {
             println!("{l}");
         }
     };
-    let r = board::run_as(
-        "demo-board",
-        &vars,
-        files,
-        Duration::from_secs(900),
-        None,
-        board::Console::Logged(Some(&mut live)),
-    )?;
+    let r = if direct {
+        on_this_host(files, &vars, shell, &mut live)?
+    } else if shell {
+        board::run_as(
+            "demo-board",
+            &vars,
+            files,
+            Duration::from_secs(3600),
+            None,
+            board::Console::Terminal,
+        )?
+    } else {
+        board::run_as(
+            "demo-board",
+            &vars,
+            files,
+            Duration::from_secs(900),
+            None,
+            board::Console::Logged(Some(&mut live)),
+        )?
+    };
+    if shell {
+        return Ok(());
+    }
     ensure!(
         !r.timed_out,
         "the board did not finish within 900 s (log: {})",
@@ -155,6 +162,71 @@ pub fn run(shell: bool) -> Result<()> {
         t.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The board's scenario run by this host's shell: the same script, with the files in a
+/// directory of ours and the host's splitvirt.
+fn on_this_host(
+    files: board::Files,
+    vars: &[(&str, &str)],
+    shell: bool,
+    live: &mut dyn FnMut(&str),
+) -> Result<crate::qemu::Run> {
+    use std::io::BufRead;
+    let dir = root().join("target/demo/host");
+    let _ = std::fs::remove_dir_all(&dir);
+    for (path, data) in files {
+        let to = dir.join(path);
+        std::fs::create_dir_all(to.parent().unwrap_or(&dir))?;
+        std::fs::write(to, data)?;
+    }
+    let sv = env::splitvirt()?;
+    let script = format!(
+        "result() {{ echo \"@@ RESULT $1 $2 ${{3:-}}\"; }}\nvalue() {{ echo \"@@ VALUE $1 $2\"; }}\n\
+         check() {{ name=$1; shift; if \"$@\"; then result \"$name\" PASS; else result \"$name\" FAIL \"$*\"; fi; }}\n{}",
+        std::fs::read_to_string(root().join("guest/scenarios/demo-board.sh"))?
+    );
+    let mut c = env::cmd("sh");
+    c.arg("-c")
+        .arg(script)
+        .env("SV", &sv)
+        .env("G", dir.join("guest"))
+        .env("LOG", dir.join("splitvirt.log"));
+    for (k, v) in vars {
+        c.env(k, v);
+    }
+    let t = Instant::now();
+    if shell {
+        env::run(&mut c)?;
+        return Ok(crate::qemu::Run {
+            log: String::new(),
+            log_path: Default::default(),
+            timed_out: false,
+            seconds: t.elapsed().as_secs_f64(),
+        });
+    }
+    let mut child = c
+        .stdout(std::process::Stdio::piped())
+        .stdin(std::process::Stdio::null())
+        .spawn()?;
+    let mut log = String::new();
+    if let Some(out) = child.stdout.take() {
+        for l in std::io::BufReader::new(out).lines() {
+            let l = l?;
+            live(&l);
+            log.push_str(&l);
+            log.push('\n');
+        }
+    }
+    child.wait()?;
+    let log_path = dir.join("demo.log");
+    std::fs::write(&log_path, &log)?;
+    Ok(crate::qemu::Run {
+        log,
+        log_path,
+        timed_out: false,
+        seconds: t.elapsed().as_secs_f64(),
+    })
 }
 
 /// The default VM's memory map, device tree (DTB and DTS) and lint.

@@ -22,12 +22,10 @@ fn venv() -> Result<PathBuf> {
     }
     println!("==> creating a venv with {DTSCHEMA} in {}", dir.display());
     let _ = std::fs::remove_dir_all(&dir);
-    // Debian's python3 needs python3-venv for this; other Pythons carry venv themselves.
-    if run(cmd("python3").args(["-m", "venv"]).arg(&dir)).is_err() {
-        env::ensure_apt(&["python3-venv"])?;
-        let _ = std::fs::remove_dir_all(&dir);
-        run(cmd("/usr/bin/python3").args(["-m", "venv"]).arg(&dir))?;
-    }
+    // Debian's Python on every machine, with what pip needs to build pylibfdt when no wheel
+    // fits (its C extension: the Python headers and swig).
+    env::ensure_apt(&["python3-venv", "python3-dev", "swig"])?;
+    run(cmd("/usr/bin/python3").args(["-m", "venv"]).arg(&dir))?;
     run(cmd(dir.join("bin/pip")).args(["install", "--quiet", DTSCHEMA]))?;
     Ok(dir)
 }
