@@ -57,6 +57,34 @@ pub fn run(c: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// `run` for a step of minutes: every 30 s a line says it is still going, with `detail()`
+/// (what it has done so far), so that a long first build never looks hung.
+pub fn run_with_progress(c: &mut Command, detail: &(dyn Fn() -> String + Sync)) -> Result<()> {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let t = std::time::Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut next = 30;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                let secs = t.elapsed().as_secs();
+                if secs >= next {
+                    println!(
+                        "    ... still going after {}m{:02}s: {}",
+                        secs / 60,
+                        secs % 60,
+                        detail()
+                    );
+                    next += 30;
+                }
+            }
+        });
+        let r = run(c);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    })
+}
+
 /// Runs a command and returns its stdout; stderr passes through.
 pub fn output(c: &mut Command) -> Result<String> {
     let what = show(c);

@@ -45,13 +45,13 @@ pub fn deb(pkg: &str) -> Result<PathBuf> {
         None => {
             println!("==> downloading {pkg}");
             if run(cmd("apt-get")
-                .args(["download", "-qq", pkg])
+                .args(["download", "-q", pkg])
                 .current_dir(&dir))
             .is_err()
             {
                 run(cmd("apt-get").args(["update", "-qq"]))?;
                 run(cmd("apt-get")
-                    .args(["download", "-qq", pkg])
+                    .args(["download", "-q", pkg])
                     .current_dir(&dir))?;
             }
             find().with_context(|| {

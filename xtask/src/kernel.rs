@@ -148,7 +148,11 @@ pub fn build(role: Role) -> Result<Kernel> {
         "-j{}",
         std::thread::available_parallelism().map_or(2, |n| n.get())
     );
-    run(&mut make(&["-s", &jobs, "Image", "modules_prepare"]))?;
+    let build = k.build.clone();
+    env::run_with_progress(
+        &mut make(&["-s", &jobs, "Image", "modules_prepare"]),
+        &move || format!("{} objects compiled", count_objects(&build)),
+    )?;
     std::fs::copy(k.build.join("arch/arm64/boot/Image"), &k.image)?;
     std::fs::copy(k.build.join(".config"), &k.config)?;
     println!(
@@ -175,4 +179,23 @@ fn check_config(config: &Path, role: Role) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Object files under a build tree so far (a kernel of ours has a few thousand).
+fn count_objects(dir: &Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(_) if e.file_name().to_string_lossy().ends_with(".o") => n += 1,
+                _ => {}
+            }
+        }
+    }
+    n
 }

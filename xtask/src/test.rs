@@ -82,6 +82,10 @@ pub fn all() -> Result<()> {
         board::smoke,
     );
     s.step(
+        "demo: the driver VM with its devices in the backend process",
+        || crate::demo::run(false),
+    );
+    s.step(
         "board: splitvirt boots our kernel and Debian's on KVM",
         kvmboot::boot_on_kvm,
     );
