@@ -198,10 +198,14 @@ fn init_logging(cli: &Cli) -> Result<()> {
         .parse_env(env_logger::Env::default())
         .format(move |f, r| {
             use std::io::Write;
-            match r.level() {
-                log::Level::Info => writeln!(f, "{name}: {}", r.args()),
-                l => writeln!(f, "{name}: {}: {}", l.as_str().to_lowercase(), r.args()),
-            }
+            let tag = match r.level() {
+                log::Level::Info => return writeln!(f, "{name}: {}", r.args()),
+                log::Level::Error => "error",
+                log::Level::Warn => "warning",
+                log::Level::Debug => "debug",
+                log::Level::Trace => "trace",
+            };
+            writeln!(f, "{name}: {tag}: {}", r.args())
         });
     if let Some(path) = &cli.log_file {
         let file = std::fs::OpenOptions::new()

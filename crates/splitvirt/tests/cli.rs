@@ -214,3 +214,50 @@ fn console_carries_both_ways_and_names_a_missing_socket() {
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout), "from the guest\n");
 }
+
+/// `--log-file` takes splitvirt's log off stderr (where a guest console could share the
+/// terminal) into a file of its own, whole lines, levels from RUST_LOG.
+#[test]
+fn the_log_goes_to_its_own_file_at_the_level_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |level: &str| {
+        let log = dir.path().join(format!("{level}.log"));
+        let sock = dir.path().join(format!("{level}.sock"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_splitvirt"))
+            .arg("--log-file")
+            .arg(&log)
+            .args(["backend", "--listen"])
+            .arg(&sock)
+            .env("RUST_LOG", level)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Up once the socket exists; with a log, once the log says so. Killed then: the file
+        // is final when it is read.
+        let mut waited = 0;
+        let up = || {
+            sock.exists()
+                && (level == "off"
+                    || std::fs::read_to_string(&log).is_ok_and(|t| t.ends_with('\n')))
+        };
+        while !up() && waited < 1000 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            waited += 1;
+        }
+        child.kill().unwrap();
+        let o = child.wait_with_output().unwrap();
+        (
+            std::fs::read_to_string(&log).unwrap_or_default(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (file, stderr) = run("info");
+    assert!(
+        file.lines()
+            .any(|l| l.starts_with("splitvirt-backend: listening on ") && l.ends_with("info.sock")),
+        "{file:?}"
+    );
+    assert!(stderr.is_empty(), "{stderr:?}");
+    let (file, _) = run("off");
+    assert!(file.is_empty(), "{file:?}");
+}
