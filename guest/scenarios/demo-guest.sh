@@ -1,9 +1,11 @@
 # The demo's workload inside the driver VM, whose root file system is partition 2 of the disk
 # (root=/dev/vda2) that splitvirt's backend process serves.
 echo "demo: root file system $(awk '$2 == "/" && $1 != "rootfs" {print $1 " (" $3 ")"; exit}' /proc/mounts)"
+# Scratch copies live in RAM, the file under test on the disk.
+mount -t tmpfs tmpfs /tmp
 up() { cut -d' ' -f1 /proc/uptime; }
 ms() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%d", (b - a) * 1000 }'; }
-MIB=32
+MIB=16
 echo "demo: writing $MIB MiB to /demo.bin and syncing it to the disk"
 t0=$(up)
 dd if=/dev/urandom of=/tmp/demo.src bs=1M count=$MIB 2>/dev/null
