@@ -4,7 +4,7 @@
 //! instrumentation works on the stable toolchain; sanitizers need nightly, which this machine
 //! cannot fetch, so the targets run without them (Rust's own bounds checks still abort).
 
-use crate::env::{cargo, root, run};
+use crate::env::{self, cargo, root, run};
 use anyhow::{Context, Result};
 
 pub const TARGETS: &[&str] = &["virtqueue", "blk_request", "ecam", "rpc_ring"];
@@ -31,8 +31,19 @@ fn ensure_cargo_fuzz() -> Result<()> {
 
 /// Runs every target for `seconds`; a crash fails with the input saved under fuzz/artifacts.
 pub fn run_all(seconds: u64) -> Result<()> {
+    // libfuzzer-sys builds libFuzzer itself, which is C++.
+    env::ensure_apt(&["g++"])?;
     ensure_cargo_fuzz()?;
     for t in TARGETS {
+        println!("==> building fuzz target {t}");
+        run(cargo().current_dir(root().join("fuzz")).args([
+            "fuzz",
+            "build",
+            "--sanitizer",
+            "none",
+            t,
+        ]))
+        .with_context(|| format!("fuzz target {t} does not build"))?;
         println!("==> fuzzing {t} for {seconds} s");
         run(cargo()
             .current_dir(root().join("fuzz"))
