@@ -18,7 +18,8 @@ const SUITE: &str = "bookworm";
 const INCLUDE: &str = "ca-certificates,git,gcc,libc6-dev,python3";
 
 /// Runs `.ci/run` in a fresh root; `warm` keeps the splitvirt cache (kernels, schema, ...)
-/// of earlier fresh runs, to measure a warm run.
+/// of the last fresh run, to measure a warm run. Packages and crates are fetched anew either
+/// way.
 pub fn run_ci(warm: bool) -> Result<()> {
     env::ensure_apt(&["debootstrap", "util-linux"])?;
     let tarball = root_tarball()?;
@@ -62,21 +63,19 @@ pub fn run_ci(warm: bool) -> Result<()> {
     println!("    at {}", head.trim());
 
     let toolchain = toolchain()?;
-    let warm_cache = cache().join("fresh/warm-cache");
-    if warm {
-        std::fs::create_dir_all(&warm_cache)?;
+    // The root's splitvirt cache lives outside it, so that a warm run can find what the last
+    // run built; a cold run starts it empty.
+    let fresh_cache = cache().join("fresh/cache");
+    if !warm && fresh_cache.exists() {
+        std::fs::remove_dir_all(&fresh_cache)?;
     }
+    std::fs::create_dir_all(&fresh_cache)?;
     let kvm = Path::new("/dev/kvm").exists();
-    let script = mount_script(
-        &sysroot,
-        &toolchain,
-        warm.then_some(warm_cache.as_path()),
-        kvm,
-    );
+    let script = mount_script(&sysroot, &toolchain, &fresh_cache, kvm);
     println!(
         "==> .ci/run inside the fresh root ({}; the log is this output)",
         if warm {
-            "warm: the splitvirt cache of earlier fresh runs"
+            "warm: the splitvirt cache of the last fresh run"
         } else {
             "cold: nothing cached"
         }
@@ -103,7 +102,7 @@ pub fn run_ci(warm: bool) -> Result<()> {
 
 /// The shell that mounts what the root may see and runs CI in it, as CI runs it: CI=true, no
 /// standard input, an environment of its own.
-fn mount_script(sysroot: &Path, toolchain: &Path, warm: Option<&Path>, kvm: bool) -> String {
+fn mount_script(sysroot: &Path, toolchain: &Path, splitvirt_cache: &Path, kvm: bool) -> String {
     let r = sysroot.display();
     let tc = toolchain.display();
     let mut s = format!(
@@ -122,12 +121,10 @@ fn mount_script(sysroot: &Path, toolchain: &Path, warm: Option<&Path>, kvm: bool
     if kvm {
         s.push_str("touch \"$R/dev/kvm\"; mount --bind /dev/kvm \"$R/dev/kvm\"\n");
     }
-    if let Some(w) = warm {
-        s.push_str(&format!(
-            "mkdir -p \"$R/root/.cache/splitvirt\"\nmount --bind '{}' \"$R/root/.cache/splitvirt\"\n",
-            w.display()
-        ));
-    }
+    s.push_str(&format!(
+        "mkdir -p \"$R/root/.cache/splitvirt\"\nmount --bind '{}' \"$R/root/.cache/splitvirt\"\n",
+        splitvirt_cache.display()
+    ));
     // The machine's environment for reaching registries (certificate bundles, proxies),
     // nothing else of this shell's.
     let mut pass = String::new();

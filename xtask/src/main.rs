@@ -41,7 +41,7 @@ enum Cmd {
     Test,
     /// `.ci/run` from a clean clone of HEAD inside a fresh Debian 12 root (debootstrap, cached
     /// as a tarball): a missing install step fails here first. `--warm` keeps the splitvirt
-    /// cache of earlier fresh runs.
+    /// cache of the last fresh run (kernels, schema); packages and crates come anew either way.
     Fresh {
         #[arg(long)]
         warm: bool,

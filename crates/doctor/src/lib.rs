@@ -493,9 +493,11 @@ fn drivers(lines: &[&str], virtio: &[&PciFunction]) -> Vec<Binding> {
                 Class::Block => match own("virtio_blk").find_map(disk_name) {
                     // virtio_blk prints the disk's capacity at notice level when it binds.
                     Some(vd) => Evidence::Bound(vd),
-                    None => {
-                        Evidence::Unbound(complaint(&["can't open '/dev/vd", "unknown-block(0,0)"]))
-                    }
+                    None => Evidence::Unbound(complaint(&[
+                        "can't open '/dev/vd",
+                        "mounting /dev/vd",
+                        "unknown-block(0,0)",
+                    ])),
                 },
                 Class::Net => match own("virtio_net")
                     .next()
