@@ -36,6 +36,53 @@ pub const REQUESTS_AT: usize = 0x1000;
 pub const REPLIES_AT: usize = REQUESTS_AT + RING_BYTES.next_multiple_of(0x1000);
 pub const SIZE: usize = REPLIES_AT + RING_BYTES.next_multiple_of(0x1000);
 
+/// The seals every memfd that crosses to a backend carries: it can neither shrink (splitvirt
+/// would take SIGBUS on a page past the new end, or KVM_RUN fail with EFAULT) nor grow, and no
+/// seal can be removed or added after these.
+pub const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+
+/// A memfd of `size` bytes, sealed at that size (close-on-exec).
+pub fn sealed_memfd(name: &std::ffi::CStr, size: u64) -> io::Result<OwnedFd> {
+    // SAFETY: a valid NUL-terminated name; the fd is checked and then owned.
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is new and ours.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = libc::off_t::try_from(size)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "memfd size"))?;
+    // SAFETY: ftruncate and fcntl on our own fd.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), len) } != 0
+        || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, SEALS) } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Checks a memfd the peer handed over: exactly `size` bytes and sealed so, or an error that
+/// names `what`. Mapping anything else could fault when the peer shrinks it later.
+pub fn check_sealed(fd: &impl AsRawFd, size: u64, what: &str) -> io::Result<()> {
+    let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {m}"));
+    // SAFETY: fstat into a zeroed buffer, fcntl(F_GET_SEALS) on a descriptor we hold.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if u64::try_from(st.st_size).ok() != Some(size) {
+        return Err(bad(format!("{} bytes, not {size}", st.st_size)));
+    }
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 || seals & SEALS != SEALS {
+        return Err(bad(format!(
+            "not sealed against shrinking and growing (seals {seals:#x})"
+        )));
+    }
+    Ok(())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RingError {
     #[error("ring corrupt: head {head} tail {tail}")]
@@ -61,17 +108,7 @@ unsafe impl Sync for Region {}
 impl Region {
     /// A new zeroed control region with its header written.
     pub fn create() -> io::Result<Region> {
-        // SAFETY: memfd_create with a static name; the fd is ours.
-        let fd = unsafe { libc::memfd_create(c"splitvirt-rpc".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is new and ours.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: ftruncate on our fd.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), SIZE as libc::off_t) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let fd = sealed_memfd(c"splitvirt-rpc", SIZE as u64)?;
         let r = Region::map(fd)?;
         r.u64_at(0).store(MAGIC, Ordering::Relaxed);
         r.u32_at(8).store(VERSION, Ordering::Relaxed);
@@ -84,17 +121,7 @@ impl Region {
     /// Maps a region made by the peer, checking its size and header.
     pub fn open(fd: OwnedFd) -> io::Result<Region> {
         let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
-        // SAFETY: fstat into a zeroed stat buffer.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if st.st_size as usize != SIZE {
-            return Err(bad(format!(
-                "control region is {} bytes, not {SIZE}",
-                st.st_size
-            )));
-        }
+        check_sealed(&fd, SIZE as u64, "control region")?;
         let r = Region::map(fd)?;
         let (magic, version) = (
             r.u64_at(0).load(Ordering::Acquire),
@@ -535,6 +562,28 @@ mod tests {
         a.u64_at(0).store(0, Ordering::Relaxed);
         let e = Region::open(a.fd().try_clone().unwrap()).err().unwrap();
         assert!(e.to_string().contains("magic"), "{e}");
+    }
+
+    #[test]
+    fn the_region_is_sealed_and_an_unsealed_one_is_refused() {
+        let a = Region::create().unwrap();
+        // Neither side can change its size: a shrink would fault the other's mapping.
+        // SAFETY: ftruncate on a descriptor the test holds.
+        for len in [0, 2 * SIZE as libc::off_t] {
+            assert_ne!(unsafe { libc::ftruncate(a.fd().as_raw_fd(), len) }, 0);
+            assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
+        }
+        // A region that is not sealed is not mapped, whatever its contents.
+        // SAFETY: a test memfd, owned at once.
+        let plain = unsafe {
+            OwnedFd::from_raw_fd(libc::memfd_create(c"plain".as_ptr(), libc::MFD_CLOEXEC))
+        };
+        assert_eq!(
+            unsafe { libc::ftruncate(plain.as_raw_fd(), SIZE as libc::off_t) },
+            0
+        );
+        let e = Region::open(plain).err().unwrap();
+        assert!(e.to_string().contains("control region: not sealed"), "{e}");
     }
 
     #[test]

@@ -389,3 +389,64 @@ fn a_disk_served_by_the_backend_process_which_maps_only_the_pool() {
         "an interrupt told the guest"
     );
 }
+
+/// A backend handed a pool memfd that is not sealed refuses it before it maps anything: a
+/// peer that kept a way to shrink it could fault whoever maps it.
+#[test]
+fn a_backend_refuses_a_pool_that_is_not_sealed() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    let l = layout::resolve(&layout::Description::default_vm())
+        .unwrap()
+        .layout;
+    let pool = l.pool.unwrap();
+    let (ours, theirs) = rpc::setup::socketpair().unwrap();
+    let fd = theirs.as_raw_fd();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_splitvirt"));
+    cmd.args(["backend", "--setup-fd", "3"])
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: dup2 only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    drop(theirs);
+    // SAFETY: a test memfd, owned at once and sized to the pool, but not sealed.
+    let plain = unsafe {
+        OwnedFd::from_raw_fd(libc::memfd_create(
+            c"plain-pool".as_ptr(),
+            libc::MFD_CLOEXEC,
+        ))
+    };
+    assert_eq!(
+        unsafe { libc::ftruncate(plain.as_raw_fd(), pool.size as libc::off_t) },
+        0
+    );
+    let region = rpc::shm::Region::create().unwrap();
+    let bells: Vec<rpc::shm::Doorbell> =
+        (0..3).map(|_| rpc::shm::Doorbell::new().unwrap()).collect();
+    rpc::setup::send(
+        &ours,
+        pool.base,
+        pool.size,
+        [
+            plain.as_raw_fd(),
+            region.fd().as_raw_fd(),
+            bells[0].fd().as_raw_fd(),
+            bells[1].fd().as_raw_fd(),
+            bells[2].fd().as_raw_fd(),
+        ],
+        None,
+        &[],
+    )
+    .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("the pool memfd: not sealed"), "{err}");
+}

@@ -574,6 +574,8 @@ pub fn serve(l: &Layout, setup_fd: OwnedFd) -> Result<(), BackendError> {
         )));
     }
     let pool_file = File::from(s.pool);
+    rpc::shm::check_sealed(&pool_file, pool.size, "the pool memfd")
+        .map_err(|e| BackendError::Setup(e.to_string()))?;
     let mem = crate::memory::pool_memory(pool.base, pool.size, &pool_file)?;
     drop(pool_file);
     let region = Arc::new(Region::open(s.control)?);

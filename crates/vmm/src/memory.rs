@@ -5,7 +5,6 @@
 
 use layout::Layout;
 use std::fs::File;
-use std::os::fd::FromRawFd;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
 #[derive(Debug, thiserror::Error)]
@@ -18,20 +17,12 @@ pub struct GuestRam {
     pub pool_fd: Option<File>,
 }
 
+/// A memfd sealed at `size`: whoever it is handed to (a backend, a peer VM) cannot shrink it
+/// under splitvirt's mappings.
 pub fn memfd(name: &std::ffi::CStr, size: u64) -> Result<File, MemoryError> {
-    // SAFETY: a valid NUL-terminated name; the fd is checked and then owned by the File.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(MemoryError(format!(
-            "memfd_create: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    // SAFETY: fd is a fresh descriptor we own.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size)
-        .map_err(|e| MemoryError(format!("sizing a memfd to {size} bytes: {e}")))?;
-    Ok(file)
+    rpc::shm::sealed_memfd(name, size)
+        .map(File::from)
+        .map_err(|e| MemoryError(format!("a sealed memfd of {size} bytes: {e}")))
 }
 
 fn clone(f: &File) -> Result<File, MemoryError> {
@@ -103,6 +94,18 @@ pub fn device_memory(l: &Layout, ram: &GuestRam) -> Result<GuestMemoryMmap<()>, 
 mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestMemoryBackend};
+
+    #[test]
+    fn the_pool_memfd_is_sealed_at_its_size() {
+        let l = layout::resolve(&layout::Description::default_vm())
+            .unwrap()
+            .layout;
+        let pool = l.pool.clone().unwrap();
+        let fd = guest_ram(&l).unwrap().pool_fd.unwrap();
+        rpc::shm::check_sealed(&fd, pool.size, "pool").unwrap();
+        assert!(fd.set_len(4096).is_err(), "a shrink went through");
+        assert!(fd.set_len(pool.size * 2).is_err(), "a growth went through");
+    }
 
     #[test]
     fn the_pool_is_its_own_memfd_and_devices_see_only_it() {
