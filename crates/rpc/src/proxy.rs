@@ -7,7 +7,7 @@
 use crate::shm::{Doorbell, Region, RingError};
 use crate::wire::{Msg, Op};
 use pci::{BarKind, ConfigSpace, PciFunction};
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -121,7 +121,16 @@ pub struct Proxy {
     poll: Option<Duration>,
     /// How long a read waits for its reply.
     pub timeout: Duration,
+    /// Messages so far that broke the protocol (undecodable, or ops only the proxy sends).
+    violations: AtomicU32,
 }
+
+/// Protocol violations a backend gets away with (each logged, rate-limited) before it is
+/// failed: past a few, it is broken or hostile, and its replacement is the way on.
+pub const VIOLATION_LIMIT: u32 = 64;
+/// Messages one drain takes before it lets its caller look at the clock again, so that a
+/// backend that streams messages cannot hold a waiting vCPU past its deadline.
+const DRAIN_BUDGET: u32 = 2 * crate::shm::SLOTS;
 
 thread_local! {
     static WAITER: Arc<Waiter> = Arc::new(Waiter { value: Mutex::default(), cv: Condvar::new() });
@@ -189,6 +198,7 @@ impl Proxy {
             consumer: Mutex::new(Vec::new()),
             poll,
             timeout,
+            violations: AtomicU32::new(0),
         });
         let q = p.clone();
         let _ = std::thread::Builder::new()
@@ -216,12 +226,12 @@ impl Proxy {
     /// `drain`, but stops at the reply to `mine` and returns it: the caller is its waiter
     /// (registered in `pending` or not, as `Mine` says).
     fn drain_for(&self, log: &mut Vec<u8>, mine: Option<Mine>) -> Option<u64> {
-        loop {
+        for _ in 0..DRAIN_BUDGET {
             let m = match self.region.replies().pop() {
                 Ok(Some(m)) => m,
                 Ok(None) => return None,
                 Err(RingError::Wire(e)) => {
-                    ratelog::warn!("backend sent a bad message ({e}); ignored");
+                    self.violation(&format!("a message that does not decode ({e})"));
                     continue;
                 }
                 Err(e) => {
@@ -239,6 +249,19 @@ impl Proxy {
                 _ => {}
             }
             self.dispatch(m, log);
+        }
+        None
+    }
+
+    /// A message that breaks the protocol: ignored and logged; past `VIOLATION_LIMIT` the
+    /// backend is failed.
+    fn violation(&self, what: &str) {
+        let n = self.violations.fetch_add(1, Ordering::Relaxed) + 1;
+        ratelog::warn!("backend sent {what}; ignored");
+        if n == VIOLATION_LIMIT {
+            self.fail(&format!(
+                "it broke the protocol {n} times (the last: {what})"
+            ));
         }
     }
 
@@ -278,7 +301,7 @@ impl Proxy {
                 lock(&self.startup).ready = true;
                 self.startup_cv.notify_all();
             }
-            op => ratelog::warn!("backend sent {op:?}, which only the proxy sends; ignored"),
+            op => self.violation(&format!("{op:?}, which only the proxy sends")),
         }
     }
 

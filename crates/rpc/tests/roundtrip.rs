@@ -104,6 +104,11 @@ fn pair(wait: Wait) -> Pair {
 
 /// `pair`, whose proxy spins up to `poll` for a reply before it sleeps.
 fn pair_with(wait: Wait, poll: Option<Duration>) -> Pair {
+    pair_events(wait, poll, Duration::ZERO)
+}
+
+/// `pair_with`, whose VMM takes `per_event` to handle each event (a slow consumer).
+fn pair_events(wait: Wait, poll: Option<Duration>, per_event: Duration) -> Pair {
     let region = Arc::new(Region::create().unwrap());
     let backend_view = Arc::new(Region::open(region.fd().try_clone().unwrap()).unwrap());
     let (to_backend, to_proxy, replies) = (
@@ -131,7 +136,10 @@ fn pair_with(wait: Wait, poll: Option<Duration>) -> Pair {
         to_backend,
         proxy_wake,
         replies_wake,
-        Box::new(move |ev| e.lock().unwrap().push(ev)),
+        Box::new(move |ev| {
+            std::thread::sleep(per_event);
+            e.lock().unwrap().push(ev)
+        }),
         Duration::from_millis(500),
         poll,
     );
@@ -379,4 +387,59 @@ fn a_kick_replays_its_writes_after_the_requests_before_it() {
     assert_eq!(p.proxy.read(1, 1, 8, 4), 0);
     stop.store(true, Ordering::Release);
     b.join().unwrap();
+}
+
+/// A backend that sends only what the proxy may send, over and over, is failed after
+/// `VIOLATION_LIMIT` of them, and says why.
+#[test]
+fn a_backend_that_keeps_breaking_the_protocol_is_failed() {
+    let p = pair(Wait::Block);
+    p.proxy.registrations(Duration::from_secs(5)).unwrap();
+    p.stop.store(true, Ordering::Release);
+    p.backend.join().unwrap();
+    for _ in 0..rpc::proxy::VIOLATION_LIMIT - 1 {
+        while p.outbox.send(&Msg::new(Op::Read)).is_err() {
+            p.proxy.ping(0);
+        }
+    }
+    // Draining them all (a read times out on the stopped backend) leaves it alive...
+    assert_eq!(p.proxy.read(1, 0, 0, 4), u64::MAX);
+    assert!(!p.proxy.is_dead());
+    // ...and the next one fails it.
+    p.outbox.send(&Msg::new(Op::Read)).unwrap();
+    assert_eq!(p.proxy.read(1, 0, 0, 4), u64::MAX);
+    assert!(p.proxy.is_dead());
+    assert!(matches!(
+        p.events.lock().unwrap().last(),
+        Some(Event::Dead(why)) if why.contains("broke the protocol 64 times")
+    ));
+}
+
+/// A backend that streams events faster than splitvirt handles them cannot hold a vCPU
+/// waiting for a reply past its deadline: each drain takes a bounded batch, then the vCPU
+/// looks at its clock.
+#[test]
+fn a_flooding_backend_costs_a_timeout_not_a_hang() {
+    // Each event takes the VMM 1 ms; the flood comes far faster.
+    let p = pair_events(Wait::Block, None, Duration::from_millis(1));
+    p.proxy.registrations(Duration::from_secs(5)).unwrap();
+    p.stop.store(true, Ordering::Release);
+    p.backend.join().unwrap();
+    let flooding = Arc::new(AtomicBool::new(true));
+    let (f, o) = (flooding.clone(), p.outbox.clone());
+    let flood = std::thread::spawn(move || {
+        while f.load(Ordering::Relaxed) {
+            o.intx(1, true);
+        }
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let proxy = p.proxy.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(proxy.read(1, 0, 0, 4));
+    });
+    // The read's own timeout is 500 ms; 30 s is far past anything but a hang.
+    let got = rx.recv_timeout(Duration::from_secs(30));
+    flooding.store(false, Ordering::Relaxed);
+    flood.join().unwrap();
+    assert_eq!(got, Ok(u64::MAX), "the vCPU's read never came back");
 }
