@@ -15,7 +15,7 @@ use rpc::backend::{Inbox, Kick, Outbox, Wait};
 use rpc::setup::MsiFds;
 use rpc::{Doorbell, Event, Proxy, Region, Registration, RemoteFunction};
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -117,6 +117,35 @@ fn spawn_backend(
         });
     }
     cmd.spawn()
+}
+
+/// A descriptor that names process `pid` for as long as it is held, even after it is reaped.
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// SIGKILL to the process a pidfd names; ESRCH once it has ended, never another process.
+fn kill_by_pidfd(fd: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: pidfd_send_signal on our pidfd, no siginfo, no flags.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Connects to a listening backend, trying again until `CONNECT_TIMEOUT`.
@@ -283,16 +312,29 @@ impl Launch {
                 .collect::<Vec<_>>(),
         )?;
         // A backend that breaks the protocol is ended (a connected one is hung up on), so
-        // that what follows its death follows.
-        let pid = child.as_ref().map(|c| c.id());
+        // that what follows its death follows. The process is held by a pidfd: once the
+        // watch thread has reaped it, its pid may be another process's, the pidfd never.
+        let pidfd = match child.as_ref().map(|c| pidfd_open(c.id())).transpose() {
+            Ok(fd) => fd,
+            Err(e) => {
+                end(&mut child);
+                return Err(BackendError::Setup(format!(
+                    "pidfd_open on the backend process: {e} (Linux 5.3 or later is needed)"
+                )));
+            }
+        };
         let (hangup, events) = (ours.try_clone()?, self.events.clone());
         let events = Box::new(move |e: Event| {
             if matches!(e, Event::Dead(_)) {
-                match pid {
-                    // SAFETY: a signal to our own child.
-                    Some(pid) => unsafe { libc::kill(pid as i32, libc::SIGKILL) },
+                match &pidfd {
+                    // An error means it has ended already: nothing to do.
+                    Some(fd) => {
+                        let _ = kill_by_pidfd(fd);
+                    }
                     // SAFETY: shutting down our own socket.
-                    None => unsafe { libc::shutdown(hangup.as_raw_fd(), libc::SHUT_RDWR) },
+                    None => unsafe {
+                        libc::shutdown(hangup.as_raw_fd(), libc::SHUT_RDWR);
+                    },
                 };
             }
             events(e)
@@ -673,4 +715,23 @@ pub fn serve(l: &Layout, setup_fd: OwnedFd) -> Result<(), BackendError> {
     let wait = l.rpc_poll.map_or(Wait::Block, Wait::Poll);
     rpc::backend::serve(inbox, &out, &mut funcs, &mut input, &stop, wait)
         .map_err(|e| BackendError::Setup(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The backend is signalled through a pidfd: after it has been reaped (its pid free for
+    /// any new process), the signal reaches nobody.
+    #[test]
+    fn a_reaped_backend_cannot_be_signalled_by_its_pidfd() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let fd = pidfd_open(child.id()).unwrap();
+        kill_by_pidfd(&fd).unwrap();
+        let st = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(st.signal(), Some(libc::SIGKILL));
+        let e = kill_by_pidfd(&fd).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ESRCH));
+    }
 }
