@@ -9,15 +9,34 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use virtio::transport::{Signal, VirtioPci};
 
-/// MSI-X messages are memory writes by the device: they go over the bus (to the GICv2m frame,
-/// which checks them); INTx goes to the device's swizzled line.
+/// MSI-X messages are memory writes by the device, to whatever address the guest programmed:
+/// only a write to the GICv2m frame's MSI_SETSPI_NS of one of its SPIs goes over the bus
+/// (to the frame). Anything else is dropped: a vector pointed at the device's own BAR would
+/// otherwise re-enter the device while its lock is held. INTx goes to the swizzled line.
 pub struct DeviceSignal {
     pub bus: Arc<OnceLock<Arc<Bus>>>,
     pub intx: Arc<dyn IrqLine>,
+    pub frame: Option<layout::layout::V2m>,
+}
+
+/// Whether an MSI write of `data` to `addr` is one the GICv2m `frame` takes.
+pub fn msi_to_frame(frame: Option<&layout::layout::V2m>, addr: u64, data: u32) -> bool {
+    frame.is_some_and(|f| {
+        addr == f.region.base + platform::gicv2m::MSI_SETSPI_NS
+            && data >= f.spi_base
+            && data - f.spi_base < f.spi_count
+    })
 }
 
 impl Signal for DeviceSignal {
     fn msi(&self, (addr, data): (u64, u32)) {
+        if !msi_to_frame(self.frame.as_ref(), addr, data) {
+            ratelog::warn!(
+                "a device's MSI-X message (address {addr:#x}, data {data}) is not an SPI of the \
+                 GICv2m frame; dropped"
+            );
+            return;
+        }
         match self.bus.get() {
             Some(bus) => bus.write(addr, &data.to_le_bytes()),
             None => ratelog::warn!("MSI to {addr:#x} before the bus exists"),
@@ -284,4 +303,57 @@ pub fn build(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Counts the writes that reach it.
+    #[derive(Default)]
+    struct Counted(AtomicUsize);
+    impl crate::bus::BusDevice for Counted {
+        fn read(&self, _: u64, _: &mut [u8]) {}
+        fn write(&self, _: u64, _: &[u8]) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    struct NoLine;
+    impl IrqLine for NoLine {
+        fn set_level(&self, _: bool) {}
+    }
+
+    /// The guest may program any address into an MSI-X entry: only the frame's doorbell with
+    /// one of its SPIs is written, never a BAR (the device's own: a deadlock) or RAM.
+    #[test]
+    fn device_msis_reach_only_the_frames_doorbell() {
+        let l = layout::resolve(&layout::Description::default_vm())
+            .unwrap()
+            .layout;
+        let v = l.v2m.clone().unwrap();
+        let (frame, bar) = (Arc::new(Counted::default()), Arc::new(Counted::default()));
+        let mut bus = Bus::default();
+        bus.add(v.region.clone(), frame.clone());
+        let bar_region = layout::Region::new("a BAR", l.pci.mem32.base, 0x4000);
+        bus.add(bar_region.clone(), bar.clone());
+        let cell = Arc::new(OnceLock::new());
+        let _ = cell.set(Arc::new(bus));
+        let s = DeviceSignal {
+            bus: cell,
+            intx: Arc::new(NoLine),
+            frame: Some(v.clone()),
+        };
+        let doorbell = v.region.base + platform::gicv2m::MSI_SETSPI_NS;
+        s.msi((bar_region.base + 0x1000, v.spi_base));
+        s.msi((doorbell, v.spi_base + v.spi_count));
+        s.msi((doorbell, v.spi_base - 1));
+        s.msi((v.region.base, v.spi_base));
+        assert_eq!(bar.0.load(Ordering::Relaxed), 0);
+        assert_eq!(frame.0.load(Ordering::Relaxed), 0);
+        s.msi((doorbell, v.spi_base + v.spi_count - 1));
+        assert_eq!(frame.0.load(Ordering::Relaxed), 1);
+        // Without a frame there is no MSI at all.
+        assert!(!msi_to_frame(None, doorbell, v.spi_base));
+    }
 }

@@ -487,6 +487,7 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
     let signal = |d: &layout::Device| -> Arc<dyn virtio::transport::Signal> {
         Arc::new(crate::devices::DeviceSignal {
             bus: bus_cell.clone(),
+            frame: l.v2m.clone(),
             intx: Arc::new(SpiLine {
                 vm: vm.clone(),
                 intid: layout::layout::SPI_BASE_INTID + d.intx_spi,
