@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::Bytes;
+use vm_memory::{Address, Bytes};
 
 pub const QUEUE_SIZE: u16 = 256;
 /// Virtqueues of this device (the notify addresses a hypervisor may catch itself).
@@ -98,10 +98,21 @@ impl Console {
                 if d.is_write_only() {
                     continue;
                 }
-                let mut buf = vec![0u8; d.len() as usize];
-                mem.read_slice(&mut buf, d.addr())
-                    .map_err(|e| err(format!("buffer at {:#x}: {e}", d.addr().0)))?;
-                let _ = self.out.write_all(&buf);
+                // In pieces through a fixed buffer: the guest's length is not an allocation
+                // (up to 4 GiB), and a buffer outside memory fails at its first piece.
+                let mut buf = [0u8; 4096];
+                let mut done = 0u64;
+                while done < u64::from(d.len()) {
+                    let n = (u64::from(d.len()) - done).min(buf.len() as u64) as usize;
+                    let at = d
+                        .addr()
+                        .checked_add(done)
+                        .ok_or_else(|| err(format!("buffer at {:#x} wraps around", d.addr().0)))?;
+                    mem.read_slice(&mut buf[..n], at)
+                        .map_err(|e| err(format!("buffer at {:#x}: {e}", at.0)))?;
+                    let _ = self.out.write_all(&buf[..n]);
+                    done += n as u64;
+                }
             }
             let _ = self.out.flush();
             q.add_used(mem, head, 0).map_err(|e| err(e.to_string()))?;
