@@ -82,7 +82,10 @@ impl Reaper {
                 .mem
                 .write_obj(u32::from(head), GuestAddress(elem))
                 .is_ok()
-                && self.mem.write_obj(1u32, GuestAddress(elem + 4)).is_ok();
+                && self
+                    .mem
+                    .write_obj(1u32, GuestAddress(elem.wrapping_add(4)))
+                    .is_ok();
             if ok {
                 used_idx = used_idx.wrapping_add(1);
                 done += 1;
@@ -114,16 +117,17 @@ impl Reaper {
         }
     }
 
-    /// Writes IOERR into the chain's status byte (its last descriptor, device-writable).
+    /// Writes IOERR into the chain's status byte (its last descriptor, device-writable). Every
+    /// address here is the guest's: sums wrap (and then miss the pool) instead of overflowing.
     fn fail_chain(&self, q: &QueueRegs, head: u16) {
         let mut i = head;
         for _ in 0..q.size {
             let d = q.desc.wrapping_add(16 * u64::from(i));
             let (Ok(addr), Ok(len), Ok(flags), Ok(next)) = (
                 self.mem.read_obj::<u64>(GuestAddress(d)),
-                self.mem.read_obj::<u32>(GuestAddress(d + 8)),
-                self.mem.read_obj::<u16>(GuestAddress(d + 12)),
-                self.mem.read_obj::<u16>(GuestAddress(d + 14)),
+                self.mem.read_obj::<u32>(GuestAddress(d.wrapping_add(8))),
+                self.mem.read_obj::<u16>(GuestAddress(d.wrapping_add(12))),
+                self.mem.read_obj::<u16>(GuestAddress(d.wrapping_add(14))),
             ) else {
                 return;
             };
@@ -136,6 +140,36 @@ impl Reaper {
                 return;
             }
             i = next;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Quiet;
+    impl Signal for Quiet {
+        fn msi(&self, _: (u64, u32)) {}
+        fn intx(&self, _: bool) {}
+    }
+
+    /// The rings' addresses are the guest's: a descriptor table at the top of the address
+    /// space makes the sums wrap (and miss the pool), never overflow.
+    #[test]
+    fn a_descriptor_table_at_the_end_of_the_address_space_is_no_overflow() {
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x5000_0000), 0x10000)]).unwrap();
+        let r = Reaper::new(1, mem, Arc::new(Quiet));
+        for desc in [u64::MAX - 4, u64::MAX - 13, u64::MAX] {
+            let q = QueueRegs {
+                size: 16,
+                desc,
+                avail: 0x5000_1000,
+                used: 0x5000_2000,
+                ready: true,
+            };
+            r.fail_chain(&q, 15);
         }
     }
 }
