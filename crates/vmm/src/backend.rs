@@ -383,15 +383,35 @@ fn check_registrations(
                 d.kind.label()
             )));
         };
-        let expect = (d.kind.pci_id(), d.bars.first().map(|b| b.size));
-        if ((r.vendor, r.device), Some(r.bar0_size)) != expect {
+        // All of it: the BAR's width and prefetchability decide where the guest may put it,
+        // the pin which INTx line the device's level reaches.
+        let bar = d.bars.first();
+        let expect = (
+            d.kind.pci_id(),
+            bar.map(|b| (b.size, b.is_64bit, b.prefetchable)),
+            d.intx_pin as u8,
+        );
+        let got = (
+            (r.vendor, r.device),
+            Some((r.bar0_size, r.bar0_64bit, r.bar0_prefetchable)),
+            r.intx_pin,
+        );
+        if got != expect {
             return Err(BackendError::Setup(format!(
-                "the backend registered {:04x}:{:04x} with a {:#x}-byte BAR at slot {slot}; the \
-                 description has a {} there",
+                "the backend registered {:04x}:{:04x} at slot {slot} with a {:#x}-byte{}{} BAR 0 \
+                 and INTx pin {}; the description has a {} there ({:?})",
                 r.vendor,
                 r.device,
                 r.bar0_size,
-                d.kind.label()
+                if r.bar0_64bit { " 64-bit" } else { " 32-bit" },
+                if r.bar0_prefetchable {
+                    " prefetchable"
+                } else {
+                    ""
+                },
+                r.intx_pin,
+                d.kind.label(),
+                expect
             )));
         }
     }
@@ -720,6 +740,49 @@ pub fn serve(l: &Layout, setup_fd: OwnedFd) -> Result<(), BackendError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A registration must match its device whole, not only in its ids and BAR size.
+    #[test]
+    fn a_registration_is_checked_whole() {
+        let l = layout::resolve(&layout::Description::default_vm())
+            .unwrap()
+            .layout;
+        let d = &l.devices[0];
+        let bar = d.bars[0];
+        let good = Registration {
+            dev: d.slot as u8,
+            vendor: d.kind.pci_id().0,
+            device: d.kind.pci_id().1,
+            class: 0,
+            revision: 1,
+            bar0_size: bar.size,
+            bar0_64bit: bar.is_64bit,
+            bar0_prefetchable: bar.prefetchable,
+            intx_pin: d.intx_pin as u8,
+        };
+        check_registrations(&[d], std::slice::from_ref(&good)).unwrap();
+        for bad in [
+            Registration {
+                bar0_64bit: !bar.is_64bit,
+                ..good
+            },
+            Registration {
+                bar0_prefetchable: !bar.prefetchable,
+                ..good
+            },
+            Registration {
+                intx_pin: good.intx_pin % 4 + 1,
+                ..good
+            },
+            Registration {
+                bar0_size: bar.size * 2,
+                ..good
+            },
+        ] {
+            let e = check_registrations(&[d], &[bad]).unwrap_err().to_string();
+            assert!(e.contains("the description has a"), "{e}");
+        }
+    }
 
     /// The backend is signalled through a pidfd: after it has been reaped (its pid free for
     /// any new process), the signal reaches nobody.
