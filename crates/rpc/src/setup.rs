@@ -152,6 +152,43 @@ pub fn accept(listener: &OwnedFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// The user id of the process at the other end of a connected Unix socket (as the kernel
+/// recorded it when it connected: `SO_PEERCRED`, not anything the peer says).
+pub fn peer_uid(sock: &OwnedFd) -> io::Result<u32> {
+    // SAFETY: a zeroed ucred is valid; getsockopt fills at most `len` bytes of it.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// Whether something arrives on `sock` (or it closes) within `timeout`.
+pub fn readable_within(sock: &OwnedFd, timeout: std::time::Duration) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: poll on one pollfd of ours.
+    match unsafe { libc::poll(&mut p, 1, ms) } {
+        n if n < 0 => Err(io::Error::last_os_error()),
+        0 => Ok(false),
+        _ => Ok(true),
+    }
+}
+
 /// A setup socket connected to the listener at `path`.
 pub fn connect(path: &Path) -> io::Result<OwnedFd> {
     let (fd, addr) = seqpacket_at(path)?;

@@ -98,6 +98,16 @@ enum Cmd {
         /// The VMs' description (the same file `splitvirt run` is given).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// With --listen: serve connections from this user id (repeatable; by default only
+        /// this process's own user), as the kernel records the peer (SO_PEERCRED).
+        #[arg(long = "allow-uid", value_name = "UID", requires = "listen")]
+        allow_uids: Vec<u32>,
+        /// With --listen: VMs served at once; connections past it are closed.
+        #[arg(long, default_value_t = 16, requires = "listen")]
+        max_vms: usize,
+        /// With --listen: seconds a connection has to send its setup before it is closed.
+        #[arg(long, default_value_t = 20, requires = "listen")]
+        setup_timeout: u64,
     },
     /// Check that this host can run splitvirt VMs: /dev/kvm, an in-kernel vgic-v2, a guest
     /// that runs and exits on MMIO.
@@ -360,12 +370,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Backend {
             listen: Some(socket),
             config,
+            allow_uids,
+            max_vms,
+            setup_timeout,
             ..
         } => {
             // Checked now, so that a bad description fails here rather than per VM.
             resolve(&load(config.as_deref())?)?;
             let exe = std::env::current_exe()?;
-            vmm::backend::listen(&socket, &exe, config.as_deref())?;
+            let mut policy = vmm::backend::ListenPolicy::own_user();
+            if !allow_uids.is_empty() {
+                policy.allow_uids = allow_uids;
+            }
+            policy.max_vms = max_vms;
+            policy.setup_timeout = std::time::Duration::from_secs(setup_timeout);
+            vmm::backend::listen(&socket, &exe, config.as_deref(), &policy)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Backend {

@@ -241,13 +241,23 @@ impl Drop for Reap {
     }
 }
 
-/// The children of process `pid` (Linux's /proc/PID/task/PID/children).
+/// The children of process `pid`, whichever of its threads started them (Linux's
+/// /proc/PID/task/TID/children).
 fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        out.extend(
+            std::fs::read_to_string(t.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    out
 }
 
 #[test]
@@ -449,4 +459,63 @@ fn a_backend_refuses_a_pool_that_is_not_sealed() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{err}");
     assert!(err.contains("the pool memfd: not sealed"), "{err}");
+}
+
+/// A listener started with `args`, logging to a file of its own; its socket is up.
+fn listener_with(
+    dir: &std::path::Path,
+    args: &[&str],
+) -> (Reap, std::path::PathBuf, std::path::PathBuf) {
+    let (sock, log) = (dir.join("l.sock"), dir.join("l.log"));
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_splitvirt"))
+        .arg("--log-file")
+        .arg(&log)
+        .args(["backend", "--listen"])
+        .arg(&sock)
+        .args(args)
+        .spawn()
+        .unwrap();
+    wait_until(20, || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("listening on"))
+    });
+    (Reap(child), sock, log)
+}
+
+/// Whether the listener hangs up on `conn` (EOF) within 30 s.
+fn hung_up(conn: &std::os::fd::OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    if !rpc::setup::readable_within(conn, std::time::Duration::from_secs(30)).unwrap() {
+        return false;
+    }
+    let mut b = [0u8; 1];
+    // SAFETY: a recv into a local on our socket.
+    unsafe { libc::recv(conn.as_raw_fd(), b.as_mut_ptr().cast(), 1, 0) == 0 }
+}
+
+/// The listener serves only the users it is told to, as many VMs at once as it is told, and
+/// closes a connection that sends no setup in time; none of these gets a backend process.
+#[test]
+fn a_listener_checks_who_connects_how_many_and_how_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_me = (unsafe { libc::geteuid() } + 4242).to_string();
+    let (l, sock, log) = listener_with(dir.path(), &["--allow-uid", &not_me]);
+    let c = rpc::setup::connect(&sock).unwrap();
+    assert!(hung_up(&c), "a stranger's connection was kept");
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("refused a connection from uid"));
+    assert!(children(l.0.id()).is_empty());
+    drop(l);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (l, sock, log) = listener_with(dir.path(), &["--max-vms", "1", "--setup-timeout", "2"]);
+    let first = rpc::setup::connect(&sock).unwrap();
+    let second = rpc::setup::connect(&sock).unwrap();
+    assert!(hung_up(&second), "a connection past --max-vms was kept");
+    // The first sends no setup: closed after the timeout, with no process started for it.
+    assert!(hung_up(&first), "a silent connection was kept");
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(said.contains("already serving 1 VMs"), "{said}");
+    assert!(said.contains("sent no setup within 2s"), "{said}");
+    assert!(children(l.0.id()).is_empty());
 }

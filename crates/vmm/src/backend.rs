@@ -167,11 +167,41 @@ fn connect(path: &Path) -> Result<OwnedFd, BackendError> {
     }
 }
 
+/// Who a listening backend serves, how many at once, and how long a VM has to send its setup.
+#[derive(Clone, Debug)]
+pub struct ListenPolicy {
+    /// User ids whose connections are served (the kernel's record of the peer, SO_PEERCRED).
+    pub allow_uids: Vec<u32>,
+    /// VMs served at once; a connection past it is closed.
+    pub max_vms: usize,
+    /// A connection that sends no setup within this is closed before any process serves it.
+    pub setup_timeout: Duration,
+}
+
+impl ListenPolicy {
+    /// Only this process's own user, 16 VMs, 20 s for the setup.
+    pub fn own_user() -> ListenPolicy {
+        ListenPolicy {
+            // SAFETY: geteuid cannot fail.
+            allow_uids: vec![unsafe { libc::geteuid() }],
+            max_vms: 16,
+            setup_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
 /// `splitvirt backend --listen SOCKET`: each VM that connects (its description says
 /// `[backend] connect = SOCKET`) is served by a backend process of its own, started as
-/// `splitvirt run` would start it, which lives as long as that VM's connection.
-pub fn listen(socket: &Path, exe: &Path, config: Option<&Path>) -> Result<(), BackendError> {
+/// `splitvirt run` would start it, which lives as long as that VM's connection. Who may
+/// connect, how many at once and how long a setup may take come from `policy`.
+pub fn listen(
+    socket: &Path,
+    exe: &Path,
+    config: Option<&Path>,
+    policy: &ListenPolicy,
+) -> Result<(), BackendError> {
     use std::os::unix::fs::FileTypeExt;
+    use std::sync::atomic::AtomicUsize;
     // A socket left by an earlier listener is replaced; any other file is not touched.
     if let Ok(m) = std::fs::symlink_metadata(socket) {
         if !m.file_type().is_socket() {
@@ -183,7 +213,13 @@ pub fn listen(socket: &Path, exe: &Path, config: Option<&Path>) -> Result<(), Ba
         std::fs::remove_file(socket)?;
     }
     let listener = rpc::setup::listen(socket)?;
-    log::info!("listening on {}", socket.display());
+    log::info!(
+        "listening on {} (users {:?}, at most {} VMs)",
+        socket.display(),
+        policy.allow_uids,
+        policy.max_vms
+    );
+    let serving = Arc::new(AtomicUsize::new(0));
     loop {
         let conn = match rpc::setup::accept(&listener) {
             Ok(c) => c,
@@ -193,17 +229,47 @@ pub fn listen(socket: &Path, exe: &Path, config: Option<&Path>) -> Result<(), Ba
                 continue;
             }
         };
-        match spawn_backend(exe, config, &conn, false) {
-            Ok(mut child) => {
-                let pid = child.id();
-                ratelog::info!("a VM connected; process {pid} serves it");
-                std::thread::spawn(move || {
-                    let status = child.wait();
-                    ratelog::info!("process {pid} ended ({status:?})");
-                });
+        match rpc::setup::peer_uid(&conn) {
+            Ok(uid) if policy.allow_uids.contains(&uid) => {}
+            Ok(uid) => {
+                ratelog::warn!("refused a connection from uid {uid}: not an allowed user");
+                continue;
             }
-            Err(e) => ratelog::error!("cannot start a backend process: {e}"),
+            Err(e) => {
+                ratelog::warn!("refused a connection whose user is unknown: {e}");
+                continue;
+            }
         }
+        if serving.load(Ordering::Acquire) >= policy.max_vms {
+            ratelog::warn!(
+                "refused a connection: already serving {} VMs",
+                policy.max_vms
+            );
+            continue;
+        }
+        serving.fetch_add(1, Ordering::AcqRel);
+        let (serving, exe, config) = (serving.clone(), exe.to_owned(), config.map(Path::to_owned));
+        let timeout = policy.setup_timeout;
+        std::thread::spawn(move || {
+            // No process for a connection that sends nothing.
+            match rpc::setup::readable_within(&conn, timeout) {
+                Ok(true) => match spawn_backend(&exe, config.as_deref(), &conn, false) {
+                    Ok(mut child) => {
+                        let pid = child.id();
+                        ratelog::info!("a VM connected; process {pid} serves it");
+                        drop(conn);
+                        let status = child.wait();
+                        ratelog::info!("process {pid} ended ({status:?})");
+                    }
+                    Err(e) => ratelog::error!("cannot start a backend process: {e}"),
+                },
+                Ok(false) => {
+                    ratelog::warn!("closed a connection that sent no setup within {timeout:?}")
+                }
+                Err(e) => ratelog::warn!("a connection failed before its setup: {e}"),
+            }
+            serving.fetch_sub(1, Ordering::AcqRel);
+        });
     }
 }
 
