@@ -119,6 +119,11 @@ pub fn run(args: &[String], log: &Path, timeout: Duration) -> Result<Run> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    finished(log, timed_out, t)
+}
+
+/// The run whose console is in `log`, started at `t`.
+fn finished(log: &Path, timed_out: bool, t: Instant) -> Result<Run> {
     let bytes = std::fs::read(log)?;
     Ok(Run {
         log: String::from_utf8_lossy(&bytes).into_owned(),
@@ -190,13 +195,7 @@ pub fn run_streaming(
     }
     let _ = child.wait();
     drop(file);
-    let bytes = std::fs::read(log)?;
-    Ok(Run {
-        log: String::from_utf8_lossy(&bytes).into_owned(),
-        log_path: log.to_owned(),
-        timed_out,
-        seconds: t.elapsed().as_secs_f64(),
-    })
+    finished(log, timed_out, t)
 }
 
 /// The board on this terminal, both ways: for a shell in a guest. No log, no time limit.
