@@ -62,13 +62,14 @@ fn build(package: &str, what: &[&str], output: &str) -> Result<PathBuf> {
     crate::guest::ensure_arm64_arch()?;
     env::ensure_apt(APT)?;
     // Linker and +crt-static for this target come from .cargo/config.toml.
-    env::run(
+    env::run_with_progress(
         cargo()
             .env("RUSTC", "/usr/bin/rustc")
             .args(["build", "--quiet", "--release", "-p", package])
             .args(what)
             .args(["--target", TARGET, "--target-dir"])
             .arg(root().join("target/aarch64")),
+        &|| format!("cargo build --release -p {package} for {TARGET}"),
     )?;
     Ok(root().join("target/aarch64").join(TARGET).join(output))
 }

@@ -17,14 +17,17 @@ fn ensure_cargo_fuzz() -> Result<()> {
         .is_ok_and(|o| o.status.success());
     if !have {
         println!("==> installing cargo-fuzz {CARGO_FUZZ}");
-        run(cargo().args([
-            "install",
-            "--locked",
-            "--quiet",
-            "cargo-fuzz",
-            "--version",
-            CARGO_FUZZ,
-        ]))?;
+        env::run_with_progress(
+            cargo().args([
+                "install",
+                "--locked",
+                "--quiet",
+                "cargo-fuzz",
+                "--version",
+                CARGO_FUZZ,
+            ]),
+            &|| format!("cargo install cargo-fuzz {CARGO_FUZZ}"),
+        )?;
     }
     Ok(())
 }
