@@ -1,8 +1,9 @@
 # Two VMs on KVM joined by two cross-VM connectors; consoles "ping| ", "pong| ". In MODE=test
-# the pong VM is killed mid-exchange and another ("pong2| ") takes its place.
+# the pong VM is killed mid-exchange and another ("pong2| ") takes its place. Each splitvirt
+# logs to a file of its own (/tmp/NAME-sv.log), read once it has ended.
 check kvm_device test -c /dev/kvm
 vm() { # ROLE PREFIX
-	( /splitvirt run --config /guest/conn.toml --kernel /guest/Image --initrd /guest/conn.cpio \
+	( /splitvirt --log-file "/tmp/$2-sv.log" run --config /guest/conn.toml --kernel /guest/Image --initrd /guest/conn.cpio \
 		--cmdline "console=ttyAMA0 loglevel=4 ROLE=$1 ROUNDS=$ROUNDS MODE=$MODE" </dev/null &
 	  echo $! >"/tmp/$2.pid"
 	  wait $!
@@ -22,3 +23,6 @@ if [ "$MODE" = test ]; then
 	vm repong pong2
 fi
 wait
+# What the survivor's splitvirt said of its peer: gone, then attached again.
+value ping_peer_gone "$(grep -c 'peer went away' /tmp/ping-sv.log)"
+value ping_peer_back "$(awk '/peer went away/ {gone = 1} gone && /peer attached/ {back = 1} END {print back ? "yes" : "no"}' /tmp/ping-sv.log)"
