@@ -31,12 +31,13 @@ backend_pid() { ps | awk '/[s]plitvirt backend/ {print $1; exit}'; }
 # (a real UART drops what arrives before the port is opened).
 mkfifo /tmp/typing
 exec 3<>/tmp/typing
-( /splitvirt run --config /guest/vm.toml --kernel /guest/Image --initrd /guest/initrd.cpio \
-	--cmdline "console=ttyAMA0 earlycon=pl011,0x9000000 loglevel=7" </tmp/typing
+( /splitvirt --log-file /tmp/guest-sv.log run --config /guest/vm.toml --kernel /guest/Image \
+	--initrd /guest/initrd.cpio --cmdline "console=ttyAMA0 earlycon=pl011,0x9000000 loglevel=7" </tmp/typing
   echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do
 	echo "guest| $l"
 	case "$l" in *"@@ READY"*) echo "$TYPED" >&3 ;; esac
 done
+value guest_powered_off "$(grep -c 'the guest powered off' /tmp/guest-sv.log)"
 i=0
 while [ "$(wc -c </tmp/tap-rx.bin)" -lt 4194304 ] && [ $i -lt 60 ]; do sleep 0.5; i=$((i + 1)); done
 value tap_rx_sha "$(sha256sum /tmp/tap-rx.bin | cut -d' ' -f1)"
@@ -44,13 +45,14 @@ i=0
 while [ "$(wc -c </tmp/tap-rx2.bin)" -lt 4194304 ] && [ $i -lt 60 ]; do sleep 0.5; i=$((i + 1)); done
 value stress_rx_sha "$(sha256sum /tmp/tap-rx2.bin | cut -d' ' -f1)"
 # The same disk, console=hvc0: the guest's console is the virtio-console on stdio, both ways.
-( /splitvirt run --config /guest/vm-hvc.toml --kernel /guest/Image --initrd /guest/disk.cpio \
-	--cmdline "console=hvc0 loglevel=4" </tmp/typing
+( /splitvirt --log-file /tmp/disk-sv.log run --config /guest/vm-hvc.toml --kernel /guest/Image \
+	--initrd /guest/disk.cpio --cmdline "console=hvc0 loglevel=4" </tmp/typing
   echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do
 	echo "disk| $l"
 	case "$l" in *"@@ READY"*) echo "$TYPED_HVC" >&3 ;; esac
 done
 exec 3>&-
+value disk_reset "$(grep -c 'the guest reset; starting it again' /tmp/disk-sv.log)"
 # Two VMs at once, each booting root=/dev/vda2 (one raw image, one qcow2 with INTx only),
 # linked by a socket: 4 MiB over TCP from one to the other.
 ( /splitvirt run --config /guest/root.toml --kernel /guest/Image \
