@@ -1,5 +1,6 @@
 //! Console logs captured from real boots of the project's guest kernel (`cargo xtask
-//! realboot`, QEMU virt with a splitvirt DTB): one good, and the failures the seed predicts.
+//! realboot`, QEMU virt with a splitvirt DTB): one good, and the failures the seed predicts;
+//! `no-virtio-blk.log` is the good boot's setup with that kernel rebuilt without VIRTIO_BLK.
 
 use doctor::{read, Status};
 
@@ -86,4 +87,25 @@ fn a_truncated_good_log_stops_at_the_missing_step() {
     let cut = &full[..full.find("pci-host-generic").expect("bridge line")];
     let r = read(cut);
     assert_eq!(r.diagnosis.unwrap().step, "PCI enumerated");
+}
+
+/// The project's kernel rebuilt without CONFIG_VIRTIO_BLK, booted with QEMU's virtio-blk:
+/// the function is enumerated and given the pool, no disk appears. Every earlier step is
+/// there; the disk's missing driver is named with its Kconfig symbol.
+#[test]
+fn an_enumerated_disk_without_its_driver_is_named() {
+    let r = read(&log("no-virtio-blk"));
+    let d = r.diagnosis.as_ref().expect("diagnosed");
+    assert_eq!(d.step, "virtio drivers bound", "{r}");
+    assert!(d.cause.contains("0000:00:01.0 (virtio-blk)"), "{d:?}");
+    assert!(d.cause.contains("mounting /dev/vda2"), "{d:?}");
+    assert!(d.fix.contains("CONFIG_VIRTIO_BLK=y"), "{d:?}");
+    for step in [
+        "restricted DMA pool",
+        "PCI enumerated",
+        "virtio devices bound",
+        "init started",
+    ] {
+        assert!(matches!(status(&r, step), Status::Found(_)), "{step}: {r}");
+    }
 }

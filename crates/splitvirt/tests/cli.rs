@@ -254,10 +254,25 @@ fn the_log_goes_to_its_own_file_at_the_level_asked() {
     let (file, stderr) = run("info");
     assert!(
         file.lines()
-            .any(|l| l.starts_with("splitvirt-backend: listening on ") && l.ends_with("info.sock")),
+            .any(|l| l.starts_with("splitvirt-backend: listening on ") && l.contains("info.sock")),
         "{file:?}"
     );
     assert!(stderr.is_empty(), "{stderr:?}");
     let (file, _) = run("off");
     assert!(file.is_empty(), "{file:?}");
+}
+
+/// doctor exits non-zero and names the function when a virtio disk got no driver (a real
+/// boot log of a kernel built without VIRTIO_BLK).
+#[test]
+fn doctor_names_a_device_that_no_driver_took() {
+    let log = repo("crates/doctor/tests/fixtures/no-virtio-blk.log");
+    let o = sv(&["doctor", log.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let (out, _) = text(&o);
+    assert!(
+        out.contains("no driver took 0000:00:01.0 (virtio-blk)"),
+        "{out}"
+    );
+    assert!(out.contains("CONFIG_VIRTIO_BLK=y"), "{out}");
 }
