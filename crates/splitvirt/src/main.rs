@@ -348,6 +348,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     log::info!("the guest powered off");
                     0
                 }
+                Ok(vmm::Exit::Quit) => {
+                    log::info!("ended by Ctrl-A x");
+                    0
+                }
                 Ok(vmm::Exit::Reset) if on_reset == OnReset::Reboot => {
                     log::info!("the guest reset; starting it again");
                     // A fresh process is a fresh machine: memory, devices and vCPUs anew.

@@ -404,7 +404,7 @@ fn input_thread(mut deliver: crate::endpoint::Deliver, tx: mpsc::Sender<Stop>) {
             let mut out = Vec::with_capacity(n);
             for &b in &buf[..n] {
                 if ctrl_a && b == b'x' {
-                    let _ = tx.send(Stop::Exit(Exit::PowerOff));
+                    let _ = tx.send(Stop::Exit(Exit::Quit));
                     return;
                 }
                 ctrl_a = b == 0x01 && !ctrl_a;

@@ -74,6 +74,8 @@ pub enum Error {
 pub enum Exit {
     PowerOff,
     Reset,
+    /// The operator typed Ctrl-A x.
+    Quit,
 }
 
 pub struct RunSpec {
