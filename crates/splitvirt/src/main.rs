@@ -232,6 +232,10 @@ fn init_logging(cli: &Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Not dumpable: a process of the same user (a backend among them) may not read this one's
+    // memory through /proc/PID/mem, open its descriptors through /proc/PID/fd or ptrace it.
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     let cli = Cli::parse();
     if let Err(e) = init_logging(&cli) {
         eprintln!("splitvirt: {e:#}");

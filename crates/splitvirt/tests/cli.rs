@@ -276,3 +276,66 @@ fn doctor_names_a_device_that_no_driver_took() {
     );
     assert!(out.contains("CONFIG_VIRTIO_BLK=y"), "{out}");
 }
+
+/// splitvirt is not dumpable: another process of the same user cannot read it through
+/// /proc/PID (environ here; mem and fd are held to the same check). Both run as an unprivileged
+/// user, which takes root to arrange; the same probe on an ordinary process of that user
+/// succeeds, so the test can tell.
+#[test]
+fn another_process_of_the_same_user_cannot_read_splitvirt() {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to run two processes as another user");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let as_nobody = |c: &mut Command| {
+        c.uid(NOBODY).gid(NOBODY);
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // The socket's directory must be the user's to listen there.
+    // SAFETY: chown of a directory of this test.
+    let path = std::ffi::CString::new(dir.path().to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::chown(path.as_ptr(), NOBODY, NOBODY) }, 0);
+    let sock = dir.path().join("b.sock");
+    // A copy the user can reach, wherever the build tree is.
+    let exe = dir.path().join("splitvirt");
+    std::fs::copy(env!("CARGO_BIN_EXE_splitvirt"), &exe).unwrap();
+    let mut sv = Command::new(&exe);
+    sv.args(["backend", "--listen"]).arg(&sock);
+    as_nobody(&mut sv);
+    let mut sv = sv.spawn().unwrap();
+    let mut plain = Command::new("sleep");
+    plain.arg("60");
+    as_nobody(&mut plain);
+    let mut plain = plain.spawn().unwrap();
+    let mut waited = 0;
+    while !sock.exists() && waited < 2000 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        waited += 1;
+    }
+    let probe = |pid: u32| {
+        let mut c = Command::new("cat");
+        c.arg(format!("/proc/{pid}/environ"));
+        as_nobody(&mut c);
+        c.output().unwrap()
+    };
+    let on_plain = probe(plain.id());
+    let on_sv = probe(sv.id());
+    let _ = (sv.kill(), plain.kill(), sv.wait(), plain.wait());
+    assert!(sock.exists(), "splitvirt did not come up");
+    assert!(
+        on_plain.status.success(),
+        "the probe cannot read even a plain process"
+    );
+    assert!(
+        !on_sv.status.success(),
+        "the same user read splitvirt's /proc/PID/environ"
+    );
+    assert!(
+        String::from_utf8_lossy(&on_sv.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&on_sv.stderr)
+    );
+}
