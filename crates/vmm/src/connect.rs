@@ -44,14 +44,40 @@ impl FileDataport {
             path: path.display().to_string(),
             why,
         };
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| err(format!("cannot open it: {e}")))?;
-        let len = file.metadata().map_err(|e| err(e.to_string()))?.len();
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        // Made here (O_EXCL, mode 0600) or the peer's, never through a symlink, and only a
+        // regular file of this user: anything else at the path is someone else's doing.
+        let open = |create: bool| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(create)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(path)
+        };
+        let file = match open(true) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => open(false),
+            r => r,
+        }
+        .map_err(|e| {
+            err(format!(
+                "cannot open it: {e} (a symlink there is refused; remove whatever is at the \
+                 path when no VM runs)"
+            ))
+        })?;
+        let meta = file.metadata().map_err(|e| err(e.to_string()))?;
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if !meta.file_type().is_file() || meta.uid() != me {
+            return Err(err(format!(
+                "it is not a regular file of this user (uid {}, owner {}): remove it when no \
+                 VM runs",
+                me,
+                meta.uid()
+            )));
+        }
+        let len = meta.len();
         if len == 0 {
             file.set_len(size).map_err(|e| err(e.to_string()))?;
         } else if len != size {
@@ -242,6 +268,25 @@ mod tests {
         let mut b = [0u8; 4];
         c.bar_read(bar, off, &mut b);
         u32::from_le_bytes(b)
+    }
+
+    /// The dataport file is made 0600 and never opened through a symlink someone put there.
+    #[test]
+    fn the_dataport_file_is_private_and_no_symlink_is_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock.dataport");
+        drop(FileDataport::open(&path, 8192).unwrap());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // The peer's file is taken as it is.
+        FileDataport::open(&path, 8192).unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, [0u8; 8192]).unwrap();
+        let link = dir.path().join("l.sock.dataport");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = FileDataport::open(&link, 8192).err().unwrap().to_string();
+        assert!(e.contains("symlink"), "{e}");
     }
 
     #[test]
