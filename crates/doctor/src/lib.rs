@@ -294,13 +294,17 @@ pub fn read(log: &str) -> Report {
         let decisive =
             |b: &&Binding| init.is_some() || matches!(b.evidence, Evidence::Unbound(Some(_)));
         let unbound: Vec<&Binding> = unbound.into_iter().filter(decisive).collect();
-        for b in &bindings {
-            if let Evidence::Unconfirmed = b.evidence {
-                notes.push(format!(
-                    "{} ({}): no line shows its driver; the kernel prints none when it binds one, so check in the guest that it exists (needs {})",
-                    b.bdf, b.class.name(), b.class.config()
-                ));
-            }
+        let silent: Vec<String> = bindings
+            .iter()
+            .filter(|b| matches!(b.evidence, Evidence::Unconfirmed))
+            .map(|b| format!("{} ({})", b.bdf, b.class.name()))
+            .collect();
+        if !silent.is_empty() {
+            notes.push(format!(
+                "{}: their drivers print nothing when they bind; in the guest, \
+                 /sys/bus/virtio/devices/virtioN/driver shows whether one did",
+                silent.join(", ")
+            ));
         }
         if let Some(first) = unbound.first() {
             let list = unbound
@@ -665,7 +669,9 @@ mod tests {
         let r = read(&quiet);
         assert!(r.ok(), "{r}");
         assert!(
-            r.notes.iter().any(|n| n.contains("CONFIG_VIRTIO_NET")),
+            r.notes
+                .iter()
+                .any(|n| n.contains("0000:00:01.0 (virtio-net)") && n.contains("print nothing")),
             "{r}"
         );
     }
