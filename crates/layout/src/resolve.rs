@@ -65,6 +65,7 @@ fn build(d: &Description, p: &mut Vec<Problem>) -> Layout {
         profile: d.profile.clone(),
         vcpus: d.vcpus,
         ram,
+        ram_shared: d.memory.shared,
         pool,
         gic_dist: Region::new(
             "GIC distributor",
