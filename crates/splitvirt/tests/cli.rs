@@ -305,7 +305,18 @@ fn another_process_of_the_same_user_cannot_read_splitvirt() {
     let mut sv = Command::new(&exe);
     sv.args(["backend", "--listen"]).arg(&sock);
     as_nobody(&mut sv);
-    let mut sv = sv.spawn().unwrap();
+    // Another test's fork may briefly hold the copy's write descriptor (ETXTBSY until that
+    // child execs): try again, boundedly.
+    let mut tries = 0;
+    let mut sv = loop {
+        match sv.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => break r.unwrap(),
+        }
+    };
     let mut plain = Command::new("sleep");
     plain.arg("60");
     as_nobody(&mut plain);
