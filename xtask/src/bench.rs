@@ -19,126 +19,74 @@ fn median(mut v: Vec<u64>) -> u64 {
     v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
-/// One boot of `bench boot`: milliseconds from splitvirt's start, its RSS, the guest's clock.
-struct BootRow {
-    round: usize,
-    ram: &'static str,
-    first: u64,
-    init: u64,
-    end: u64,
-    rss: u64,
-    up: u64,
-}
-
-/// Guest RAM outside the pool as `bench boot` compares it: private anonymous memory (the
-/// default, with transparent huge pages) against a memfd (`[memory] shared = true`).
-const RAM_VARIANTS: [(&str, &str); 2] = [("private", ""), ("memfd", "[memory]\nshared = true\n")];
-
 pub fn boot() -> Result<()> {
     let k = kernel::build(kernel::Role::Driver)?;
     let dir = root().join("target/board");
     std::fs::create_dir_all(&dir)?;
     let initrd = dir.join("quick.cpio");
     guest::initramfs("quick", &[], &initrd)?;
-    let mut files = vec![
+    let files = vec![
+        (
+            "guest/nodisk.toml".to_owned(),
+            b"[[device]]\nkind = \"virtio-console\"\n".to_vec(),
+        ),
         ("guest/Image".to_owned(), std::fs::read(&k.image)?),
         ("guest/initrd.cpio".to_owned(), std::fs::read(&initrd)?),
     ];
-    for (name, memory) in RAM_VARIANTS {
-        files.push((
-            format!("guest/{name}.toml"),
-            format!("{memory}[[device]]\nkind = \"virtio-console\"\n").into_bytes(),
-        ));
-    }
     let runs = RUNS.to_string();
     let r = board::run(
         "bench-boot",
         &[("RUNS", &runs)],
         files,
-        Duration::from_secs(1800),
+        Duration::from_secs(1200),
     )?;
     ensure!(
         !r.timed_out,
         "the board timed out (log: {})",
         r.log_path.display()
     );
-    let mut rows: Vec<BootRow> = Vec::new();
+    let mut rows = Vec::new();
     for i in 1..=RUNS {
-        for (v, _) in RAM_VARIANTS {
-            let p = r.part(&format!("{v}{i}"));
-            let stats = p
-                .log
-                .lines()
-                .find(|l| l.contains("splitvirt-stats:"))
-                .unwrap_or_default()
-                .to_owned();
-            let (Some(first), Some(init), Some(end), Some(rss)) = (
-                field(&stats, "first_console_ms"),
-                field(&stats, "init_ms"),
-                field(&stats, "end_ms"),
-                field(&stats, "own_rss_kib"),
-            ) else {
-                anyhow::bail!(
-                    "run {v}{i} printed no complete stats line: {stats:?} (log: {})",
-                    r.log_path.display()
-                );
-            };
-            let up = p
-                .value("up")
-                .and_then(|u| u.parse::<f64>().ok())
-                .map_or(0, |u| (u * 1000.0) as u64);
-            rows.push(BootRow {
-                round: i,
-                ram: v,
-                first,
-                init,
-                end,
-                rss,
-                up,
-            });
-        }
+        let p = r.part(&format!("run{i}"));
+        let stats = p
+            .log
+            .lines()
+            .find(|l| l.contains("splitvirt-stats:"))
+            .unwrap_or_default()
+            .to_owned();
+        let (Some(first), Some(init), Some(end), Some(rss)) = (
+            field(&stats, "first_console_ms"),
+            field(&stats, "init_ms"),
+            field(&stats, "end_ms"),
+            field(&stats, "own_rss_kib"),
+        ) else {
+            anyhow::bail!(
+                "run {i} printed no complete stats line: {stats:?} (log: {})",
+                r.log_path.display()
+            );
+        };
+        let up = p.value("up").unwrap_or("-").to_owned();
+        rows.push((first, init, end, rss, up));
     }
     println!(
-        "\nsplitvirt boot on KVM inside the board ({RUNS} rounds, the two RAM backings alternating \
-         which goes first; the board is TCG-emulated arm64)"
+        "\nsplitvirt boot on KVM inside the board ({RUNS} runs; the board is TCG-emulated arm64)"
     );
     println!(
-        "| round | guest RAM | first output ms | init ms | power-off ms | guest uptime at init ms | own RSS KiB |"
+        "{:>4} {:>16} {:>10} {:>12} {:>16} {:>18}",
+        "run", "first output ms", "init ms", "power-off ms", "guest uptime s", "own RSS KiB"
     );
-    println!("|---:|---|---:|---:|---:|---:|---:|");
-    for r in &rows {
-        println!(
-            "| {} | {} | {} | {} | {} | {} | {} |",
-            r.round, r.ram, r.first, r.init, r.end, r.up, r.rss
-        );
+    for (i, (f, n, e, r, u)) in rows.iter().enumerate() {
+        println!("{:>4} {f:>16} {n:>10} {e:>12} {u:>16} {r:>18}", i + 1);
     }
-    let med = |v: &str, col: fn(&BootRow) -> u64| {
-        median(rows.iter().filter(|r| r.ram == v).map(col).collect())
-    };
-    for (v, _) in RAM_VARIANTS {
-        println!(
-            "| median | {v} | {} | {} | {} | {} | {} |",
-            med(v, |r| r.first),
-            med(v, |r| r.init),
-            med(v, |r| r.end),
-            med(v, |r| r.up),
-            med(v, |r| r.rss)
-        );
-    }
-    // Per round, so that the board's drift cancels: memfd over private.
-    let ratios: Vec<String> = (1..=RUNS)
-        .map(|i| {
-            let get = |v: &str| {
-                rows.iter()
-                    .find(|r| r.round == i && r.ram == v)
-                    .map_or(0, |r| r.up)
-            };
-            format!("{:.2}", get("memfd") as f64 / get("private").max(1) as f64)
-        })
-        .collect();
+    let col = |i: usize| median(rows.iter().map(|r| [r.0, r.1, r.2, r.3][i]).collect());
     println!(
-        "\nguest uptime at init, memfd / private, per round: {}",
-        ratios.join(" ")
+        "{:>4} {:>16} {:>10} {:>12} {:>16} {:>18}",
+        "med",
+        col(0),
+        col(1),
+        col(2),
+        "",
+        col(3)
     );
     Ok(())
 }

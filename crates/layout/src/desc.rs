@@ -34,10 +34,6 @@ pub struct Description {
 pub struct MemoryDesc {
     pub base: u64,
     pub size: ByteSize,
-    /// Guest RAM outside the pool in a memfd (shareable, 4 KiB pages) instead of private
-    /// anonymous memory, which the host backs with transparent huge pages where it can.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub shared: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

@@ -43,8 +43,6 @@ pub struct Layout {
     pub profile: String,
     pub vcpus: u32,
     pub ram: Region,
-    /// RAM outside the pool in a memfd rather than private anonymous memory.
-    pub ram_shared: bool,
     pub pool: Option<Region>,
     pub gic_dist: Region,
     pub gic_cpu: Region,

@@ -128,7 +128,6 @@ impl Profile {
                 memory: MemoryDesc {
                     base: RAM_BASE,
                     size: ByteSize(DRIVER_RAM_SIZE),
-                    shared: false,
                 },
                 gic: gic(DRIVER_V2M_SPI_BASE, DRIVER_V2M_SPI_COUNT),
                 uart,
@@ -167,7 +166,6 @@ impl Profile {
                 memory: MemoryDesc {
                     base: RAM_BASE,
                     size: ByteSize(QEMU_RAM_SIZE),
-                    shared: false,
                 },
                 gic: gic(QEMU_V2M_SPI_BASE, QEMU_V2M_SPI_COUNT),
                 uart,

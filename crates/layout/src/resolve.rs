@@ -65,7 +65,6 @@ fn build(d: &Description, p: &mut Vec<Problem>) -> Layout {
         profile: d.profile.clone(),
         vcpus: d.vcpus,
         ram,
-        ram_shared: d.memory.shared,
         pool,
         gic_dist: Region::new(
             "GIC distributor",

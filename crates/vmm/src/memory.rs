@@ -30,29 +30,16 @@ fn clone(f: &File) -> Result<File, MemoryError> {
         .map_err(|e| MemoryError(format!("memfd: {e}")))
 }
 
-/// RAM below the pool, the pool, RAM above it: up to three regions. The pool is a memfd (it
-/// is shared with the backend); the rest is private anonymous memory, which the host backs
-/// with transparent huge pages (a first touch of guest memory is a stage-2 fault, costly
-/// under nested virtualization), unless `[memory] shared` asks for a memfd there too.
+/// RAM below the pool, the pool, RAM above it: up to three regions from two memfds.
 pub fn guest_ram(l: &Layout) -> Result<GuestRam, MemoryError> {
-    let ram = if l.ram_shared {
-        Some(memfd(c"splitvirt-ram", l.ram.size)?)
-    } else {
-        None
-    };
-    let rest = |offset: u64| -> Result<Option<FileOffset>, MemoryError> {
-        ram.as_ref()
-            .map(|f| Ok(FileOffset::new(clone(f)?, offset)))
-            .transpose()
-    };
+    let ram = memfd(c"splitvirt-ram", l.ram.size)?;
     let Some(pool) = &l.pool else {
         let mem = GuestMemoryMmap::from_ranges_with_files([(
             GuestAddress(l.ram.base),
             l.ram.size as usize,
-            rest(0)?,
+            Some(FileOffset::new(ram, 0)),
         )])
         .map_err(|e| MemoryError(e.to_string()))?;
-        advise_huge(&mem, None);
         return Ok(GuestRam { mem, pool_fd: None });
     };
     let pool_fd = memfd(c"splitvirt-pool", pool.size)?;
@@ -62,7 +49,7 @@ pub fn guest_ram(l: &Layout) -> Result<GuestRam, MemoryError> {
         ranges.push((
             GuestAddress(l.ram.base),
             (pool.base - l.ram.base) as usize,
-            rest(0)?,
+            Some(FileOffset::new(clone(&ram)?, 0)),
         ));
     }
     ranges.push((
@@ -74,29 +61,15 @@ pub fn guest_ram(l: &Layout) -> Result<GuestRam, MemoryError> {
         ranges.push((
             GuestAddress(pool_end),
             (end - pool_end) as usize,
-            rest(pool_end - l.ram.base)?,
+            Some(FileOffset::new(clone(&ram)?, pool_end - l.ram.base)),
         ));
     }
     let mem =
         GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|e| MemoryError(e.to_string()))?;
-    advise_huge(&mem, Some(pool.base));
     Ok(GuestRam {
         mem,
         pool_fd: Some(pool_fd),
     })
-}
-
-/// Asks for transparent huge pages on the anonymous regions (all but the pool's), for hosts
-/// whose THP setting is `madvise`; a host that refuses keeps 4 KiB pages, so failure is fine.
-fn advise_huge(mem: &GuestMemoryMmap<()>, pool_base: Option<u64>) {
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-    for r in mem.iter() {
-        if Some(r.start_addr().0) == pool_base || r.file_offset().is_some() {
-            continue;
-        }
-        // SAFETY: advice on a mapping this GuestMemoryMmap owns, its whole length.
-        unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_HUGEPAGE) };
-    }
 }
 
 /// The pool memfd mapped at the pool's guest address: all a device may reach.
@@ -121,57 +94,6 @@ pub fn device_memory(l: &Layout, ram: &GuestRam) -> Result<GuestMemoryMmap<()>, 
 mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestMemoryBackend};
-
-    /// VmFlags of the mapping that holds `addr`, from /proc/self/smaps (the kernel may merge
-    /// a region with a neighbour of the same kind, so it need not start there).
-    fn vm_flags(addr: usize) -> String {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let mut lines = smaps.lines();
-        while let Some(l) = lines.next() {
-            let range = l.split_whitespace().next().and_then(|r| {
-                let (a, b) = r.split_once('-')?;
-                Some((
-                    usize::from_str_radix(a, 16).ok()?,
-                    usize::from_str_radix(b, 16).ok()?,
-                ))
-            });
-            if range.is_some_and(|(a, b)| a <= addr && addr < b) {
-                for l in lines.by_ref() {
-                    if let Some(f) = l.strip_prefix("VmFlags:") {
-                        return f.to_owned();
-                    }
-                }
-            }
-        }
-        panic!("no mapping at {addr:#x}");
-    }
-
-    /// RAM outside the pool is private anonymous memory advised for huge pages; the pool is
-    /// the memfd; `[memory] shared = true` puts the rest in a memfd too.
-    #[test]
-    fn ram_outside_the_pool_is_anonymous_and_asks_for_huge_pages() {
-        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-        let l = layout::resolve(&layout::Description::default_vm())
-            .unwrap()
-            .layout;
-        let pool = l.pool.clone().unwrap();
-        let ram = guest_ram(&l).unwrap();
-        for r in ram.mem.iter() {
-            let is_pool = r.start_addr().0 == pool.base;
-            assert_eq!(r.file_offset().is_some(), is_pool);
-            let flags = vm_flags(r.as_ptr() as usize);
-            assert_eq!(flags.contains(" hg"), !is_pool, "{flags}");
-        }
-        let shared =
-            layout::resolve(&layout::Description::parse("[memory]\nshared = true\n", "t").unwrap())
-                .unwrap()
-                .layout;
-        assert!(guest_ram(&shared)
-            .unwrap()
-            .mem
-            .iter()
-            .all(|r| r.file_offset().is_some()));
-    }
 
     #[test]
     fn the_pool_memfd_is_sealed_at_its_size() {
