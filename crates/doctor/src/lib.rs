@@ -286,18 +286,19 @@ pub fn read(log: &str) -> Report {
     let mut notes = Vec::new();
     if !virtio.is_empty() && virtio.iter().all(|f| f.failure.is_none()) {
         let bindings = drivers(&lines, &virtio);
+        // A log that ends before init may end before a probe, too: then only the guest's own
+        // complaint proves a driver missing.
         let unbound: Vec<&Binding> = bindings
             .iter()
-            .filter(|b| matches!(b.evidence, Evidence::Unbound(_)))
+            .filter(|b| match &b.evidence {
+                Evidence::Unbound(complaint) => init.is_some() || complaint.is_some(),
+                _ => false,
+            })
             .collect();
-        // A log that ends before init may end before a probe, too: then absence proves nothing.
-        let decisive =
-            |b: &&Binding| init.is_some() || matches!(b.evidence, Evidence::Unbound(Some(_)));
-        let unbound: Vec<&Binding> = unbound.into_iter().filter(decisive).collect();
         let silent: Vec<String> = bindings
             .iter()
             .filter(|b| matches!(b.evidence, Evidence::Unconfirmed))
-            .map(|b| format!("{} ({})", b.bdf, b.class.name()))
+            .map(Binding::label)
             .collect();
         if !silent.is_empty() {
             notes.push(format!(
@@ -309,7 +310,7 @@ pub fn read(log: &str) -> Report {
         if let Some(first) = unbound.first() {
             let list = unbound
                 .iter()
-                .map(|b| format!("{} ({})", b.bdf, b.class.name()))
+                .map(|b| b.label())
                 .collect::<Vec<_>>()
                 .join(", ");
             push(
@@ -468,6 +469,13 @@ struct Binding {
     evidence: Evidence,
 }
 
+impl Binding {
+    /// `0000:00:01.0 (virtio-blk)`.
+    fn label(&self) -> String {
+        format!("{} ({})", self.bdf, self.class.name())
+    }
+}
+
 /// Matches each virtio function with its driver's lines. virtio-pci numbers the devices it
 /// registers in the order it probes them (`virtioN`), which is the order of its first line per
 /// function.
@@ -483,6 +491,13 @@ fn drivers(lines: &[&str], virtio: &[&PciFunction]) -> Vec<Binding> {
             .iter()
             .find(|l| pats.iter().any(|p| l.contains(p)))
             .map(|l| l.to_string())
+    };
+    // A driver that prints nothing when it binds: bound if some line shows what it made,
+    // unbound on the guest's own complaint, otherwise unknown.
+    let quiet = |made: Option<String>, complaints: &[&str]| match (made, complaint(complaints)) {
+        (Some(m), _) => Evidence::Bound(m),
+        (None, Some(l)) => Evidence::Unbound(Some(l)),
+        (None, None) => Evidence::Unconfirmed,
     };
     order
         .iter()
@@ -503,36 +518,30 @@ fn drivers(lines: &[&str], virtio: &[&PciFunction]) -> Vec<Binding> {
                         "unknown-block(0,0)",
                     ])),
                 },
-                Class::Net => match own("virtio_net")
-                    .next()
-                    .or_else(|| find(lines, "virtio_net virtio"))
-                {
-                    Some(l) => Evidence::Bound(
-                        l.split_whitespace()
-                            .nth(2)
-                            .unwrap_or("an interface")
-                            .trim_end_matches(':')
-                            .to_owned(),
-                    ),
-                    None => match complaint(&[
+                Class::Net => quiet(
+                    own("virtio_net")
+                        .next()
+                        .or_else(|| find(lines, "virtio_net virtio"))
+                        .map(|l| {
+                            l.split_whitespace()
+                                .nth(2)
+                                .unwrap_or("an interface")
+                                .trim_end_matches(':')
+                                .to_owned()
+                        }),
+                    &[
                         "SIOCGIFFLAGS: No such device",
                         "can't find device 'eth",
                         "Cannot find device \"eth",
-                    ]) {
-                        Some(l) => Evidence::Unbound(Some(l)),
-                        None => Evidence::Unconfirmed,
-                    },
-                },
-                Class::Console => match own("virtio_console")
-                    .next()
-                    .or_else(|| find(lines, "console [hvc"))
-                {
-                    Some(_) => Evidence::Bound("hvc".into()),
-                    None => match complaint(&["can't open '/dev/hvc", "/dev/hvc0: No such"]) {
-                        Some(l) => Evidence::Unbound(Some(l)),
-                        None => Evidence::Unconfirmed,
-                    },
-                },
+                    ],
+                ),
+                Class::Console => quiet(
+                    own("virtio_console")
+                        .next()
+                        .or_else(|| find(lines, "console [hvc"))
+                        .map(|_| "hvc".to_owned()),
+                    &["can't open '/dev/hvc", "/dev/hvc0: No such"],
+                ),
                 Class::Other => Evidence::Unconfirmed,
             };
             Binding {
