@@ -1,0 +1,2 @@
+pub mod jail;
+pub mod policy;

@@ -1,0 +1,327 @@
+//! The backend's system call policy (seccomp-bpf, built with rust-vmm's `seccompiler`): the
+//! calls its serving loop, its device models and the Rust runtime make, for the device set it
+//! serves, and nothing else. A call outside it ends the process: a SIGSYS handler writes which
+//! call it was to stderr (splitvirt logs it) and exits with `jail::EXIT_SIGSYS`.
+//!
+//! No call opens a path, creates a socket or a process, maps a descriptor, makes memory
+//! executable, or changes ids, namespaces or limits: what the backend reaches is what it held
+//! when the policy went on.
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
+};
+use std::collections::BTreeMap;
+
+/// What the served devices need beyond the serving loop.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// A virtio-blk device: positioned I/O, flushes, hole punching on its image.
+    pub disk: bool,
+    /// A console on a listening Unix socket: accepting clients.
+    pub socket_console: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot build the backend's system call filter: {0}")]
+    Build(#[from] seccompiler::BackendError),
+    #[error("cannot install the backend's system call filter: {0}")]
+    Install(#[from] seccompiler::Error),
+    #[error("cannot install the SIGSYS handler: {0}")]
+    Handler(std::io::Error),
+}
+
+#[cfg(target_arch = "x86_64")]
+const ARCH: TargetArch = TargetArch::x86_64;
+#[cfg(target_arch = "aarch64")]
+const ARCH: TargetArch = TargetArch::aarch64;
+
+/// (name, number) of every call allowed whatever the devices: memory, threads, time, the
+/// doorbells (eventfd reads and writes, poll), the setup socket, logging.
+fn base() -> Vec<(&'static str, i64)> {
+    let mut v = vec![
+        ("read", libc::SYS_read),
+        ("write", libc::SYS_write),
+        ("readv", libc::SYS_readv),
+        ("writev", libc::SYS_writev),
+        ("close", libc::SYS_close),
+        ("ppoll", libc::SYS_ppoll),
+        ("recvfrom", libc::SYS_recvfrom),
+        ("sendto", libc::SYS_sendto),
+        ("munmap", libc::SYS_munmap),
+        ("madvise", libc::SYS_madvise),
+        ("mremap", libc::SYS_mremap),
+        ("brk", libc::SYS_brk),
+        ("futex", libc::SYS_futex),
+        ("sched_yield", libc::SYS_sched_yield),
+        ("nanosleep", libc::SYS_nanosleep),
+        ("clock_nanosleep", libc::SYS_clock_nanosleep),
+        ("clock_gettime", libc::SYS_clock_gettime),
+        ("gettid", libc::SYS_gettid),
+        ("getpid", libc::SYS_getpid),
+        ("getrandom", libc::SYS_getrandom),
+        ("rt_sigprocmask", libc::SYS_rt_sigprocmask),
+        ("rt_sigreturn", libc::SYS_rt_sigreturn),
+        ("sigaltstack", libc::SYS_sigaltstack),
+        ("set_robust_list", libc::SYS_set_robust_list),
+        ("rseq", libc::SYS_rseq),
+        ("exit", libc::SYS_exit),
+        ("exit_group", libc::SYS_exit_group),
+        ("sched_getaffinity", libc::SYS_sched_getaffinity),
+    ];
+    #[cfg(target_arch = "x86_64")]
+    v.push(("poll", libc::SYS_poll));
+    v
+}
+
+fn disk() -> Vec<(&'static str, i64)> {
+    vec![
+        ("pread64", libc::SYS_pread64),
+        ("pwrite64", libc::SYS_pwrite64),
+        ("preadv", libc::SYS_preadv),
+        ("pwritev", libc::SYS_pwritev),
+        ("lseek", libc::SYS_lseek),
+        ("fsync", libc::SYS_fsync),
+        ("fdatasync", libc::SYS_fdatasync),
+        ("fallocate", libc::SYS_fallocate),
+        ("statx", libc::SYS_statx),
+        ("fstat", libc::SYS_fstat),
+        ("newfstatat", libc::SYS_newfstatat),
+    ]
+}
+
+/// Every call allowed whatever its arguments, for `needs`.
+fn plain(needs: Needs) -> Vec<(&'static str, i64)> {
+    let mut v = base();
+    if needs.disk {
+        v.extend(disk());
+    }
+    if needs.socket_console {
+        v.extend([
+            ("accept4", libc::SYS_accept4),
+            ("shutdown", libc::SYS_shutdown),
+        ]);
+    }
+    v
+}
+
+fn cond(arg: u8, op: Op, value: u64) -> SeccompCondition {
+    SeccompCondition::new(arg, Len::Qword, op, value).expect("argument index below 6")
+}
+
+fn rule(conds: Vec<SeccompCondition>) -> SeccompRule {
+    SeccompRule::new(conds).expect("at least one condition")
+}
+
+/// Calls allowed only with certain arguments (name, number, rules: any one rule matching
+/// allows the call).
+fn conditional() -> Vec<(&'static str, i64, Vec<SeccompRule>)> {
+    let anon = libc::MAP_ANONYMOUS as u64;
+    let exec = libc::PROT_EXEC as u64;
+    vec![
+        // Memory of its own only: no descriptor mapped (the pool and the control region are
+        // mapped before the policy goes on, at their sealed sizes), nothing executable.
+        (
+            "mmap",
+            libc::SYS_mmap,
+            vec![rule(vec![
+                cond(3, Op::MaskedEq(anon), anon),
+                cond(2, Op::MaskedEq(exec), 0),
+            ])],
+        ),
+        (
+            "mprotect",
+            libc::SYS_mprotect,
+            vec![rule(vec![cond(2, Op::MaskedEq(exec), 0)])],
+        ),
+        // Threads, never processes.
+        (
+            "clone",
+            libc::SYS_clone,
+            vec![rule(vec![cond(
+                0,
+                Op::MaskedEq(libc::CLONE_THREAD as u64),
+                libc::CLONE_THREAD as u64,
+            )])],
+        ),
+        // Thread names only.
+        (
+            "prctl",
+            libc::SYS_prctl,
+            vec![rule(vec![cond(0, Op::Eq, libc::PR_SET_NAME as u64)])],
+        ),
+        // Duplicating a descriptor it holds and reading its flags.
+        (
+            "fcntl",
+            libc::SYS_fcntl,
+            [libc::F_GETFD, libc::F_GETFL, libc::F_DUPFD_CLOEXEC]
+                .into_iter()
+                .map(|c| rule(vec![cond(1, Op::Eq, c as u64)]))
+                .collect(),
+        ),
+    ]
+}
+
+/// The calls the policy allows for `needs`, by name, sorted (docs/SECURITY.md counts them).
+pub fn allowed(needs: Needs) -> Vec<&'static str> {
+    let mut v: Vec<&str> = plain(needs).into_iter().map(|(n, _)| n).collect();
+    v.extend(conditional().into_iter().map(|(n, _, _)| n));
+    v.push("clone3");
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// The two filters: the allowlist (anything else traps), and clone3 answered with ENOSYS so
+/// that the C library falls back to clone, whose flags a filter can see.
+fn filters(needs: Needs) -> Result<[BpfProgram; 2], PolicyError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for (_, nr) in plain(needs) {
+        rules.insert(nr, Vec::new());
+    }
+    for (_, nr, r) in conditional() {
+        rules.insert(nr, r);
+    }
+    rules.insert(libc::SYS_clone3, Vec::new());
+    let allow = SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, ARCH)?;
+    let clone3 = SeccompFilter::new(
+        BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        ARCH,
+    )?;
+    Ok([allow.try_into()?, clone3.try_into()?])
+}
+
+/// Installs the policy for `needs` on the calling thread, which must be the process's only
+/// one (threads started later inherit it). Needs `no_new_privs` (the jail sets it).
+pub fn install(needs: Needs) -> Result<(), PolicyError> {
+    let filters = filters(needs)?;
+    install_sigsys_handler()?;
+    // The allowlist goes on last: seccompiler sets no_new_privs (a prctl) before each filter.
+    for f in filters.iter().rev() {
+        seccompiler::apply_filter(f)?;
+    }
+    Ok(())
+}
+
+/// SIGSYS: which call, then the exit that the keeper turns into death by SIGSYS. Only
+/// async-signal-safe work: digits into a stack buffer, one write, exit_group.
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // The syscall number sits after si_signo, si_errno, si_code and the call address.
+    #[repr(C)]
+    struct SysInfo {
+        signo: i32,
+        errno: i32,
+        code: i32,
+        _pad: i32,
+        call_addr: usize,
+        syscall: i32,
+        arch: u32,
+    }
+    // SAFETY: the kernel passes a valid siginfo for SIGSYS with SA_SIGINFO.
+    let nr = unsafe { (*info.cast::<SysInfo>()).syscall };
+    let mut buf = [0u8; 160];
+    let mut n = 0;
+    let mut put = |b: &[u8]| {
+        for &c in b {
+            if n < buf.len() {
+                buf[n] = c;
+                n += 1;
+            }
+        }
+    };
+    put(b"splitvirt-backend: error: system call ");
+    let mut digits = [0u8; 12];
+    let (mut i, mut v) = (digits.len(), nr.unsigned_abs());
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    put(&digits[i..]);
+    put(b" (");
+    put(name_of(nr).as_bytes());
+    put(b") is outside this backend's policy; the process is ended\n");
+    // SAFETY: write and exit_group are async-signal-safe and allowed by the policy.
+    unsafe {
+        libc::write(2, buf.as_ptr().cast(), n);
+        libc::syscall(libc::SYS_exit_group, crate::jail::EXIT_SIGSYS);
+    }
+}
+
+/// The name of a call the backend has a reason to be refused, for the log line.
+fn name_of(nr: i32) -> &'static str {
+    let nr = i64::from(nr);
+    let known: &[(&str, i64)] = &[
+        ("openat", libc::SYS_openat),
+        ("socket", libc::SYS_socket),
+        ("connect", libc::SYS_connect),
+        ("execve", libc::SYS_execve),
+        ("ptrace", libc::SYS_ptrace),
+        ("ioctl", libc::SYS_ioctl),
+        ("mmap", libc::SYS_mmap),
+        ("mprotect", libc::SYS_mprotect),
+        ("clone", libc::SYS_clone),
+        ("ftruncate", libc::SYS_ftruncate),
+        ("kill", libc::SYS_kill),
+        ("prctl", libc::SYS_prctl),
+        ("fcntl", libc::SYS_fcntl),
+        ("unshare", libc::SYS_unshare),
+        ("setns", libc::SYS_setns),
+        ("mount", libc::SYS_mount),
+        ("process_vm_readv", libc::SYS_process_vm_readv),
+        ("memfd_create", libc::SYS_memfd_create),
+        ("accept4", libc::SYS_accept4),
+        ("rt_sigaction", libc::SYS_rt_sigaction),
+    ];
+    let all = plain(Needs {
+        disk: true,
+        socket_console: true,
+    });
+    known
+        .iter()
+        .chain(all.iter())
+        .find(|(_, n)| *n == nr)
+        .map_or("see ausyscall", |(name, _)| *name)
+}
+
+fn install_sigsys_handler() -> Result<(), PolicyError> {
+    // SAFETY: sigaction with a zeroed struct naming our handler; SA_SIGINFO for the number.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigsys as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        if libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) != 0 {
+            return Err(PolicyError::Handler(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The device set decides the policy: a disk brings positioned I/O and flushes, a socket
+    /// console accept; the serving loop alone has neither, and nothing opens a path.
+    #[test]
+    fn the_policy_follows_the_devices() {
+        let bare = allowed(Needs::default());
+        let all = allowed(Needs {
+            disk: true,
+            socket_console: true,
+        });
+        for call in ["pwrite64", "fdatasync", "accept4"] {
+            assert!(!bare.contains(&call) && all.contains(&call), "{call}");
+        }
+        for call in ["openat", "socket", "connect", "execve", "ptrace", "ioctl"] {
+            assert!(!all.contains(&call), "{call}");
+        }
+        assert!(filters(Needs::default()).is_ok());
+    }
+}

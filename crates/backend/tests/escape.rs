@@ -1,0 +1,170 @@
+//! The jail against a backend that tries to get out (docs/SECURITY.md): a process enters the
+//! same jail (`backend::jail::enter`) and the same system call policy as `splitvirt backend`,
+//! holding a sealed pool memfd as the backend does, and tries one way out per run. With the
+//! policy each attempt ends it by SIGSYS (or an error where the call is allowed); without the
+//! policy the jail alone still refuses each one with the error shown.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Command, Stdio};
+
+const POOL: i64 = 1 << 20;
+
+/// A pool memfd sealed at its size, as splitvirt hands it over.
+fn sealed_pool() -> OwnedFd {
+    // SAFETY: memfd_create, ftruncate and fcntl on a descriptor we own.
+    unsafe {
+        let fd = libc::memfd_create(
+            c"pool".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        );
+        assert!(fd >= 0);
+        assert_eq!(libc::ftruncate(fd, POOL), 0);
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        assert_eq!(libc::fcntl(fd, libc::F_ADD_SEALS, seals), 0);
+        OwnedFd::from_raw_fd(fd)
+    }
+}
+
+/// A pseudo-terminal's terminal side (stdin for the TIOCSTI attempt).
+fn terminal() -> std::fs::File {
+    // SAFETY: posix_openpt and friends on descriptors we own; ptsname_r into a local.
+    unsafe {
+        let m = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
+        assert!(m >= 0 && libc::grantpt(m) == 0 && libc::unlockpt(m) == 0);
+        let mut name = [0 as libc::c_char; 64];
+        assert_eq!(libc::ptsname_r(m, name.as_mut_ptr(), name.len()), 0);
+        let path = std::ffi::CStr::from_ptr(name.as_ptr()).to_str().unwrap();
+        // The master stays open for the test's life: leak it on purpose.
+        std::mem::forget(OwnedFd::from_raw_fd(m));
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap()
+    }
+}
+
+/// What one attempt ended with: `Err(signal)` or `Ok(printed line)`.
+fn attempt(what: &str, policy: bool) -> Result<String, i32> {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("host.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let pool = sealed_pool();
+    let fd = pool.as_raw_fd();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_jail-probe"));
+    if !policy {
+        cmd.arg("--no-policy");
+    }
+    cmd.arg(what)
+        .arg(std::process::id().to_string())
+        .arg(&sock)
+        .stdin(Stdio::from(terminal()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: dup2 only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    match out.status.signal() {
+        Some(sig) => {
+            if sig == libc::SIGSYS {
+                assert!(
+                    stderr.contains("is outside this backend's policy"),
+                    "{what}: the handler says which call: {stderr}"
+                );
+            }
+            Err(sig)
+        }
+        None => {
+            assert!(out.status.success(), "{what}: {stdout} {stderr}");
+            Ok(stdout)
+        }
+    }
+}
+
+fn errno(e: i32) -> Result<String, i32> {
+    Ok(format!("errno {e}"))
+}
+
+#[test]
+fn the_jailed_process_is_nobody_with_nothing() {
+    let line = attempt("status", true).unwrap();
+    // SAFETY: geteuid cannot fail.
+    let uid = if unsafe { libc::geteuid() } == 0 {
+        backend::jail::ROOT_DEFAULT.uid
+    } else {
+        // SAFETY: as above.
+        unsafe { libc::geteuid() }
+    };
+    assert!(
+        line.starts_with(&format!("uid={uid} ")),
+        "runs as {uid}: {line}"
+    );
+    assert!(
+        line.contains(" pid=1 "),
+        "PID 1 of its own namespace: {line}"
+    );
+    assert!(line.contains(" caps=00 "), "no capability: {line}");
+    assert!(line.contains(" nnp=1 "), "no_new_privs: {line}");
+    assert!(line.ends_with(" sid=true"), "a session of its own: {line}");
+}
+
+#[test]
+fn every_way_out_ends_the_backend_under_its_policy() {
+    let sigsys = Err(libc::SIGSYS);
+    for (what, expect) in [
+        ("reopen-ram", sigsys.clone()),
+        ("proc-mem", sigsys.clone()),
+        ("open", sigsys.clone()),
+        ("inet", sigsys.clone()),
+        ("unix", sigsys.clone()),
+        ("ptrace", sigsys.clone()),
+        ("kill", sigsys.clone()),
+        ("execve", sigsys.clone()),
+        ("fork", sigsys.clone()),
+        ("setuid", sigsys.clone()),
+        ("truncate", sigsys.clone()),
+        ("map-more", sigsys.clone()),
+        ("tiocsti", sigsys.clone()),
+        ("unshare", sigsys.clone()),
+        // Allowed for disks, refused by the pool's seals.
+        ("grow", errno(libc::EPERM)),
+    ] {
+        assert_eq!(attempt(what, true), expect, "{what}");
+    }
+}
+
+#[test]
+fn without_its_policy_the_jail_alone_still_holds() {
+    for (what, expect) in [
+        // No /proc, no host file: the root is an empty tmpfs.
+        ("reopen-ram", errno(libc::ENOENT)),
+        ("proc-mem", errno(libc::ENOENT)),
+        ("open", errno(libc::ENOENT)),
+        ("unix", errno(libc::ENOENT)),
+        ("execve", errno(libc::ENOENT)),
+        // A network namespace of its own, with no route anywhere.
+        ("inet", errno(libc::ENETUNREACH)),
+        // splitvirt is outside its PID namespace.
+        ("ptrace", errno(libc::ESRCH)),
+        ("kill", errno(libc::ESRCH)),
+        // Root is not even an id in its user namespace.
+        ("setuid", errno(libc::EINVAL)),
+        // Not its controlling terminal (it has none), and no CAP_SYS_ADMIN.
+        ("tiocsti", errno(libc::EPERM)),
+        // The seals.
+        ("truncate", errno(libc::EPERM)),
+        ("grow", errno(libc::EPERM)),
+    ] {
+        assert_eq!(attempt(what, false), expect, "{what}");
+    }
+}
