@@ -18,15 +18,10 @@ exec 4<>/tmp/hvc-in
 	echo "hvc| $l"
 	case "$l" in *"hvc0-says-"*) echo "hvc-reply-$HVC_REPLY" >&4 ;; esac
   done ) &
-# The devices run in splitvirt's backend process: its memory map holds the pool memfd and no
-# guest RAM (the RAM memfd is never sent to it).
-backend_pid() { ps | awk '/[s]plitvirt backend/ {print $1; exit}'; }
-( i=0
-  while [ -z "$(backend_pid)" ] && [ "$i" -lt 1200 ]; do sleep 0.5; i=$((i + 1)); done
-  pid=$(backend_pid)
-  sleep 5
-  value backend_pool_maps "$(grep -c splitvirt-pool "/proc/$pid/maps")"
-  value backend_ram_maps "$(grep -c splitvirt-ram "/proc/$pid/maps")" ) &
+# The devices run in splitvirt's backend process, jailed: its memory map holds the pool memfd
+# and no guest RAM (the RAM memfd is never sent to it), and it has a seccomp filter, no
+# capability and namespaces of its own.
+( backend_values ) &
 # The project's kernel, which gets a line typed on splitvirt's stdin once it says it is ready
 # (a real UART drops what arrives before the port is opened).
 mkfifo /tmp/typing

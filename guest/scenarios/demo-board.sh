@@ -7,22 +7,7 @@ G=${G:-/guest}
 LOG=${LOG:-/tmp/sv.log}
 check kvm_device test -c /dev/kvm
 up() { cut -d' ' -f1 /proc/uptime; }
-backend_pid() { for c in /proc/[0-9]*/cmdline; do
-	case "$(tr '\0' ' ' <"$c" 2>/dev/null)" in *" backend --setup-fd "*) p=${c#/proc/}; echo "${p%/cmdline}"; return ;; esac
-done; }
-( i=0
-  while [ -z "$(backend_pid)" ] && [ "$i" -lt 600 ]; do sleep 0.2; i=$((i + 1)); done
-  pid=$(backend_pid)
-  sleep 2
-  [ -n "$pid" ] || exit 0
-  value backend_maps "$(grep -c . "/proc/$pid/maps")"
-  value backend_pool_maps "$(grep -c splitvirt-pool "/proc/$pid/maps")"
-  value backend_ram_maps "$(grep -c splitvirt-ram "/proc/$pid/maps")"
-  value backend_uid "$(awk '/^Uid:/ {print $2}' "/proc/$pid/status")"
-  value backend_capeff "$(awk '/^CapEff:/ {print $2}' "/proc/$pid/status")"
-  value backend_seccomp "$(awk '/^Seccomp:/ {print $2}' "/proc/$pid/status")"
-  value backend_nonewprivs "$(awk '/^NoNewPrivs:/ {print $2}' "/proc/$pid/status")"
-  value backend_fds "$(ls "/proc/$pid/fd" | wc -l)" ) &
+( backend_values ) &
 t0=$(up)
 echo "demo: starting splitvirt (devices in its backend process)"
 if [ -n "$DEMO_SHELL" ]; then

@@ -103,15 +103,9 @@ pub fn run(shell: bool) -> Result<()> {
             r.log_path.display()
         );
     }
-    // The backend holds the pool and nothing else of guest RAM (the RAM memfd never crosses).
-    ensure!(
-        o.value("backend_pool_maps").is_some_and(|n| n != "0")
-            && o.value("backend_ram_maps") == Some("0"),
-        "the backend's /proc/PID/maps: {:?} pool mappings, {:?} guest RAM mappings (log: {})",
-        o.value("backend_pool_maps"),
-        o.value("backend_ram_maps"),
-        r.log_path.display()
-    );
+    // The backend holds the pool and nothing else of guest RAM (the RAM memfd never crosses),
+    // and it is jailed.
+    crate::kvmboot::backend_confined(&o, &r.log_path)?;
     let num = |v: Option<&str>| v.and_then(|x| x.parse::<f64>().ok());
     let rate = |ms: Option<f64>| match (num(vm.value("demo_mib")), ms) {
         (Some(mib), Some(ms)) if ms > 0.0 => format!("{:.1} MB/s", mib * 1.048576 * 1000.0 / ms),

@@ -130,16 +130,8 @@ pub fn boot_on_kvm() -> Result<()> {
     );
     ensure!(r.outer().passed("kvm_device"), "no /dev/kvm in the board");
 
-    // The backend process maps the pool and nothing of guest RAM.
-    let o = r.outer();
-    ensure!(
-        o.value("backend_pool_maps").is_some_and(|n| n != "0")
-            && o.value("backend_ram_maps") == Some("0"),
-        "backend's /proc/PID/maps: {:?} pool mappings, {:?} RAM mappings (log: {})",
-        o.value("backend_pool_maps"),
-        o.value("backend_ram_maps"),
-        r.log_path.display()
-    );
+    // The backend process maps the pool and nothing of guest RAM, and is jailed.
+    backend_confined(&r.outer(), &r.log_path)?;
     let g = r.part("guest");
     let log = r.log_path.display();
     ensure!(
@@ -465,4 +457,34 @@ fn fault_image() -> Vec<u8> {
     b[24..32].copy_from_slice(&0b1010u64.to_le_bytes());
     b[0x38..0x3c].copy_from_slice(b"ARM\x64");
     b
+}
+
+/// The jailed backend as the board's `backend_values` saw it from outside: the pool mapped
+/// and no guest RAM; a seccomp filter, no_new_privs, no capability; PID and network namespaces
+/// of its own; an empty root.
+pub fn backend_confined(o: &crate::qemu::Run, log: &std::path::Path) -> Result<()> {
+    let want = [
+        ("backend_ram_maps", "0"),
+        ("backend_seccomp", "2"),
+        ("backend_nonewprivs", "1"),
+        ("backend_capeff", "0000000000000000"),
+        ("backend_own_pidns", "1"),
+        ("backend_own_netns", "1"),
+        ("backend_root_entries", "0"),
+    ];
+    let pool = o.value("backend_pool_maps");
+    ensure!(
+        pool.is_some_and(|n| n != "0"),
+        "the backend maps the pool {pool:?} times (log: {})",
+        log.display()
+    );
+    for (name, value) in want {
+        ensure!(
+            o.value(name) == Some(value),
+            "the jailed backend's {name} is {:?}, not {value} (log: {})",
+            o.value(name),
+            log.display()
+        );
+    }
+    Ok(())
 }

@@ -114,8 +114,8 @@ pub fn enter(ids: Ids) -> Result<(), JailError> {
         let go = [1u8];
         // SAFETY: a one-byte write to our pipe.
         unsafe { libc::write(ready_w.as_raw_fd(), go.as_ptr().cast(), 1) };
-        drop(ready_w);
-        keep(pid);
+        // Held open until the keeper dies: the jailed process sees it hang up.
+        keep(pid, ready_w.as_raw_fd());
     }
     // The jailed process. The keeper's death (its parent's SIGKILL) is ours too.
     // SAFETY: prctl with integer arguments.
@@ -127,8 +127,22 @@ pub fn enter(ids: Ids) -> Result<(), JailError> {
         // SAFETY: ending the process at once.
         unsafe { libc::_exit(1) };
     }
-    drop(ready_r);
-    inside(ids)
+    inside(ids)?;
+    // Changing ids cleared the parent-death signal: set it again, then make sure the keeper
+    // did not die before (its end of the pipe would have hung up).
+    // SAFETY: prctl with integer arguments; poll on our own pipe.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        let mut p = libc::pollfd {
+            fd: ready_r.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        if libc::poll(&mut p, 1, 0) != 0 && p.revents & libc::POLLHUP != 0 {
+            libc::_exit(1);
+        }
+    }
+    Ok(())
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), JailError> {
@@ -158,10 +172,17 @@ fn write_id_maps(pid: libc::pid_t, ids: Ids) -> Result<(), JailError> {
 }
 
 /// The keeper: waits for the jailed process and ends as it ended.
-fn keep(pid: libc::pid_t) -> ! {
-    // Only the jailed process holds the VM's descriptors: when it dies, they close.
+fn keep(pid: libc::pid_t, life: RawFd) -> ! {
+    // Only the jailed process holds the VM's descriptors: when it dies, they close. The
+    // keeper keeps `life`, whose other end tells the jailed process the keeper is alive.
+    let life = life as u32;
     // SAFETY: close_range on our own descriptor table.
-    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    unsafe {
+        if life > 3 {
+            libc::syscall(libc::SYS_close_range, 3u32, life - 1, 0u32);
+        }
+        libc::syscall(libc::SYS_close_range, life + 1, u32::MAX, 0u32);
+    }
     // SAFETY: prctl and setrlimit with plain arguments.
     unsafe {
         libc::prctl(libc::PR_SET_DUMPABLE, 0);

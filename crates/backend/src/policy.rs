@@ -40,6 +40,7 @@ const ARCH: TargetArch = TargetArch::aarch64;
 /// (name, number) of every call allowed whatever the devices: memory, threads, time, the
 /// doorbells (eventfd reads and writes, poll), the setup socket, logging.
 fn base() -> Vec<(&'static str, i64)> {
+    #[allow(unused_mut)] // only x86_64 adds to it
     let mut v = vec![
         ("read", libc::SYS_read),
         ("write", libc::SYS_write),
@@ -62,6 +63,8 @@ fn base() -> Vec<(&'static str, i64)> {
         ("getpid", libc::SYS_getpid),
         ("getrandom", libc::SYS_getrandom),
         ("rt_sigprocmask", libc::SYS_rt_sigprocmask),
+        // The C library installs its thread-cancellation handler at the first new thread.
+        ("rt_sigaction", libc::SYS_rt_sigaction),
         ("rt_sigreturn", libc::SYS_rt_sigreturn),
         ("sigaltstack", libc::SYS_sigaltstack),
         ("set_robust_list", libc::SYS_set_robust_list),
@@ -144,6 +147,12 @@ fn conditional() -> Vec<(&'static str, i64, Vec<SeccompRule>)> {
                 Op::MaskedEq(libc::CLONE_THREAD as u64),
                 libc::CLONE_THREAD as u64,
             )])],
+        ),
+        // Its own limits, which without a capability it can only lower.
+        (
+            "prlimit64",
+            libc::SYS_prlimit64,
+            vec![rule(vec![cond(0, Op::Eq, 0)])],
         ),
         // Thread names only.
         (

@@ -131,6 +131,16 @@ pub struct BackendDesc {
     /// instead of starting one: it may run as another user, or in a container of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect: Option<PathBuf>,
+    /// Confine the backend process (docs/SECURITY.md; absent: true). `false` runs it with
+    /// splitvirt's user, file system and network, and is logged as a warning at every start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<bool>,
+    /// The user and group id the jailed backend runs as when splitvirt runs as root (absent:
+    /// 65534, `nobody`); an unprivileged splitvirt's backend keeps its user's ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail_uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail_gid: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -23,6 +23,8 @@ pub const MAX_VCPUS: u32 = 8;
 pub const MAX_RPC_POLL_US: u32 = 10_000;
 /// Backend restarts when the description does not say.
 pub const DEFAULT_RPC_RESTARTS: u32 = 3;
+/// The id a jailed backend started by root runs as by default (`nobody`).
+pub const NOBODY: u32 = 65534;
 /// KVM's default guest physical address space on arm64 (40 bits).
 pub const IPA_LIMIT: u64 = 1 << 40;
 /// Device numbers on one PCI bus; 0 is the host bridge.
@@ -62,6 +64,8 @@ pub struct Layout {
     /// The socket of a backend that `splitvirt backend --listen` serves (None: splitvirt
     /// starts its own).
     pub rpc_connect: Option<PathBuf>,
+    /// The ids a jailed backend runs as when started by root (uid, gid); None: no jail.
+    pub rpc_jail: Option<(u32, u32)>,
     /// Interrupt lines the GIC must implement (a multiple of 32, covering every ID in use).
     pub gic_irqs: u32,
 }

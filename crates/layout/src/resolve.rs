@@ -95,6 +95,13 @@ fn build(d: &Description, p: &mut Vec<Problem>) -> Layout {
             .and_then(|b| b.restarts)
             .unwrap_or(DEFAULT_RPC_RESTARTS),
         rpc_connect: d.backend.as_ref().and_then(|b| b.connect.clone()),
+        rpc_jail: match &d.backend {
+            Some(b) if b.jail == Some(false) => None,
+            b => Some((
+                b.as_ref().and_then(|b| b.jail_uid).unwrap_or(NOBODY),
+                b.as_ref().and_then(|b| b.jail_gid).unwrap_or(NOBODY),
+            )),
+        },
         gic_irqs: 0,
     };
     check_vcpus(&layout, p);

@@ -2,7 +2,9 @@
 //! backend with eight words and five descriptors (SCM_RIGHTS): the pool memfd, the control
 //! region memfd, and three doorbell eventfds; then, when the hypervisor offers them, one
 //! interrupt eventfd per MSI the guest may use and one notify eventfd per device whose queue
-//! notifications the hypervisor catches itself. Nothing else of the VMM crosses.
+//! notifications the hypervisor catches itself; last, one descriptor per device for its host
+//! end, opened by splitvirt (a disk image, a TAP, a listening console socket, a pty, a network
+//! link), since the backend opens no path. Nothing else of the VMM crosses.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -27,6 +29,8 @@ pub struct Setup {
     /// (device, eventfd): the hypervisor signals the eventfd when the guest notifies one of
     /// the device's queues (instead of a Write on the ring).
     pub notify: Vec<(u8, OwnedFd)>,
+    /// (device, descriptor): the device's host end, which splitvirt opened.
+    pub hosts: Vec<(u8, OwnedFd)>,
 }
 
 /// One eventfd per MSI target: a write of 1 to `fds[i]` raises interrupt `first + i`, which is
@@ -61,10 +65,10 @@ impl MsiFds {
 const FDS: usize = 5;
 /// At most this many MSI eventfds (SCM_RIGHTS carries up to 253 descriptors).
 pub const MAX_MSI_FDS: usize = 128;
-const WORDS: usize = 8;
+const WORDS: usize = 9;
 /// Devices are PCI slots 0..32: the notify eventfds' devices are a bitmap in one word.
 const MAX_DEVICES: u8 = 32;
-const MAX_FDS: usize = FDS + MAX_MSI_FDS + MAX_DEVICES as usize;
+const MAX_FDS: usize = FDS + MAX_MSI_FDS + 2 * MAX_DEVICES as usize;
 
 /// A SOCK_SEQPACKET pair (close-on-exec): (VMM end, backend end).
 pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -206,9 +210,27 @@ pub fn connect(path: &Path) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Per-device descriptors, one at most per device: (their devices as a bitmap, the
+/// descriptors in device order).
+fn by_device(what: &str, list: &[(u8, RawFd)]) -> io::Result<(u64, Vec<RawFd>)> {
+    let mut list = list.to_vec();
+    list.sort_by_key(|(dev, _)| *dev);
+    let mut devices = 0u64;
+    for (dev, _) in &list {
+        if *dev >= MAX_DEVICES || devices & 1 << dev != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{what} for device {dev}, twice or out of range"),
+            ));
+        }
+        devices |= 1 << dev;
+    }
+    Ok((devices, list.into_iter().map(|(_, fd)| fd).collect()))
+}
+
 /// Sends the setup: the pool, the five descriptors, optionally the MSI eventfds as
-/// (doorbell address, first interrupt, descriptors), and the notify eventfds as (device,
-/// descriptor).
+/// (doorbell address, first interrupt, descriptors), the notify eventfds as (device,
+/// descriptor) and the devices' host ends as (device, descriptor).
 pub fn send(
     sock: &OwnedFd,
     pool_base: u64,
@@ -216,6 +238,7 @@ pub fn send(
     fds: [RawFd; FDS],
     msi: Option<(u64, u32, &[RawFd])>,
     notify: &[(u8, RawFd)],
+    hosts: &[(u8, RawFd)],
 ) -> io::Result<()> {
     let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
     let (doorbell, first, msi_fds) = msi.unwrap_or((0, 0, &[]));
@@ -225,17 +248,8 @@ pub fn send(
             msi_fds.len()
         )));
     }
-    let mut notify = notify.to_vec();
-    notify.sort_by_key(|(dev, _)| *dev);
-    let mut devices = 0u64;
-    for (dev, _) in &notify {
-        if *dev >= MAX_DEVICES || devices & 1 << dev != 0 {
-            return Err(invalid(format!(
-                "notify eventfd for device {dev}, twice or out of range"
-            )));
-        }
-        devices |= 1 << dev;
-    }
+    let (devices, notify) = by_device("notify eventfd", notify)?;
+    let (host_devices, hosts) = by_device("host end", hosts)?;
     let words: [u64; WORDS] = [
         SETUP_MAGIC,
         crate::shm::VERSION.into(),
@@ -245,12 +259,14 @@ pub fn send(
         u64::from(first),
         msi_fds.len() as u64,
         devices,
+        host_devices,
     ];
     let fds: Vec<RawFd> = fds
         .iter()
         .chain(msi_fds)
         .copied()
-        .chain(notify.iter().map(|(_, fd)| *fd))
+        .chain(notify)
+        .chain(hosts)
         .collect();
     let n = fds.len();
     let mut iov = libc::iovec {
@@ -322,10 +338,15 @@ pub fn recv(sock: &OwnedFd) -> io::Result<Setup> {
         return Err(bad("setup message of another protocol version"));
     }
     let msi_count = words[6];
-    let devices = words[7];
+    let (devices, host_devices) = (words[7], words[8]);
     if msi_count > MAX_MSI_FDS as u64
         || devices >> MAX_DEVICES != 0
-        || got.len() as u64 != FDS as u64 + msi_count + u64::from(devices.count_ones())
+        || host_devices >> MAX_DEVICES != 0
+        || got.len() as u64
+            != FDS as u64
+                + msi_count
+                + u64::from(devices.count_ones())
+                + u64::from(host_devices.count_ones())
     {
         return Err(bad(
             "setup message whose descriptors are not five and the eventfds it counts",
@@ -339,6 +360,10 @@ pub fn recv(sock: &OwnedFd) -> io::Result<Setup> {
     let msi_fds: Vec<OwnedFd> = it.by_ref().take(msi_count as usize).collect();
     let notify = (0..MAX_DEVICES)
         .filter(|d| devices & 1 << d != 0)
+        .zip(it.by_ref())
+        .collect();
+    let hosts = (0..MAX_DEVICES)
+        .filter(|d| host_devices & 1 << d != 0)
         .zip(it)
         .collect();
     Ok(Setup {
@@ -355,6 +380,7 @@ pub fn recv(sock: &OwnedFd) -> io::Result<Setup> {
             fds: msi_fds,
         }),
         notify,
+        hosts,
     })
 }
 
@@ -381,6 +407,7 @@ mod tests {
                 bells[3].fd().as_raw_fd(),
             ],
             None,
+            &[],
             &[],
         )
         .unwrap();
@@ -420,11 +447,23 @@ mod msi_tests {
             (5, bells[4].fd().as_raw_fd()),
             (2, bells[5].fd().as_raw_fd()),
         ];
-        send(&a, 0, 1 << 20, base, Some((0x0802_0040, 80, &msi)), &notify).unwrap();
+        let hosts = [(7, bells[6].fd().as_raw_fd())];
+        send(
+            &a,
+            0,
+            1 << 20,
+            base,
+            Some((0x0802_0040, 80, &msi)),
+            &notify,
+            &hosts,
+        )
+        .unwrap();
         let s = recv(&b).unwrap();
-        // Notify eventfds come back by device, in device order.
+        // Notify eventfds come back by device, in device order; host ends after them.
         let devs: Vec<u8> = s.notify.iter().map(|(d, _)| *d).collect();
         assert_eq!(devs, [2, 5]);
+        assert_eq!(s.hosts.len(), 1);
+        assert_eq!(s.hosts[0].0, 7);
         bells[5].ring();
         let slot2 = Doorbell::from_fd(s.notify[0].1.try_clone().unwrap());
         assert!(slot2.wait(Some(std::time::Duration::ZERO)));
@@ -447,8 +486,9 @@ mod msi_tests {
         }
         // A count that does not match the descriptors is refused.
         let too_many: Vec<RawFd> = (0..MAX_MSI_FDS + 1).map(|_| msi[0]).collect();
-        assert!(send(&a, 0, 1 << 20, base, Some((0, 80, &too_many)), &[]).is_err());
-        assert!(send(&a, 0, 1 << 20, base, None, &[(32, msi[0])]).is_err());
-        assert!(send(&a, 0, 1 << 20, base, None, &[(3, msi[0]), (3, msi[1])]).is_err());
+        assert!(send(&a, 0, 1 << 20, base, Some((0, 80, &too_many)), &[], &[]).is_err());
+        assert!(send(&a, 0, 1 << 20, base, None, &[(32, msi[0])], &[]).is_err());
+        assert!(send(&a, 0, 1 << 20, base, None, &[(3, msi[0]), (3, msi[1])], &[]).is_err());
+        assert!(send(&a, 0, 1 << 20, base, None, &[], &[(3, msi[0]), (3, msi[1])]).is_err());
     }
 }

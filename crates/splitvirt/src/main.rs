@@ -26,7 +26,7 @@ struct Cli {
 }
 
 /// How the log file reaches the backend processes, which are this binary started anew.
-const LOG_FILE_ENV: &str = "SPLITVIRT_LOG_FILE";
+use vmm::LOG_FILE_ENV;
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -405,7 +405,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             // SAFETY: the descriptor splitvirt run passed us; we take it over.
             let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(setup_fd) };
-            vmm::backend::serve(&l, fd)?;
+            // The jail first: nothing of the VM has been read yet.
+            let jailed = vmm::backend::confine(&l)?;
+            vmm::backend::serve(&l, fd, jailed)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Console { socket, linger } => {

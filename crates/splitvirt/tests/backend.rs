@@ -177,11 +177,52 @@ fn wait_until(seconds: u64, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// The backend process's memory map: the pool memfd, never the RAM memfd.
-fn assert_maps_only_the_pool(pid: u32) {
+/// The process that serves the devices: the jailed child of the process started as the
+/// backend (its keeper, outside the jail).
+fn jailed(keeper: u32) -> u32 {
+    let c = children(keeper);
+    assert_eq!(
+        c.len(),
+        1,
+        "the keeper {keeper} has one child, the jailed backend"
+    );
+    c[0]
+}
+
+/// The jailed backend seen from outside: it maps the pool memfd, never the RAM memfd; it has
+/// a system call filter, no_new_privs and no capability; its namespaces and root are not
+/// ours; its descriptors are memfds, eventfds, the setup socket, its stdio pipes and the
+/// disk image, nothing else.
+fn assert_confined(keeper: u32) {
+    let pid = jailed(keeper);
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     assert!(maps.contains("splitvirt-pool"), "{maps}");
     assert!(!maps.contains("splitvirt-ram"), "{maps}");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    for line in ["Seccomp:\t2", "NoNewPrivs:\t1", "CapEff:\t0000000000000000"] {
+        assert!(status.contains(line), "{line} in {status}");
+    }
+    for ns in ["user", "mnt", "pid", "net", "ipc", "uts"] {
+        let link = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/{ns}")).unwrap();
+        assert_ne!(link(&pid.to_string()), link("self"), "{ns} namespace");
+    }
+    let root = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .unwrap()
+        .count();
+    assert_eq!(root, 0, "its root is empty");
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let target = std::fs::read_link(fd.unwrap().path()).unwrap();
+        let t = target.to_string_lossy();
+        assert!(
+            t.starts_with("/memfd:splitvirt-")
+                || t == "anon_inode:[eventfd]"
+                || t.starts_with("socket:")
+                || t.starts_with("pipe:")
+                || t == "/dev/null"
+                || t.ends_with("disk.img"),
+            "the backend holds {t}"
+        );
+    }
 }
 
 #[test]
@@ -208,7 +249,7 @@ fn a_killed_backend_is_replaced_and_the_disk_carries_on_where_it_stood() {
     wait_until(20, || s.remote.pid() != 0 && s.remote.pid() != first);
     let second = s.remote.pid();
     assert!(second != 0 && second != first, "a new backend ({second})");
-    assert_maps_only_the_pool(second);
+    assert_confined(second);
     // The new backend's device is the one the driver set up, and it takes the next request,
     // not the two already used.
     vm.mem.write_slice(&[0; 512], GuestAddress(data)).unwrap();
@@ -289,7 +330,7 @@ fn a_listening_backend_serves_a_vm_that_connects_and_again_after_a_kill() {
         1,
         "one backend process for the VM: {served:?}"
     );
-    assert_maps_only_the_pool(served[0]);
+    assert_confined(served[0]);
     let vm = &s.vm;
     let rings = s.l.pool.as_ref().unwrap().base;
     let data = rings + 0x8000;
@@ -327,7 +368,7 @@ fn a_listening_backend_serves_a_vm_that_connects_and_again_after_a_kill() {
 #[test]
 fn a_disk_served_by_the_backend_process_which_maps_only_the_pool() {
     let s = setup("[backend]\nrestarts = 0");
-    assert_maps_only_the_pool(s.remote.pid());
+    assert_confined(s.remote.pid());
     let (l, remote, events, sig_events, vm, ecam_fn, disk) = (
         &s.l, &s.remote, &s.events, &s.intx, &s.vm, s.ecam_fn, &s.disk,
     );
@@ -452,6 +493,7 @@ fn a_backend_refuses_a_pool_that_is_not_sealed() {
             bells[2].fd().as_raw_fd(),
         ],
         None,
+        &[],
         &[],
     )
     .unwrap();

@@ -4,7 +4,7 @@
 
 use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;
-use imago::{FormatAccess, FormatDriverBuilder, PermissiveImplicitOpenGate};
+use imago::{DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, PermissiveImplicitOpenGate};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -73,21 +73,66 @@ pub fn open(
     format: Option<Format>,
     read_only: bool,
 ) -> Result<Box<dyn Disk>, OpenError> {
-    let err = |why: String| OpenError {
-        path: path.display().to_string(),
-        why,
-    };
-    let file = std::fs::OpenOptions::new()
+    let file = open_file(path, read_only)?;
+    let (format, backing) = (format_of(path, format), Backing::Follow(path));
+    from_file(
+        file,
+        &path.display().to_string(),
+        format,
+        read_only,
+        backing,
+    )
+}
+
+/// Opens the image file itself, for reading and, unless `read_only`, writing; the error says
+/// what to do.
+pub fn open_file(path: &Path, read_only: bool) -> Result<File, OpenError> {
+    std::fs::OpenOptions::new()
         .read(true)
         .write(!read_only)
         .open(path)
-        .map_err(|e| err(open_failure(&e, read_only)))?;
+        .map_err(|e| OpenError {
+            path: path.display().to_string(),
+            why: open_failure(&e, read_only),
+        })
+}
+
+/// The format to open `path` as: the description's, or `Qcow2` by the name's `.qcow2`, or
+/// None (raw unless the file starts like a qcow2 image).
+pub fn format_of(path: &Path, format: Option<Format>) -> Option<Format> {
+    format.or_else(|| {
+        path.extension()
+            .is_some_and(|e| e == "qcow2")
+            .then_some(Format::Qcow2)
+    })
+}
+
+/// What a qcow2 image's backing file may be.
+#[derive(Clone, Copy, Debug)]
+pub enum Backing<'a> {
+    /// Opened by the name in its header, relative to this image's path.
+    Follow(&'a Path),
+    /// None may be opened (the jailed backend opens no path).
+    Refuse,
+}
+
+/// A disk over an open image file, `name` naming it in messages. `format` None: raw, unless
+/// the file starts like a qcow2 image (then refused: the format must be said).
+pub fn from_file(
+    file: File,
+    name: &str,
+    format: Option<Format>,
+    read_only: bool,
+    backing: Backing<'_>,
+) -> Result<Box<dyn Disk>, OpenError> {
+    let err = |why: String| OpenError {
+        path: name.to_owned(),
+        why,
+    };
     let mut magic = [0u8; 4];
     let has_magic = file.read_exact_at(&mut magic, 0).is_ok() && &magic == QCOW2_MAGIC;
-    let by_name = path.extension().is_some_and(|e| e == "qcow2");
     let format = match format {
         Some(f) => f,
-        None if by_name => Format::Qcow2,
         None if has_magic => {
             return Err(err(
                 "it starts with a qcow2 header but no format is given; set format = \"qcow2\" \
@@ -106,12 +151,9 @@ pub fn open(
              qemu-img convert -O qcow2"
                 .into(),
         )),
-        Format::Qcow2 => {
-            drop(file);
-            Qcow2Disk::open(path, read_only)
-                .map(|d| Box::new(d) as Box<dyn Disk>)
-                .map_err(|e| err(format!("cannot open it as qcow2: {e}")))
-        }
+        Format::Qcow2 => Qcow2Disk::open(file, read_only, backing)
+            .map(|d| Box::new(d) as Box<dyn Disk>)
+            .map_err(|e| err(format!("cannot open it as qcow2: {e}"))),
     }
 }
 
@@ -186,12 +228,29 @@ pub struct Qcow2Disk {
 }
 
 impl Qcow2Disk {
-    fn open(path: &Path, read_only: bool) -> io::Result<Qcow2Disk> {
-        // Backing files named in the header are opened read-only by imago. The header is the
-        // user's (the guest cannot write qcow2 metadata), so following it is what they asked.
-        let q = Qcow2::<ImagoFile>::builder_path(path)
-            .write(!read_only)
-            .open(PermissiveImplicitOpenGate::default())?;
+    fn open(file: File, read_only: bool, backing: Backing<'_>) -> io::Result<Qcow2Disk> {
+        let q = match backing {
+            // Backing files named in the header are opened read-only by imago. The header is
+            // the user's (the guest cannot write qcow2 metadata), so following it is what
+            // they asked; imago takes them relative to the image's path, so it opens that.
+            Backing::Follow(path) => {
+                drop(file);
+                Qcow2::<ImagoFile>::builder_path(path)
+                    .write(!read_only)
+                    .open(PermissiveImplicitOpenGate::default())?
+            }
+            Backing::Refuse => Qcow2::<ImagoFile>::builder(ImagoFile::try_from(file)?)
+                .write(!read_only)
+                .open(DenyImplicitOpenGate::default())
+                .map_err(|e| {
+                    io::Error::other(format!(
+                        "{e}; the jailed backend opens no file by name, so a qcow2 image with a \
+                         backing file cannot be served there yet: flatten it (`qemu-img convert \
+                         -O qcow2 IMAGE FLAT.qcow2`), or serve the disk with placement = \
+                         \"in-process\""
+                    ))
+                })?,
+        };
         let access = FormatAccess::new(q);
         let size = access.size();
         if size % SECTOR != 0 {

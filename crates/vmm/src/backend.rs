@@ -72,6 +72,8 @@ struct Launch {
     pool_fd: File,
     bypass: Bypass,
     events: Arc<dyn Fn(Event) + Send + Sync>,
+    /// What the devices reach on the host, opened here and handed to each backend.
+    hosts: crate::hostends::HostEnds,
 }
 
 /// A backend just started (or reached), its devices registered and checked.
@@ -86,21 +88,31 @@ struct Started {
 /// How long splitvirt tries to reach a listening backend.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Starts `splitvirt backend --setup-fd 3` on `setup`. `bound` ties its life to ours (the
-/// parent-death signal follows the forking *thread*: a restarted backend is forked by the
-/// watch thread, which lives as long as that backend does).
+/// Starts `splitvirt backend --setup-fd 3` on `setup`. `bound` (a backend of this VM's own)
+/// ties its life to ours (the parent-death signal follows the forking *thread*: a restarted
+/// backend is forked by the watch thread, which lives as long as that backend does) and
+/// gives it pipes for stdout and stderr instead of splitvirt's: it never holds the operator's
+/// terminal. Its stdin is /dev/null.
 fn spawn_backend(
     exe: &Path,
     config: Option<&Path>,
     setup: &OwnedFd,
     bound: bool,
 ) -> std::io::Result<Child> {
+    use std::process::Stdio;
     let mut cmd = Command::new(exe);
     // `ps` shows "splitvirt backend ..." rather than the path it was started by.
     std::os::unix::process::CommandExt::arg0(&mut cmd, "splitvirt");
     cmd.arg("backend").arg("--setup-fd").arg("3");
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
+    }
+    cmd.stdin(Stdio::null());
+    if bound {
+        // Its log lines come through splitvirt, which logs them where it logs its own.
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env_remove(crate::LOG_FILE_ENV);
     }
     let fd = setup.as_raw_fd();
     // SAFETY: between fork and exec only async-signal-safe calls: dup2 and prctl.
@@ -116,7 +128,46 @@ fn spawn_backend(
             Ok(())
         });
     }
-    cmd.spawn()
+    let mut child = cmd.spawn()?;
+    if let Some(out) = child.stdout.take() {
+        // The guest's stdio console, when the backend serves it.
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut { out }, &mut std::io::stdout());
+        });
+    }
+    if let Some(err) = child.stderr.take() {
+        std::thread::spawn(move || relay_log(err));
+    }
+    Ok(child)
+}
+
+/// The backend's log lines, logged here at their level with "backend:" in front, each cut
+/// at 1 KiB and rate-limited like anything else a backend can provoke.
+fn relay_log(from: impl std::io::Read) {
+    use std::io::BufRead;
+    use std::io::Read;
+    let mut r = std::io::BufReader::new(from);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match (&mut r).take(1024).read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end();
+        let body = text.strip_prefix("splitvirt-backend: ").unwrap_or(text);
+        let (level, body) = [
+            ("error: ", log::Level::Error),
+            ("warning: ", log::Level::Warn),
+            ("debug: ", log::Level::Debug),
+            ("trace: ", log::Level::Trace),
+        ]
+        .into_iter()
+        .find_map(|(tag, level)| body.strip_prefix(tag).map(|b| (level, b)))
+        .unwrap_or((log::Level::Info, body));
+        ratelog::log!(level, "backend: {body}");
+    }
 }
 
 /// A descriptor that names process `pid` for as long as it is held, even after it is reaped.
@@ -333,6 +384,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Launch {
     /// Starts a backend process and waits for its devices, which must be the description's.
     fn start(&self) -> Result<Started, BackendError> {
+        let hosts = self.hosts.for_backend()?;
         let region = Arc::new(Region::create()?);
         let (to_backend, to_proxy, replies) =
             (Doorbell::new()?, Doorbell::new()?, Doorbell::new()?);
@@ -376,7 +428,12 @@ impl Launch {
                 .iter()
                 .map(|(dev, fd)| (*dev, fd.as_raw_fd()))
                 .collect::<Vec<_>>(),
+            &hosts
+                .iter()
+                .map(|(dev, fd)| (*dev, fd.as_raw_fd()))
+                .collect::<Vec<_>>(),
         )?;
+        drop(hosts);
         // A backend that breaks the protocol is ended (a connected one is hung up on), so
         // that what follows its death follows. The process is held by a pidfd: once the
         // watch thread has reaped it, its pid may be another process's, the pidfd never.
@@ -516,6 +573,7 @@ pub fn start(
         pool_fd: pool_fd.try_clone()?,
         bypass,
         events,
+        hosts: crate::hostends::HostEnds::open(l)?,
     };
     let started = launch.start()?;
     let pool_mem = crate::memory::pool_memory(pool.base, pool.size, pool_fd)?;
@@ -689,8 +747,41 @@ impl virtio::blk::Journal for RegionJournal {
     }
 }
 
-/// `splitvirt backend`: the backend process. Returns when the VMM goes away.
-pub fn serve(l: &Layout, setup_fd: OwnedFd) -> Result<(), BackendError> {
+/// What the backend's devices need of the system call policy.
+pub fn policy_needs(l: &Layout) -> ::backend::policy::Needs {
+    let mut n = ::backend::policy::Needs::default();
+    for d in remote_devices(l) {
+        match &d.kind {
+            layout::DeviceKind::VirtioBlk { .. } => n.disk = true,
+            layout::DeviceKind::VirtioConsole {
+                backend: layout::ConsoleBackend::Socket(_),
+            } => n.socket_console = true,
+            _ => {}
+        }
+    }
+    n
+}
+
+/// Enters the backend's jail as the description says (`[backend] jail`), or says loudly that
+/// it does not. Call first thing in `splitvirt backend`, while it has one thread. Returns
+/// whether the backend is jailed (its system call policy goes on in `serve`).
+pub fn confine(l: &Layout) -> Result<bool, BackendError> {
+    let Some((uid, gid)) = l.rpc_jail else {
+        log::warn!(
+            "the backend runs unconfined ([backend] jail = false): a compromised device model \
+             has this user's files, network and privileges"
+        );
+        return Ok(false);
+    };
+    let ids = ::backend::jail::ids_for(::backend::jail::Ids { uid, gid });
+    ::backend::jail::enter(ids).map_err(|e| BackendError::Setup(e.to_string()))?;
+    Ok(true)
+}
+
+/// `splitvirt backend`: the backend process. Returns when the VMM goes away. `jailed`: it
+/// entered its jail (`confine`), and its system call policy goes on before any device is
+/// built, that is before it reads anything a guest (or a former backend) wrote.
+pub fn serve(l: &Layout, setup_fd: OwnedFd, jailed: bool) -> Result<(), BackendError> {
     let s = rpc::setup::recv(&setup_fd)?;
     let Some(pool) = &l.pool else {
         return Err(BackendError::Setup("the description has no pool".into()));
@@ -715,6 +806,10 @@ pub fn serve(l: &Layout, setup_fd: OwnedFd) -> Result<(), BackendError> {
     let from_proxy = Doorbell::from_fd(s.to_backend);
     let msi = s.msi.map(Arc::new);
     let notify = s.notify;
+    if jailed {
+        ::backend::policy::install(policy_needs(l))
+            .map_err(|e| BackendError::Setup(e.to_string()))?;
+    }
     let signal = |d: &layout::Device| -> Arc<dyn virtio::transport::Signal> {
         Arc::new(RemoteSignal {
             out: out.clone(),
@@ -736,6 +831,7 @@ pub fn serve(l: &Layout, setup_fd: OwnedFd) -> Result<(), BackendError> {
         Box::new(std::io::stdout()),
         Placement::Backend,
         &journal,
+        s.hosts,
     )?;
     for s in &built.skipped {
         out.log(s);
@@ -764,6 +860,10 @@ pub fn serve(l: &Layout, setup_fd: OwnedFd) -> Result<(), BackendError> {
     }
     for start in built.starters {
         start();
+    }
+    if jailed {
+        // What it holds, and room for console clients.
+        ::backend::jail::limit_files(8).map_err(|e| BackendError::Setup(e.to_string()))?;
     }
     // The VMM closing its end of the setup socket (it ended) ends the backend.
     std::thread::spawn(move || {

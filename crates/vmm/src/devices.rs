@@ -6,6 +6,7 @@ use pci::ecam::{devfn, DevFn};
 use pci::PciFunction;
 use platform::IrqLine;
 use std::io::Write;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, OnceLock};
 use virtio::transport::{Signal, VirtioPci};
 
@@ -88,6 +89,20 @@ pub enum OpenError {
     Tap(#[from] crate::tap::TapError),
     #[error(transparent)]
     Endpoint(#[from] crate::endpoint::EndpointError),
+    #[error(
+        "the host end of the device at slot {slot}: cannot duplicate descriptor {fd}: {source}"
+    )]
+    Dup {
+        slot: u8,
+        fd: i32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the device at slot {0} runs in the backend, but splitvirt handed it no host end (a \
+         splitvirt of another version?)"
+    )]
+    NoHostEnd(u8),
 }
 
 /// Something to start once the VM's bus exists (a thread feeding a device).
@@ -179,6 +194,9 @@ fn virtio_pci<D: virtio::VirtioDevice>(
 /// Builds the description's devices placed `here`: the VMM builds the in-process ones, the
 /// backend process those placed in the backend. `mem` is what devices may reach (the pool).
 /// A disk image, TAP or socket that cannot be opened is an error here, before any vCPU runs.
+/// `handed` holds the host ends splitvirt opened for the backend (`hostends`), by slot: the
+/// backend's devices take theirs from there and open nothing by name; in-process devices,
+/// with nothing handed, open their own.
 pub fn build(
     l: &Layout,
     mem: virtio::Memory,
@@ -186,6 +204,7 @@ pub fn build(
     stdout: Box<dyn Write + Send>,
     here: layout::Placement,
     journal: &dyn Fn(&layout::Device) -> Option<Arc<dyn virtio::blk::Journal>>,
+    mut handed: Vec<(u8, OwnedFd)>,
 ) -> Result<Built, OpenError> {
     let mut out = Built {
         functions: Vec::new(),
@@ -195,11 +214,43 @@ pub fn build(
         dataports: Vec::new(),
     };
     let mut stdout = Some(stdout);
+    let remote = here == layout::Placement::Backend;
     for d in l.devices.iter().filter(|d| d.placement == here) {
         let at = devfn(d.slot as u8, 0);
+        let slot = d.slot as u8;
+        // The backend's host end for this device (every device but a stdio console has one).
+        let mut end = || -> Result<Option<OwnedFd>, OpenError> {
+            if !remote {
+                return Ok(None);
+            }
+            match handed.iter().position(|(s, _)| *s == slot) {
+                Some(i) => Ok(Some(handed.swap_remove(i).1)),
+                None => Err(OpenError::NoHostEnd(slot)),
+            }
+        };
         match &d.kind {
-            DeviceKind::VirtioBlk { .. } => {
-                let mut dev = open_disk(&d.kind)?.expect("a virtio-blk device");
+            DeviceKind::VirtioBlk {
+                image,
+                read_only,
+                format,
+            } => {
+                let mut dev = match end()? {
+                    Some(fd) => {
+                        let name = image
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default();
+                        let disk = virtio::disk::from_file(
+                            fd.into(),
+                            &image.display().to_string(),
+                            virtio::disk::format_of(image, disk_format(*format)),
+                            *read_only,
+                            virtio::disk::Backing::Refuse,
+                        )?;
+                        virtio::blk::Block::with_disk(disk.into(), &name, *read_only)
+                    }
+                    None => open_disk(&d.kind)?.expect("a virtio-blk device"),
+                };
                 if let Some(j) = journal(d) {
                     dev.set_journal(j);
                 }
@@ -208,7 +259,10 @@ pub fn build(
             }
             DeviceKind::VirtioNet { backend, mac } => match backend {
                 NetBackend::Tap(name) => {
-                    let tap = crate::tap::Tap::open(name)?;
+                    let tap = match end()? {
+                        Some(fd) => crate::tap::Tap::from_fd(fd),
+                        None => crate::tap::Tap::open(name)?,
+                    };
                     let reader = tap.try_clone().map_err(|e| crate::tap::TapError {
                         name: name.clone(),
                         why: e.to_string(),
@@ -222,6 +276,19 @@ pub fn build(
                     let deliver = feed(&f, virtio::net::Net::receive);
                     out.starters
                         .push(Box::new(move || crate::tap::serve(reader, deliver)));
+                    out.functions.push((at, Box::new(SharedFunction(f))));
+                }
+                NetBackend::Socket(_) if remote => {
+                    let fd = end()?.ok_or(OpenError::NoHostEnd(slot))?;
+                    let link = crate::endpoint::Packets::new(fd);
+                    let f = Arc::new(Mutex::new(virtio_pci(
+                        d,
+                        &mem,
+                        signal,
+                        virtio::net::Net::new(*mac, link.sender()),
+                    )));
+                    let deliver = feed(&f, virtio::net::Net::receive);
+                    out.starters.push(Box::new(move || link.serve(deliver)));
                     out.functions.push((at, Box::new(SharedFunction(f))));
                 }
                 NetBackend::Socket(path) => {
@@ -257,7 +324,10 @@ pub fn build(
                         f
                     }
                     ConsoleBackend::Socket(path) => {
-                        let s = crate::endpoint::SocketConsole::bind(path)?;
+                        let s = match end()? {
+                            Some(fd) => crate::endpoint::SocketConsole::from_listener(fd),
+                            None => crate::endpoint::SocketConsole::bind(path)?,
+                        };
                         let f = Arc::new(Mutex::new(virtio_pci(
                             d,
                             &mem,
@@ -266,16 +336,24 @@ pub fn build(
                         )));
                         let deliver = feed(&f, virtio::console::Console::queue_input);
                         out.starters.push(Box::new(move || s.serve(deliver)));
-                        log::info!(
-                            "virtio-console (slot {}) on socket {}",
-                            d.slot,
-                            path.display()
-                        );
+                        if !remote {
+                            log::info!(
+                                "virtio-console (slot {}) on socket {}",
+                                d.slot,
+                                path.display()
+                            );
+                        }
                         f
                     }
                     ConsoleBackend::Pty => {
-                        let p = crate::endpoint::Pty::open()?;
-                        log::info!("virtio-console (slot {}) on {}", d.slot, p.name);
+                        let p = match end()? {
+                            Some(fd) => crate::endpoint::Pty::from_master(fd),
+                            None => {
+                                let p = crate::endpoint::Pty::open()?;
+                                log::info!("virtio-console (slot {}) on {}", d.slot, p.name);
+                                p
+                            }
+                        };
                         let f = Arc::new(Mutex::new(virtio_pci(
                             d,
                             &mem,

@@ -79,13 +79,23 @@ pub struct SocketConsole {
 
 impl SocketConsole {
     pub fn bind(path: &Path) -> Result<SocketConsole, EndpointError> {
-        Ok(SocketConsole {
-            listener: bind_unix(path, "console socket")?,
+        Ok(Self::from_listener(Self::bind_listener(path)?))
+    }
+
+    /// The listening socket alone, for a console served elsewhere (the backend).
+    pub fn bind_listener(path: &Path) -> Result<OwnedFd, EndpointError> {
+        Ok(bind_unix(path, "console socket")?.into())
+    }
+
+    /// A console on a socket that splitvirt listens on and handed over.
+    pub fn from_listener(listener: OwnedFd) -> SocketConsole {
+        SocketConsole {
+            listener: UnixListener::from(listener),
             state: Arc::new(Mutex::new(ConsoleState {
                 client: None,
                 backlog: VecDeque::new(),
             })),
-        })
+        }
     }
 
     pub fn writer(&self) -> Box<dyn Write + Send> {
@@ -157,12 +167,32 @@ impl Write for SocketConsoleWriter {
 /// itself, so nothing fails while no one has it open.
 pub struct Pty {
     master: Arc<File>,
-    _terminal: File,
+    /// None where splitvirt keeps it (the pty of a backend device).
+    _terminal: Option<File>,
     pub name: String,
 }
 
 impl Pty {
     pub fn open() -> Result<Pty, EndpointError> {
+        let (master, terminal, name) = Self::open_parts()?;
+        Ok(Pty {
+            master: Arc::new(File::from(master)),
+            _terminal: Some(terminal),
+            name,
+        })
+    }
+
+    /// A pty whose master side splitvirt opened and handed over.
+    pub fn from_master(master: OwnedFd) -> Pty {
+        Pty {
+            master: Arc::new(File::from(master)),
+            _terminal: None,
+            name: String::new(),
+        }
+    }
+
+    /// A new pty in raw mode: (master side, terminal side, the terminal's name).
+    pub fn open_parts() -> Result<(OwnedFd, File, String), EndpointError> {
         let err = |why: String| EndpointError {
             what: "pseudo-terminal",
             path: "/dev/ptmx".into(),
@@ -198,11 +228,7 @@ impl Pty {
                 libc::cfmakeraw(&mut t);
                 libc::tcsetattr(terminal.as_raw_fd(), libc::TCSANOW, &t);
             }
-            Ok(Pty {
-                master: Arc::new(master),
-                _terminal: terminal,
-                name,
-            })
+            Ok((master.into(), terminal, name))
         }
     }
 
@@ -418,6 +444,36 @@ impl Link {
         });
     }
 
+    /// Runs the link here and returns one end of a socket pair that carries its frames, one
+    /// packet each: for a device served elsewhere (the backend, which could reach no socket
+    /// path). The link's rendezvous and its peers' comings and goings stay here.
+    pub fn relay(self) -> Result<OwnedFd, EndpointError> {
+        let (ours, theirs) = rpc::setup::socketpair().map_err(|e| EndpointError {
+            what: self.what,
+            path: self.path.display().to_string(),
+            why: format!("socketpair: {e}"),
+        })?;
+        let (ours, handle) = (Arc::new(ours), self.handle());
+        let to_device = ours.clone();
+        self.serve(Box::new(move |frame: &[u8]| {
+            send_now(to_device.as_raw_fd(), frame);
+        }));
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; virtio::net::MAX_FRAME + 64];
+            loop {
+                // SAFETY: recv into our buffer on our socket.
+                let n =
+                    unsafe { libc::recv(ours.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n <= 0 {
+                    // splitvirt holds the device's end too: this is not a backend's death.
+                    return;
+                }
+                handle.send(&buf[..n as usize]);
+            }
+        });
+        Ok(theirs)
+    }
+
     /// Connects to a listening peer, or listens when there is none: (socket, is_listener).
     fn rendezvous(&self) -> io::Result<(OwnedFd, bool)> {
         let _held = DecisionLock::take(&self.path)?;
@@ -425,6 +481,42 @@ impl Link {
             Ok(fd) => Ok((fd, false)),
             Err(_) => Ok((listen_seqpacket(&self.path)?, true)),
         }
+    }
+}
+
+/// The device's side of a relayed link (`Link::relay`): one frame per packet each way.
+pub struct Packets(Arc<OwnedFd>);
+
+impl Packets {
+    pub fn new(fd: OwnedFd) -> Packets {
+        Packets(Arc::new(fd))
+    }
+
+    pub fn sender(&self) -> Box<dyn virtio::net::NetBackend> {
+        Box::new(Packets(self.0.clone()))
+    }
+
+    /// Hands the frames that arrive to `deliver`, on a thread of its own.
+    pub fn serve(self, mut deliver: Deliver) {
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; virtio::net::MAX_FRAME + 64];
+            loop {
+                // SAFETY: recv into our buffer on our socket.
+                let n = unsafe {
+                    libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+                };
+                if n <= 0 {
+                    return;
+                }
+                deliver(&buf[..n as usize]);
+            }
+        });
+    }
+}
+
+impl virtio::net::NetBackend for Packets {
+    fn send(&mut self, frame: &[u8]) {
+        send_now(self.0.as_raw_fd(), frame);
     }
 }
 

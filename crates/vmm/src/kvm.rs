@@ -501,6 +501,7 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
         Box::new(std::io::stdout()),
         layout::Placement::InProcess,
         &|_| None,
+        Vec::new(),
     )?;
     for s in &built.skipped {
         log::warn!("{s}");

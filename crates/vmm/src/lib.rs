@@ -2,11 +2,15 @@
 //! decides where it goes; `run` hands that to the hypervisor. Everything that knows KVM is in
 //! `kvm`, compiled only for aarch64 hosts.
 
+/// The environment variable that names splitvirt's log file (`--log-file`).
+pub const LOG_FILE_ENV: &str = "SPLITVIRT_LOG_FILE";
+
 pub mod backend;
 pub mod bus;
 pub mod connect;
 pub mod devices;
 pub mod endpoint;
+pub mod hostends;
 pub mod kept;
 #[cfg(target_arch = "aarch64")]
 mod kvm;

@@ -70,6 +70,13 @@ impl Tap {
         Ok(Tap { file })
     }
 
+    /// A TAP that splitvirt opened and handed over.
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> Tap {
+        Tap {
+            file: File::from(fd),
+        }
+    }
+
     pub fn try_clone(&self) -> std::io::Result<Tap> {
         Ok(Tap {
             file: self.file.try_clone()?,
@@ -79,6 +86,12 @@ impl Tap {
     /// Blocks for the next frame.
     pub fn read_frame(&mut self, buf: &mut [u8; MAX_FRAME + 64]) -> std::io::Result<usize> {
         self.file.read(buf)
+    }
+}
+
+impl From<Tap> for std::os::fd::OwnedFd {
+    fn from(t: Tap) -> Self {
+        t.file.into()
     }
 }
 
