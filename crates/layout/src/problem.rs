@@ -34,6 +34,8 @@ pub enum Rule {
     GicSize,
     /// A PCI window that cannot hold the BARs placed in it.
     PciWindow,
+    /// A device in the backend shares an INTx line with an in-process device.
+    IntxShared,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -904,8 +904,78 @@ fn place_devices(l: &Layout, descs: &[DeviceDesc], p: &mut Vec<Problem>) -> Vec<
         let (i, fixed) = fixed_bars[n];
         out[n].bars = alloc.place(i, out[n].slot, &out[n].kind, fixed, p);
     }
+    // An in-process device whose pin the description leaves open takes one whose line no
+    // backend device uses (see check_intx_sharing).
+    let backend_lines: Vec<u32> = out
+        .iter()
+        .filter(|d| d.placement == Placement::Backend)
+        .map(|d| d.intx_spi)
+        .collect();
+    for (n, d) in out.iter_mut().enumerate() {
+        let open = descs
+            .get(fixed_bars[n].0)
+            .is_some_and(|desc| desc.intx_pin.is_none());
+        if d.placement == Placement::InProcess && open && backend_lines.contains(&d.intx_spi) {
+            if let Some(pin) = (1..=4).find(|&n| !backend_lines.contains(&l.swizzle(d.slot, n))) {
+                d.intx_pin = pin;
+                d.intx_spi = l.swizzle(d.slot, pin);
+            }
+        }
+    }
     out.sort_by_key(|d| d.slot);
+    check_intx_sharing(l, &out, p);
     out
+}
+
+/// A backend holds its devices' INTx levels; on a line shared with an in-process device it
+/// could hold the line up and starve that device (and the guest's handler with it), unless the
+/// device uses MSI-X (splitvirt then ignores its INTx). In-process devices whose pin is left
+/// open avoid backend lines (`place_devices`); what sharing remains is said as a warning.
+fn check_intx_sharing(l: &Layout, devices: &[Device], p: &mut Vec<Problem>) {
+    let backend_lines: Vec<u32> = devices
+        .iter()
+        .filter(|d| d.placement == Placement::Backend)
+        .map(|d| d.intx_spi)
+        .collect();
+    for d in devices
+        .iter()
+        .filter(|d| d.placement == Placement::InProcess)
+    {
+        let Some(b) = devices
+            .iter()
+            .find(|b| b.placement == Placement::Backend && b.intx_spi == d.intx_spi)
+        else {
+            continue;
+        };
+        let pin = |n: u32| ["A", "B", "C", "D"][(n - 1) as usize];
+        let free = (1..=4).find(|&n| !backend_lines.contains(&l.swizzle(d.slot, n)));
+        p.push(Problem::warning(
+            Rule::IntxShared,
+            format!(
+                "the {} at slot {} (in-process, INTx pin {}) and the {} at slot {} (in the \
+                 backend, pin {}) share INTx line SPI {}: unless the guest gives the backend's \
+                 device MSI-X, the backend could hold the line and starve the in-process device",
+                d.kind.label(),
+                d.slot,
+                pin(d.intx_pin),
+                b.kind.label(),
+                b.slot,
+                pin(b.intx_pin),
+                d.intx_spi
+            ),
+            match free {
+                Some(n) => format!(
+                    "give the {} intx_pin = \"{}\" (a line no backend device uses), or move it \
+                     to another slot",
+                    d.kind.label(),
+                    pin(n)
+                ),
+                None => "backend devices use all four INTx lines: move some devices in-process \
+                         or to slots whose lines they share among themselves"
+                    .into(),
+            },
+        ));
+    }
 }
 
 fn check_unique_connectors(kinds: &[(usize, &DeviceDesc, DeviceKind)], p: &mut Vec<Problem>) {

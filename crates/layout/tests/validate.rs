@@ -10,11 +10,14 @@ fn problems(toml: &str) -> Vec<layout::Problem> {
 
 /// Asserts an error of `rule` whose message contains every needle.
 fn rejects(toml: &str, rule: Rule, needles: &[&str]) {
+    finds(toml, rule, Severity::Error, needles)
+}
+
+/// Asserts a problem of `rule` and `severity` whose message contains every needle.
+fn finds(toml: &str, rule: Rule, severity: Severity, needles: &[&str]) {
     let ps = problems(toml);
     let hit = ps.iter().find(|p| {
-        p.rule == rule
-            && p.severity == Severity::Error
-            && needles.iter().all(|n| p.message.contains(n))
+        p.rule == rule && p.severity == severity && needles.iter().all(|n| p.message.contains(n))
     });
     assert!(
         hit.is_some(),
@@ -582,4 +585,39 @@ fn all_problems_are_reported_at_once() {
     for r in [Rule::Vcpus, Rule::RamSize, Rule::IrqCollision] {
         assert!(rules.contains(&r), "{rules:?}");
     }
+}
+
+/// A backend device and an in-process one do not share an INTx line: an in-process device
+/// with no pin given takes a free line; one pinned onto a backend device's line is warned
+/// about, with the pin that would be free.
+#[test]
+fn no_intx_line_is_shared_between_the_backend_and_splitvirt() {
+    let two = |pin: &str| {
+        format!(
+            "[[device]]\nkind = \"virtio-blk\"\nimage = \"a.img\"\nslot = 1\n\
+             [[device]]\nkind = \"connector\"\nname = \"c\"\ndataport_size = \"1M\"\nslot = 5\n{pin}"
+        )
+    };
+    // Slot 5 pin A swizzles onto slot 1 pin A's line.
+    finds(
+        &two("intx_pin = \"A\"\n"),
+        Rule::IntxShared,
+        Severity::Warning,
+        &[
+            "connector at slot 5",
+            "virtio-blk at slot 1",
+            "share INTx line",
+        ],
+    );
+    let ps = problems(&two("intx_pin = \"A\"\n"));
+    let fix = &ps.iter().find(|p| p.rule == Rule::IntxShared).unwrap().fix;
+    assert!(fix.contains("intx_pin = \"B\""), "{fix}");
+    accepts(&two("intx_pin = \"B\"\n"), Rule::IntxShared);
+    accepts(&two(""), Rule::IntxShared);
+    let l = resolve(&Description::parse(&two(""), "t.toml").unwrap())
+        .unwrap()
+        .layout;
+    let (blk, conn) = (&l.devices[0], &l.devices[1]);
+    assert_ne!(blk.intx_spi, conn.intx_spi);
+    assert_eq!(conn.intx_pin, 2, "pin B, the first free line");
 }

@@ -57,8 +57,8 @@ impl MsixTable {
 
     /// Takes the enable and function-mask bits from config space after a guest config write,
     /// so that the table can be signalled without it (from a device thread). Returns messages
-    /// that became due.
-    pub fn sync(&mut self, cfg: &ConfigSpace) -> Vec<Message> {
+    /// that became due, with their vectors.
+    pub fn sync(&mut self, cfg: &ConfigSpace) -> Vec<(u16, Message)> {
         self.control = cfg.read16(self.cap + 2);
         self.due()
     }
@@ -89,8 +89,8 @@ impl MsixTable {
         ((u64::from(e[1]) << 32) | u64::from(e[0]), e[2])
     }
 
-    /// Messages that became due (pending vectors now unmasked).
-    fn due(&mut self) -> Vec<Message> {
+    /// Messages that became due (pending vectors now unmasked), with their vectors.
+    fn due(&mut self) -> Vec<(u16, Message)> {
         let mut out = Vec::new();
         if !self.enabled() {
             return out;
@@ -98,7 +98,7 @@ impl MsixTable {
         for v in 0..self.entries.len() {
             if self.pending[v] && !self.masked(v) {
                 self.pending[v] = false;
-                out.push(self.message(v));
+                out.push((v as u16, self.message(v)));
             }
         }
         out
@@ -117,8 +117,13 @@ impl MsixTable {
         }
     }
 
-    /// Guest write of the table; returns messages that an unmask made due.
-    pub fn write_table(&mut self, off: u64, data: &[u8]) -> Vec<Message> {
+    /// The message vector `v` is programmed with, whether or not it may be sent now.
+    pub fn entry(&self, v: u16) -> Option<Message> {
+        (usize::from(v) < self.entries.len()).then(|| self.message(usize::from(v)))
+    }
+
+    /// Guest write of the table; returns messages that an unmask made due, with their vectors.
+    pub fn write_table(&mut self, off: u64, data: &[u8]) -> Vec<(u16, Message)> {
         for (i, &b) in data.iter().enumerate() {
             let o = off.saturating_add(i as u64);
             let Some(e) = usize::try_from(o / ENTRY)
@@ -166,7 +171,7 @@ mod tests {
         (cfg, t)
     }
 
-    fn enable(cfg: &mut ConfigSpace, t: &mut MsixTable, mask_all: bool) -> Vec<Message> {
+    fn enable(cfg: &mut ConfigSpace, t: &mut MsixTable, mask_all: bool) -> Vec<(u16, Message)> {
         let v = MSG_CTRL_ENABLE | if mask_all { MSG_CTRL_FUNCTION_MASK } else { 0 };
         cfg.write((t.cap + 2) as u64, &v.to_le_bytes());
         t.sync(cfg)
@@ -193,7 +198,9 @@ mod tests {
         t.read_pba(0, &mut pba);
         assert_eq!(pba[0], 0b10);
         let due = t.write_table(28, &0u32.to_le_bytes());
-        assert_eq!(due, vec![(0x0802_0040, 66)]);
+        assert_eq!(due, vec![(1, (0x0802_0040, 66))]);
+        assert_eq!(t.entry(1), Some((0x0802_0040, 66)));
+        assert_eq!(t.entry(3), None);
         assert_eq!(t.signal(1), Some((0x0802_0040, 66)));
         t.read_pba(0, &mut pba);
         assert_eq!(pba[0], 0);

@@ -1,8 +1,10 @@
 //! The setup message (docs/RPC.md, "Setup"): one SOCK_SEQPACKET message from the VMM to the
-//! backend with eight words and five descriptors (SCM_RIGHTS): the pool memfd, the control
+//! backend with eleven words and five descriptors (SCM_RIGHTS): the pool memfd, the control
 //! region memfd, and three doorbell eventfds; then, when the hypervisor offers them, one
-//! interrupt eventfd per MSI the guest may use and one notify eventfd per device whose queue
-//! notifications the hypervisor catches itself; last, one descriptor per device for its host
+//! interrupt eventfd per MSI-X vector of each of the backend's devices (routed by the VMM to
+//! whatever the guest programmed that vector with, so a device can raise its own vectors and
+//! no others) and one notify eventfd per device whose queue notifications the hypervisor
+//! catches itself; last, one descriptor per device for its host
 //! end, opened by splitvirt (a disk image, a TAP, a listening console socket, a pty, a network
 //! link), since the backend opens no path. Nothing else of the VMM crosses.
 
@@ -24,7 +26,7 @@ pub struct Setup {
     pub to_proxy: OwnedFd,
     /// Rung for replies (a vCPU waiting for its answer sleeps on it).
     pub to_proxy_replies: OwnedFd,
-    /// MSIs the backend raises itself, without a message.
+    /// MSIs the backend's devices raise themselves, without a message.
     pub msi: Option<MsiFds>,
     /// (device, eventfd): the hypervisor signals the eventfd when the guest notifies one of
     /// the device's queues (instead of a Write on the ring).
@@ -33,27 +35,25 @@ pub struct Setup {
     pub hosts: Vec<(u8, OwnedFd)>,
 }
 
-/// One eventfd per MSI target: a write of 1 to `fds[i]` raises interrupt `first + i`, which is
-/// what an MSI write of `first + i` to `doorbell` (the MSI frame's set-SPI register) does.
-#[derive(Debug)]
+/// Per device, one eventfd per MSI-X vector: a write of 1 to a device's `fds[v]` raises the
+/// interrupt the guest programmed into that device's vector `v` (the VMM routes each eventfd
+/// in the hypervisor, and moves it when the guest reprograms the vector). A device has no
+/// eventfd of any other device's vectors.
+#[derive(Debug, Default)]
 pub struct MsiFds {
-    pub doorbell: u64,
-    pub first: u32,
-    pub fds: Vec<OwnedFd>,
+    pub devices: Vec<(u8, Vec<OwnedFd>)>,
 }
 
 impl MsiFds {
-    /// The eventfd for an MSI write of `data` to `addr`, if it is one of ours.
-    pub fn fd_for(&self, addr: u64, data: u32) -> Option<&OwnedFd> {
-        if addr != self.doorbell {
-            return None;
-        }
-        self.fds.get(data.checked_sub(self.first)? as usize)
+    /// The eventfd of device `dev`'s vector `vector`, if there is one.
+    pub fn fd_for(&self, dev: u8, vector: u16) -> Option<&OwnedFd> {
+        let (_, fds) = self.devices.iter().find(|(d, _)| *d == dev)?;
+        fds.get(usize::from(vector))
     }
 
-    /// Raises the interrupt an MSI write of `data` to `addr` asks for; false if it is not ours.
-    pub fn raise(&self, addr: u64, data: u32) -> bool {
-        let Some(fd) = self.fd_for(addr, data) else {
+    /// Raises device `dev`'s vector `vector`; false if it has no eventfd for it.
+    pub fn raise(&self, dev: u8, vector: u16) -> bool {
+        let Some(fd) = self.fd_for(dev, vector) else {
             return false;
         };
         let one = 1u64;
@@ -65,7 +65,11 @@ impl MsiFds {
 const FDS: usize = 5;
 /// At most this many MSI eventfds (SCM_RIGHTS carries up to 253 descriptors).
 pub const MAX_MSI_FDS: usize = 128;
-const WORDS: usize = 9;
+/// Magic, version, pool base and size, MSI eventfds in all, the notify and host-end bitmaps,
+/// then the MSI eventfds per device slot (one byte each, four words).
+const WORDS: usize = 11;
+/// At most this many MSI-X vectors per device (a byte counts them).
+pub const MAX_VECTORS: usize = 255;
 /// Devices are PCI slots 0..32: the notify eventfds' devices are a bitmap in one word.
 const MAX_DEVICES: u8 = 32;
 const MAX_FDS: usize = FDS + MAX_MSI_FDS + 2 * MAX_DEVICES as usize;
@@ -228,20 +232,35 @@ fn by_device(what: &str, list: &[(u8, RawFd)]) -> io::Result<(u64, Vec<RawFd>)> 
     Ok((devices, list.into_iter().map(|(_, fd)| fd).collect()))
 }
 
-/// Sends the setup: the pool, the five descriptors, optionally the MSI eventfds as
-/// (doorbell address, first interrupt, descriptors), the notify eventfds as (device,
-/// descriptor) and the devices' host ends as (device, descriptor).
+/// Sends the setup: the pool, the five descriptors, the MSI eventfds as (device, one per
+/// vector), the notify eventfds as (device, descriptor) and the devices' host ends as
+/// (device, descriptor).
 pub fn send(
     sock: &OwnedFd,
     pool_base: u64,
     pool_size: u64,
     fds: [RawFd; FDS],
-    msi: Option<(u64, u32, &[RawFd])>,
+    msi: &[(u8, Vec<RawFd>)],
     notify: &[(u8, RawFd)],
     hosts: &[(u8, RawFd)],
 ) -> io::Result<()> {
     let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
-    let (doorbell, first, msi_fds) = msi.unwrap_or((0, 0, &[]));
+    let mut counts = [0u8; MAX_DEVICES as usize];
+    let mut msi = msi.to_vec();
+    msi.sort_by_key(|(dev, _)| *dev);
+    for (dev, v) in &msi {
+        let c = counts.get_mut(usize::from(*dev)).filter(|c| **c == 0);
+        match c {
+            Some(c) if !v.is_empty() && v.len() <= MAX_VECTORS => *c = v.len() as u8,
+            _ => {
+                return Err(invalid(format!(
+                    "MSI eventfds for device {dev}: {} of them, twice or out of range",
+                    v.len()
+                )))
+            }
+        }
+    }
+    let msi_fds: Vec<RawFd> = msi.iter().flat_map(|(_, v)| v.iter().copied()).collect();
     if msi_fds.len() > MAX_MSI_FDS {
         return Err(invalid(format!(
             "{} MSI eventfds; at most {MAX_MSI_FDS}",
@@ -250,20 +269,23 @@ pub fn send(
     }
     let (devices, notify) = by_device("notify eventfd", notify)?;
     let (host_devices, hosts) = by_device("host end", hosts)?;
+    let count_word = |i: usize| u64::from_le_bytes(counts[8 * i..8 * i + 8].try_into().unwrap());
     let words: [u64; WORDS] = [
         SETUP_MAGIC,
         crate::shm::VERSION.into(),
         pool_base,
         pool_size,
-        doorbell,
-        u64::from(first),
         msi_fds.len() as u64,
         devices,
         host_devices,
+        count_word(0),
+        count_word(1),
+        count_word(2),
+        count_word(3),
     ];
     let fds: Vec<RawFd> = fds
         .iter()
-        .chain(msi_fds)
+        .chain(&msi_fds)
         .copied()
         .chain(notify)
         .chain(hosts)
@@ -337,9 +359,10 @@ pub fn recv(sock: &OwnedFd) -> io::Result<Setup> {
     if words[1] != u64::from(crate::shm::VERSION) {
         return Err(bad("setup message of another protocol version"));
     }
-    let msi_count = words[6];
-    let (devices, host_devices) = (words[7], words[8]);
+    let (msi_count, devices, host_devices) = (words[4], words[5], words[6]);
+    let counts: Vec<u8> = words[7..11].iter().flat_map(|w| w.to_le_bytes()).collect();
     if msi_count > MAX_MSI_FDS as u64
+        || counts.iter().map(|&c| u64::from(c)).sum::<u64>() != msi_count
         || devices >> MAX_DEVICES != 0
         || host_devices >> MAX_DEVICES != 0
         || got.len() as u64
@@ -352,12 +375,15 @@ pub fn recv(sock: &OwnedFd) -> io::Result<Setup> {
             "setup message whose descriptors are not five and the eventfds it counts",
         ));
     }
-    let first = u32::try_from(words[5]).map_err(|_| bad("MSI interrupt out of range"))?;
     let mut it = got.into_iter();
     let mut next = || it.next().expect("counted");
     let (pool, control, to_backend, to_proxy, to_proxy_replies) =
         (next(), next(), next(), next(), next());
-    let msi_fds: Vec<OwnedFd> = it.by_ref().take(msi_count as usize).collect();
+    let msi_devices: Vec<(u8, Vec<OwnedFd>)> = (0..MAX_DEVICES)
+        .zip(&counts)
+        .filter(|(_, &c)| c > 0)
+        .map(|(d, &c)| (d, it.by_ref().take(usize::from(c)).collect()))
+        .collect();
     let notify = (0..MAX_DEVICES)
         .filter(|d| devices & 1 << d != 0)
         .zip(it.by_ref())
@@ -374,10 +400,8 @@ pub fn recv(sock: &OwnedFd) -> io::Result<Setup> {
         to_backend,
         to_proxy,
         to_proxy_replies,
-        msi: (!msi_fds.is_empty()).then_some(MsiFds {
-            doorbell: words[4],
-            first,
-            fds: msi_fds,
+        msi: (!msi_devices.is_empty()).then_some(MsiFds {
+            devices: msi_devices,
         }),
         notify,
         hosts,
@@ -406,7 +430,7 @@ mod tests {
                 bells[2].fd().as_raw_fd(),
                 bells[3].fd().as_raw_fd(),
             ],
-            None,
+            &[],
             &[],
             &[],
         )
@@ -427,68 +451,45 @@ mod msi_tests {
     use crate::shm::{Doorbell, Region};
 
     #[test]
-    fn msi_eventfds_cross_and_only_their_own_writes_raise_them() {
+    fn each_device_gets_eventfds_for_its_own_vectors_only() {
         let (a, b) = socketpair().unwrap();
         let r = Region::create().unwrap();
-        let bells: Vec<_> = (0..7).map(|_| Doorbell::new().unwrap()).collect();
-        let base = [
-            bells[0].fd().as_raw_fd(),
-            r.fd().as_raw_fd(),
-            bells[1].fd().as_raw_fd(),
-            bells[2].fd().as_raw_fd(),
-            bells[3].fd().as_raw_fd(),
-        ];
-        let msi = [
-            bells[4].fd().as_raw_fd(),
-            bells[5].fd().as_raw_fd(),
-            bells[6].fd().as_raw_fd(),
-        ];
-        let notify = [
-            (5, bells[4].fd().as_raw_fd()),
-            (2, bells[5].fd().as_raw_fd()),
-        ];
-        let hosts = [(7, bells[6].fd().as_raw_fd())];
-        send(
-            &a,
-            0,
-            1 << 20,
-            base,
-            Some((0x0802_0040, 80, &msi)),
-            &notify,
-            &hosts,
-        )
-        .unwrap();
+        let bells: Vec<_> = (0..9).map(|_| Doorbell::new().unwrap()).collect();
+        let fd = |i: usize| bells[i].fd().as_raw_fd();
+        let base = [fd(0), r.fd().as_raw_fd(), fd(1), fd(2), fd(3)];
+        // Device 5 has two vectors, device 2 three.
+        let msi = [(5, vec![fd(4), fd(5)]), (2, vec![fd(6), fd(7), fd(8)])];
+        let notify = [(5, fd(4)), (2, fd(5))];
+        let hosts = [(7, fd(6))];
+        send(&a, 0, 1 << 20, base, &msi, &notify, &hosts).unwrap();
         let s = recv(&b).unwrap();
         // Notify eventfds come back by device, in device order; host ends after them.
         let devs: Vec<u8> = s.notify.iter().map(|(d, _)| *d).collect();
         assert_eq!(devs, [2, 5]);
         assert_eq!(s.hosts.len(), 1);
         assert_eq!(s.hosts[0].0, 7);
-        bells[5].ring();
-        let slot2 = Doorbell::from_fd(s.notify[0].1.try_clone().unwrap());
-        assert!(slot2.wait(Some(std::time::Duration::ZERO)));
         let m = s.msi.unwrap();
-        assert_eq!((m.doorbell, m.first, m.fds.len()), (0x0802_0040, 80, 3));
-        assert!(m.raise(0x0802_0040, 81));
-        assert!(
-            bells[5].wait(Some(std::time::Duration::ZERO)),
-            "interrupt 81's eventfd"
-        );
-        assert!(!bells[4].wait(Some(std::time::Duration::ZERO)));
-        // Another address, or an interrupt outside the range, is not ours to raise.
-        for (addr, data) in [
-            (0x0802_0044, 81),
-            (0x0802_0040, 79),
-            (0x0802_0040, 83),
-            (0x0802_0040, u32::MAX),
-        ] {
-            assert!(!m.raise(addr, data), "{addr:#x} {data}");
-        }
+        let shape: Vec<(u8, usize)> = m.devices.iter().map(|(d, v)| (*d, v.len())).collect();
+        assert_eq!(shape, [(2, 3), (5, 2)]);
+        let now = Some(std::time::Duration::ZERO);
+        assert!(m.raise(5, 1));
+        assert!(bells[5].wait(now), "device 5's vector 1");
+        assert!(m.raise(2, 2));
+        assert!(bells[8].wait(now), "device 2's vector 2");
+        assert!(!bells[4].wait(now) && !bells[6].wait(now) && !bells[7].wait(now));
+        // Another device's vector, or one past a device's table, is not a device's to raise.
+        assert!(!m.raise(5, 2));
+        assert!(!m.raise(3, 0));
+        assert!(!m.raise(2, u16::MAX));
         // A count that does not match the descriptors is refused.
-        let too_many: Vec<RawFd> = (0..MAX_MSI_FDS + 1).map(|_| msi[0]).collect();
-        assert!(send(&a, 0, 1 << 20, base, Some((0, 80, &too_many)), &[], &[]).is_err());
-        assert!(send(&a, 0, 1 << 20, base, None, &[(32, msi[0])], &[]).is_err());
-        assert!(send(&a, 0, 1 << 20, base, None, &[(3, msi[0]), (3, msi[1])], &[]).is_err());
-        assert!(send(&a, 0, 1 << 20, base, None, &[], &[(3, msi[0]), (3, msi[1])]).is_err());
+        let too_many: Vec<RawFd> = (0..MAX_MSI_FDS + 1).map(|_| fd(4)).collect();
+        assert!(send(&a, 0, 1 << 20, base, &[(1, too_many)], &[], &[]).is_err());
+        assert!(send(&a, 0, 1 << 20, base, &[(1, vec![])], &[], &[]).is_err());
+        assert!(send(&a, 0, 1 << 20, base, &[(32, vec![fd(4)])], &[], &[]).is_err());
+        let twice = [(1, vec![fd(4)]), (1, vec![fd(5)])];
+        assert!(send(&a, 0, 1 << 20, base, &twice, &[], &[]).is_err());
+        assert!(send(&a, 0, 1 << 20, base, &[], &[(32, fd(4))], &[]).is_err());
+        assert!(send(&a, 0, 1 << 20, base, &[], &[(3, fd(4)), (3, fd(5))], &[]).is_err());
+        assert!(send(&a, 0, 1 << 20, base, &[], &[], &[(3, fd(4)), (3, fd(5))]).is_err());
     }
 }

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 pub const MAGIC: u64 = u64::from_le_bytes(*b"svRPC\0\0\x01");
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Messages per ring.
 pub const SLOTS: u32 = 256;
 /// A slot: sequence number (u32) at +0, the message's four words from +8; one cache line.

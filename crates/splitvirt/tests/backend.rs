@@ -492,7 +492,7 @@ fn a_backend_refuses_a_pool_that_is_not_sealed() {
             bells[1].fd().as_raw_fd(),
             bells[2].fd().as_raw_fd(),
         ],
-        None,
+        &[],
         &[],
         &[],
     )

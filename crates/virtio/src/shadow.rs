@@ -114,6 +114,26 @@ impl Shadow {
         Some(regs)
     }
 
+    /// Whether the driver enabled MSI-X.
+    pub fn msix_enabled(&self) -> bool {
+        self.t.msix_enabled()
+    }
+
+    /// The MSI-X vectors the device has (one per queue and one for configuration changes).
+    pub fn vectors(&self) -> u16 {
+        self.queues + 1
+    }
+
+    /// The message the driver programmed into MSI-X vector `v` (address, data), sendable now
+    /// or not; None past the table.
+    pub fn msix_entry(&mut self, v: u16) -> Option<Message> {
+        if v >= self.vectors() {
+            return None;
+        }
+        let at = MSIX_TABLE + 16 * u64::from(v);
+        Some((self.read(at, 8), self.read(at + 8, 4) as u32))
+    }
+
     /// How the device would interrupt for queue `q` now.
     pub fn queue_route(&self, q: u16) -> Route {
         self.t.queue_route(q)

@@ -38,6 +38,12 @@ const CFG_DEVICE: u8 = 4;
 /// Where interrupts go: MSI-X messages to the MSI controller, INTx to a level line.
 pub trait Signal: Send + Sync {
     fn msi(&self, message: Message);
+    /// MSI-X vector `vector` sends `message` (what the table holds for it). Where a vector has
+    /// a path of its own (the backend's per-vector irqfds) it takes that, else the message.
+    fn msi_vector(&self, vector: u16, message: Message) {
+        let _ = vector;
+        self.msi(message)
+    }
     fn intx(&self, level: bool);
 }
 
@@ -55,7 +61,7 @@ impl Shared {
         if self.msix.enabled() {
             if vector != NO_VECTOR {
                 if let Some(m) = self.msix.signal(vector) {
-                    self.signal.msi(m);
+                    self.signal.msi_vector(vector, m);
                 }
             }
         } else {
@@ -214,6 +220,11 @@ impl<D: VirtioDevice> VirtioPci<D> {
 
     fn offered(&self) -> u64 {
         self.device.features() | F_VERSION_1 | F_ACCESS_PLATFORM | crate::F_EVENT_IDX
+    }
+
+    /// Whether the driver enabled MSI-X (the device then never asserts INTx).
+    pub fn msix_enabled(&self) -> bool {
+        self.shared().msix.enabled()
     }
 
     fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
@@ -423,10 +434,10 @@ impl<D: VirtioDevice> VirtioPci<D> {
         }
     }
 
-    fn deliver(&self, due: Vec<Message>) {
+    fn deliver(&self, due: Vec<(u16, Message)>) {
         let s = self.shared();
-        for m in due {
-            s.signal.msi(m);
+        for (v, m) in due {
+            s.signal.msi_vector(v, m);
         }
     }
 }

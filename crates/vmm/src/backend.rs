@@ -52,9 +52,10 @@ pub fn remote_devices(l: &Layout) -> impl Iterator<Item = &layout::Device> {
 /// backend gets them again.
 #[derive(Default)]
 pub struct Bypass {
-    /// Eventfds the hypervisor turns into MSIs (irqfds): the backend's devices raise their
-    /// MSIs through them.
-    pub msi: Option<MsiFds>,
+    /// One eventfd per MSI-X vector of each backend device, routed by the hypervisor to the
+    /// SPI the guest programmed into that vector: the backend's devices raise their own MSIs
+    /// through them, and no one else's.
+    pub msi: Option<Arc<crate::msiroute::MsiRoutes>>,
     /// Per device, an eventfd the hypervisor rings when the guest notifies one of its queues
     /// (ioeventfd): the notification reaches the backend without an exit to splitvirt.
     pub notify: Vec<(u8, OwnedFd)>,
@@ -74,6 +75,8 @@ struct Launch {
     events: Arc<dyn Fn(Event) + Send + Sync>,
     /// What the devices reach on the host, opened here and handed to each backend.
     hosts: crate::hostends::HostEnds,
+    /// Which devices' drivers enabled MSI-X: their INTx from the backend is dropped.
+    msix_on: Arc<crate::kept::MsixFlags>,
 }
 
 /// A backend just started (or reached), its devices registered and checked.
@@ -406,10 +409,7 @@ impl Launch {
                 let _ = c.wait();
             }
         };
-        let msi = self.bypass.msi.as_ref();
-        let msi_fds: Vec<_> = msi.map_or(Vec::new(), |m| {
-            m.fds.iter().map(|f| f.as_raw_fd()).collect()
-        });
+        let msi_fds = self.bypass.msi.as_ref().map_or(Vec::new(), |m| m.fds());
         rpc::setup::send(
             &ours,
             self.pool.0,
@@ -421,7 +421,7 @@ impl Launch {
                 to_proxy.fd().as_raw_fd(),
                 replies.fd().as_raw_fd(),
             ],
-            msi.map(|m| (m.doorbell, m.first, msi_fds.as_slice())),
+            &msi_fds,
             &self
                 .bypass
                 .notify
@@ -447,7 +447,17 @@ impl Launch {
             }
         };
         let (hangup, events) = (ours.try_clone()?, self.events.clone());
+        let msix_on = self.msix_on.clone();
         let events = Box::new(move |e: Event| {
+            if let Event::Intx { dev, level: true } = e {
+                if msix_on.get(dev) {
+                    ratelog::warn!(
+                        "the backend raised INTx for device {dev}, whose driver uses MSI-X; \
+                         dropped"
+                    );
+                    return;
+                }
+            }
             if matches!(e, Event::Dead(_)) {
                 match &pidfd {
                     // An error means it has ended already: nothing to do.
@@ -574,6 +584,7 @@ pub fn start(
         bypass,
         events,
         hosts: crate::hostends::HostEnds::open(l)?,
+        msix_on: Arc::default(),
     };
     let started = launch.start()?;
     let pool_mem = crate::memory::pool_memory(pool.base, pool.size, pool_fd)?;
@@ -605,7 +616,16 @@ pub fn start(
         let reaper = matches!(d.kind, layout::DeviceKind::VirtioBlk { .. })
             .then(|| Reaper::new(slot, pool_mem.clone(), signal(d)));
         let notify = devices::notify_writes(&d.kind).unwrap_or_default();
-        let k = Kept::new(slot, link, shadow, reaper, notify);
+        let routes = launch.bypass.msi.clone();
+        let k = Kept::new(
+            slot,
+            link,
+            shadow,
+            reaper,
+            notify,
+            routes,
+            launch.msix_on.clone(),
+        );
         kept.push(k.clone());
         functions.push((devfn(slot, 0), Box::new(Watched { inner, kept: k })));
     }
@@ -720,8 +740,11 @@ struct RemoteSignal {
 
 impl virtio::transport::Signal for RemoteSignal {
     fn msi(&self, (addr, data): (u64, u32)) {
-        if !self.msi.as_ref().is_some_and(|m| m.raise(addr, data)) {
-            self.out.msi(self.dev, addr, data);
+        self.out.msi(self.dev, addr, data);
+    }
+    fn msi_vector(&self, vector: u16, message: (u64, u32)) {
+        if !self.msi.as_ref().is_some_and(|m| m.raise(self.dev, vector)) {
+            self.msi(message);
         }
     }
     fn intx(&self, level: bool) {

@@ -4,6 +4,7 @@
 //! fails its requests while no backend serves it. A new backend's instance of the device gets
 //! the shadow's replay, so the driver finds its device as it left it.
 
+use crate::msiroute::MsiRoutes;
 use crate::reaper::Reaper;
 use pci::PciFunction;
 use rpc::{Link, Proxy, RemoteFunction};
@@ -18,6 +19,28 @@ pub struct Kept {
     reaper: Option<Reaper>,
     /// BAR 0 writes that notify each of the device's queues.
     notify: Vec<(u64, u16)>,
+    /// Where the device's MSI-X vectors' eventfds go, kept in step with its table.
+    routes: Option<Arc<MsiRoutes>>,
+    /// The driver enabled MSI-X (read without the shadow's lock, from the proxy's events).
+    msix_on: Arc<MsixFlags>,
+}
+
+/// Per device slot, whether its driver enabled MSI-X: a device with MSI-X never asserts INTx,
+/// so an INTx from its backend then is dropped (it could share the line with another device).
+#[derive(Default)]
+pub struct MsixFlags([std::sync::atomic::AtomicBool; 32]);
+
+impl MsixFlags {
+    pub fn get(&self, dev: u8) -> bool {
+        self.0
+            .get(usize::from(dev))
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::Acquire))
+    }
+    fn set(&self, dev: u8, on: bool) {
+        if let Some(f) = self.0.get(usize::from(dev)) {
+            f.store(on, std::sync::atomic::Ordering::Release);
+        }
+    }
 }
 
 impl Kept {
@@ -27,6 +50,8 @@ impl Kept {
         shadow: Shadow,
         reaper: Option<Reaper>,
         notify: Vec<(u64, u16)>,
+        routes: Option<Arc<MsiRoutes>>,
+        msix_on: Arc<MsixFlags>,
     ) -> Arc<Kept> {
         Arc::new(Kept {
             dev,
@@ -34,6 +59,8 @@ impl Kept {
             shadow: Mutex::new(shadow),
             reaper,
             notify,
+            routes,
+            msix_on,
         })
     }
 
@@ -85,6 +112,7 @@ impl PciFunction for Watched {
     fn config_write(&mut self, off: u64, data: &[u8]) {
         let mut shadow = self.kept.shadow();
         shadow.config_write(off, data);
+        self.kept.msix_on.set(self.kept.dev, shadow.msix_enabled());
         self.inner.config_write(off, data)
     }
     fn bar_address(&self, bar: usize) -> Option<(u64, u64)> {
@@ -99,6 +127,20 @@ impl PciFunction for Watched {
         }
         let mut shadow = self.kept.shadow();
         shadow.bar_write(0, off, data);
+        if let Some(routes) = &self.kept.routes {
+            // The vectors this write touched follow their entries.
+            let table = MSIX_TABLE..MSIX_TABLE + 16 * u64::from(shadow.vectors());
+            let last = off.saturating_add(data.len().max(1) as u64 - 1);
+            if off < table.end && last >= table.start {
+                let first = (off.max(table.start) - table.start) / 16;
+                let end = (last.min(table.end - 1) - table.start) / 16;
+                for v in first..=end {
+                    if let Some(m) = shadow.msix_entry(v as u16) {
+                        routes.program(self.kept.dev, v as u16, m);
+                    }
+                }
+            }
+        }
         if let Some(r) = &self.kept.reaper {
             let proxy = self.kept.link.get();
             if proxy.is_dead() && (NOTIFY..MSIX_TABLE).contains(&off) {

@@ -17,22 +17,34 @@ use std::io::Read;
 use std::sync::{mpsc, Arc, Mutex};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-/// One irqfd per interrupt the GICv2m frame can raise: eventfds that the backend writes to
-/// raise an MSI without a message through splitvirt (KVM's default routing maps GSI n to
-/// SPI n, interrupt 32 + n; an irqfd pulses it, which is how an edge-triggered MSI arrives).
-fn msi_irqfds(vm: &VmFd, v: &layout::layout::V2m) -> Result<rpc::setup::MsiFds, Error> {
-    let mut fds = Vec::new();
-    for intid in v.spi_base..v.spi_base + v.spi_count {
-        let e = eventfd("make an eventfd for an MSI")?;
-        vm.register_irqfd(&e, intid - layout::layout::SPI_BASE_INTID)
-            .map_err(kvm_err("attach an MSI eventfd (irqfd)"))?;
-        fds.push(owned(e));
+/// KVM's irqfds for `msiroute`: an eventfd bound to a GSI, which KVM's default routing maps
+/// to SPI n (interrupt 32 + n); an irqfd pulses it, which is how an edge-triggered MSI arrives.
+struct KvmIrqfds(Arc<VmFd>);
+
+impl KvmIrqfds {
+    /// `fd` as the EventFd kvm-ioctls takes, borrowed: never closed here.
+    fn with_eventfd<R>(
+        fd: std::os::fd::RawFd,
+        f: impl FnOnce(&vmm_sys_util::eventfd::EventFd) -> R,
+    ) -> R {
+        use std::os::fd::FromRawFd;
+        // SAFETY: a view of a descriptor that MsiRoutes owns and keeps open; ManuallyDrop
+        // keeps this view from closing it.
+        let e =
+            std::mem::ManuallyDrop::new(unsafe { vmm_sys_util::eventfd::EventFd::from_raw_fd(fd) });
+        f(&e)
     }
-    Ok(rpc::setup::MsiFds {
-        doorbell: v.region.base + platform::gicv2m::MSI_SETSPI_NS,
-        first: v.spi_base,
-        fds,
-    })
+}
+
+impl crate::msiroute::Irqfds for KvmIrqfds {
+    fn attach(&self, fd: std::os::fd::RawFd, gsi: u32) -> std::io::Result<()> {
+        Self::with_eventfd(fd, |e| self.0.register_irqfd(e, gsi))
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+    fn detach(&self, fd: std::os::fd::RawFd, gsi: u32) -> std::io::Result<()> {
+        Self::with_eventfd(fd, |e| self.0.unregister_irqfd(e, gsi))
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
 }
 
 fn eventfd(what: &'static str) -> Result<vmm_sys_util::eventfd::EventFd, Error> {
@@ -515,33 +527,30 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
         };
         intx_lines.insert(d.slot as u8, line);
     }
-    let events_bus = bus_cell.clone();
     let notifiers = Arc::new(Notifiers::new(vm.clone(), l)?);
     let dead_notifiers = notifiers.clone();
-    let msi_frame = l.v2m.as_ref().map(|v| v.region.clone());
     let events = Arc::new(move |e: rpc::Event| match e {
         rpc::Event::Intx { dev, level } => {
             if let Some(line) = intx_lines.get(&dev) {
                 line.set_level(level);
             }
         }
-        rpc::Event::Msi { dev, addr, data } => {
-            // Only to the MSI frame, which checks the SPI is one of its own. Linux hands out the
-            // frame's SPIs to devices as it likes, so no per-device range applies.
-            match (&msi_frame, events_bus.get()) {
-                (Some(f), Some(bus)) if addr >= f.base && addr < f.base + f.size => {
-                    bus.write(addr, &data.to_le_bytes())
-                }
-                _ => ratelog::warn!("backend sent an MSI to {addr:#x} for device {dev}; refused"),
-            }
-        }
+        // A backend device raises its MSIs through its own vectors' eventfds (`msiroute`),
+        // which reach only what the guest programmed into that device's table: an MSI sent
+        // as a message could name any SPI, so none is taken.
+        rpc::Event::Msi { dev, addr, data } => ratelog::warn!(
+            "the backend sent an MSI message ({addr:#x}, {data}) for device {dev}; its \
+             vectors have eventfds of their own, so it is refused"
+        ),
         // The notifications go to splitvirt (and the reaper) until a new backend serves them.
         rpc::Event::Dead(_) => dead_notifiers.attach_all(false),
     });
-    let msi = match &l.v2m {
-        Some(v) if crate::backend::remote_devices(l).next().is_some() => Some(msi_irqfds(&vm, v)?),
-        _ => None,
-    };
+    let msi = crate::msiroute::MsiRoutes::new(l, Box::new(KvmIrqfds(vm.clone())))
+        .map_err(|e| Error::Kvm {
+            what: "make the MSI eventfds",
+            detail: e.to_string(),
+        })?
+        .map(Arc::new);
     let notify = notifiers.fds();
     let back_on = notifiers.clone();
     let mut remote = crate::backend::start(

@@ -15,6 +15,7 @@ pub mod kept;
 #[cfg(target_arch = "aarch64")]
 mod kvm;
 pub mod memory;
+pub mod msiroute;
 pub mod pci_bus;
 pub mod reaper;
 pub mod stats;

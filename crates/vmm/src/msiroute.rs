@@ -1,0 +1,201 @@
+//! The backend's MSIs, scoped to its own devices' vectors. Each MSI-X vector of each backend
+//! device gets an eventfd of its own, which only that device's backend holds; the hypervisor
+//! turns a write to it into the interrupt the guest programmed into that vector (an irqfd on
+//! that SPI), and splitvirt, which sees every write the guest makes to the device's MSI-X
+//! table (`kept::Watched`), moves it when the guest reprograms the vector. A vector whose
+//! message is not an SPI of the GICv2m frame is routed nowhere. So a backend can raise its
+//! own devices' interrupts and no one else's, and the vCPUs and splitvirt stay out of the
+//! path of a completion.
+
+use layout::layout::{V2m, SPI_BASE_INTID};
+use layout::Layout;
+use pci::msix::Message;
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Mutex;
+
+/// What the hypervisor offers for routing: an eventfd bound to, or unbound from, an
+/// interrupt line (KVM: KVM_IRQFD with a GSI, which is SPI index here).
+pub trait Irqfds: Send + Sync {
+    fn attach(&self, fd: RawFd, gsi: u32) -> io::Result<()>;
+    fn detach(&self, fd: RawFd, gsi: u32) -> io::Result<()>;
+}
+
+struct Vector {
+    fd: OwnedFd,
+    /// The GSI it is attached to now.
+    gsi: Option<u32>,
+}
+
+pub struct MsiRoutes {
+    frame: V2m,
+    hv: Box<dyn Irqfds>,
+    vectors: Mutex<HashMap<(u8, u16), Vector>>,
+}
+
+fn new_eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd returns a new descriptor or -1.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+impl MsiRoutes {
+    /// Eventfds for every vector of `l`'s backend devices, none routed yet (the guest has
+    /// programmed nothing). None without a GICv2m frame: there are no MSIs then.
+    pub fn new(l: &Layout, hv: Box<dyn Irqfds>) -> io::Result<Option<MsiRoutes>> {
+        let Some(frame) = l.v2m.clone() else {
+            return Ok(None);
+        };
+        let mut vectors = HashMap::new();
+        for d in crate::backend::remote_devices(l) {
+            let Some((_, queues)) = crate::devices::virtio_shape(&d.kind) else {
+                continue;
+            };
+            for v in 0..=queues.len() as u16 {
+                let fd = new_eventfd()?;
+                vectors.insert((d.slot as u8, v), Vector { fd, gsi: None });
+            }
+        }
+        Ok(Some(MsiRoutes {
+            frame,
+            hv,
+            vectors: Mutex::new(vectors),
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u8, u16), Vector>> {
+        self.vectors.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The eventfds for a backend's setup: per device, one per vector in order.
+    pub fn fds(&self) -> Vec<(u8, Vec<RawFd>)> {
+        let v = self.lock();
+        let mut keys: Vec<(u8, u16)> = v.keys().copied().collect();
+        keys.sort_unstable();
+        let mut out: Vec<(u8, Vec<RawFd>)> = Vec::new();
+        for (dev, vector) in keys {
+            let fd = v[&(dev, vector)].fd.as_raw_fd();
+            match out.last_mut() {
+                Some((d, fds)) if *d == dev => fds.push(fd),
+                _ => out.push((dev, vec![fd])),
+            }
+        }
+        out
+    }
+
+    /// The guest programmed device `dev`'s vector `vector` with `message`: its eventfd now
+    /// raises that SPI, or nothing if the message is not an SPI of the frame.
+    pub fn program(&self, dev: u8, vector: u16, (addr, data): Message) {
+        let want = crate::devices::msi_to_frame(Some(&self.frame), addr, data)
+            .then(|| data - SPI_BASE_INTID);
+        let mut v = self.lock();
+        let Some(entry) = v.get_mut(&(dev, vector)) else {
+            return;
+        };
+        if entry.gsi == want {
+            return;
+        }
+        if let Some(old) = entry.gsi.take() {
+            if let Err(e) = self.hv.detach(entry.fd.as_raw_fd(), old) {
+                ratelog::warn!("cannot unroute device {dev}'s MSI-X vector {vector}: {e}");
+            }
+        }
+        if let Some(gsi) = want {
+            match self.hv.attach(entry.fd.as_raw_fd(), gsi) {
+                Ok(()) => entry.gsi = Some(gsi),
+                Err(e) => ratelog::warn!(
+                    "cannot route device {dev}'s MSI-X vector {vector} to SPI {data}: {e}"
+                ),
+            }
+        }
+    }
+
+    /// Where device `dev`'s vector `vector` goes now (GSI), for tests and the demo.
+    pub fn route(&self, dev: u8, vector: u16) -> Option<u32> {
+        self.lock().get(&(dev, vector)).and_then(|v| v.gsi)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// Records attach and detach calls as (fd, gsi, attached).
+    #[derive(Default, Clone)]
+    struct Fake(Arc<Mutex<Vec<(RawFd, u32, bool)>>>);
+    impl Irqfds for Fake {
+        fn attach(&self, fd: RawFd, gsi: u32) -> io::Result<()> {
+            self.0.lock().unwrap().push((fd, gsi, true));
+            Ok(())
+        }
+        fn detach(&self, fd: RawFd, gsi: u32) -> io::Result<()> {
+            self.0.lock().unwrap().push((fd, gsi, false));
+            Ok(())
+        }
+    }
+
+    /// A vector's eventfd follows what the guest programs, only into the frame's SPIs; each
+    /// device's eventfds are its own.
+    #[test]
+    fn each_vector_follows_its_table_entry_into_the_frame_only() {
+        let desc = layout::Description::parse(
+            "[[device]]\nkind = \"virtio-blk\"\nimage = \"a.img\"\n\
+             [[device]]\nkind = \"virtio-console\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        let l = layout::resolve(&desc).unwrap().layout;
+        let fake = Fake::default();
+        let r = MsiRoutes::new(&l, Box::new(fake.clone())).unwrap().unwrap();
+        let (blk, con) = (l.devices[0].slot as u8, l.devices[1].slot as u8);
+        let fds = r.fds();
+        let shape: Vec<(u8, usize)> = fds.iter().map(|(d, v)| (*d, v.len())).collect();
+        let console_vectors = virtio::console::QUEUES + 1;
+        assert_eq!(shape, [(blk, 2), (con, console_vectors)]);
+        let v2m = l.v2m.clone().unwrap();
+        let doorbell = v2m.region.base + platform::gicv2m::MSI_SETSPI_NS;
+        let spi = v2m.spi_base;
+        r.program(blk, 1, (doorbell, spi + 3));
+        assert_eq!(r.route(blk, 1), Some(spi + 3 - SPI_BASE_INTID));
+        assert_eq!(
+            r.route(con, 1),
+            None,
+            "another device's vector is untouched"
+        );
+        // Reprogrammed: moved. Pointed elsewhere (RAM, a BAR, outside the frame's SPIs):
+        // routed nowhere.
+        r.program(blk, 1, (doorbell, spi + 4));
+        assert_eq!(r.route(blk, 1), Some(spi + 4 - SPI_BASE_INTID));
+        for bad in [
+            (l.pci.mem32.base, spi),
+            (doorbell, spi + v2m.spi_count),
+            (doorbell, spi - 1),
+        ] {
+            r.program(blk, 1, bad);
+            assert_eq!(r.route(blk, 1), None, "{bad:?}");
+            r.program(blk, 1, (doorbell, spi + 4));
+        }
+        // No vector past the device's table, and no device that is not in the backend.
+        r.program(blk, 2, (doorbell, spi));
+        r.program(31, 0, (doorbell, spi));
+        assert_eq!((r.route(blk, 2), r.route(31, 0)), (None, None));
+        let blk_fd = fds[0].1[1];
+        let calls = fake.0.lock().unwrap().clone();
+        let g = |n: u32| spi + n - SPI_BASE_INTID;
+        assert_eq!(
+            calls[..3],
+            [
+                (blk_fd, g(3), true),
+                (blk_fd, g(3), false),
+                (blk_fd, g(4), true)
+            ]
+        );
+        assert!(calls.iter().all(|(fd, _, _)| *fd == blk_fd));
+    }
+}
