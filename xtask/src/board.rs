@@ -139,6 +139,13 @@ pub fn run_as(
             },
         )
         .add(
+            "lib.sh",
+            Entry::File {
+                data: std::fs::read(root().join("guest/board/lib.sh"))?,
+                mode: 0o644,
+            },
+        )
+        .add(
             "splitvirt",
             Entry::File {
                 data: std::fs::read(&sv)?,

@@ -186,8 +186,8 @@ fn on_this_host(
     }
     let sv = env::splitvirt()?;
     let script = format!(
-        "result() {{ echo \"@@ RESULT $1 $2 ${{3:-}}\"; }}\nvalue() {{ echo \"@@ VALUE $1 $2\"; }}\n\
-         check() {{ name=$1; shift; if \"$@\"; then result \"$name\" PASS; else result \"$name\" FAIL \"$*\"; fi; }}\n{}",
+        "{}\n{}",
+        std::fs::read_to_string(root().join("guest/board/lib.sh"))?,
         std::fs::read_to_string(root().join("guest/scenarios/demo-board.sh"))?
     );
     let mut c = env::cmd("sh");

@@ -1,0 +1,38 @@
+# Shell helpers of the board's scenarios (sourced by guest/board/init, and by the demo when it
+# runs on an arm64 host itself).
+result() { echo "@@ RESULT $1 $2 ${3:-}"; }
+value() { echo "@@ VALUE $1 $2"; }
+check() { name=$1; shift; if "$@"; then result "$name" PASS; else result "$name" FAIL "$*"; fi; }
+# The process that serves a VM's backend devices: a "splitvirt backend" in a PID namespace of
+# its own (two pids on its NSpid line; its keeper outside the jail has one). Unjailed, the
+# backend process itself.
+backend_pid() { for s in /proc/[0-9]*/status; do
+	p=${s#/proc/}; p=${p%/status}
+	case "$(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null)" in *"splitvirt backend "*) ;; *) continue ;; esac
+	n=$(awk '/^NSpid:/ {print NF}' "$s" 2>/dev/null)
+	[ "$n" = 3 ] && { echo "$p"; return; }
+	[ -z "$first" ] && first=$p
+done; [ -n "$first" ] && [ -z "$BACKEND_JAILED" ] && echo "$first"; first=; }
+# Waits (at most 120 s) until the jailed backend has its pool mapped and its policy on, then
+# prints the values seen from outside.
+backend_values() {
+	i=0
+	while [ "$i" -lt 600 ]; do
+		pid=$(BACKEND_JAILED=1 backend_pid)
+		[ -n "$pid" ] && grep -q '^Seccomp:.2' "/proc/$pid/status" 2>/dev/null && break
+		sleep 0.2; i=$((i + 1))
+	done
+	[ -n "$pid" ] || return 0
+	value backend_maps "$(grep -c . "/proc/$pid/maps")"
+	value backend_pool_maps "$(grep -c splitvirt-pool "/proc/$pid/maps")"
+	value backend_ram_maps "$(grep -c splitvirt-ram "/proc/$pid/maps")"
+	value backend_uid "$(awk '/^Uid:/ {print $2}' "/proc/$pid/status")"
+	value backend_capeff "$(awk '/^CapEff:/ {print $2}' "/proc/$pid/status")"
+	value backend_seccomp "$(awk '/^Seccomp:/ {print $2}' "/proc/$pid/status")"
+	value backend_nonewprivs "$(awk '/^NoNewPrivs:/ {print $2}' "/proc/$pid/status")"
+	value backend_fds "$(ls "/proc/$pid/fd" | wc -l)"
+	value backend_own_pidns "$([ "$(readlink "/proc/$pid/ns/pid")" != "$(readlink /proc/self/ns/pid)" ] && echo 1 || echo 0)"
+	value backend_own_netns "$([ "$(readlink "/proc/$pid/ns/net")" != "$(readlink /proc/self/ns/net)" ] && echo 1 || echo 0)"
+	value backend_root_entries "$(ls -A "/proc/$pid/root/" 2>/dev/null | wc -l)"
+}
+
