@@ -224,6 +224,13 @@ impl Layout {
     }
 
     /// The interrupt ID the swizzle gives a slot's pin (1..=4), as in QEMU virt and the DT map.
+    /// The devices that run in the backend process (never a connector: those are in-process).
+    pub fn backend_devices(&self) -> impl Iterator<Item = &Device> {
+        self.devices
+            .iter()
+            .filter(|d| d.placement == Placement::Backend)
+    }
+
     pub fn swizzle(&self, slot: u32, pin: u32) -> u32 {
         self.pci.intx_spis[((slot + pin - 1) % 4) as usize]
     }

@@ -406,8 +406,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // SAFETY: the descriptor splitvirt run passed us; we take it over.
             let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(setup_fd) };
             // The jail first: nothing of the VM has been read yet.
-            let jailed = vmm::backend::confine(&l)?;
-            vmm::backend::serve(&l, fd, jailed)?;
+            let jailed = backend::serve::confine(&l)?;
+            backend::serve::serve(&l, fd, jailed)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Console { socket, linger } => {

@@ -1,18 +1,16 @@
-//! Device models in a separate process (docs/RPC.md). `start` (VMM side) runs
-//! `splitvirt backend`, hands it the pool memfd, the control region and two doorbells over a
-//! socket, and returns proxy functions for the ECAM. `serve` (backend side) maps the pool, builds
-//! the description's backend devices exactly as the VMM would build in-process ones, registers
-//! them and serves the proxy's requests. The backend never receives the RAM memfd: the pool is
-//! all of the guest it can reach.
+//! splitvirt's side of the device models in a separate process (docs/RPC.md; the process
+//! itself is the `backend` crate). `start` runs `splitvirt backend` (or reaches one that
+//! listens), hands it the pool memfd, the control region, its doorbells and eventfds and its
+//! devices' host ends over a socket, checks what it registers, and returns proxy functions for
+//! the ECAM; `Watch` replaces a backend that dies; `listen` is `splitvirt backend --listen`.
 
 use crate::devices;
 use crate::kept::{Kept, Watched};
 use crate::reaper::Reaper;
-use layout::{Layout, Placement};
+use layout::Layout;
 use pci::ecam::{devfn, DevFn};
 use pci::PciFunction;
-use rpc::backend::{Inbox, Kick, Outbox, Wait};
-use rpc::setup::MsiFds;
+
 use rpc::{Doorbell, Event, Proxy, Region, Registration, RemoteFunction};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -37,14 +35,6 @@ pub enum BackendError {
     Devices(#[from] devices::OpenError),
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
-}
-
-/// The description's devices that run in the backend (never a connector: the layout places
-/// connectors in-process).
-pub fn remote_devices(l: &Layout) -> impl Iterator<Item = &layout::Device> {
-    l.devices
-        .iter()
-        .filter(|d| d.placement == Placement::Backend)
 }
 
 /// Eventfds by which the hypervisor and the backend reach each other with splitvirt out of
@@ -74,7 +64,7 @@ struct Launch {
     bypass: Bypass,
     events: Arc<dyn Fn(Event) + Send + Sync>,
     /// What the devices reach on the host, opened here and handed to each backend.
-    hosts: crate::hostends::HostEnds,
+    hosts: hostio::hostends::HostEnds,
     /// Which devices' drivers enabled MSI-X: their INTx from the backend is dropped.
     msix_on: Arc<crate::kept::MsixFlags>,
 }
@@ -489,7 +479,7 @@ impl Launch {
                 None => format!("the backend registered no devices within {REGISTER_TIMEOUT:?}"),
             }));
         };
-        let wanted: Vec<&layout::Device> = remote_devices(&self.layout).collect();
+        let wanted: Vec<&layout::Device> = self.layout.backend_devices().collect();
         if let Err(e) = check_registrations(&wanted, &regs) {
             end(&mut child);
             return Err(e);
@@ -564,7 +554,7 @@ pub fn start(
     signal: &dyn Fn(&layout::Device) -> Arc<dyn virtio::transport::Signal>,
     bypass: Bypass,
 ) -> Result<Option<Remote>, BackendError> {
-    let wanted: Vec<&layout::Device> = remote_devices(l).collect();
+    let wanted: Vec<&layout::Device> = l.backend_devices().collect();
     if wanted.is_empty() {
         return Ok(None);
     }
@@ -583,7 +573,7 @@ pub fn start(
         pool_fd: pool_fd.try_clone()?,
         bypass,
         events,
-        hosts: crate::hostends::HostEnds::open(l)?,
+        hosts: hostio::hostends::HostEnds::open(l)?,
         msix_on: Arc::default(),
     };
     let started = launch.start()?;
@@ -728,202 +718,6 @@ impl Watch {
             sock = started.sock;
         }
     }
-}
-
-/// The devices' interrupts, as the backend sends them: an MSI straight to the hypervisor
-/// through its eventfd when splitvirt gave one for it, anything else as a message.
-struct RemoteSignal {
-    out: Arc<Outbox>,
-    dev: u8,
-    msi: Option<Arc<MsiFds>>,
-}
-
-impl virtio::transport::Signal for RemoteSignal {
-    fn msi(&self, (addr, data): (u64, u32)) {
-        self.out.msi(self.dev, addr, data);
-    }
-    fn msi_vector(&self, vector: u16, message: (u64, u32)) {
-        if !self.msi.as_ref().is_some_and(|m| m.raise(self.dev, vector)) {
-            self.msi(message);
-        }
-    }
-    fn intx(&self, level: bool) {
-        self.out.intx(self.dev, level);
-    }
-}
-
-/// A virtio-blk device's journal, kept in the control region for the VMM.
-struct RegionJournal {
-    region: Arc<Region>,
-    dev: u8,
-}
-
-impl virtio::blk::Journal for RegionJournal {
-    fn reset(&self, next_avail: u16) {
-        self.region.journal_reset(self.dev, next_avail);
-    }
-    fn popped(&self, head: u16, next_avail: u16) {
-        self.region.journal_popped(self.dev, head, next_avail);
-    }
-    fn completed(&self, head: u16) {
-        self.region.journal_completed(self.dev, head);
-    }
-}
-
-/// What the backend's devices need of the system call policy.
-pub fn policy_needs(l: &Layout) -> ::backend::policy::Needs {
-    let mut n = ::backend::policy::Needs::default();
-    for d in remote_devices(l) {
-        match &d.kind {
-            layout::DeviceKind::VirtioBlk { .. } => n.disk = true,
-            layout::DeviceKind::VirtioConsole {
-                backend: layout::ConsoleBackend::Socket(_),
-            } => n.socket_console = true,
-            _ => {}
-        }
-    }
-    n
-}
-
-/// Enters the backend's jail as the description says (`[backend] jail`), or says loudly that
-/// it does not. Call first thing in `splitvirt backend`, while it has one thread. Returns
-/// whether the backend is jailed (its system call policy goes on in `serve`).
-pub fn confine(l: &Layout) -> Result<bool, BackendError> {
-    let Some((uid, gid)) = l.rpc_jail else {
-        log::warn!(
-            "the backend runs unconfined ([backend] jail = false): a compromised device model \
-             has this user's files, network and privileges"
-        );
-        return Ok(false);
-    };
-    let ids = ::backend::jail::ids_for(::backend::jail::Ids { uid, gid });
-    ::backend::jail::enter(ids).map_err(|e| BackendError::Setup(e.to_string()))?;
-    Ok(true)
-}
-
-/// `splitvirt backend`: the backend process. Returns when the VMM goes away. `jailed`: it
-/// entered its jail (`confine`), and its system call policy goes on before any device is
-/// built, that is before it reads anything a guest (or a former backend) wrote.
-pub fn serve(l: &Layout, setup_fd: OwnedFd, jailed: bool) -> Result<(), BackendError> {
-    let s = rpc::setup::recv(&setup_fd)?;
-    let Some(pool) = &l.pool else {
-        return Err(BackendError::Setup("the description has no pool".into()));
-    };
-    if (s.pool_base, s.pool_size) != (pool.base, pool.size) {
-        return Err(BackendError::Setup(format!(
-            "offered a pool at {:#x}+{:#x}, the description says {:#x}+{:#x}",
-            s.pool_base, s.pool_size, pool.base, pool.size
-        )));
-    }
-    let pool_file = File::from(s.pool);
-    rpc::shm::check_sealed(&pool_file, pool.size, "the pool memfd")
-        .map_err(|e| BackendError::Setup(e.to_string()))?;
-    let mem = crate::memory::pool_memory(pool.base, pool.size, &pool_file)?;
-    drop(pool_file);
-    let region = Arc::new(Region::open(s.control)?);
-    let out = Outbox::new(
-        region.clone(),
-        Doorbell::from_fd(s.to_proxy),
-        Doorbell::from_fd(s.to_proxy_replies),
-    );
-    let from_proxy = Doorbell::from_fd(s.to_backend);
-    let msi = s.msi.map(Arc::new);
-    let notify = s.notify;
-    if jailed {
-        ::backend::policy::install(policy_needs(l))
-            .map_err(|e| BackendError::Setup(e.to_string()))?;
-    }
-    let signal = |d: &layout::Device| -> Arc<dyn virtio::transport::Signal> {
-        Arc::new(RemoteSignal {
-            out: out.clone(),
-            dev: d.slot as u8,
-            msi: msi.clone(),
-        })
-    };
-    let journal = |d: &layout::Device| -> Option<Arc<dyn virtio::blk::Journal>> {
-        Some(Arc::new(RegionJournal {
-            region: region.clone(),
-            dev: d.slot as u8,
-        }))
-    };
-    // The backend's devices (`build` takes those placed here), built as the VMM builds its own.
-    let built = devices::build(
-        l,
-        mem,
-        &signal,
-        Box::new(std::io::stdout()),
-        Placement::Backend,
-        &journal,
-        s.hosts,
-    )?;
-    for s in &built.skipped {
-        out.log(s);
-    }
-    let mut funcs: Vec<(Registration, Box<dyn PciFunction>)> = Vec::new();
-    for (df, mut f) in built.functions {
-        let slot = df >> 3;
-        let Some(d) = l.devices.iter().find(|d| d.slot == u32::from(slot)) else {
-            continue;
-        };
-        let mut id = [0u8; 12];
-        f.config_read(0, &mut id);
-        let bar = d.bars.first().copied();
-        let reg = Registration {
-            dev: slot,
-            vendor: u16::from_le_bytes([id[0], id[1]]),
-            device: u16::from_le_bytes([id[2], id[3]]),
-            revision: id[8],
-            class: u32::from_le_bytes([id[9], id[10], id[11], 0]),
-            bar0_size: bar.map_or(0, |b| b.size),
-            bar0_64bit: bar.is_some_and(|b| b.is_64bit),
-            bar0_prefetchable: bar.is_some_and(|b| b.prefetchable),
-            intx_pin: d.intx_pin as u8,
-        };
-        funcs.push((reg, f));
-    }
-    for start in built.starters {
-        start();
-    }
-    if jailed {
-        // What it holds, and room for console clients.
-        ::backend::jail::limit_files(8).map_err(|e| BackendError::Setup(e.to_string()))?;
-    }
-    // The VMM closing its end of the setup socket (it ended) ends the backend.
-    std::thread::spawn(move || {
-        let mut b = [0u8; 1];
-        // SAFETY: a blocking recv into a local; returns at EOF.
-        unsafe { libc::recv(setup_fd.as_raw_fd(), b.as_mut_ptr().cast(), 1, 0) };
-        std::process::exit(0);
-    });
-    let console = built.console;
-    let mut input = move |_dev: u8, bytes: &[u8]| {
-        if let Some(c) = &console {
-            let mut f = c.lock().unwrap_or_else(|e| e.into_inner());
-            f.with_device(|d| d.queue_input(bytes));
-        }
-    };
-    // Queue notifications the hypervisor catches itself arrive as kicks, replayed as the
-    // notify writes they stand for.
-    let kicks: Vec<Kick> = notify
-        .into_iter()
-        .filter_map(|(dev, fd)| {
-            let d = l.devices.iter().find(|d| d.slot == u32::from(dev))?;
-            Some(Kick {
-                dev,
-                bell: Doorbell::from_fd(fd),
-                writes: devices::notify_writes(&d.kind)?,
-            })
-        })
-        .collect();
-    let stop = AtomicBool::new(false);
-    let inbox = Inbox {
-        region: &region,
-        bell: &from_proxy,
-        kicks: &kicks,
-    };
-    let wait = l.rpc_poll.map_or(Wait::Block, Wait::Poll);
-    rpc::backend::serve(inbox, &out, &mut funcs, &mut input, &stop, wait)
-        .map_err(|e| BackendError::Setup(e.to_string()))
 }
 
 #[cfg(test)]

@@ -6,8 +6,8 @@
 //! the first VM creates it, later ones (and a peer that returns) map the same bytes, so nothing
 //! has to be handed over or remapped when a peer comes and goes.
 
-use crate::endpoint::{EndpointError, Link, LinkHandle};
 use connector::{Connector, Dataport, Peer};
+use hostio::endpoint::{EndpointError, Link, LinkHandle};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;

@@ -84,7 +84,7 @@ struct Notifier {
 impl Notifiers {
     fn new(vm: Arc<VmFd>, l: &layout::Layout) -> Result<Notifiers, Error> {
         let mut devices = std::collections::HashMap::new();
-        for d in crate::backend::remote_devices(l) {
+        for d in l.backend_devices() {
             let Some(writes) = crate::devices::notify_writes(&d.kind) else {
                 continue;
             };
@@ -403,7 +403,7 @@ fn vcpu_loop(id: usize, vcpu: &mut VcpuFd, bus: &Bus) -> Stop {
 }
 
 /// stdin -> PL011. Ctrl-A x ends splitvirt (the guest owns Ctrl-C).
-fn input_thread(mut deliver: crate::endpoint::Deliver, tx: mpsc::Sender<Stop>) {
+fn input_thread(mut deliver: hostio::endpoint::Deliver, tx: mpsc::Sender<Stop>) {
     std::thread::spawn(move || {
         let mut stdin = std::io::stdin();
         let mut buf = [0u8; 256];
@@ -506,21 +506,13 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
             }),
         })
     };
-    let built = crate::devices::build(
-        l,
-        dev_mem,
-        &signal,
-        Box::new(std::io::stdout()),
-        layout::Placement::InProcess,
-        &|_| None,
-        Vec::new(),
-    )?;
+    let built = crate::devices::build(l, dev_mem, &signal, Box::new(std::io::stdout()), &|_| None)?;
     for s in &built.skipped {
         log::warn!("{s}");
     }
     // Devices in the backend process: their interrupts come back as events.
     let mut intx_lines = std::collections::HashMap::new();
-    for d in crate::backend::remote_devices(l) {
+    for d in l.backend_devices() {
         let line = SpiLine {
             vm: vm.clone(),
             intid: layout::layout::SPI_BASE_INTID + d.intx_spi,

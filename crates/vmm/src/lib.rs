@@ -9,8 +9,6 @@ pub mod backend;
 pub mod bus;
 pub mod connect;
 pub mod devices;
-pub mod endpoint;
-pub mod hostends;
 pub mod kept;
 #[cfg(target_arch = "aarch64")]
 mod kvm;
@@ -19,7 +17,6 @@ pub mod msiroute;
 pub mod pci_bus;
 pub mod reaper;
 pub mod stats;
-pub mod tap;
 pub mod terminal;
 
 use layout::Layout;

@@ -52,7 +52,7 @@ impl MsiRoutes {
             return Ok(None);
         };
         let mut vectors = HashMap::new();
-        for d in crate::backend::remote_devices(l) {
+        for d in l.backend_devices() {
             let Some((_, queues)) = crate::devices::virtio_shape(&d.kind) else {
                 continue;
             };

@@ -109,9 +109,7 @@ fn a_broken_device_and_a_bar_over_ram_leave_the_others_working() {
         mem.clone(),
         &|_| Arc::new(NoSignal) as Arc<dyn virtio::transport::Signal>,
         Box::new(out.clone()),
-        layout::Placement::InProcess,
         &|_| None,
-        Vec::new(),
     )
     .unwrap();
     let (ecam, regions) = vmm::pci_bus::host(&l);

@@ -31,7 +31,7 @@ impl HostEnds {
             ends: Vec::new(),
             _terminals: Vec::new(),
         };
-        for d in crate::backend::remote_devices(l) {
+        for d in l.backend_devices() {
             let slot = d.slot as u8;
             let end = match &d.kind {
                 DeviceKind::VirtioBlk {

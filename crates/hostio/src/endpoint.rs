@@ -616,28 +616,39 @@ mod tests {
 
     #[test]
     fn two_links_find_each_other_and_keep_frame_boundaries() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("net.sock");
-        let mut ends = Vec::new();
-        for _ in 0..2 {
-            let l = Link::new(&path).unwrap();
-            let tx = l.sender();
-            let (deliver, rx) = collector();
-            l.serve(deliver);
-            ends.push((tx, rx));
-        }
-        let (mut b, mut a) = (ends.pop().unwrap(), ends.pop().unwrap());
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let got = loop {
-            a.0.send(&[1, 2, 3]);
-            if let Ok(f) = b.1.recv_timeout(Duration::from_millis(50)) {
-                break f;
+        // The second end served here, or elsewhere through a relay (a backend's device).
+        for relayed in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("net.sock");
+            let mut ends = Vec::new();
+            for i in 0..2 {
+                let l = Link::new(&path).unwrap();
+                let (deliver, rx) = collector();
+                if relayed && i == 1 {
+                    let device = Packets::new(l.relay().unwrap());
+                    let tx = device.sender();
+                    device.serve(deliver);
+                    ends.push((tx, rx));
+                } else {
+                    let tx = l.sender();
+                    l.serve(deliver);
+                    ends.push((tx, rx));
+                }
             }
-            assert!(std::time::Instant::now() < deadline, "link never came up");
-        };
-        assert_eq!(got, [1, 2, 3]);
-        b.0.send(&[9; 1500]);
-        assert_eq!(until(&a.1), vec![9; 1500]);
+            let (mut b, mut a) = (ends.pop().unwrap(), ends.pop().unwrap());
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let got = loop {
+                a.0.send(&[1, 2, 3]);
+                if let Ok(f) = b.1.recv_timeout(Duration::from_millis(50)) {
+                    break f;
+                }
+                assert!(std::time::Instant::now() < deadline, "link never came up");
+            };
+            assert_eq!(got, [1, 2, 3]);
+            b.0.send(&[9; 1500]);
+            assert_eq!(until(&a.1), vec![9; 1500], "relayed: {relayed}");
+        }
+        let dir = tempfile::tempdir().unwrap();
         let e = Link::new(&dir.path().join("missing/net.sock"))
             .err()
             .unwrap()
