@@ -101,7 +101,7 @@ struct Setup {
 
 fn setup(backend: &str) -> Setup {
     let (dir, disk, config) = describe(backend);
-    attach(dir, disk, &config)
+    attach(dir, disk, &config, env!("CARGO_BIN_EXE_splitvirt"))
 }
 
 /// A directory with the disk and the description (whose `[backend]` table is `backend`).
@@ -121,7 +121,13 @@ fn describe(backend: &str) -> (tempfile::TempDir, std::path::PathBuf, std::path:
     (dir, disk, config)
 }
 
-fn attach(dir: tempfile::TempDir, disk: std::path::PathBuf, config: &std::path::Path) -> Setup {
+/// The VM's side, with its backend started from `exe`.
+fn attach(
+    dir: tempfile::TempDir,
+    disk: std::path::PathBuf,
+    config: &std::path::Path,
+    exe: &str,
+) -> Setup {
     let d = layout::Description::load(config).unwrap();
     let l = layout::resolve(&d).unwrap().layout;
     let ram = vmm::memory::guest_ram(&l).unwrap();
@@ -131,7 +137,7 @@ fn attach(dir: tempfile::TempDir, disk: std::path::PathBuf, config: &std::path::
     let ev = events.clone();
     let mut remote = vmm::backend::start(
         &l,
-        std::path::Path::new(env!("CARGO_BIN_EXE_splitvirt")),
+        std::path::Path::new(exe),
         Some(config),
         ram.pool_fd.as_ref(),
         Arc::new(move |e| ev.lock().unwrap().push(e)),
@@ -322,7 +328,7 @@ fn a_listening_backend_serves_a_vm_that_connects_and_again_after_a_kill() {
             .unwrap(),
     );
     // splitvirt waits for the socket to appear.
-    let s = attach(dir, disk, &config);
+    let s = attach(dir, disk, &config, env!("CARGO_BIN_EXE_splitvirt"));
     assert_eq!(s.remote.pid(), 0, "splitvirt started no backend itself");
     let served = children(listener.0.id());
     assert_eq!(
@@ -560,4 +566,65 @@ fn a_listener_checks_who_connects_how_many_and_how_fast() {
     assert!(said.contains("already serving 1 VMs"), "{said}");
     assert!(said.contains("sent no setup within 2s"), "{said}");
     assert!(children(l.0.id()).is_empty());
+}
+
+/// A hostile backend (src/bin/hostile-backend.rs: the real serving loop, jailed, misbehaving
+/// when the guest reads config offset 0xfc) floods log lines, sends messages no backend sends,
+/// raises another device's interrupt, or never answers. Each time splitvirt stays up and the
+/// disk keeps working: with the same backend, or with the one that replaces it when it has
+/// broken the protocol past the limit.
+#[test]
+fn a_hostile_backend_is_contained() {
+    for mode in ["flood", "garbage", "msi-other", "silent"] {
+        let (dir, disk, config) = describe("[backend]\nrestarts = 1");
+        // Read (and removed) by the first backend only: its successor is honest.
+        std::fs::write(config.with_extension("toml.hostile"), mode).unwrap();
+        let s = attach(dir, disk, &config, env!("CARGO_BIN_EXE_hostile-backend"));
+        let vm = &s.vm;
+        let rings = s.l.pool.as_ref().unwrap().base;
+        let data = rings + 0x8000;
+        vm.start(rings);
+        vm.mem.write_slice(&[7; 512], GuestAddress(data)).unwrap();
+        assert_eq!(vm.request(rings, 0, 1, 2, data, false), 0, "{mode}: write");
+        let first = s.remote.pid();
+        let mut b = [0u8; 4];
+        s.vm.bus.read(s.ecam_fn + 0xfc, &mut b);
+        match mode {
+            "garbage" => {
+                // Failed and replaced, the device as the driver left it.
+                wait_until(20, || {
+                    s.remote.pid() != 0 && s.remote.pid() != first && !s.remote.proxy().is_dead()
+                });
+                assert!(
+                    s.events.lock().unwrap().iter().any(
+                        |e| matches!(e, rpc::Event::Dead(why) if why.contains("broke the protocol"))
+                    ),
+                    "garbage: the backend was failed for it"
+                );
+            }
+            "silent" => {
+                // The read cost its timeout and read all ones; the backend is still there.
+                assert_eq!(b, [0xff; 4], "silent");
+                continue;
+            }
+            _ => assert_eq!(s.remote.pid(), first, "{mode}: the same backend serves"),
+        }
+        assert!(
+            !s.events
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|e| matches!(e, rpc::Event::Msi { .. })),
+            "{mode}: no MSI message reached the hypervisor's side"
+        );
+        vm.mem.write_slice(&[0; 512], GuestAddress(data)).unwrap();
+        assert_eq!(
+            vm.request(rings, 1, 0, 2, data, true),
+            0,
+            "{mode}: read after it"
+        );
+        let mut got = [0u8; 512];
+        vm.mem.read_slice(&mut got, GuestAddress(data)).unwrap();
+        assert!(got.iter().all(|&b| b == 7), "{mode}: the disk's bytes");
+    }
 }

@@ -439,14 +439,25 @@ impl Launch {
         let (hangup, events) = (ours.try_clone()?, self.events.clone());
         let msix_on = self.msix_on.clone();
         let events = Box::new(move |e: Event| {
-            if let Event::Intx { dev, level: true } = e {
-                if msix_on.get(dev) {
+            match e {
+                Event::Intx { dev, level: true } if msix_on.get(dev) => {
                     ratelog::warn!(
                         "the backend raised INTx for device {dev}, whose driver uses MSI-X; \
                          dropped"
                     );
                     return;
                 }
+                // A device raises its MSIs through its own vectors' eventfds (`msiroute`),
+                // which reach only what the guest programmed into that device's table: an
+                // MSI sent as a message could name any SPI, so none is taken.
+                Event::Msi { dev, addr, data } => {
+                    ratelog::warn!(
+                        "the backend sent an MSI message ({addr:#x}, {data}) for device {dev}; \
+                         its vectors have eventfds of their own, so it is refused"
+                    );
+                    return;
+                }
+                _ => {}
             }
             if matches!(e, Event::Dead(_)) {
                 match &pidfd {

@@ -527,13 +527,8 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
                 line.set_level(level);
             }
         }
-        // A backend device raises its MSIs through its own vectors' eventfds (`msiroute`),
-        // which reach only what the guest programmed into that device's table: an MSI sent
-        // as a message could name any SPI, so none is taken.
-        rpc::Event::Msi { dev, addr, data } => ratelog::warn!(
-            "the backend sent an MSI message ({addr:#x}, {data}) for device {dev}; its \
-             vectors have eventfds of their own, so it is refused"
-        ),
+        // Refused before it gets here (backend::Launch): MSIs travel by eventfd only.
+        rpc::Event::Msi { .. } => {}
         // The notifications go to splitvirt (and the reaper) until a new backend serves them.
         rpc::Event::Dead(_) => dead_notifiers.attach_all(false),
     });
