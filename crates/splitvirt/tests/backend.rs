@@ -106,9 +106,22 @@ fn setup(backend: &str) -> Setup {
 
 /// A directory with the disk and the description (whose `[backend]` table is `backend`).
 fn describe(backend: &str) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    describe_disk(backend, "disk.img")
+}
+
+/// The same with the disk named `name`: a raw 1 MiB file, or for `.qcow2` an empty qcow2
+/// image of 1 MiB made by qemu-img.
+fn describe_disk(
+    backend: &str,
+    name: &str,
+) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let disk = dir.path().join(name);
+    if name.ends_with(".qcow2") {
+        qemu_img(&["create", "-q", "-f", "qcow2", disk.to_str().unwrap(), "1M"]);
+    } else {
+        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    }
     let config = dir.path().join("vm.toml");
     std::fs::write(
         &config,
@@ -626,5 +639,52 @@ fn a_hostile_backend_is_contained() {
         let mut got = [0u8; 512];
         vm.mem.read_slice(&mut got, GuestAddress(data)).unwrap();
         assert!(got.iter().all(|&b| b == 7), "{mode}: the disk's bytes");
+    }
+}
+
+fn qemu_img(args: &[&str]) {
+    let o = std::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img (Debian package qemu-utils) must be installed");
+    assert!(o.status.success(), "qemu-img {args:?}: {o:?}");
+}
+
+/// The jailed backend serves a qcow2 image that grows as the guest writes (imago extends the
+/// file it was handed): the bytes land where qemu-img finds them.
+#[test]
+fn a_qcow2_disk_grows_under_the_jailed_backend() {
+    let (dir, disk, config) = describe_disk("[backend]\nrestarts = 0", "disk.qcow2");
+    let raw = dir.path().join("back.raw");
+    let s = attach(dir, disk.clone(), &config, env!("CARGO_BIN_EXE_splitvirt"));
+    let vm = &s.vm;
+    let rings = s.l.pool.as_ref().unwrap().base;
+    let data = rings + 0x8000;
+    vm.start(rings);
+    for (n, sector) in [(0u16, 1u64), (1, 1000), (2, 2047)] {
+        vm.mem
+            .write_slice(&[n as u8 + 1; 512], GuestAddress(data))
+            .unwrap();
+        assert_eq!(
+            vm.request(rings, n, 1, sector, data, false),
+            0,
+            "write {sector}"
+        );
+    }
+    assert_eq!(vm.request(rings, 3, 4, 0, data, false), 0, "flush");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        disk.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
+    let back = std::fs::read(&raw).unwrap();
+    for (n, sector) in [(0u8, 1usize), (1, 1000), (2, 2047)] {
+        let at = sector * 512;
+        assert!(
+            back[at..at + 512].iter().all(|&b| b == n + 1),
+            "sector {sector}"
+        );
     }
 }
