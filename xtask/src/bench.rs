@@ -95,7 +95,9 @@ pub fn boot() -> Result<()> {
 const IO_MIB: &str = "64";
 const IO_SECONDS: &str = "10";
 
-pub fn io() -> Result<()> {
+/// What every I/O benchmark VM boots: the driver kernel, the iobench initramfs, and the TAP
+/// module for the board.
+fn io_files() -> Result<board::Files> {
     let k = kernel::build(kernel::Role::Driver)?;
     let dir = root().join("target/board");
     std::fs::create_dir_all(&dir)?;
@@ -106,6 +108,27 @@ pub fn io() -> Result<()> {
         &[("iobench", guest::tool("iobench")?)],
         &initrd,
     )?;
+    Ok(vec![
+        ("tun.ko".to_owned(), board::module("drivers/net/tun.ko")?),
+        ("guest/Image".to_owned(), std::fs::read(&k.image)?),
+        ("guest/initrd.cpio".to_owned(), std::fs::read(&initrd)?),
+    ])
+}
+
+/// A benchmark VM: a raw or qcow2 disk, a TAP and a console, all placed `placement`, with
+/// `backend` as its `[backend]` table.
+fn io_vm(image: &str, placement: &str, backend: &str) -> Vec<u8> {
+    format!(
+        "{backend}\n[[device]]\nkind = \"virtio-blk\"\nimage = \"{image}\"\nplacement = \"{placement}\"\n\
+         [[device]]\nkind = \"virtio-net\"\nbackend = \"tap0\"\nplacement = \"{placement}\"\n\
+         [[device]]\nkind = \"virtio-console\"\nplacement = \"{placement}\"\n"
+    )
+    .into_bytes()
+}
+
+pub fn io() -> Result<()> {
+    let dir = root().join("target/board");
+    std::fs::create_dir_all(&dir)?;
     let qcow2 = dir.join("bench.qcow2");
     crate::env::ensure_apt(&["qemu-utils"])?;
     crate::env::run(
@@ -121,17 +144,14 @@ pub fn io() -> Result<()> {
         ("qcow2-inproc", "/tmp/bench.qcow2", "in-process"),
         ("qcow2-backend", "/tmp/bench.qcow2", "backend"),
     ];
-    let vm = |image: &str, placement: &str| {
-        format!(
-            "[[device]]\nkind = \"virtio-blk\"\nimage = \"{image}\"\nplacement = \"{placement}\"\n\
-             [[device]]\nkind = \"virtio-net\"\nbackend = \"tap0\"\nplacement = \"{placement}\"\n\
-             [[device]]\nkind = \"virtio-console\"\nplacement = \"{placement}\"\n"
-        )
-        .into_bytes()
-    };
     let mut files: board::Files = runs
         .iter()
-        .map(|(name, image, placement)| (format!("guest/bench-{name}.toml"), vm(image, placement)))
+        .map(|(name, image, placement)| {
+            (
+                format!("guest/bench-{name}.toml"),
+                io_vm(image, placement, ""),
+            )
+        })
         .collect();
     // The A/B VM: one disk in each place, of different sizes so that the guest's vda and vdb
     // can be told apart.
@@ -142,12 +162,8 @@ pub fn io() -> Result<()> {
           [[device]]\nkind = \"virtio-console\"\nplacement = \"in-process\"\n"
             .to_vec(),
     ));
-    files.extend([
-        ("tmp/bench.qcow2".to_owned(), std::fs::read(&qcow2)?),
-        ("tun.ko".to_owned(), board::module("drivers/net/tun.ko")?),
-        ("guest/Image".to_owned(), std::fs::read(&k.image)?),
-        ("guest/initrd.cpio".to_owned(), std::fs::read(&initrd)?),
-    ]);
+    files.push(("tmp/bench.qcow2".to_owned(), std::fs::read(&qcow2)?));
+    files.extend(io_files()?);
     let mut names: Vec<&str> = runs.iter().map(|r| r.0).collect();
     names.push("ab");
     let r = board::run(
@@ -258,6 +274,78 @@ fn ab_table(p: &crate::qemu::Run, log: &std::path::Path) -> Result<()> {
             show(&a, 1),
             show(&b, 1),
             ratios[AB_ROUNDS / 2]
+        );
+    }
+    Ok(())
+}
+
+/// Jailed and unjailed rounds of `bench jail`, in alternation.
+const JAIL_ROUNDS: usize = 3;
+
+/// `cargo xtask bench jail`: the same VM (raw disk, TAP, console, all in the backend) with the
+/// backend jailed and with `[backend] jail = false`, in alternating rounds, as a table of
+/// per-round ratios and their medians.
+pub fn jail() -> Result<()> {
+    let mut files = io_files()?;
+    let mut names = Vec::new();
+    for round in 1..=JAIL_ROUNDS {
+        for (kind, table) in [("jailed", ""), ("unjailed", "[backend]\njail = false")] {
+            let name = format!("{kind}-{round}");
+            files.push((
+                format!("guest/bench-{name}.toml"),
+                io_vm("/tmp/bench.raw", "backend", table),
+            ));
+            names.push(name);
+        }
+    }
+    let r = board::run(
+        "bench-io",
+        &[("RUNS", &names.join(" "))],
+        files,
+        Duration::from_secs(3000),
+    )?;
+    let log = r.log_path.display();
+    ensure!(!r.timed_out, "the board timed out (log: {log})");
+    println!(
+        "\nthe backend jailed vs unjailed ([backend] jail = false), one VM at a time, alternating \
+         (raw disk, TAP, console in the backend; {IO_MIB} MiB sequential, {IO_SECONDS} s random)"
+    );
+    println!(
+        "{:>16} {:>26} {:>26} {:>26} {:>8}",
+        "", "jailed rounds", "unjailed rounds", "jailed/unjailed", "median"
+    );
+    for (what, key) in [
+        ("seq write MB/s", "seq_write_mbps"),
+        ("seq read MB/s", "seq_read_mbps"),
+        ("4K rand IOPS", "rand_read_iops"),
+        ("TCP MB/s", "tcp_mbps"),
+    ] {
+        let value = |name: &str| -> Result<f64> {
+            r.part(name)
+                .value(key)
+                .and_then(|v| v.parse().ok())
+                .filter(|v: &f64| *v > 0.0)
+                .ok_or_else(|| anyhow::anyhow!("the {name} run printed no {key} (log: {log})"))
+        };
+        let (mut jailed, mut free) = (Vec::new(), Vec::new());
+        for round in 1..=JAIL_ROUNDS {
+            jailed.push(value(&format!("jailed-{round}"))?);
+            free.push(value(&format!("unjailed-{round}"))?);
+        }
+        let mut ratios: Vec<f64> = jailed.iter().zip(&free).map(|(j, u)| j / u).collect();
+        let show = |v: &[f64], d: usize| {
+            v.iter()
+                .map(|x| format!("{x:.d$}"))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        let per_round = show(&ratios, 2);
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "{what:>16} {:>26} {:>26} {per_round:>26} {:>7.2}x",
+            show(&jailed, 1),
+            show(&free, 1),
+            ratios[JAIL_ROUNDS / 2]
         );
     }
     Ok(())

@@ -54,11 +54,12 @@ enum Cmd {
         scenario: String,
     },
     /// Benchmarks that print a table: `boot` (timings and memory of splitvirt on KVM), `io`
-    /// (virtio-blk raw and qcow2, TCP over virtio-net, in-process and backend), `rpc` (the
+    /// (virtio-blk raw and qcow2, TCP over virtio-net, in-process and backend), `jail` (the
+    /// same with the backend jailed and not, alternating), `rpc` (the
     /// proxy-backend round trip against eventfd and spin floors, natively and in the board),
     /// `conn` (cross-VM connector event round trip and guest-to-guest bandwidth vs memcpy).
     Bench {
-        #[arg(value_parser = ["boot", "io", "rpc", "conn"])]
+        #[arg(value_parser = ["boot", "io", "rpc", "conn", "jail"])]
         what: String,
     },
     /// Run the cargo-fuzz targets (virtqueue, blk_request, ecam) for a while each.
@@ -114,6 +115,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Fuzz { seconds } => fuzz::run_all(seconds),
         Cmd::Bench { what } if what == "io" => bench::io(),
         Cmd::Bench { what } if what == "rpc" => bench::rpc(),
+        Cmd::Bench { what } if what == "jail" => bench::jail(),
         Cmd::Bench { what } if what == "conn" => kvmconn::bench(),
         Cmd::Bench { .. } => bench::boot(),
         Cmd::Realboot => {
