@@ -63,8 +63,8 @@ impl virtio::blk::Journal for RegionJournal {
     fn popped(&self, head: u16, next_avail: u16) {
         self.region.journal_popped(self.dev, head, next_avail);
     }
-    fn completed(&self, head: u16) {
-        self.region.journal_completed(self.dev, head);
+    fn completed(&self, head: u16, used: u16) {
+        self.region.journal_completed(self.dev, head, used);
     }
 }
 

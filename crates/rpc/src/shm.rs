@@ -31,6 +31,8 @@ const RING_BYTES: usize = RING_HDR + SLOTS as usize * SLOT;
 /// page: so that the VMM can fail them if the backend dies.
 pub const JOURNALS_AT: usize = 0x800;
 const JOURNAL_LIVE: u32 = u32::from_le_bytes(*b"jrnl");
+/// Set in a journal's completing word while it holds a completion (head, used index).
+const COMPLETING: u32 = 1 << 31;
 /// Offsets in the region: header page, then the request ring, then the reply ring.
 pub const REQUESTS_AT: usize = 0x1000;
 pub const REPLIES_AT: usize = REQUESTS_AT + RING_BYTES.next_multiple_of(0x1000);
@@ -194,7 +196,7 @@ impl Region {
     /// Journal (docs/RPC.md, "Journal"): a virtio-blk queue was (re)started.
     pub fn journal_reset(&self, dev: u8, next_avail: u16) {
         let at = Self::journal_at(dev);
-        for w in 0..8 {
+        for w in 0..9 {
             self.u32_at(at + 8 + 4 * w).store(0, Ordering::Release);
         }
         self.u32_at(at + 4)
@@ -212,12 +214,29 @@ impl Region {
             .store(u32::from(next_avail), Ordering::Release);
     }
 
-    /// Journal: the backend is about to put `head` on the used ring.
-    pub fn journal_completed(&self, dev: u8, head: u16) {
+    /// Journal: the backend is about to put `head` on the used ring at index `used` (its
+    /// next used index): `head` leaves the heads in flight, and is remembered as the one
+    /// completing, so that a backend that dies before the used index moves past `used` has
+    /// it failed still (completions are serialized, so there is at most one).
+    pub fn journal_completed(&self, dev: u8, head: u16, used: u16) {
         let at = Self::journal_at(dev);
+        self.u32_at(at + 40).store(
+            COMPLETING | u32::from(head) << 16 | u32::from(used),
+            Ordering::Release,
+        );
         let h = usize::from(head % 256);
         self.u32_at(at + 8 + 4 * (h / 32))
             .fetch_and(!(1 << (h % 32)), Ordering::AcqRel);
+    }
+
+    /// Journal: the last completion the backend began, as (head, the used index it goes at).
+    pub fn journal_completing(&self, dev: u8) -> Option<(u16, u16)> {
+        let at = Self::journal_at(dev);
+        if self.u32_at(at).load(Ordering::Acquire) != JOURNAL_LIVE {
+            return None;
+        }
+        let c = self.u32_at(at + 40).load(Ordering::Acquire);
+        (c & COMPLETING != 0).then_some((((c >> 16) & 0x7fff) as u16, c as u16))
     }
 
     /// Journal: (next avail index, heads in flight), if the backend keeps one for `dev`.
@@ -593,9 +612,13 @@ mod tests {
         r.journal_reset(1, 5);
         r.journal_popped(1, 3, 6);
         r.journal_popped(1, 200, 7);
-        r.journal_completed(1, 3);
+        assert_eq!(r.journal_completing(1), None);
+        r.journal_completed(1, 3, 40);
         assert_eq!(r.journal(1), Some((7, vec![200])));
+        assert_eq!(r.journal_completing(1), Some((3, 40)));
         assert_eq!(r.journal(2), None);
+        r.journal_reset(1, 9);
+        assert_eq!(r.journal_completing(1), None);
     }
 
     #[test]

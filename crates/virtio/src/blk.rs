@@ -56,8 +56,8 @@ pub trait Journal: Send + Sync {
     /// The queue started; the driver's next chain will be at avail index `next_avail`.
     fn reset(&self, next_avail: u16);
     fn popped(&self, head: u16, next_avail: u16);
-    /// Called just before the chain goes on the used ring.
-    fn completed(&self, head: u16);
+    /// Called just before the chain goes on the used ring, at used index `used`.
+    fn completed(&self, head: u16, used: u16);
 }
 
 /// A checked request, ready for a worker.
@@ -302,7 +302,7 @@ fn complete(a: &Active, disk: &dyn Disk, id: &[u8; ID_LEN], req: Request, buf: &
         let _ = a.mem.write_obj(status, req.status);
         let mut q = a.queue.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(j) = &a.journal {
-            j.completed(req.head);
+            j.completed(req.head, q.next_used());
         }
         if q.add_used(&a.mem, req.head, written + 1).is_ok()
             && q.needs_notification(&a.mem).unwrap_or(true)

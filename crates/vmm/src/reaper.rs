@@ -59,6 +59,18 @@ impl Reaper {
             },
         };
         let read16 = |a: u64| self.mem.read_obj::<u16>(GuestAddress(a)).ok();
+        // A completion the backend began but whose used index never moved past it did not
+        // land: that request is failed too (once: its head left the heads in flight).
+        if reaped_to.is_none() {
+            if let (Some((head, at)), Some(used)) = (
+                region.journal_completing(self.dev),
+                read16(q.used.wrapping_add(2)),
+            ) {
+                if used == at && !heads.contains(&head) {
+                    heads.insert(0, head);
+                }
+            }
+        }
         let Some(avail_idx) = read16(q.avail.wrapping_add(2)) else {
             return;
         };
@@ -152,6 +164,72 @@ mod tests {
     impl Signal for Quiet {
         fn msi(&self, _: (u64, u32)) {}
         fn intx(&self, _: bool) {}
+    }
+
+    /// A driver's virtio-blk queue 0 of 16 in a 64 KiB pool at 0x5000_0000 (descriptors at
+    /// +0, avail at +0x1000, used at +0x2000); descriptor h is a one-byte status at +0x3000+h.
+    fn driven() -> (GuestMemoryMmap<()>, Shadow) {
+        let base = 0x5000_0000u64;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(base), 0x10000)]).unwrap();
+        let mut sh = Shadow::new(2, &[16], mem.clone(), 0x1000_0000);
+        let mut w = |off: u64, v: u64, len: usize| sh.bar_write(0, off, &v.to_le_bytes()[..len]);
+        for (off, v, len) in [
+            (0x14, 3, 1),
+            (0x08, 1, 4),
+            (0x0c, 3, 4),
+            (0x14, 0xb, 1),
+            (0x16, 0, 2),
+            (0x18, 16, 2),
+            (0x20, base, 8),
+            (0x28, base + 0x1000, 8),
+            (0x30, base + 0x2000, 8),
+            (0x1c, 1, 2),
+            (0x14, 0xf, 1),
+        ] {
+            w(off, v, len);
+        }
+        for h in 0..16u64 {
+            let d = GuestAddress(base + 16 * h);
+            mem.write_obj(base + 0x3000 + h, d).unwrap();
+            mem.write_obj(1u32, GuestAddress(d.0 + 8)).unwrap();
+            mem.write_obj(VRING_DESC_F_WRITE, GuestAddress(d.0 + 12))
+                .unwrap();
+        }
+        (mem, sh)
+    }
+
+    /// A backend that died after it began a completion but before the used index moved past
+    /// it: that request is failed with the others, once; one whose completion landed is not.
+    #[test]
+    fn a_completion_cut_short_is_failed_once() {
+        for landed in [false, true] {
+            let (mem, mut sh) = driven();
+            let base = 0x5000_0000u64;
+            // The guest made heads 4 and 9 available; the backend took both and began
+            // completing 4 at used index 0.
+            mem.write_obj(4u16, GuestAddress(base + 0x1004)).unwrap();
+            mem.write_obj(9u16, GuestAddress(base + 0x1006)).unwrap();
+            mem.write_obj(2u16, GuestAddress(base + 0x1002)).unwrap();
+            let region = Region::create().unwrap();
+            region.journal_reset(1, 0);
+            region.journal_popped(1, 4, 1);
+            region.journal_popped(1, 9, 2);
+            region.journal_completed(1, 4, 0);
+            if landed {
+                mem.write_obj(4u32, GuestAddress(base + 0x2004)).unwrap();
+                mem.write_obj(1u16, GuestAddress(base + 0x2002)).unwrap();
+            }
+            Reaper::new(1, mem.clone(), Arc::new(Quiet)).fail_all(&mut sh, &region);
+            let used: u16 = mem.read_obj(GuestAddress(base + 0x2002)).unwrap();
+            assert_eq!(used, 2, "landed: {landed}: every request completed once");
+            let status = |h: u64| mem.read_obj::<u8>(GuestAddress(base + 0x3000 + h)).unwrap();
+            assert_eq!(status(9), S_IOERR);
+            assert_eq!(
+                status(4),
+                if landed { 0 } else { S_IOERR },
+                "landed: {landed}"
+            );
+        }
     }
 
     /// The rings' addresses are the guest's: a descriptor table at the top of the address
