@@ -693,3 +693,24 @@ fn a_qcow2_disk_grows_under_the_jailed_backend() {
         );
     }
 }
+
+/// `[backend] jail = false`: the process splitvirt started serves the disk itself, unconfined
+/// (no keeper, no system call filter); it still maps only the pool.
+#[test]
+fn an_unjailed_backend_serves_only_when_the_description_says_so() {
+    let s = setup("[backend]\njail = false\nrestarts = 0");
+    let pid = s.remote.pid();
+    assert!(children(pid).is_empty(), "no keeper: it serves itself");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.contains("Seccomp:\t0"), "{status}");
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(maps.contains("splitvirt-pool") && !maps.contains("splitvirt-ram"));
+    let vm = &s.vm;
+    let rings = s.l.pool.as_ref().unwrap().base;
+    vm.start(rings);
+    assert_eq!(
+        vm.request(rings, 0, 1, 3, rings + 0x8000, false),
+        0,
+        "write"
+    );
+}
