@@ -107,6 +107,7 @@ fn mount_script(sysroot: &Path, toolchain: &Path, splitvirt_cache: &Path, kvm: b
     let tc = toolchain.display();
     let mut s = format!(
         "R='{r}'\n\
+         mount --bind \"$R\" \"$R\"\n\
          mount -t proc proc \"$R/proc\"\n\
          mount -t sysfs sys \"$R/sys\"\n\
          mount -t tmpfs -o mode=755 dev \"$R/dev\"\n\
@@ -147,8 +148,13 @@ fn mount_script(sysroot: &Path, toolchain: &Path, splitvirt_cache: &Path, kvm: b
             pass.push_str(&format!("{k}='{v}' "));
         }
     }
+    // pivot_root, not chroot: a chrooted process may not create user namespaces, which the
+    // backend's jail does (and its tests with it).
+    s.push_str(
+        "mkdir -p \"$R/.oldroot\"\ncd \"$R\"\npivot_root . .oldroot\numount -l /.oldroot\ncd /\n",
+    );
     s.push_str(&format!(
-        "exec chroot \"$R\" /usr/bin/env -i HOME=/root CI=true TERM=dumb LANG=C.UTF-8 {pass}\
+        "exec /usr/bin/env -i HOME=/root CI=true TERM=dumb LANG=C.UTF-8 {pass}\
          PATH=/opt/rust/bin:/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
          /bin/bash -c 'update-ca-certificates >/dev/null && cd /work/splitvirt && exec bash .ci/run' </dev/null\n",
     ));
