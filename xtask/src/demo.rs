@@ -146,11 +146,15 @@ pub fn run(shell: bool) -> Result<()> {
         (
             "backend confinement",
             format!(
-                "uid {}, CapEff {}, seccomp {}, no_new_privs {}, {} fds",
+                "uid {}, CapEff {}, seccomp {}, no_new_privs {}, own PID and net namespaces {}/{}, \
+                 {} entries in its root, {} fds",
                 v(o.value("backend_uid")),
                 v(o.value("backend_capeff")),
                 v(o.value("backend_seccomp")),
                 v(o.value("backend_nonewprivs")),
+                v(o.value("backend_own_pidns")),
+                v(o.value("backend_own_netns")),
+                v(o.value("backend_root_entries")),
                 v(o.value("backend_fds"))
             ),
         ),
