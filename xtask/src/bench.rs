@@ -286,6 +286,40 @@ const JAIL_ROUNDS: usize = 3;
 /// backend jailed and with `[backend] jail = false`, in alternating rounds, as a table of
 /// per-round ratios and their medians.
 pub fn jail() -> Result<()> {
+    // What the jail adds to the data path, its system call filter, measured alone.
+    println!("==> the system calls of one backend op, jailed and not: natively (x86_64)");
+    crate::env::run(crate::env::cargo().args([
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "backend",
+        "--example",
+        "syscall_cost",
+    ]))?;
+    let exe = crate::cross::example("backend", "syscall_cost")?;
+    let r = board::run(
+        "bench-syscall",
+        &[],
+        vec![("syscall_cost".to_owned(), std::fs::read(&exe)?)],
+        Duration::from_secs(900),
+    )?;
+    ensure!(
+        !r.timed_out && r.log.contains("median jailed/unjailed"),
+        "the board printed no syscall table (log: {})",
+        r.log_path.display()
+    );
+    println!("==> inside the board (TCG-emulated arm64)");
+    for l in r
+        .log
+        .lines()
+        .skip_while(|l| !l.contains("system calls of one"))
+    {
+        println!("{}", l.trim_end());
+        if l.contains("median jailed/unjailed") {
+            break;
+        }
+    }
     let mut files = io_files()?;
     let mut names = Vec::new();
     for round in 1..=JAIL_ROUNDS {
