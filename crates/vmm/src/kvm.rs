@@ -12,7 +12,7 @@ use kvm_bindings::{
 };
 use kvm_bindings::{KVM_ARM_VCPU_POWER_OFF, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use platform::{gicv2m::Gicv2m, pl011::Pl011, IrqLine, SpiTrigger};
+use platform::{IrqLine, SpiTrigger};
 use std::io::Read;
 use std::sync::{mpsc, Arc, Mutex};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -79,6 +79,18 @@ struct Notifier {
     /// Where BAR 0 decodes, and whether KVM catches the writes there now.
     at: Option<u64>,
     attached: bool,
+}
+
+impl crate::machine::QueueNotify for Notifiers {
+    fn fds(&self) -> Vec<(u8, std::os::fd::OwnedFd)> {
+        Notifiers::fds(self)
+    }
+    fn place(&self, dev: u8, at: Option<u64>) {
+        Notifiers::place(self, dev, at)
+    }
+    fn attach_all(&self, on: bool) {
+        Notifiers::attach_all(self, on)
+    }
 }
 
 impl Notifiers {
@@ -176,10 +188,7 @@ const GIC_IRQS: u32 = 128;
 /// movz x1, #0x900, lsl #16; movz x0, #0x41; strb w0, [x1]; b .
 const GUEST_CODE: [u32; 4] = [0xd2a1_2001, 0xd280_0820, 0x3900_0020, 0x1400_0000];
 
-/// Maps guest RAM (one host range) as memslot 0.
-/// Memslots of connector dataports: this plus the function's devfn (RAM uses 0..3).
-const DATAPORT_SLOTS: u32 = 16;
-
+/// Maps a host range as guest memory in memslot `slot`.
 fn map_memory(vm: &VmFd, slot: u32, host: u64, base: u64, size: u64) -> Result<(), Error> {
     let region = kvm_userspace_memory_region {
         slot,
@@ -429,6 +438,48 @@ fn input_thread(mut deliver: hostio::endpoint::Deliver, tx: mpsc::Sender<Stop>) 
     });
 }
 
+/// The machine's hypervisor: KVM's interrupt lines, irqfds, ioeventfds and memslots.
+struct KvmHypervisor(Arc<VmFd>);
+
+impl crate::machine::Hypervisor for KvmHypervisor {
+    fn spi_line(&self, intid: u32) -> Arc<dyn IrqLine> {
+        Arc::new(SpiLine {
+            vm: self.0.clone(),
+            intid,
+        })
+    }
+    fn spi_trigger(&self) -> Arc<dyn SpiTrigger> {
+        Arc::new(Msi { vm: self.0.clone() })
+    }
+    fn irqfds(&self) -> Box<dyn crate::msiroute::Irqfds> {
+        Box::new(KvmIrqfds(self.0.clone()))
+    }
+    fn notifiers(&self, l: &layout::Layout) -> Result<Arc<dyn crate::machine::QueueNotify>, Error> {
+        Ok(Arc::new(Notifiers::new(self.0.clone(), l)?))
+    }
+    fn memslot(
+        &self,
+        slot: u32,
+        host: crate::connect::HostMemory,
+    ) -> Box<dyn FnMut(Option<u64>) + Send> {
+        let vm = self.0.clone();
+        Box::new(move |at: Option<u64>| {
+            let region = kvm_userspace_memory_region {
+                slot,
+                flags: 0,
+                guest_phys_addr: at.unwrap_or(0),
+                memory_size: at.map_or(0, |_| host.size),
+                userspace_addr: host.addr,
+            };
+            // SAFETY: the mapping lives as long as its device, which the VM keeps until the
+            // process ends; size 0 removes the slot.
+            if let Err(e) = unsafe { vm.set_user_memory_region(region) } {
+                ratelog::error!("cannot map guest memory at {at:?} (slot {slot}): {e}");
+            }
+        })
+    }
+}
+
 /// Runs until the guest powers off or resets (the caller decides what a reset means).
 pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
     let (l, stats) = (&spec.layout, spec.stats);
@@ -477,153 +528,32 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
 
     let _gic = create_vgic(&vm, l.gic_dist.base, l.gic_cpu.base, l.gic_irqs)?;
 
-    let mut bus = Bus::default();
-    let uart_irq = Arc::new(SpiLine {
-        vm: vm.clone(),
-        intid: layout::layout::SPI_BASE_INTID + l.uart.spi,
-    });
     let console =
         crate::stats::TimedConsole::new(std::io::stdout(), start, crate::stats::INIT_MARKER);
     let timings = console.timings.clone();
-    let uart = Arc::new(Mutex::new(Pl011::new(Box::new(console), uart_irq)));
-    bus.add(l.uart.region.clone(), uart.clone());
-    if let Some(v) = &l.v2m {
-        let frame = Gicv2m::new(v.spi_base, v.spi_count, Arc::new(Msi { vm: vm.clone() }));
-        bus.add(v.region.clone(), Arc::new(Mutex::new(frame)));
-    }
-    let (ecam, pci_regions) = crate::pci_bus::host(l);
-    for (region, dev) in pci_regions {
-        bus.add(region, dev);
-    }
-    let bus_cell: Arc<std::sync::OnceLock<Arc<Bus>>> = Arc::default();
-    let signal = |d: &layout::Device| -> Arc<dyn virtio::transport::Signal> {
-        Arc::new(crate::devices::DeviceSignal {
-            bus: bus_cell.clone(),
-            frame: l.v2m.clone(),
-            intx: Arc::new(SpiLine {
-                vm: vm.clone(),
-                intid: layout::layout::SPI_BASE_INTID + d.intx_spi,
-            }),
-        })
-    };
-    let built = crate::devices::build(l, dev_mem, &signal, Box::new(std::io::stdout()), &|_| None)?;
-    for s in &built.skipped {
-        log::warn!("{s}");
-    }
-    // Devices in the backend process: their interrupts come back as events.
-    let mut intx_lines = std::collections::HashMap::new();
-    for d in l.backend_devices() {
-        let line = SpiLine {
-            vm: vm.clone(),
-            intid: layout::layout::SPI_BASE_INTID + d.intx_spi,
-        };
-        intx_lines.insert(d.slot as u8, line);
-    }
-    let notifiers = Arc::new(Notifiers::new(vm.clone(), l)?);
-    let dead_notifiers = notifiers.clone();
-    let events = Arc::new(move |e: rpc::Event| match e {
-        rpc::Event::Intx { dev, level } => {
-            if let Some(line) = intx_lines.get(&dev) {
-                line.set_level(level);
-            }
-        }
-        // Refused before it gets here (backend::Launch): MSIs travel by eventfd only.
-        rpc::Event::Msi { .. } => {}
-        // The notifications go to splitvirt (and the reaper) until a new backend serves them.
-        rpc::Event::Dead(_) => dead_notifiers.attach_all(false),
-    });
-    let msi = crate::msiroute::MsiRoutes::new(l, Box::new(KvmIrqfds(vm.clone())))
-        .map_err(|e| Error::Kvm {
-            what: "make the MSI eventfds",
-            detail: e.to_string(),
-        })?
-        .map(Arc::new);
-    let notify = notifiers.fds();
-    let back_on = notifiers.clone();
-    let mut remote = crate::backend::start(
-        l,
-        std::path::Path::new("/proc/self/exe"),
-        spec.config.as_deref(),
-        ram.pool_fd.as_ref(),
-        events,
-        &signal,
-        crate::backend::Bypass {
-            msi,
-            notify,
-            reattached: Some(Box::new(move || back_on.attach_all(true))),
+    let mut machine = crate::machine::build(
+        crate::machine::Parts {
+            layout: l,
+            exe: std::path::Path::new("/proc/self/exe"),
+            config: spec.config.as_deref(),
+            dev_mem,
+            pool_fd: ram.pool_fd.as_ref(),
+            uart_out: Box::new(console),
+            stdout: Box::new(std::io::stdout()),
         },
+        &KvmHypervisor(vm.clone()),
     )?;
-    {
-        let e = &ecam;
-        for (df, f) in built.functions {
-            // A connector's dataport is memory in the guest at BAR 1 (no exit per access),
-            // wherever the guest puts the BAR: a memslot of its own, moved with it.
-            let Some(&(_, host)) = built.dataports.iter().find(|(d, _)| *d == df) else {
-                e.add(df, f);
-                continue;
-            };
-            let (vm, slot) = (vm.clone(), DATAPORT_SLOTS + u32::from(df));
-            let remap = move |at: Option<u64>| {
-                let region = kvm_userspace_memory_region {
-                    slot,
-                    flags: 0,
-                    guest_phys_addr: at.unwrap_or(0),
-                    memory_size: at.map_or(0, |_| host.size),
-                    userspace_addr: host.addr,
-                };
-                // SAFETY: the dataport mapping lives as long as its connector, which the VM
-                // keeps until the process ends; size 0 removes the slot.
-                if let Err(e) = unsafe { vm.set_user_memory_region(region) } {
-                    ratelog::error!("cannot map a connector dataport at {at:?}: {e}");
-                }
-            };
-            e.add(df, Box::new(pci::BarWatch::new(f, 1, Box::new(remap))));
-        }
-        if let Some(r) = &mut remote {
-            for (df, f) in std::mem::take(&mut r.functions) {
-                let (n, dev) = (notifiers.clone(), df >> 3);
-                let moved = move |at: Option<u64>| n.place(dev, at);
-                e.add(df, Box::new(pci::BarWatch::new(f, 0, Box::new(moved))));
-            }
-        }
-    }
-    let bus = Arc::new(bus);
-    let _ = bus_cell.set(bus.clone());
-    for start in built.starters {
+    for start in std::mem::take(&mut machine.starters) {
         start();
     }
+    let bus = machine.bus.clone();
 
     let term = crate::terminal::RawTerminal::enter();
     let (tx, rx) = mpsc::channel();
-    // stdin feeds the console the guest uses: hvc0 when its command line says so.
-    let hvc0 = l
-        .cmdline
-        .split_whitespace()
-        .filter_map(|w| w.strip_prefix("console="))
-        .next_back()
-        == Some("hvc0");
-    let remote_console = remote.as_ref().and_then(|r| r.console_input());
-    match (&built.console, hvc0, remote_console) {
-        (_, true, Some(input)) => input_thread(Box::new(move |b: &[u8]| input(b)), tx.clone()),
-        (Some(c), true, _) => {
-            let c = c.clone();
-            input_thread(
-                Box::new(move |b: &[u8]| {
-                    let mut f = c.lock().unwrap_or_else(|e| e.into_inner());
-                    f.with_device(|d| d.queue_input(b));
-                }),
-                tx.clone(),
-            )
-        }
-        _ => input_thread(
-            Box::new(move |b: &[u8]| {
-                uart.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .queue_input(b)
-            }),
-            tx.clone(),
-        ),
-    }
+    input_thread(
+        std::mem::replace(&mut machine.stdin, Box::new(|_| {})),
+        tx.clone(),
+    );
     for (id, mut vcpu) in vcpus.into_iter().enumerate() {
         let (bus, tx) = (bus.clone(), tx.clone());
         std::thread::Builder::new()
@@ -660,6 +590,8 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
             rss.map_or("-".to_owned(), |r| r.to_string())
         );
     }
+    // The backend lives as long as the VM: until the process ends right after this returns.
+    std::mem::forget(machine);
     match stop {
         Stop::Exit(e) => Ok(e),
         Stop::Fault { vcpu, why, regs } => Err(Error::GuestFault { vcpu, why, regs }),

@@ -12,6 +12,7 @@ pub mod devices;
 pub mod kept;
 #[cfg(target_arch = "aarch64")]
 mod kvm;
+pub mod machine;
 pub mod memory;
 pub mod msiroute;
 pub mod pci_bus;

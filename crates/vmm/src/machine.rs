@@ -1,0 +1,338 @@
+//! A VM built from its layout, on any hypervisor: the MMIO bus (UART, GICv2m frame, ECAM and
+//! PCI windows), the devices in splitvirt and in the backend, where each one's interrupts go,
+//! the connectors' dataports, and which console stdin feeds. What is the hypervisor's own
+//! (interrupt lines, irqfds, ioeventfds, memslots) comes through `Hypervisor`: `kvm.rs`
+//! implements it, and the tests below use a fake, so that this wiring and its interrupt policy
+//! are built and tested on any host.
+
+use crate::backend::Remote;
+use crate::bus::Bus;
+use crate::connect::HostMemory;
+use crate::msiroute::Irqfds;
+use hostio::endpoint::Deliver;
+use layout::layout::SPI_BASE_INTID;
+use layout::Layout;
+use platform::{gicv2m::Gicv2m, pl011::Pl011, IrqLine, SpiTrigger};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// What the machine asks of the hypervisor once the VM, its memory and its vCPUs exist.
+pub trait Hypervisor {
+    /// The level line of SPI `intid` (an interrupt ID, 32 and up).
+    fn spi_line(&self, intid: u32) -> Arc<dyn IrqLine>;
+    /// Edges on SPIs, for the GICv2m frame's MSIs.
+    fn spi_trigger(&self) -> Arc<dyn SpiTrigger>;
+    /// Eventfds bound to interrupts (for the backend devices' MSI-X vectors).
+    fn irqfds(&self) -> Box<dyn Irqfds>;
+    /// Queue notifications of `l`'s backend devices caught by the hypervisor.
+    fn notifiers(&self, l: &Layout) -> Result<Arc<dyn QueueNotify>, crate::Error>;
+    /// Memslot `slot` holding `host`: the returned function maps it into the guest at the
+    /// address it is given, or unmaps it (None).
+    fn memslot(&self, slot: u32, host: HostMemory) -> Box<dyn FnMut(Option<u64>) + Send>;
+}
+
+/// Queue notifications caught by the hypervisor (ioeventfds), one eventfd per backend device,
+/// attached at each queue's notify address wherever the guest puts BAR 0.
+pub trait QueueNotify: Send + Sync {
+    /// (device, eventfd) for the backend.
+    fn fds(&self) -> Vec<(u8, OwnedFd)>;
+    /// Device `dev`'s BAR 0 now decodes at `at` (None: nowhere).
+    fn place(&self, dev: u8, at: Option<u64>);
+    /// Caught (`on`: a backend serves them) or let through to splitvirt (the reaper).
+    fn attach_all(&self, on: bool);
+}
+
+/// Memslots of connector dataports: this plus the function's devfn (RAM uses 0..3).
+pub const DATAPORT_SLOTS: u32 = 16;
+
+/// What the machine is built from, beside the layout and the hypervisor.
+pub struct Parts<'a> {
+    pub layout: &'a Layout,
+    /// The splitvirt binary the backend is started from.
+    pub exe: &'a Path,
+    /// The description file, which the backend reads too.
+    pub config: Option<&'a Path>,
+    /// What in-process devices may reach (the pool).
+    pub dev_mem: vm_memory::GuestMemoryMmap<()>,
+    pub pool_fd: Option<&'a File>,
+    /// Where the UART writes.
+    pub uart_out: Box<dyn Write + Send>,
+    /// Where a virtio-console on stdio writes.
+    pub stdout: Box<dyn Write + Send>,
+}
+
+pub struct Machine {
+    pub bus: Arc<Bus>,
+    /// The backend of the moment, kept for the VM's life (dropping it ends the backend).
+    pub remote: Option<Remote>,
+    /// Where stdin's bytes go: the console the guest uses (hvc0 when its command line says
+    /// `console=hvc0` and there is one, the UART otherwise).
+    pub stdin: Deliver,
+    /// Threads that feed in-process devices from their host ends, to start with the vCPUs.
+    pub starters: Vec<crate::devices::Starter>,
+}
+
+/// Builds the machine: the bus and every device on it, the backend started and its devices
+/// behind proxies, each interrupt routed.
+pub fn build(p: Parts<'_>, hv: &dyn Hypervisor) -> Result<Machine, crate::Error> {
+    let l = p.layout;
+    let mut bus = Bus::default();
+    let uart = Arc::new(Mutex::new(Pl011::new(
+        p.uart_out,
+        hv.spi_line(SPI_BASE_INTID + l.uart.spi),
+    )));
+    bus.add(l.uart.region.clone(), uart.clone());
+    if let Some(v) = &l.v2m {
+        let frame = Gicv2m::new(v.spi_base, v.spi_count, hv.spi_trigger());
+        bus.add(v.region.clone(), Arc::new(Mutex::new(frame)));
+    }
+    let (ecam, pci_regions) = crate::pci_bus::host(l);
+    for (region, dev) in pci_regions {
+        bus.add(region, dev);
+    }
+    let bus_cell: Arc<OnceLock<Arc<Bus>>> = Arc::default();
+    let signal = |d: &layout::Device| -> Arc<dyn virtio::transport::Signal> {
+        Arc::new(crate::devices::DeviceSignal {
+            bus: bus_cell.clone(),
+            frame: l.v2m.clone(),
+            intx: hv.spi_line(SPI_BASE_INTID + d.intx_spi),
+        })
+    };
+    let built = crate::devices::build(l, p.dev_mem, &signal, p.stdout, &|_| None)?;
+    for s in &built.skipped {
+        log::warn!("{s}");
+    }
+    // Devices in the backend process: their INTx comes back as events, each to its own line;
+    // their MSIs go through their own vectors' eventfds (msiroute).
+    let intx_lines: HashMap<u8, Arc<dyn IrqLine>> = l
+        .backend_devices()
+        .map(|d| (d.slot as u8, hv.spi_line(SPI_BASE_INTID + d.intx_spi)))
+        .collect();
+    let notifiers = hv.notifiers(l)?;
+    let dead_notifiers = notifiers.clone();
+    let events = Arc::new(move |e: rpc::Event| match e {
+        rpc::Event::Intx { dev, level } => {
+            if let Some(line) = intx_lines.get(&dev) {
+                line.set_level(level);
+            }
+        }
+        // Refused before it gets here (backend::Launch): MSIs travel by eventfd only.
+        rpc::Event::Msi { .. } => {}
+        // The notifications go to splitvirt (and the reaper) until a new backend serves them.
+        rpc::Event::Dead(_) => dead_notifiers.attach_all(false),
+    });
+    let msi = crate::msiroute::MsiRoutes::new(l, hv.irqfds())
+        .map_err(|e| crate::Error::Io(format!("cannot make the MSI eventfds: {e}")))?
+        .map(Arc::new);
+    let back_on = notifiers.clone();
+    let mut remote = crate::backend::start(
+        l,
+        p.exe,
+        p.config,
+        p.pool_fd,
+        events,
+        &signal,
+        crate::backend::Bypass {
+            msi,
+            notify: notifiers.fds(),
+            reattached: Some(Box::new(move || back_on.attach_all(true))),
+        },
+    )?;
+    for (df, f) in built.functions {
+        // A connector's dataport is memory in the guest at BAR 1 (no exit per access),
+        // wherever the guest puts the BAR: a memslot of its own, moved with it.
+        let Some(&(_, host)) = built.dataports.iter().find(|(d, _)| *d == df) else {
+            ecam.add(df, f);
+            continue;
+        };
+        let slot = hv.memslot(DATAPORT_SLOTS + u32::from(df), host);
+        ecam.add(df, Box::new(pci::BarWatch::new(f, 1, slot)));
+    }
+    if let Some(r) = &mut remote {
+        for (df, f) in std::mem::take(&mut r.functions) {
+            let (n, dev) = (notifiers.clone(), df >> 3);
+            let moved = move |at: Option<u64>| n.place(dev, at);
+            ecam.add(df, Box::new(pci::BarWatch::new(f, 0, Box::new(moved))));
+        }
+    }
+    let bus = Arc::new(bus);
+    let _ = bus_cell.set(bus.clone());
+    let stdin = stdin_target(l, built.console, remote.as_ref(), uart);
+    Ok(Machine {
+        bus,
+        remote,
+        stdin,
+        starters: built.starters,
+    })
+}
+
+/// stdin feeds the console the guest uses: hvc0 when its command line says so (in the
+/// backend or in splitvirt), the UART otherwise.
+fn stdin_target(
+    l: &Layout,
+    local: Option<crate::devices::SharedConsole>,
+    remote: Option<&Remote>,
+    uart: Arc<Mutex<Pl011>>,
+) -> Deliver {
+    let hvc0 = l
+        .cmdline
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("console="))
+        .next_back()
+        == Some("hvc0");
+    match (local, hvc0, remote.and_then(|r| r.console_input())) {
+        (_, true, Some(input)) => Box::new(move |b: &[u8]| input(b)),
+        (Some(c), true, _) => Box::new(move |b: &[u8]| {
+            let mut f = c.lock().unwrap_or_else(|e| e.into_inner());
+            f.with_device(|d| d.queue_input(b));
+        }),
+        _ => Box::new(move |b: &[u8]| {
+            uart.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .queue_input(b)
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+
+    /// Memslot moves as (slot, where).
+    type Moves = Arc<Mutex<Vec<(u32, Option<u64>)>>>;
+
+    /// A hypervisor that records what the machine asks of it.
+    #[derive(Default, Clone)]
+    struct Fake {
+        levels: Arc<Mutex<Vec<(u32, bool)>>>,
+        slots: Moves,
+    }
+    struct Line(Fake, u32);
+    impl IrqLine for Line {
+        fn set_level(&self, high: bool) {
+            self.0.levels.lock().unwrap().push((self.1, high));
+        }
+    }
+    struct NoEdges;
+    impl SpiTrigger for NoEdges {
+        fn trigger(&self, _: u32) {}
+    }
+    struct NoIrqfds;
+    impl Irqfds for NoIrqfds {
+        fn attach(&self, _: std::os::fd::RawFd, _: u32) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn detach(&self, _: std::os::fd::RawFd, _: u32) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    struct NoNotify;
+    impl QueueNotify for NoNotify {
+        fn fds(&self) -> Vec<(u8, OwnedFd)> {
+            Vec::new()
+        }
+        fn place(&self, _: u8, _: Option<u64>) {}
+        fn attach_all(&self, _: bool) {}
+    }
+    impl Hypervisor for Fake {
+        fn spi_line(&self, intid: u32) -> Arc<dyn IrqLine> {
+            Arc::new(Line(self.clone(), intid))
+        }
+        fn spi_trigger(&self) -> Arc<dyn SpiTrigger> {
+            Arc::new(NoEdges)
+        }
+        fn irqfds(&self) -> Box<dyn Irqfds> {
+            Box::new(NoIrqfds)
+        }
+        fn notifiers(&self, _: &Layout) -> Result<Arc<dyn QueueNotify>, crate::Error> {
+            Ok(Arc::new(NoNotify))
+        }
+        fn memslot(&self, slot: u32, _: HostMemory) -> Box<dyn FnMut(Option<u64>) + Send> {
+            let slots = self.slots.clone();
+            Box::new(move |at| slots.lock().unwrap().push((slot, at)))
+        }
+    }
+
+    /// The machine of `toml` (its devices in splitvirt) on the fake hypervisor.
+    fn machine(toml: &str) -> (Layout, Machine, Fake) {
+        let d = layout::Description::parse(toml, "t.toml").unwrap();
+        let l = layout::resolve(&d).unwrap().layout;
+        let pool = l.pool.clone().unwrap();
+        let dev_mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(
+            GuestAddress(pool.base),
+            pool.size as usize,
+        )])
+        .unwrap();
+        let fake = Fake::default();
+        let m = build(
+            Parts {
+                layout: &l,
+                exe: Path::new("/nonexistent"),
+                config: None,
+                dev_mem,
+                pool_fd: None,
+                uart_out: Box::new(std::io::sink()),
+                stdout: Box::new(std::io::sink()),
+            },
+            &fake,
+        )
+        .unwrap();
+        (l, m, fake)
+    }
+
+    /// Whether the UART has received bytes (PL011 FR.RXFE clear).
+    fn uart_has_input(l: &Layout, m: &Machine) -> bool {
+        let mut fr = [0u8; 4];
+        m.bus.read(l.uart.region.base + 0x18, &mut fr);
+        u32::from_le_bytes(fr) & (1 << 4) == 0
+    }
+
+    /// stdin goes to the console the guest uses: the UART, unless its command line says
+    /// console=hvc0 and there is a virtio-console to take it.
+    #[test]
+    fn stdin_feeds_the_console_the_guest_uses() {
+        let console = "[[device]]\nkind = \"virtio-console\"\nplacement = \"in-process\"\n";
+        for (cmdline, to_uart) in [("console=ttyAMA0", true), ("console=hvc0", false)] {
+            let toml = format!("[kernel]\ncmdline = \"{cmdline}\"\n{console}");
+            let (l, mut m, _) = machine(&toml);
+            assert!(!uart_has_input(&l, &m));
+            (m.stdin)(b"x");
+            assert_eq!(uart_has_input(&l, &m), to_uart, "{cmdline}");
+        }
+    }
+
+    /// A connector's dataport is a memslot that follows its BAR 1: mapped where the guest's
+    /// memory decoding puts it, unmapped when decoding stops.
+    #[test]
+    fn a_dataport_follows_its_bar() {
+        let (l, m, fake) = machine(
+            "[[device]]\nkind = \"connector\"\nname = \"c\"\ndataport_size = \"1M\"\nslot = 3\n",
+        );
+        let d = &l.devices[0];
+        let ecam_fn = l.pci.ecam.base + (u64::from(d.slot) << 15);
+        let slot = DATAPORT_SLOTS + u32::from(pci::ecam::devfn(d.slot as u8, 0));
+        m.bus.write(ecam_fn + 4, &2u16.to_le_bytes());
+        m.bus.write(ecam_fn + 4, &0u16.to_le_bytes());
+        let slots = fake.slots.lock().unwrap().clone();
+        assert_eq!(slots, [(slot, Some(d.bars[1].base)), (slot, None)]);
+    }
+
+    /// The UART's interrupt is the layout's SPI, raised through the hypervisor's line when
+    /// input arrives with the receive interrupt unmasked.
+    #[test]
+    fn the_uarts_interrupt_reaches_its_line() {
+        let (l, mut m, fake) =
+            machine("[[device]]\nkind = \"virtio-console\"\nplacement = \"in-process\"\n");
+        // PL011 IMSC (0x38): unmask the receive interrupt (bit 4).
+        m.bus
+            .write(l.uart.region.base + 0x38, &(1u32 << 4).to_le_bytes());
+        (m.stdin)(b"x");
+        let uart = SPI_BASE_INTID + l.uart.spi;
+        assert_eq!(fake.levels.lock().unwrap().last(), Some(&(uart, true)));
+    }
+}
