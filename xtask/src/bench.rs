@@ -286,7 +286,13 @@ const JAIL_ROUNDS: usize = 4;
 /// backend jailed and with `[backend] jail = false`, in alternating rounds, as a table of
 /// per-round ratios and their medians.
 pub fn jail() -> Result<()> {
-    // What the jail adds to the data path, its system call filter, measured alone.
+    syscalls()?;
+    jail_vms()
+}
+
+/// `cargo xtask bench syscall`: what the jail adds to the data path, its system call filter,
+/// measured alone, natively and in the board.
+pub fn syscalls() -> Result<()> {
     println!("==> the system calls of one backend op, jailed and not: natively (x86_64)");
     crate::env::run(crate::env::cargo().args([
         "run",
@@ -320,6 +326,11 @@ pub fn jail() -> Result<()> {
             break;
         }
     }
+    Ok(())
+}
+
+/// The whole-VM rounds of `bench jail`.
+fn jail_vms() -> Result<()> {
     let mut files = io_files()?;
     let mut names = Vec::new();
     for round in 1..=JAIL_ROUNDS {

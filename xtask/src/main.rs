@@ -55,11 +55,12 @@ enum Cmd {
     },
     /// Benchmarks that print a table: `boot` (timings and memory of splitvirt on KVM), `io`
     /// (virtio-blk raw and qcow2, TCP over virtio-net, in-process and backend), `jail` (the
-    /// same with the backend jailed and not, alternating), `rpc` (the
+    /// same with the backend jailed and not, alternating, after `syscall`: the cost of its
+    /// system call filter alone), `rpc` (the
     /// proxy-backend round trip against eventfd and spin floors, natively and in the board),
     /// `conn` (cross-VM connector event round trip and guest-to-guest bandwidth vs memcpy).
     Bench {
-        #[arg(value_parser = ["boot", "io", "rpc", "conn", "jail"])]
+        #[arg(value_parser = ["boot", "io", "rpc", "conn", "jail", "syscall"])]
         what: String,
     },
     /// Run the cargo-fuzz targets (virtqueue, blk_request, ecam) for a while each.
@@ -116,6 +117,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { what } if what == "io" => bench::io(),
         Cmd::Bench { what } if what == "rpc" => bench::rpc(),
         Cmd::Bench { what } if what == "jail" => bench::jail(),
+        Cmd::Bench { what } if what == "syscall" => bench::syscalls(),
         Cmd::Bench { what } if what == "conn" => kvmconn::bench(),
         Cmd::Bench { .. } => bench::boot(),
         Cmd::Realboot => {
