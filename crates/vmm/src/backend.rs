@@ -83,9 +83,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Starts `splitvirt backend --setup-fd 3` on `setup`. `bound` (a backend of this VM's own)
 /// ties its life to ours (the parent-death signal follows the forking *thread*: a restarted
-/// backend is forked by the watch thread, which lives as long as that backend does) and
-/// gives it pipes for stdout and stderr instead of splitvirt's: it never holds the operator's
-/// terminal. Its stdin is /dev/null.
+/// backend is forked by the watch thread, which lives as long as that backend does). Its stdin
+/// is /dev/null and its stdout and stderr are pipes to us: it never holds the operator's
+/// terminal or a log file.
 fn spawn_backend(
     exe: &Path,
     config: Option<&Path>,
@@ -100,13 +100,12 @@ fn spawn_backend(
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
     }
-    cmd.stdin(Stdio::null());
-    if bound {
-        // Its log lines come through splitvirt, which logs them where it logs its own.
-        cmd.stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env_remove(crate::LOG_FILE_ENV);
-    }
+    // Its log lines come through splitvirt (or the listener), which logs them where it logs
+    // its own: it holds no terminal and no log file.
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_remove(crate::LOG_FILE_ENV);
     let fd = setup.as_raw_fd();
     // SAFETY: between fork and exec only async-signal-safe calls: dup2 and prctl.
     unsafe {
