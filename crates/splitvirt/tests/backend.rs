@@ -714,3 +714,91 @@ fn an_unjailed_backend_serves_only_when_the_description_says_so() {
         "write"
     );
 }
+
+impl Vm {
+    /// Request `n` with one data buffer of `len` bytes at `data`, waited for without sleeping
+    /// (for the benchmark below; `request` sleeps between looks).
+    fn request_spinning(&self, rings: u64, n: u16, kind: u32, sector: u64, data: u64, len: u32) {
+        let hdr = rings + 0x3000 + 0x100 * u64::from(n % 16);
+        let status = hdr + 0x80;
+        self.mem.write_obj(kind, GuestAddress(hdr)).unwrap();
+        self.mem.write_obj(sector, GuestAddress(hdr + 8)).unwrap();
+        let chain = [(hdr, 16u32, false), (data, len, kind == 0), (status, 1, true)];
+        let base = (n * 3) % 16;
+        for (i, &(addr, len, w)) in chain.iter().enumerate() {
+            let d = GuestAddress(rings + 16 * u64::from((base + i as u16) % 16));
+            self.mem.write_obj(addr, d).unwrap();
+            self.mem.write_obj(len, d.unchecked_add(8)).unwrap();
+            let flags = u16::from(i < 2) | if w { 2 } else { 0 };
+            self.mem.write_obj(flags, d.unchecked_add(12)).unwrap();
+            let next = (base + i as u16 + 1) % 16;
+            self.mem.write_obj(next, d.unchecked_add(14)).unwrap();
+        }
+        let slot = GuestAddress(rings + 0x1004 + 2 * u64::from(n % 16));
+        self.mem.write_obj(base, slot).unwrap();
+        let next = n.wrapping_add(1);
+        self.mem.write_obj(next, GuestAddress(rings + 0x1002)).unwrap();
+        self.w(0x3000, 0, 2);
+        while self.mem.read_obj::<u16>(GuestAddress(rings + 0x2002)).unwrap() != next {
+            std::thread::yield_now();
+        }
+        assert_eq!(self.mem.read_obj::<u8>(GuestAddress(status)).unwrap(), 0);
+    }
+}
+
+/// A benchmark, not a check (run by `cargo xtask bench jail`): 3000 writes then 3000 reads of
+/// 64 KiB through the real backend process, jailed and with `jail = false`, four rounds in
+/// alternation; prints the times and the per-round ratios.
+#[test]
+#[ignore]
+fn bench_jailed_and_unjailed_io() {
+    let (mut rows, mut ratios) = (Vec::new(), (Vec::new(), Vec::new()));
+    for round in 0..4 {
+        let mut pair = [("jailed", ""), ("unjailed", "jail = false")];
+        if round % 2 == 1 {
+            pair.reverse();
+        }
+        let mut times = std::collections::HashMap::new();
+        for (kind, table) in pair {
+            let s = setup(&format!("[backend]\nrestarts = 0\n{table}"));
+            let (vm, rings) = (&s.vm, s.l.pool.as_ref().unwrap().base);
+            vm.start(rings);
+            let data = rings + 0x10000;
+            let sector = |n: u16| u64::from(n % 15) * 128;
+            let t = std::time::Instant::now();
+            for n in 0..3000u16 {
+                vm.request_spinning(rings, n, 1, sector(n), data, 65536);
+            }
+            let w = t.elapsed().as_secs_f64() * 1000.0;
+            let t = std::time::Instant::now();
+            for n in 3000..6000u16 {
+                vm.request_spinning(rings, n, 0, sector(n), data, 65536);
+            }
+            times.insert(kind, (w, t.elapsed().as_secs_f64() * 1000.0));
+        }
+        let (j, u) = (times["jailed"], times["unjailed"]);
+        ratios.0.push(j.0 / u.0);
+        ratios.1.push(j.1 / u.1);
+        rows.push(format!(
+            "round {round}: write {:.0} / {:.0} ms ({:.2}x), read {:.0} / {:.0} ms ({:.2}x)",
+            j.0,
+            u.0,
+            j.0 / u.0,
+            j.1,
+            u.1,
+            j.1 / u.1
+        ));
+    }
+    println!("64 KiB requests through the backend process, jailed / unjailed:");
+    for r in rows {
+        println!("{r}");
+    }
+    for v in [&mut ratios.0, &mut ratios.1] {
+        v.sort_by(f64::total_cmp);
+    }
+    println!(
+        "median jailed/unjailed: write {:.2}x, read {:.2}x",
+        (ratios.0[1] + ratios.0[2]) / 2.0,
+        (ratios.1[1] + ratios.1[2]) / 2.0
+    );
+}
