@@ -287,6 +287,20 @@ const JAIL_ROUNDS: usize = 4;
 /// per-round ratios and their medians.
 pub fn jail() -> Result<()> {
     syscalls()?;
+    println!("==> 64 KiB requests through the real backend process, jailed and not: natively");
+    crate::env::run(crate::env::cargo().args([
+        "test",
+        "--quiet",
+        "--release",
+        "-p",
+        "splitvirt",
+        "--test",
+        "backend",
+        "bench_jailed_and_unjailed_io",
+        "--",
+        "--ignored",
+        "--nocapture",
+    ]))?;
     jail_vms()
 }
 
