@@ -723,7 +723,11 @@ impl Vm {
         let status = hdr + 0x80;
         self.mem.write_obj(kind, GuestAddress(hdr)).unwrap();
         self.mem.write_obj(sector, GuestAddress(hdr + 8)).unwrap();
-        let chain = [(hdr, 16u32, false), (data, len, kind == 0), (status, 1, true)];
+        let chain = [
+            (hdr, 16u32, false),
+            (data, len, kind == 0),
+            (status, 1, true),
+        ];
         let base = (n * 3) % 16;
         for (i, &(addr, len, w)) in chain.iter().enumerate() {
             let d = GuestAddress(rings + 16 * u64::from((base + i as u16) % 16));
@@ -737,9 +741,16 @@ impl Vm {
         let slot = GuestAddress(rings + 0x1004 + 2 * u64::from(n % 16));
         self.mem.write_obj(base, slot).unwrap();
         let next = n.wrapping_add(1);
-        self.mem.write_obj(next, GuestAddress(rings + 0x1002)).unwrap();
+        self.mem
+            .write_obj(next, GuestAddress(rings + 0x1002))
+            .unwrap();
         self.w(0x3000, 0, 2);
-        while self.mem.read_obj::<u16>(GuestAddress(rings + 0x2002)).unwrap() != next {
+        while self
+            .mem
+            .read_obj::<u16>(GuestAddress(rings + 0x2002))
+            .unwrap()
+            != next
+        {
             std::thread::yield_now();
         }
         assert_eq!(self.mem.read_obj::<u8>(GuestAddress(status)).unwrap(), 0);
