@@ -235,16 +235,23 @@ fn apply(filter: &BpfProgram) -> Result<(), PolicyError> {
         len: filter.len() as u16,
         filter: filter.as_ptr() as *mut libc::sock_filter,
     };
-    // SAFETY: the kernel copies the program in; `filter` outlives the call. seccompiler's
-    // sock_filter is the kernel's layout (repr(C): u16, u8, u8, u32), as libc's is.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            libc::SECCOMP_FILTER_FLAG_SPEC_ALLOW,
-            &prog as *const libc::sock_fprog,
-        )
+    let install = |flags: libc::c_ulong| {
+        // SAFETY: the kernel copies the program in; `filter` outlives the call. seccompiler's
+        // sock_filter is the kernel's layout (repr(C): u16, u8, u8, u32), as libc's is.
+        unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                flags,
+                &prog as *const libc::sock_fprog,
+            )
+        }
     };
+    let mut rc = install(libc::SECCOMP_FILTER_FLAG_SPEC_ALLOW);
+    if rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        // A kernel older than 4.17 knows no such flag.
+        rc = install(0);
+    }
     if rc != 0 {
         return Err(PolicyError::Install(seccompiler::Error::Seccomp(
             std::io::Error::last_os_error(),
