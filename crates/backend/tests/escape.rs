@@ -5,7 +5,7 @@
 //! policy the jail alone still refuses each one with the error shown.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
 
 const POOL: i64 = 1 << 20;
@@ -62,15 +62,7 @@ fn attempt(what: &str, policy: bool) -> Result<String, i32> {
         .stdin(Stdio::from(terminal()))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: dup2 only, between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    rpc::setup::pass_as_fd3(&mut cmd, fd);
     let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -167,4 +159,31 @@ fn without_its_policy_the_jail_alone_still_holds() {
     ] {
         assert_eq!(attempt(what, false), expect, "{what}");
     }
+}
+
+/// A host where this user may not create user namespaces (here: a user namespace whose own
+/// limit allows no nested one) gets no unconfined backend, but an error that names the fix.
+#[test]
+fn a_host_without_user_namespaces_gets_the_fix() {
+    let pool = sealed_pool();
+    let fd = pool.as_raw_fd();
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--user",
+        "--map-root-user",
+        "sh",
+        "-c",
+        "echo 0 >/proc/sys/user/max_user_namespaces && exec \"$0\" status 1 /none",
+        env!("CARGO_BIN_EXE_jail-probe"),
+    ]);
+    rpc::setup::pass_as_fd3(&mut cmd, fd);
+    let out = cmd.output().expect("unshare (util-linux)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout} {out:?}");
+    assert!(
+        stdout.contains("cannot create the backend's namespaces")
+            && stdout.contains("user.max_user_namespaces")
+            && stdout.contains("jail = false"),
+        "{stdout}"
+    );
 }

@@ -74,6 +74,27 @@ pub const MAX_VECTORS: usize = 255;
 const MAX_DEVICES: u8 = 32;
 const MAX_FDS: usize = FDS + MAX_MSI_FDS + 2 * MAX_DEVICES as usize;
 
+/// Has `cmd`'s process get `fd` as its descriptor 3 (where the backend takes its setup
+/// socket), open across exec. dup2 onto itself would leave close-on-exec set: it is cleared
+/// by hand then.
+pub fn pass_as_fd3(cmd: &mut std::process::Command, fd: RawFd) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec only async-signal-safe calls: dup2 and fcntl.
+    unsafe {
+        cmd.pre_exec(move || {
+            let rc = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if rc < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// A SOCK_SEQPACKET pair (close-on-exec): (VMM end, backend end).
 pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];

@@ -106,14 +106,11 @@ fn spawn_backend(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .env_remove(crate::LOG_FILE_ENV);
-    let fd = setup.as_raw_fd();
-    // SAFETY: between fork and exec only async-signal-safe calls: dup2 and prctl.
+    rpc::setup::pass_as_fd3(&mut cmd, setup.as_raw_fd());
+    // SAFETY: between fork and exec only an async-signal-safe call: prctl.
     unsafe {
         use std::os::unix::process::CommandExt;
         cmd.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
             if bound {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             }
