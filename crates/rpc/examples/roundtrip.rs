@@ -148,7 +148,12 @@ fn child(mode: &str) {
                 Doorbell::from_fd(take(5)),
                 Doorbell::from_fd(take(6)),
             );
-            let wait = if mode == "poll" {
+            if mode.ends_with("-jailed") {
+                // The backend's jail and its system call policy, as `splitvirt backend` has them.
+                backend::jail::enter(backend::jail::ids_for(backend::jail::ROOT_DEFAULT)).unwrap();
+                backend::policy::install(backend::policy::Needs::default()).unwrap();
+            }
+            let wait = if mode.starts_with("poll") {
                 Wait::Poll(Duration::from_millis(50))
             } else {
                 Wait::Block
@@ -255,7 +260,9 @@ fn batch(mode: &str, n: usize) -> Vec<Duration> {
                     replies.fd().as_raw_fd(),
                 ],
             );
-            let poll = (mode == "poll").then_some(Duration::from_millis(50));
+            let poll = mode
+                .starts_with("poll")
+                .then_some(Duration::from_millis(50));
             let proxy = Proxy::start_with(
                 region,
                 to_backend,
@@ -307,12 +314,15 @@ fn main() {
         ("shared-memory spin (floor)", "spin"),
         ("RPC read, blocking", "block"),
         ("RPC read, polling", "poll"),
+        ("RPC read, blocking, jailed", "block-jailed"),
+        ("RPC read, polling, jailed", "poll-jailed"),
     ];
     let mut all: Vec<Vec<Duration>> = vec![Vec::new(); modes.len()];
-    // Per batch: measure / floor, for (blocking, eventfd) and (polling, spin).
-    let mut ratios = [Vec::new(), Vec::new()];
+    // Per batch: measure / floor, for (blocking, eventfd), (polling, spin), and the backend
+    // jailed over unjailed, blocking and polling.
+    let mut ratios = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
     for _ in 0..BATCHES {
-        for (k, (floor, measure)) in [(0, 2), (1, 3)].into_iter().enumerate() {
+        for (k, (floor, measure)) in [(0, 2), (1, 3), (2, 4), (3, 5)].into_iter().enumerate() {
             let f = batch(modes[floor].1, ROUNDS / BATCHES);
             let m = batch(modes[measure].1, ROUNDS / BATCHES);
             ratios[k].push(median(&m) / median(&f));
@@ -340,5 +350,11 @@ fn main() {
          (medians of {BATCHES} interleaved batches' ratios)",
         mid(&mut ratios[0]),
         mid(&mut ratios[1])
+    );
+    println!(
+        "jailed / unjailed backend: blocking {:.2}x, polling {:.2}x (goal within 3%; medians of \
+         {BATCHES} interleaved batches' ratios)",
+        mid(&mut ratios[2]),
+        mid(&mut ratios[3])
     );
 }
