@@ -431,14 +431,14 @@ pub fn rpc() -> Result<()> {
     let files = vec![("roundtrip".to_owned(), std::fs::read(&exe)?)];
     let r = board::run("bench-rpc", &[], files, Duration::from_secs(900))?;
     ensure!(
-        !r.timed_out && r.log.contains("polling / spin floor"),
+        !r.timed_out && r.log.contains("jailed / unjailed backend"),
         "the board run printed no table (log: {})",
         r.log_path.display()
     );
     println!("==> inside the board (TCG-emulated arm64, 2 vCPUs)");
     for l in r.log.lines().skip_while(|l| !l.contains("RPC round trip")) {
         println!("{}", l.trim_end());
-        if l.contains("polling / spin floor") {
+        if l.contains("jailed / unjailed backend") {
             break;
         }
     }
