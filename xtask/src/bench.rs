@@ -260,21 +260,8 @@ fn ab_table(p: &crate::qemu::Run, log: &std::path::Path) -> Result<()> {
             b.len()
         );
         // Each round's two disks ran seconds apart: compare within rounds.
-        let mut ratios: Vec<f64> = a.iter().zip(&b).map(|(x, y)| y / x).collect();
-        let show = |v: &[f64], d: usize| {
-            v.iter()
-                .map(|x| format!("{x:.d$}"))
-                .collect::<Vec<_>>()
-                .join(" / ")
-        };
-        let per_round = show(&ratios, 2);
-        ratios.sort_by(f64::total_cmp);
-        println!(
-            "{what:>16} {:>34} {:>34} {per_round:>34} {:>7.2}x",
-            show(&a, 1),
-            show(&b, 1),
-            ratios[AB_ROUNDS / 2]
-        );
+        let ratios: Vec<f64> = a.iter().zip(&b).map(|(x, y)| y / x).collect();
+        paired_row(what, 34, &a, &b, ratios);
     }
     Ok(())
 }
@@ -396,23 +383,34 @@ fn jail_vms() -> Result<()> {
             jailed.push(value(&format!("jailed-{round}"))?);
             free.push(value(&format!("unjailed-{round}"))?);
         }
-        let mut ratios: Vec<f64> = jailed.iter().zip(&free).map(|(j, u)| j / u).collect();
-        let show = |v: &[f64], d: usize| {
-            v.iter()
-                .map(|x| format!("{x:.d$}"))
-                .collect::<Vec<_>>()
-                .join(" / ")
-        };
-        let per_round = show(&ratios, 2);
-        ratios.sort_by(f64::total_cmp);
-        println!(
-            "{what:>16} {:>26} {:>26} {per_round:>26} {:>7.2}x",
-            show(&jailed, 1),
-            show(&free, 1),
-            ratios[JAIL_ROUNDS / 2 - 1] / 2.0 + ratios[JAIL_ROUNDS / 2] / 2.0
-        );
+        let ratios: Vec<f64> = jailed.iter().zip(&free).map(|(j, u)| j / u).collect();
+        paired_row(what, 26, &jailed, &free, ratios);
     }
     Ok(())
+}
+
+/// One row of a table of paired rounds: `what`, each side's rounds, the per-round `ratios`
+/// and their median (of the middle two for an even count), columns `width` wide.
+fn paired_row(what: &str, width: usize, left: &[f64], right: &[f64], mut ratios: Vec<f64>) {
+    let show = |v: &[f64], d: usize| {
+        v.iter()
+            .map(|x| format!("{x:.d$}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    let per_round = show(&ratios, 2);
+    ratios.sort_by(f64::total_cmp);
+    let n = ratios.len();
+    let median = if n % 2 == 1 {
+        ratios[n / 2]
+    } else {
+        (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0
+    };
+    println!(
+        "{what:>16} {:>width$} {:>width$} {per_round:>width$} {median:>7.2}x",
+        show(left, 1),
+        show(right, 1)
+    );
 }
 
 /// `cargo xtask bench rpc`: the round-trip table natively, then inside the board (arm64).

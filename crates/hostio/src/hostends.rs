@@ -36,14 +36,11 @@ impl HostEnds {
             let end = match &d.kind {
                 DeviceKind::VirtioBlk {
                     image, read_only, ..
-                } => {
-                    // Fails now, not in the backend, if it cannot be opened.
-                    virtio::disk::open_file(image, *read_only)?;
-                    End::Disk {
-                        image: image.clone(),
-                        read_only: *read_only,
-                    }
-                }
+                } => End::Disk {
+                    // Opened by `for_backend`, in splitvirt, before each backend starts.
+                    image: image.clone(),
+                    read_only: *read_only,
+                },
                 DeviceKind::VirtioNet { backend, .. } => match backend {
                     NetBackend::Tap(name) => End::Held(crate::tap::Tap::open(name)?.into()),
                     NetBackend::Socket(path) => {

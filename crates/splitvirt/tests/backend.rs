@@ -44,16 +44,28 @@ impl Vm {
         self.w(0x1c, 1, 2);
         self.w(0x14, 0xf, 1);
     }
-    /// Request `n` (a fresh descriptor triple and avail slot each time) and its completion.
-    fn request(&self, rings: u64, n: u16, kind: u32, sector: u64, data: u64, writable: bool) -> u8 {
-        let hdr = rings + 0x3000 + 0x100 * u64::from(n);
+    /// Posts request `n` (a fresh descriptor triple and avail slot each time, n < 16): a
+    /// header of `kind` at `sector`, `len` bytes at `data` (device-writable if `writable`), a
+    /// status byte, whose address it returns; then notifies the queue.
+    #[allow(clippy::too_many_arguments)]
+    fn post(
+        &self,
+        rings: u64,
+        n: u16,
+        kind: u32,
+        sector: u64,
+        data: u64,
+        len: u32,
+        writable: bool,
+    ) -> GuestAddress {
+        let hdr = rings + 0x3000 + 0x100 * u64::from(n % 16);
         let status = hdr + 0x80;
         self.mem.write_obj(kind, GuestAddress(hdr)).unwrap();
         self.mem.write_obj(sector, GuestAddress(hdr + 8)).unwrap();
         self.mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
         let chain = [
             (hdr, 16u32, false),
-            (data, 512, writable),
+            (data, len, writable),
             (status, 1, true),
         ];
         let base = (n * 3) % 16;
@@ -71,9 +83,22 @@ impl Vm {
             .write_obj(base, GuestAddress(rings + 0x1004 + 2 * u64::from(n % 16)))
             .unwrap();
         self.mem
-            .write_obj(n + 1, GuestAddress(rings + 0x1002))
+            .write_obj(n.wrapping_add(1), GuestAddress(rings + 0x1002))
             .unwrap();
         self.w(0x3000, 0, 2);
+        GuestAddress(status)
+    }
+    /// Request `n` reads `sector` into `data`, cleared first: its status and the bytes.
+    fn read_back(&self, rings: u64, n: u16, sector: u64, data: u64) -> (u8, [u8; 512]) {
+        self.mem.write_slice(&[0; 512], GuestAddress(data)).unwrap();
+        let status = self.request(rings, n, 0, sector, data, true);
+        let mut got = [0u8; 512];
+        self.mem.read_slice(&mut got, GuestAddress(data)).unwrap();
+        (status, got)
+    }
+    /// Request `n` of 512 bytes and its completion.
+    fn request(&self, rings: u64, n: u16, kind: u32, sector: u64, data: u64, writable: bool) -> u8 {
+        let status = self.post(rings, n, kind, sector, data, 512, writable);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             let used: u16 = self.mem.read_obj(GuestAddress(rings + 0x2002)).unwrap();
@@ -82,7 +107,7 @@ impl Vm {
             }
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
-        self.mem.read_obj(GuestAddress(status)).unwrap()
+        self.mem.read_obj(status).unwrap()
     }
 }
 
@@ -271,14 +296,8 @@ fn a_killed_backend_is_replaced_and_the_disk_carries_on_where_it_stood() {
     assert_confined(second);
     // The new backend's device is the one the driver set up, and it takes the next request,
     // not the two already used.
-    vm.mem.write_slice(&[0; 512], GuestAddress(data)).unwrap();
-    assert_eq!(
-        vm.request(rings, 2, 0, 3, data, true),
-        0,
-        "read after the restart"
-    );
-    let mut got = [0u8; 512];
-    vm.mem.read_slice(&mut got, GuestAddress(data)).unwrap();
+    let (status, got) = vm.read_back(rings, 2, 3, data);
+    assert_eq!(status, 0, "read after the restart");
     assert!(got.iter().all(|&b| b == 0x5a));
     let used: u16 = vm.mem.read_obj(GuestAddress(rings + 0x2002)).unwrap();
     assert_eq!(used, 3);
@@ -369,14 +388,8 @@ fn a_listening_backend_serves_a_vm_that_connects_and_again_after_a_kill() {
         again.len() == 1 && again[0] != served[0],
         "a new backend process: {again:?}"
     );
-    vm.mem.write_slice(&[0; 512], GuestAddress(data)).unwrap();
-    assert_eq!(
-        vm.request(rings, 1, 0, 7, data, true),
-        0,
-        "read after reconnecting"
-    );
-    let mut got = [0u8; 512];
-    vm.mem.read_slice(&mut got, GuestAddress(data)).unwrap();
+    let (status, got) = vm.read_back(rings, 1, 7, data);
+    assert_eq!(status, 0, "read after reconnecting");
     assert!(got.iter().all(|&b| b == 0x33));
     // The VM goes: its backend process ends, the listener stays.
     drop(s);
@@ -407,10 +420,8 @@ fn a_disk_served_by_the_backend_process_which_maps_only_the_pool() {
         .write_slice(&[0x5a; 512], GuestAddress(data))
         .unwrap();
     assert_eq!(vm.request(rings, 0, 1, 3, data, false), 0, "write");
-    vm.mem.write_slice(&[0; 512], GuestAddress(data)).unwrap();
-    assert_eq!(vm.request(rings, 1, 0, 3, data, true), 0, "read back");
-    let mut got = [0u8; 512];
-    vm.mem.read_slice(&mut got, GuestAddress(data)).unwrap();
+    let (status, got) = vm.read_back(rings, 1, 3, data);
+    assert_eq!(status, 0, "read back");
     assert!(got.iter().all(|&b| b == 0x5a));
     assert!(std::fs::read(disk).unwrap()[3 * 512..4 * 512]
         .iter()
@@ -635,14 +646,8 @@ fn a_hostile_backend_is_contained() {
                 .any(|e| matches!(e, rpc::Event::Msi { .. })),
             "{mode}: no MSI message reached the hypervisor's side"
         );
-        vm.mem.write_slice(&[0; 512], GuestAddress(data)).unwrap();
-        assert_eq!(
-            vm.request(rings, 1, 0, 2, data, true),
-            0,
-            "{mode}: read after it"
-        );
-        let mut got = [0u8; 512];
-        vm.mem.read_slice(&mut got, GuestAddress(data)).unwrap();
+        let (status, got) = vm.read_back(rings, 1, 2, data);
+        assert_eq!(status, 0, "{mode}: read after it");
         assert!(got.iter().all(|&b| b == 7), "{mode}: the disk's bytes");
     }
 }
@@ -719,32 +724,8 @@ impl Vm {
     /// Request `n` with one data buffer of `len` bytes at `data`, waited for without sleeping
     /// (for the benchmark below; `request` sleeps between looks).
     fn request_spinning(&self, rings: u64, n: u16, kind: u32, sector: u64, data: u64, len: u32) {
-        let hdr = rings + 0x3000 + 0x100 * u64::from(n % 16);
-        let status = hdr + 0x80;
-        self.mem.write_obj(kind, GuestAddress(hdr)).unwrap();
-        self.mem.write_obj(sector, GuestAddress(hdr + 8)).unwrap();
-        let chain = [
-            (hdr, 16u32, false),
-            (data, len, kind == 0),
-            (status, 1, true),
-        ];
-        let base = (n * 3) % 16;
-        for (i, &(addr, len, w)) in chain.iter().enumerate() {
-            let d = GuestAddress(rings + 16 * u64::from((base + i as u16) % 16));
-            self.mem.write_obj(addr, d).unwrap();
-            self.mem.write_obj(len, d.unchecked_add(8)).unwrap();
-            let flags = u16::from(i < 2) | if w { 2 } else { 0 };
-            self.mem.write_obj(flags, d.unchecked_add(12)).unwrap();
-            let next = (base + i as u16 + 1) % 16;
-            self.mem.write_obj(next, d.unchecked_add(14)).unwrap();
-        }
-        let slot = GuestAddress(rings + 0x1004 + 2 * u64::from(n % 16));
-        self.mem.write_obj(base, slot).unwrap();
+        let status = self.post(rings, n, kind, sector, data, len, kind == 0);
         let next = n.wrapping_add(1);
-        self.mem
-            .write_obj(next, GuestAddress(rings + 0x1002))
-            .unwrap();
-        self.w(0x3000, 0, 2);
         while self
             .mem
             .read_obj::<u16>(GuestAddress(rings + 0x2002))
@@ -753,7 +734,7 @@ impl Vm {
         {
             std::thread::yield_now();
         }
-        assert_eq!(self.mem.read_obj::<u8>(GuestAddress(status)).unwrap(), 0);
+        assert_eq!(self.mem.read_obj::<u8>(status).unwrap(), 0);
     }
 }
 
