@@ -103,21 +103,23 @@ pub fn confine(l: &Layout) -> Result<bool, ServeError> {
 /// entered its jail (`confine`), and its system call policy goes on before any device is
 /// built, that is before it reads anything a guest (or a former backend) wrote.
 pub fn serve(l: &Layout, setup_fd: OwnedFd, jailed: bool) -> Result<(), ServeError> {
-    serve_with(l, setup_fd, jailed, &|_, f, _| f)
+    let s = rpc::setup::recv(&setup_fd)?;
+    serve_with(l, setup_fd, s, jailed, &|_, f, _| f)
 }
 
 /// Each device function as built, handed its slot and the way out, returning what serves it
 /// (the test-only hostile backend wraps them; `serve` keeps them as they are).
 pub type Wrap = dyn Fn(u8, Box<dyn PciFunction>, Arc<Outbox>) -> Box<dyn PciFunction>;
 
-/// `serve`, with every device function passed through `wrap` first.
+/// `serve` from a setup already received on `setup_fd`, with every device function passed
+/// through `wrap` first.
 pub fn serve_with(
     l: &Layout,
     setup_fd: OwnedFd,
+    s: rpc::setup::Setup,
     jailed: bool,
     wrap: &Wrap,
 ) -> Result<(), ServeError> {
-    let s = rpc::setup::recv(&setup_fd)?;
     let Some(pool) = &l.pool else {
         return Err(ServeError::Setup("the description has no pool".into()));
     };

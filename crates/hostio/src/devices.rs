@@ -116,6 +116,22 @@ pub fn open_disk(kind: &DeviceKind) -> Result<Option<virtio::blk::Block>, OpenEr
     }
 }
 
+/// Checks a description's disk image without parsing its metadata (see [`virtio::disk::check`]).
+pub fn check_disk(kind: &DeviceKind) -> Result<(), OpenError> {
+    match kind {
+        DeviceKind::VirtioBlk {
+            image,
+            read_only,
+            format,
+        } => Ok(virtio::disk::check(
+            image,
+            disk_format(*format),
+            *read_only,
+        )?),
+        _ => Ok(()),
+    }
+}
+
 /// A virtio device's type and queue sizes. None for a device that is not virtio.
 pub fn virtio_shape(kind: &DeviceKind) -> Option<(u32, Vec<u16>)> {
     use virtio::{blk, console, net};

@@ -6,6 +6,29 @@ use std::sync::{Arc, Mutex};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::bus::Bus;
 
+/// Every line this process logs (the proxy logs what a backend sends), kept for the tests
+/// that check what was said.
+struct Said(Mutex<Vec<String>>);
+static SAID: Said = Said(Mutex::new(Vec::new()));
+impl log::Log for Said {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, r: &log::Record) {
+        self.0.lock().unwrap().push(r.args().to_string());
+    }
+    fn flush(&self) {}
+}
+fn said(what: &str) -> Option<String> {
+    let _ = log::set_logger(&SAID).map(|()| log::set_max_level(log::LevelFilter::Info));
+    SAID.0
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|l| l.contains(what))
+        .cloned()
+}
+
 /// What the VMM's own interrupt path (the reaper) raises.
 #[derive(Default)]
 struct Intx(Mutex<Vec<bool>>);
@@ -599,12 +622,15 @@ fn a_listener_checks_who_connects_how_many_and_how_fast() {
 
 /// A hostile backend (src/bin/hostile-backend.rs: the real serving loop, jailed, misbehaving
 /// when the guest reads config offset 0xfc) floods log lines, sends messages no backend sends,
-/// raises another device's interrupt, or never answers. Each time splitvirt stays up and the
-/// disk keeps working: with the same backend, or with the one that replaces it when it has
-/// broken the protocol past the limit.
+/// raises another device's interrupt, never answers, or cuts the pool and control memfds to
+/// nothing (sealed: refused; unsealed, this process would die of SIGBUS on the next access).
+/// Each time splitvirt stays up and the disk keeps working: with the same backend, or with the
+/// one that replaces it when it has broken the protocol past the limit.
 #[test]
 fn a_hostile_backend_is_contained() {
-    for mode in ["flood", "garbage", "msi-other", "silent"] {
+    said("");
+    // "shrink" first: its log lines must come before "flood" spends the rate limit.
+    for mode in ["shrink", "flood", "garbage", "msi-other", "silent"] {
         let (dir, disk, config) = describe("[backend]\nrestarts = 1");
         // Read (and removed) by the first backend only: its successor is honest.
         std::fs::write(config.with_extension("toml.hostile"), mode).unwrap();
@@ -635,6 +661,16 @@ fn a_hostile_backend_is_contained() {
                 // The read cost its timeout and read all ones; the backend is still there.
                 assert_eq!(b, [0xff; 4], "silent");
                 continue;
+            }
+            "shrink" => {
+                // It tried (its log line says what it got), and the seals said no.
+                for m in ["pool", "control"] {
+                    let tried = format!("shrink {m}: ");
+                    wait_until(20, || said(&tried).is_some());
+                    let line = said(&tried).unwrap_or_else(|| panic!("no {tried:?} logged"));
+                    assert!(line.contains("Operation not permitted"), "{line}");
+                }
+                assert_eq!(s.remote.pid(), first, "shrink: the same backend serves");
             }
             _ => assert_eq!(s.remote.pid(), first, "{mode}: the same backend serves"),
         }

@@ -116,6 +116,37 @@ pub enum Backing<'a> {
     Refuse,
 }
 
+/// Checks an image without reading its metadata: it opens (for writing unless `read_only`)
+/// and its first bytes agree with `format`. For images a jailed backend will parse: splitvirt
+/// must not parse metadata such a backend may have written.
+pub fn check(path: &Path, format: Option<Format>, read_only: bool) -> Result<(), OpenError> {
+    let file = open_file(path, read_only)?;
+    let err = |why: String| OpenError {
+        path: path.display().to_string(),
+        why,
+    };
+    let mut magic = [0u8; 4];
+    let has_magic = file.read_exact_at(&mut magic, 0).is_ok() && &magic == QCOW2_MAGIC;
+    match (format_of(path, format), has_magic) {
+        (None, true) => Err(err(starts_like_qcow2())),
+        (Some(Format::Qcow2), false) => Err(err(not_qcow2())),
+        (Some(Format::Qcow2), true) => Ok(()),
+        (_, _) => Raw::new(file).map(drop).map_err(err),
+    }
+}
+
+fn starts_like_qcow2() -> String {
+    "it starts with a qcow2 header but no format is given; set format = \"qcow2\" \
+     (or format = \"raw\" if these are a guest's own bytes)"
+        .into()
+}
+
+fn not_qcow2() -> String {
+    "it is not a qcow2 image (no QFI\\xfb magic); set format = \"raw\" or convert it with \
+     qemu-img convert -O qcow2"
+        .into()
+}
+
 /// A disk over an open image file, `name` naming it in messages. `format` None: raw, unless
 /// the file starts like a qcow2 image (then refused: the format must be said).
 pub fn from_file(
@@ -133,24 +164,14 @@ pub fn from_file(
     let has_magic = file.read_exact_at(&mut magic, 0).is_ok() && &magic == QCOW2_MAGIC;
     let format = match format {
         Some(f) => f,
-        None if has_magic => {
-            return Err(err(
-                "it starts with a qcow2 header but no format is given; set format = \"qcow2\" \
-                 (or format = \"raw\" if these are a guest's own bytes)"
-                    .into(),
-            ))
-        }
+        None if has_magic => return Err(err(starts_like_qcow2())),
         None => Format::Raw,
     };
     match format {
         Format::Raw => Raw::new(file)
             .map(|d| Box::new(d) as Box<dyn Disk>)
             .map_err(err),
-        Format::Qcow2 if !has_magic => Err(err(
-            "it is not a qcow2 image (no QFI\\xfb magic); set format = \"raw\" or convert it with \
-             qemu-img convert -O qcow2"
-                .into(),
-        )),
+        Format::Qcow2 if !has_magic => Err(err(not_qcow2())),
         Format::Qcow2 => Qcow2Disk::open(file, read_only, backing)
             .map(|d| Box::new(d) as Box<dyn Disk>)
             .map_err(|e| err(format!("cannot open it as qcow2: {e}"))),

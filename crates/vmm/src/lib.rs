@@ -132,9 +132,14 @@ pub fn prepare(spec: &RunSpec) -> Result<Prepared, Error> {
         None => None,
     };
     let l = &spec.layout;
-    // Disk images are opened again when the VM starts; a bad one is reported now.
+    // Disk images are opened again when the VM starts; a bad one is reported now. One the
+    // jailed backend serves is only checked: its metadata is the backend's to parse.
     for d in &l.devices {
-        crate::devices::open_disk(&d.kind)?;
+        if d.placement == layout::Placement::Backend && l.rpc_jail.is_some() {
+            hostio::devices::check_disk(&d.kind)?;
+        } else {
+            crate::devices::open_disk(&d.kind)?;
+        }
     }
     let placement = boot::place(
         &l.ram,

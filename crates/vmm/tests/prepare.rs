@@ -135,3 +135,35 @@ fn a_disk_image_that_cannot_be_used_is_named_before_boot() {
     let m = prepare(&s).unwrap_err().to_string();
     assert!(m.contains("gone.img") && m.contains("cannot open"), "{m}");
 }
+
+#[test]
+fn a_jailed_backends_qcow2_is_checked_but_not_parsed_by_splitvirt() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = file(&dir, "Image", &image(0, 16 << 20, 2, 8 << 20));
+    // qcow2 magic, then metadata no qcow2 reader accepts (version 0, no size).
+    let mut q = vec![0u8; 4096];
+    q[..4].copy_from_slice(b"QFI\xfb");
+    let q = file(&dir, "guest.qcow2", &q);
+    let with = |placement: &str, jail: &str| {
+        let mut s = spec(Some(k.clone()), None);
+        let d = Description::parse(
+            &format!(
+                "{jail}[[device]]\nkind = \"virtio-blk\"\nimage = \"{}\"\nplacement = \"{placement}\"\n",
+                q.display()
+            ),
+            "t",
+        )
+        .unwrap();
+        s.layout = resolve(&d).unwrap().layout;
+        prepare(&s).map(drop).map_err(|e| e.to_string())
+    };
+    // Served here or by an unjailed backend: parsed now, the bad metadata named.
+    let m = with("in-process", "").unwrap_err();
+    assert!(m.contains("guest.qcow2") && m.contains("qcow2"), "{m}");
+    assert!(with("backend", "[backend]\njail = false\n").is_err());
+    // Served by the jailed backend: the magic is checked, the metadata left to the jail.
+    with("backend", "").unwrap();
+    std::fs::write(&q, [0u8; 4096]).unwrap();
+    let m = with("backend", "").unwrap_err();
+    assert!(m.contains("not a qcow2 image"), "{m}");
+}

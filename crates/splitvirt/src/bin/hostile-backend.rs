@@ -1,5 +1,5 @@
 //! Test-only: the backend's serving loop, jailed like the real one, that misbehaves on the
-//! wire when the guest reads config-space offset 0xfc of one of its devices
+//! wire (or with its memory) when the guest reads config-space offset 0xfc of one of its devices
 //! (crates/splitvirt/tests/backend.rs). A file `FILE.hostile` beside the description says how;
 //! the first backend reads and removes it, so the one that replaces it is honest. Started by
 //! `vmm::backend::start` as `splitvirt backend --setup-fd 3 --config FILE`.
@@ -18,6 +18,8 @@ struct Hostile {
     out: Arc<Outbox>,
     dev: u8,
     mode: String,
+    /// Copies of the pool and control memfds, kept for "shrink".
+    memfds: Arc<Vec<(&'static str, std::fs::File)>>,
 }
 
 impl PciFunction for Hostile {
@@ -44,6 +46,13 @@ impl PciFunction for Hostile {
                 }
                 // Never answers this read.
                 "silent" => std::thread::sleep(std::time::Duration::from_secs(3600)),
+                // Cuts the pool and the control region to nothing, under splitvirt's feet.
+                "shrink" => {
+                    for (what, f) in self.memfds.iter() {
+                        let got = f.set_len(0).and_then(|()| f.set_len(1 << 30));
+                        self.out.log(&format!("shrink {what}: {got:?}"));
+                    }
+                }
                 _ => {}
             }
         }
@@ -84,12 +93,22 @@ fn main() -> anyhow::Result<()> {
     let jailed = backend::serve::confine(&l)?;
     // SAFETY: the setup socket that splitvirt passed as fd 3.
     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(3) };
-    backend::serve::serve_with(&l, fd, jailed, &move |dev, inner, out| {
+    let setup = rpc::setup::recv(&fd)?;
+    let memfds = Arc::new(if mode == "shrink" {
+        vec![
+            ("pool", std::fs::File::from(setup.pool.try_clone()?)),
+            ("control", std::fs::File::from(setup.control.try_clone()?)),
+        ]
+    } else {
+        Vec::new()
+    });
+    backend::serve::serve_with(&l, fd, setup, jailed, &move |dev, inner, out| {
         Box::new(Hostile {
             inner,
             out,
             dev,
             mode: mode.clone(),
+            memfds: memfds.clone(),
         })
     })?;
     Ok(())
