@@ -399,4 +399,59 @@ mod tests {
         let documented = (36, 49, 51);
         assert_eq!((bare, disk, all), documented);
     }
+
+    /// The kernel (5.11+) skips a filter for calls it can prove always allowed, by running the
+    /// program over the call's number and architecture alone (kernel/seccomp.c,
+    /// `seccomp_is_const_allow`). This does the same: every call allowed whatever its
+    /// arguments, all of the data path (doorbells, futexes, the disk's I/O), must come out
+    /// allowed without the program reading an argument, in both filters; with a filter on,
+    /// such a call then costs only the kernel's slower system call entry.
+    #[cfg(target_arch = "x86_64")]
+    const ARCH_AUDIT: u32 = 0xc000_003e;
+    #[cfg(target_arch = "aarch64")]
+    const ARCH_AUDIT: u32 = 0xc000_00b7;
+
+    #[test]
+    fn the_data_paths_calls_skip_the_filter() {
+        fn const_allow(prog: &BpfProgram, nr: u32) -> Option<bool> {
+            let (mut acc, mut pc) = (0u32, 0usize);
+            loop {
+                let i = prog.get(pc)?;
+                pc += 1;
+                match i.code {
+                    0x20 => match i.k {
+                        0 => acc = nr,
+                        4 => acc = ARCH_AUDIT,
+                        _ => return None, // reads an argument
+                    },
+                    0x06 => return Some(i.k == libc::SECCOMP_RET_ALLOW),
+                    0x05 => pc += i.k as usize,
+                    0x15 | 0x35 | 0x25 | 0x45 => {
+                        let hit = match i.code {
+                            0x15 => acc == i.k,
+                            0x35 => acc >= i.k,
+                            0x25 => acc > i.k,
+                            _ => acc & i.k != 0,
+                        };
+                        pc += usize::from(if hit { i.jt } else { i.jf });
+                    }
+                    0x54 => acc &= i.k,
+                    _ => return None,
+                }
+            }
+        }
+        let needs = Needs {
+            disk: true,
+            socket_console: true,
+        };
+        let progs = filters(needs).unwrap();
+        for (name, nr) in plain(needs) {
+            for p in &progs {
+                assert_eq!(const_allow(p, nr as u32), Some(true), "{name}");
+            }
+        }
+        // Calls with argument rules are checked by the program; clone3 is refused.
+        assert_eq!(const_allow(&progs[0], libc::SYS_mmap as u32), None);
+        assert_eq!(const_allow(&progs[1], libc::SYS_clone3 as u32), Some(false));
+    }
 }

@@ -775,58 +775,96 @@ impl Vm {
 }
 
 /// A benchmark, not a check (run by `cargo xtask bench jail`): 3000 writes then 3000 reads of
-/// 64 KiB through the real backend process, jailed and with `jail = false`, four rounds in
-/// alternation; prints the times and the per-round ratios.
+/// 64 KiB through the real backend process, jailed and with `jail = false`, ten rounds in
+/// alternation; prints per round the wall time and the CPU time the serving process spent
+/// (all its threads), and the medians of the ratios. Wall time on two cores swings with
+/// where the scheduler puts the spinning driver and the backend's threads; CPU time is the
+/// jail's own cost.
 #[test]
 #[ignore]
 fn bench_jailed_and_unjailed_io() {
-    let (mut rows, mut ratios) = (Vec::new(), (Vec::new(), Vec::new()));
-    for round in 0..4 {
+    const ROUNDS: usize = 10;
+    // Nanoseconds on a CPU, summed over the process's threads.
+    let cpu = |pid: u32| -> f64 {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let pin = |tid: i32, cpu: usize| {
+        // SAFETY: a zeroed cpu_set_t with one CPU set, for one thread.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    };
+    let mut ratios: [Vec<f64>; 4] = Default::default();
+    println!("64 KiB requests through the backend process, jailed / unjailed:");
+    for round in 0..ROUNDS {
         let mut pair = [("jailed", ""), ("unjailed", "jail = false")];
         if round % 2 == 1 {
             pair.reverse();
         }
-        let mut times = std::collections::HashMap::new();
+        let mut got = std::collections::HashMap::new();
         for (kind, table) in pair {
             let s = setup(&format!("[backend]\nrestarts = 0\n{table}"));
             let (vm, rings) = (&s.vm, s.l.pool.as_ref().unwrap().base);
             vm.start(rings);
+            let pid = match kind {
+                "jailed" => jailed(s.remote.pid()),
+                _ => s.remote.pid(),
+            };
+            // The driver on CPU 0, every thread of the backend on CPU 1 (its I/O threads
+            // start at the first request: pinned again after it).
+            pin(0, 0);
+            let pin_backend = || {
+                for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+                    .unwrap()
+                    .flatten()
+                {
+                    pin(t.file_name().to_str().unwrap().parse().unwrap(), 1);
+                }
+            };
+            vm.request_spinning(rings, 0, 0, 0, rings + 0x10000, 4096);
+            pin_backend();
             let data = rings + 0x10000;
             let sector = |n: u16| u64::from(n % 15) * 128;
-            let t = std::time::Instant::now();
-            for n in 0..3000u16 {
-                vm.request_spinning(rings, n, 1, sector(n), data, 65536);
-            }
-            let w = t.elapsed().as_secs_f64() * 1000.0;
-            let t = std::time::Instant::now();
-            for n in 3000..6000u16 {
-                vm.request_spinning(rings, n, 0, sector(n), data, 65536);
-            }
-            times.insert(kind, (w, t.elapsed().as_secs_f64() * 1000.0));
+            let batch = |from: u16, op: u32| {
+                let (t, c) = (std::time::Instant::now(), cpu(pid));
+                for n in from..from + 3000 {
+                    vm.request_spinning(rings, n, op, sector(n), data, 65536);
+                }
+                (
+                    t.elapsed().as_secs_f64() * 1e3,
+                    (cpu(pid) - c) / 3000.0 / 1e3,
+                )
+            };
+            let (w, r) = (batch(1, 1), batch(3001, 0));
+            got.insert(kind, [w.0, r.0, w.1, r.1]);
         }
-        let (j, u) = (times["jailed"], times["unjailed"]);
-        ratios.0.push(j.0 / u.0);
-        ratios.1.push(j.1 / u.1);
-        rows.push(format!(
-            "round {round}: write {:.0} / {:.0} ms ({:.2}x), read {:.0} / {:.0} ms ({:.2}x)",
-            j.0,
-            u.0,
-            j.0 / u.0,
-            j.1,
-            u.1,
-            j.1 / u.1
-        ));
+        let (j, u) = (got["jailed"], got["unjailed"]);
+        for (k, v) in ratios.iter_mut().enumerate() {
+            v.push(j[k] / u[k]);
+        }
+        println!(
+            "round {round}: wall write {:.0}/{:.0} ms, read {:.0}/{:.0} ms; \
+             backend CPU per request write {:.1}/{:.1} us, read {:.1}/{:.1} us",
+            j[0], u[0], j[1], u[1], j[2], u[2], j[3], u[3]
+        );
     }
-    println!("64 KiB requests through the backend process, jailed / unjailed:");
-    for r in rows {
-        println!("{r}");
-    }
-    for v in [&mut ratios.0, &mut ratios.1] {
+    for v in &mut ratios {
         v.sort_by(f64::total_cmp);
     }
+    let median = |v: &[f64]| (v[ROUNDS / 2 - 1] + v[ROUNDS / 2]) / 2.0;
     println!(
-        "median jailed/unjailed: write {:.2}x, read {:.2}x",
-        (ratios.0[1] + ratios.0[2]) / 2.0,
-        (ratios.1[1] + ratios.1[2]) / 2.0
+        "median jailed/unjailed over {ROUNDS} rounds: wall write {:.2}x, read {:.2}x; \
+         backend CPU write {:.2}x, read {:.2}x",
+        median(&ratios[0]),
+        median(&ratios[1]),
+        median(&ratios[2]),
+        median(&ratios[3])
     );
 }
