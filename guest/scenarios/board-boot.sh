@@ -33,6 +33,8 @@ exec 3<>/tmp/typing
 	case "$l" in *"@@ READY"*) echo "$TYPED" >&3 ;; esac
 done
 value guest_powered_off "$(grep -c 'the guest powered off' /tmp/guest-sv.log)"
+# The guest's load pair and vector load of one BAR address: one line, logged once.
+value undecodable_lines "$(grep -c 'cannot emulate' /tmp/guest-sv.log)"
 i=0
 while [ "$(wc -c </tmp/tap-rx.bin)" -lt 4194304 ] && [ $i -lt 60 ]; do sleep 0.5; i=$((i + 1)); done
 value tap_rx_sha "$(sha256sum /tmp/tap-rx.bin | cut -d' ' -f1)"

@@ -7,12 +7,20 @@ value uio_names "$(cat /sys/class/uio/uio*/name 2>/dev/null | tr '\n' ' ')"
 value uio_maps "$(ls /sys/class/uio/uio0/maps 2>/dev/null | tr '\n' ' ')"
 # `conn` prints `key value` lines; they become values named PREFIX_key.
 values() { while read -r k v; do value "$1_$k" "$v"; done; }
+uio_of() { for d in /sys/class/uio/uio*; do [ "$(cat "$d/name")" = "$1" ] && echo "/dev/${d##*/}"; done; }
 case "$ROLE" in
 ping)
 	# The library's channel through the CLI, one message each way.
 	/conn send chan a "hello-from-a" && result conn_send PASS
 	value conn_reply "$(/conn recv chan a 120)"
 	/conntest seed
+	# A plain C program on the seed's mappings: printf of the name, strcpy/memcpy of messages
+	# at the end of bulk's dataport, one each way.
+	/conntest send bulk -512 plain-from-a
+	/conntest recv bulk -256
+	# The event page read with a load pair and a vector load (no syndrome for KVM to emulate):
+	# it is memory, so they read the name.
+	/conntest loads event "$(uio_of chan)" 8
 	/conn ping chan "$ROUNDS" | values ping
 	if [ "$MODE" = bench ]; then
 		# 960 KiB chunks: two fill the 2 MiB dataport's bulk area, and each costs one event
@@ -28,6 +36,8 @@ ping)
 pong)
 	value conn_message "$(/conn recv chan b 120)"
 	/conn send chan b "hello-from-b" && result conn_send PASS
+	/conntest recv bulk -512
+	/conntest send bulk -256 plain-from-b
 	/conn pong chan | values pong
 	/conn sink bulk | values sink
 	# In MODE=test this VM is killed while it answers.

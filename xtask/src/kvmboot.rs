@@ -15,9 +15,10 @@ pub fn boot_on_kvm() -> Result<()> {
         realboot::token("host"),
         realboot::token("guest"),
     );
-    guest::initramfs(
+    guest::initramfs_with(
         "kvm-guest",
         &[("HVC_TOKEN", &hvc), ("GUEST_TOKEN", &written)],
+        &[("conntest", guest::tool("conntest")?)],
         &initrd,
     )?;
     let disk_initrd = dir.join("kvm-disk.cpio");
@@ -149,6 +150,20 @@ pub fn boot_on_kvm() -> Result<()> {
             .value("guest_powered_off")
             .is_some_and(|n| n != "0"),
         "no power-off report in splitvirt's log (log: {log})"
+    );
+    // Loads KVM cannot emulate, on a BAR with no memory behind it: SIGBUS for the program,
+    // one line in splitvirt's log for the address, and the VM went on (the rest below).
+    for how in ["ldp", "ld1"] {
+        ensure!(
+            g.value(&format!("loads_virtio_{how}")) == Some("SIGBUS"),
+            "a {how} of virtio-blk's BAR 0 gave {:?}, want SIGBUS (log: {log})",
+            g.value(&format!("loads_virtio_{how}"))
+        );
+    }
+    ensure!(
+        r.outer().value("undecodable_lines") == Some("1"),
+        "splitvirt logged {:?} lines for the undecodable loads, want 1 (log: {log})",
+        r.outer().value("undecodable_lines")
     );
     ensure!(
         g.value("cpus") == Some("2"),

@@ -91,6 +91,26 @@ pub fn connect_two_vms() -> Result<()> {
         "the seed's snippet: {:?} (log: {log})",
         a.value("seed_name")
     );
+    // A plain C program on the seed's mappings: the name through printf, a message each way
+    // through strcpy and memcpy.
+    ensure!(
+        a.value("send_name_bulk") == Some("bulk")
+            && b.value("recv_bulk") == Some("plain-from-a")
+            && a.value("recv_bulk") == Some("plain-from-b"),
+        "plain C on the seed's mappings: name {:?}, B got {:?}, A got {:?} (log: {log})",
+        a.value("send_name_bulk"),
+        b.value("recv_bulk"),
+        a.value("recv_bulk")
+    );
+    // The event page is memory: a load pair and a vector load read the name.
+    for how in ["ldp", "ld1"] {
+        let want = "6368616e000000000000000000000000"; // "chan", then NULs
+        ensure!(
+            a.value(&format!("loads_event_{how}")) == Some(want),
+            "a {how} of the event page's name gave {:?}, want {want} (log: {log})",
+            a.value(&format!("loads_event_{how}"))
+        );
+    }
     ensure!(
         a.value("ping_rounds") == Some(ROUNDS),
         "{:?} of {ROUNDS} round trips checked (log: {log})",

@@ -9,8 +9,12 @@
 //!   interrupt is a level that stays up while this is not 0 (the shared handler's "mine?").
 //! - 0x8..0x3a: the connection's name, NUL-terminated (read-only).
 //!
-//! Nothing here knows how events travel or how memory is shared: `Peer` and `Dataport` are the
-//! VMM's.
+//! The VMM may also map the event page into the guest read-only (`PageMemory`), so that reads
+//! of any width and any instruction work at memory speed and only writes trap; the connector
+//! keeps that memory equal to what a trapped read answers.
+//!
+//! Nothing here knows how events travel or how memory is shared: `Peer`, `Dataport` and
+//! `PageMemory` are the VMM's.
 
 use pci::{BarKind, ConfigSpace, PciFunction};
 use platform::{le_value, put_le, IrqLine};
@@ -39,10 +43,19 @@ pub trait Dataport: Send + Sync {
     fn write(&self, off: u64, data: &[u8]);
 }
 
+/// The event page as memory the guest reads directly.
+pub trait PageMemory: Send + Sync {
+    /// Stores `data` at `off` (the name, once).
+    fn write(&self, off: u64, data: &[u8]);
+    /// Stores the aligned 32-bit word at `off` in one store, never seen torn.
+    fn store_u32(&self, off: u64, v: u32);
+}
+
 /// The event page's state, shared with whatever delivers the peer's events.
 pub struct Events {
     pending: Mutex<u32>,
     irq: Arc<dyn IrqLine>,
+    page: std::sync::OnceLock<Arc<dyn PageMemory>>,
 }
 
 impl Events {
@@ -50,6 +63,7 @@ impl Events {
     pub fn receive(&self) {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         *p = p.saturating_add(1);
+        self.show(*p);
         self.irq.set_level(true);
     }
 
@@ -58,8 +72,17 @@ impl Events {
     }
 
     fn acknowledge(&self) {
-        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = 0;
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        *p = 0;
+        self.show(0);
         self.irq.set_level(false);
+    }
+
+    /// The count into the mapped page, under the count's lock (so in the order it changed).
+    fn show(&self, pending: u32) {
+        if let Some(page) = self.page.get() {
+            page.store_u32(REG_EVENTS, pending);
+        }
     }
 }
 
@@ -97,6 +120,7 @@ impl Connector {
             events: Arc::new(Events {
                 pending: Mutex::new(0),
                 irq,
+                page: std::sync::OnceLock::new(),
             }),
             peer,
             dataport,
@@ -106,6 +130,23 @@ impl Connector {
     /// The handle the VMM gives whatever carries the peer's events.
     pub fn events(&self) -> Arc<Events> {
         self.events.clone()
+    }
+
+    /// Keeps `page` (4 KiB) equal to the event page from now on (all of it now, the count
+    /// whenever it changes), for a VMM that maps it into the guest. Once: a later page is
+    /// ignored.
+    pub fn mirror_page(&self, page: Arc<dyn PageMemory>) {
+        let p = self
+            .events
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if self.events.page.set(page.clone()).is_ok() {
+            let mut image = vec![0u8; EVENT_PAGE as usize];
+            image[REG_NAME as usize..][..NAME_FIELD].copy_from_slice(&self.name);
+            page.write(0, &image);
+            page.store_u32(REG_EVENTS, *p);
+        }
     }
 
     fn page_read(&self, off: u64, data: &mut [u8]) {
@@ -285,6 +326,39 @@ mod tests {
         b.bar_write(0, REG_EVENTS, &0u32.to_le_bytes());
         assert_eq!(r32(&mut b, 0, REG_EVENTS), 0);
         assert_eq!(lb.0.lock().unwrap().last(), Some(&false));
+    }
+
+    /// A page of plain memory, as the VMM's mapping would be.
+    struct Page(Mutex<Vec<u8>>);
+    impl PageMemory for Page {
+        fn write(&self, off: u64, data: &[u8]) {
+            let o = off as usize;
+            self.0.lock().unwrap()[o..o + data.len()].copy_from_slice(data);
+        }
+        fn store_u32(&self, off: u64, v: u32) {
+            self.write(off, &v.to_le_bytes());
+        }
+    }
+
+    /// The mapped page reads as a trapped read would, byte for byte, as events come and go.
+    #[test]
+    fn a_mapped_page_matches_what_trapped_reads_answer() {
+        let (mut a, mut b, ..) = pair();
+        a.bar_write(0, REG_EMIT, &1u32.to_le_bytes());
+        let page = Arc::new(Page(Mutex::new(vec![0xaa; EVENT_PAGE as usize])));
+        b.mirror_page(page.clone());
+        let same = |b: &mut Connector, what: &str| {
+            let mut trapped = vec![0u8; EVENT_PAGE as usize];
+            b.bar_read(0, 0, &mut trapped);
+            let mapped = page.0.lock().unwrap().clone();
+            assert_eq!(mapped[..0x40], trapped[..0x40], "{what}");
+        };
+        same(&mut b, "mirrored with one event waiting");
+        a.bar_write(0, REG_EMIT, &1u32.to_le_bytes());
+        same(&mut b, "a second event");
+        assert_eq!(page.0.lock().unwrap()[4], 2);
+        b.bar_write(0, REG_EVENTS, &0u32.to_le_bytes());
+        same(&mut b, "acknowledged");
     }
 
     #[test]

@@ -159,6 +159,28 @@ impl Dataport for FileDataport {
     }
 }
 
+/// The event page the guest reads without trapping (a memfd of one page, mapped read-only at
+/// BAR 0 by the hypervisor).
+impl connector::PageMemory for FileDataport {
+    fn write(&self, off: u64, data: &[u8]) {
+        Dataport::write(self, off, data)
+    }
+    fn store_u32(&self, off: u64, v: u32) {
+        if !off.is_multiple_of(4) || self.range(off, 4).is_none() {
+            return;
+        }
+        // SAFETY: in bounds and aligned (checked above) in our own mapping; the guest only
+        // reads this memory (its memslot is read-only).
+        let word = unsafe {
+            &*self
+                .ptr
+                .add(off as usize)
+                .cast::<std::sync::atomic::AtomicU32>()
+        };
+        word.store(v, Ordering::Release);
+    }
+}
+
 /// Events to the peer over the link; without one they are dropped, and the log says so.
 struct LinkPeer {
     link: Option<LinkHandle>,
@@ -191,22 +213,32 @@ impl platform::IrqLine for Line {
     }
 }
 
-/// Where a dataport is in this process, for mapping it into the guest at BAR 1.
+/// Memory of this process that the hypervisor maps into the guest (a dataport, an event page).
 #[derive(Clone, Copy, Debug)]
 pub struct HostMemory {
     pub addr: u64,
     pub size: u64,
+    /// The guest reads it; its writes exit to splitvirt.
+    pub read_only: bool,
+}
+
+/// Where a connector's memory is in this process: the event page (for BAR 0, read-only) and
+/// the dataport (BAR 1).
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectorMemory {
+    pub event_page: HostMemory,
+    pub dataport: HostMemory,
 }
 
 /// A connector function, the thread that carries its peer's events (None without a peer) and
-/// its dataport's memory.
+/// its memory.
 pub fn build(
     d: &layout::Device,
     name: &str,
     dataport_size: u64,
     peer: Option<&str>,
     signal: Arc<dyn virtio::transport::Signal>,
-) -> Result<(Connector, Option<crate::devices::Starter>, HostMemory), EndpointError> {
+) -> Result<(Connector, Option<crate::devices::Starter>, ConnectorMemory), EndpointError> {
     let bars = (
         d.bars.first().map_or(0, |b| b.base),
         d.bars.get(1).map_or(0, |b| b.base),
@@ -225,9 +257,18 @@ pub fn build(
             (port, Some(Link::with_hello(path, "connector", hello)?))
         }
     };
-    let host = HostMemory {
-        addr: port.host_address(),
-        size: dataport_size,
+    let page = Arc::new(FileDataport::anonymous(connector::EVENT_PAGE)?);
+    let host = ConnectorMemory {
+        event_page: HostMemory {
+            addr: page.host_address(),
+            size: connector::EVENT_PAGE,
+            read_only: true,
+        },
+        dataport: HostMemory {
+            addr: port.host_address(),
+            size: dataport_size,
+            read_only: false,
+        },
     };
     let p = Arc::new(LinkPeer {
         link: link.as_ref().map(Link::handle),
@@ -235,6 +276,7 @@ pub fn build(
         dropped: AtomicU64::new(0),
     });
     let c = Connector::new(name, bars, d.intx_pin as u8, irq, p, Arc::new(port));
+    c.mirror_page(page);
     let events = c.events();
     let start = link.map(|link| -> crate::devices::Starter {
         Box::new(move || link.serve(Box::new(move |_packet: &[u8]| events.receive())))
@@ -361,7 +403,15 @@ mod tests {
         let d = device();
         let (mut c, start, host) =
             build(&d, "alone", 0x1000, None, Arc::new(Levels::default())).unwrap();
-        assert_eq!((host.size, host.addr % 4096), (0x1000, 0), "mappable");
+        for m in [host.dataport, host.event_page] {
+            assert_eq!((m.size, m.addr % 4096), (0x1000, 0), "mappable");
+        }
+        assert!(host.event_page.read_only && !host.dataport.read_only);
+        // The mapped event page holds what the guest reads there: the name at 0x8.
+        // SAFETY: the page is mapped for as long as `c` lives.
+        let name =
+            unsafe { std::slice::from_raw_parts((host.event_page.addr + 8) as *const u8, 6) };
+        assert_eq!(name, b"alone\0");
         assert!(start.is_none());
         c.bar_write(0, connector::REG_EMIT, &[1]);
         c.bar_write(1, 0, b"x");

@@ -63,7 +63,7 @@ pub struct Built {
     /// Devices the description names that this build cannot serve yet, with why.
     pub skipped: Vec<String>,
     /// Connector dataports, to map into the guest at their function's BAR 1.
-    pub dataports: Vec<(DevFn, crate::connect::HostMemory)>,
+    pub connectors: Vec<(DevFn, crate::connect::ConnectorMemory)>,
 }
 
 /// Builds the description's in-process devices: the virtio ones as `hostio` builds them
@@ -89,7 +89,7 @@ pub fn build(
         console: b.console,
         starters: b.starters,
         skipped: b.skipped,
-        dataports: Vec::new(),
+        connectors: Vec::new(),
     };
     for d in l.devices.iter() {
         let DeviceKind::Connector {
@@ -104,7 +104,7 @@ pub fn build(
         let (f, start, host) =
             crate::connect::build(d, name, *dataport_size, peer.as_deref(), signal(d))?;
         out.starters.extend(start);
-        out.dataports.push((at, host));
+        out.connectors.push((at, host));
         out.functions.push((at, Box::new(f)));
     }
     Ok(out)

@@ -10,7 +10,11 @@ use kvm_bindings::{
     KVM_REG_ARM64, KVM_REG_ARM_CORE, KVM_REG_SIZE_U64, KVM_VGIC_V2_ADDR_TYPE_CPU,
     KVM_VGIC_V2_ADDR_TYPE_DIST,
 };
-use kvm_bindings::{KVM_ARM_VCPU_POWER_OFF, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    kvm_enable_cap, kvm_vcpu_events, KVM_ARM_VCPU_POWER_OFF, KVM_CAP_ARM_INJECT_EXT_DABT,
+    KVM_CAP_ARM_NISV_TO_USER, KVM_EXIT_ARM_NISV, KVM_MEM_READONLY, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use platform::{IrqLine, SpiTrigger};
 use std::io::Read;
@@ -380,11 +384,62 @@ enum Stop {
     },
 }
 
-fn vcpu_loop(id: usize, vcpu: &mut VcpuFd, bus: &Bus) -> Stop {
+/// What a vCPU does with an access KVM could not decode (`undecodable`).
+struct Undecodable {
+    seen: Arc<crate::undecoded::Undecoded>,
+    /// KVM hands such accesses over (KVM_CAP_ARM_NISV_TO_USER) and can inject an external
+    /// data abort (KVM_CAP_ARM_INJECT_EXT_DABT); without both, `KVM_RUN` fails on them.
+    handled: bool,
+}
+
+impl Undecodable {
+    fn enable(vm: &VmFd) -> Undecodable {
+        let has = |cap: u32| vm.check_extension_raw(u64::from(cap)) > 0;
+        let handled = has(KVM_CAP_ARM_NISV_TO_USER)
+            && has(KVM_CAP_ARM_INJECT_EXT_DABT)
+            && vm
+                .enable_cap(&kvm_enable_cap {
+                    cap: KVM_CAP_ARM_NISV_TO_USER,
+                    ..Default::default()
+                })
+                .is_ok();
+        if !handled {
+            log::warn!(
+                "this host's KVM cannot hand over guest accesses it cannot decode                  (KVM_CAP_ARM_NISV_TO_USER and KVM_CAP_ARM_INJECT_EXT_DABT, Linux 5.5): a guest                  program that reads device memory with vector or pair loads will stop the VM"
+            );
+        }
+        Undecodable {
+            seen: Default::default(),
+            handled,
+        }
+    }
+
+    /// An external data abort for the access `vcpu` just made; logged once per address.
+    fn abort(&self, id: usize, vcpu: &mut VcpuFd) -> Result<(), String> {
+        // SAFETY: the exit reason is KVM_EXIT_ARM_NISV, so `arm_nisv` is the union's member.
+        let n = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.arm_nisv };
+        self.seen.report(id, n.fault_ipa, n.esr_iss);
+        let mut events = kvm_vcpu_events::default();
+        events.exception.ext_dabt_pending = 1;
+        vcpu.set_vcpu_events(&events)
+            .map_err(|e| format!("cannot inject an external abort: {e}"))
+    }
+}
+
+fn vcpu_loop(id: usize, vcpu: &mut VcpuFd, bus: &Bus, undecodable: &Undecodable) -> Stop {
     loop {
         match vcpu.run() {
             Ok(VcpuExit::MmioRead(addr, data)) => bus.read(addr, data),
             Ok(VcpuExit::MmioWrite(addr, data)) => bus.write(addr, data),
+            Ok(VcpuExit::Unsupported(KVM_EXIT_ARM_NISV)) if undecodable.handled => {
+                if let Err(why) = undecodable.abort(id, vcpu) {
+                    return Stop::Fault {
+                        vcpu: id,
+                        why,
+                        regs: dump_regs(vcpu),
+                    };
+                }
+            }
             Ok(VcpuExit::SystemEvent(t, _)) if t == KVM_SYSTEM_EVENT_SHUTDOWN => {
                 return Stop::Exit(Exit::PowerOff)
             }
@@ -466,7 +521,8 @@ impl crate::machine::Hypervisor for KvmHypervisor {
         Box::new(move |at: Option<u64>| {
             let region = kvm_userspace_memory_region {
                 slot,
-                flags: 0,
+                // Reads at memory speed; writes exit as MMIO, to the device's model.
+                flags: if host.read_only { KVM_MEM_READONLY } else { 0 },
                 guest_phys_addr: at.unwrap_or(0),
                 memory_size: at.map_or(0, |_| host.size),
                 userspace_addr: host.addr,
@@ -486,6 +542,7 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
     let start = std::time::Instant::now();
     let kvm = Kvm::new().map_err(|e| Error::NoKvm(e.to_string()))?;
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
+    let undecodable = Arc::new(Undecodable::enable(&vm));
     let ram = crate::memory::guest_ram(l).map_err(|e| Error::Memory(e.0))?;
     let mem = ram.mem.clone();
     let dev_mem = crate::memory::device_memory(l, &ram).map_err(|e| Error::Memory(e.0))?;
@@ -555,11 +612,11 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
         tx.clone(),
     );
     for (id, mut vcpu) in vcpus.into_iter().enumerate() {
-        let (bus, tx) = (bus.clone(), tx.clone());
+        let (bus, tx, undecodable) = (bus.clone(), tx.clone(), undecodable.clone());
         std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
-                let stop = vcpu_loop(id, &mut vcpu, &bus);
+                let stop = vcpu_loop(id, &mut vcpu, &bus, &undecodable);
                 let _ = tx.send(stop);
                 // Keep the vCPU fd open until the process ends: other vCPUs may still run.
                 std::mem::forget(vcpu);

@@ -19,6 +19,7 @@ pub mod pci_bus;
 pub mod reaper;
 pub mod stats;
 pub mod terminal;
+pub mod undecoded;
 
 use layout::Layout;
 use std::path::PathBuf;

@@ -48,6 +48,8 @@ pub trait QueueNotify: Send + Sync {
 
 /// Memslots of connector dataports: this plus the function's devfn (RAM uses 0..3).
 pub const DATAPORT_SLOTS: u32 = 16;
+/// Memslots of connector event pages: this plus the function's devfn.
+pub const EVENT_PAGE_SLOTS: u32 = DATAPORT_SLOTS + 256;
 
 /// What the machine is built from, beside the layout and the hypervisor.
 pub struct Parts<'a> {
@@ -143,14 +145,17 @@ pub fn build(p: Parts<'_>, hv: &dyn Hypervisor) -> Result<Machine, crate::Error>
         },
     )?;
     for (df, f) in built.functions {
-        // A connector's dataport is memory in the guest at BAR 1 (no exit per access),
-        // wherever the guest puts the BAR: a memslot of its own, moved with it.
-        let Some(&(_, host)) = built.dataports.iter().find(|(d, _)| *d == df) else {
+        // A connector's memory is in the guest wherever the guest puts its BARs, each a
+        // memslot of its own moved with its BAR: the dataport at BAR 1 (no exit per access),
+        // the event page at BAR 0 read-only (reads of any kind at memory speed, writes exit).
+        let Some(&(_, host)) = built.connectors.iter().find(|(d, _)| *d == df) else {
             ecam.add(df, f);
             continue;
         };
-        let slot = hv.memslot(DATAPORT_SLOTS + u32::from(df), host);
-        ecam.add(df, Box::new(pci::BarWatch::new(f, 1, slot)));
+        let dataport = hv.memslot(DATAPORT_SLOTS + u32::from(df), host.dataport);
+        let page = hv.memslot(EVENT_PAGE_SLOTS + u32::from(df), host.event_page);
+        let f = Box::new(pci::BarWatch::new(f, 1, dataport));
+        ecam.add(df, Box::new(pci::BarWatch::new(f, 0, page)));
     }
     if let Some(r) = &mut remote {
         for (df, f) in std::mem::take(&mut r.functions) {
@@ -204,7 +209,7 @@ mod tests {
     use vm_memory::GuestAddress;
 
     /// Memslot moves as (slot, where).
-    type Moves = Arc<Mutex<Vec<(u32, Option<u64>)>>>;
+    type Moves = Arc<Mutex<Vec<(u32, Option<u64>, bool)>>>;
 
     /// A hypervisor that records what the machine asks of it.
     #[derive(Default, Clone)]
@@ -252,9 +257,9 @@ mod tests {
         fn notifiers(&self, _: &Layout) -> Result<Arc<dyn QueueNotify>, crate::Error> {
             Ok(Arc::new(NoNotify))
         }
-        fn memslot(&self, slot: u32, _: HostMemory) -> Box<dyn FnMut(Option<u64>) + Send> {
+        fn memslot(&self, slot: u32, host: HostMemory) -> Box<dyn FnMut(Option<u64>) + Send> {
             let slots = self.slots.clone();
-            Box::new(move |at| slots.lock().unwrap().push((slot, at)))
+            Box::new(move |at| slots.lock().unwrap().push((slot, at, host.read_only)))
         }
     }
 
@@ -306,20 +311,30 @@ mod tests {
         }
     }
 
-    /// A connector's dataport is a memslot that follows its BAR 1: mapped where the guest's
-    /// memory decoding puts it, unmapped when decoding stops.
+    /// A connector's dataport and event page are memslots that follow their BARs (1 and 0):
+    /// mapped where the guest's memory decoding puts them, unmapped when decoding stops; the
+    /// event page read-only.
     #[test]
-    fn a_dataport_follows_its_bar() {
+    fn a_connectors_memory_follows_its_bars() {
         let (l, m, fake) = machine(
             "[[device]]\nkind = \"connector\"\nname = \"c\"\ndataport_size = \"1M\"\nslot = 3\n",
         );
         let d = &l.devices[0];
         let ecam_fn = l.pci.ecam.base + (u64::from(d.slot) << 15);
-        let slot = DATAPORT_SLOTS + u32::from(pci::ecam::devfn(d.slot as u8, 0));
+        let df = u32::from(pci::ecam::devfn(d.slot as u8, 0));
+        let (port, page) = (DATAPORT_SLOTS + df, EVENT_PAGE_SLOTS + df);
         m.bus.write(ecam_fn + 4, &2u16.to_le_bytes());
         m.bus.write(ecam_fn + 4, &0u16.to_le_bytes());
         let slots = fake.slots.lock().unwrap().clone();
-        assert_eq!(slots, [(slot, Some(d.bars[1].base)), (slot, None)]);
+        assert_eq!(
+            slots,
+            [
+                (port, Some(d.bars[1].base), false),
+                (page, Some(d.bars[0].base), true),
+                (port, None, false),
+                (page, None, true)
+            ]
+        );
     }
 
     /// The UART's interrupt is the layout's SPI, raised through the hypervisor's line when

@@ -7,8 +7,15 @@
  * memory shared with the peer VM). mmap offset N * page size selects map N; a blocking read()
  * of /dev/uioN returns the number of events so far. The interrupt is a level shared with other
  * INTx devices: the handler claims it only when 0x4 is non-zero, and acknowledges by writing 0.
+ *
+ * Both BARs are memory on the host and mapped cacheable, here and in userspace: the event page
+ * is a read-only memslot (reads of any kind at memory speed; writes trap to splitvirt, which
+ * keeps the page up to date), the dataport plain shared memory. A non-cacheable mapping of
+ * either would make string functions fault (unaligned device accesses) and, on hardware
+ * without stage-2 forced write-back, could read stale bytes.
  */
 #include <linux/io.h>
+#include <linux/memremap.h>
 #include <linux/module.h>
 #include <linux/pci.h>
 #include <linux/uio_driver.h>
@@ -19,7 +26,7 @@
 
 struct connection {
 	struct uio_info uio;
-	void __iomem *regs;
+	u32 *events;
 	char name[CONN_NAME_LEN];
 };
 
@@ -27,15 +34,17 @@ static irqreturn_t connection_irq(int irq, struct uio_info *info)
 {
 	struct connection *c = info->priv;
 
-	if (!readl(c->regs + CONN_EVENTS))
+	if (!READ_ONCE(*c->events))
 		return IRQ_NONE;
-	writel(0, c->regs + CONN_EVENTS);
+	/* A store to the read-only page: it traps, and splitvirt acknowledges. */
+	WRITE_ONCE(*c->events, 0);
 	return IRQ_HANDLED;
 }
 
 static int connection_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 {
 	struct connection *c;
+	void *page;
 	int err;
 
 	c = devm_kzalloc(&pdev->dev, sizeof(*c), GFP_KERNEL);
@@ -44,11 +53,15 @@ static int connection_probe(struct pci_dev *pdev, const struct pci_device_id *id
 	err = pcim_enable_device(pdev);
 	if (err)
 		return err;
-	err = pcim_iomap_regions(pdev, BIT(0), "connection");
+	err = pcim_request_all_regions(pdev, "connection");
 	if (err)
 		return err;
-	c->regs = pcim_iomap_table(pdev)[0];
-	memcpy_fromio(c->name, c->regs + CONN_NAME, CONN_NAME_LEN);
+	page = devm_memremap(&pdev->dev, pci_resource_start(pdev, 0), pci_resource_len(pdev, 0),
+			     MEMREMAP_WB);
+	if (IS_ERR(page))
+		return PTR_ERR(page);
+	c->events = page + CONN_EVENTS;
+	memcpy(c->name, page + CONN_NAME, CONN_NAME_LEN);
 	c->name[CONN_NAME_LEN - 1] = 0;
 
 	c->uio.name = c->name;
@@ -57,10 +70,9 @@ static int connection_probe(struct pci_dev *pdev, const struct pci_device_id *id
 	c->uio.mem[0].name = "event";
 	c->uio.mem[0].addr = pci_resource_start(pdev, 0);
 	c->uio.mem[0].size = pci_resource_len(pdev, 0);
-	c->uio.mem[0].memtype = UIO_MEM_PHYS;
-	/* The dataport is plain memory on the host: map it cacheable (UIO_MEM_IOVA takes the
-	 * physical path without the uncached attribute UIO_MEM_PHYS forces), so that memcpy,
-	 * unaligned accesses included, works on it. */
+	/* UIO_MEM_IOVA takes the physical path without the uncached attribute UIO_MEM_PHYS
+	 * forces. */
+	c->uio.mem[0].memtype = UIO_MEM_IOVA;
 	c->uio.mem[1].name = "dataport";
 	c->uio.mem[1].addr = pci_resource_start(pdev, 1);
 	c->uio.mem[1].size = pci_resource_len(pdev, 1);
