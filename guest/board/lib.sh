@@ -25,7 +25,8 @@ backend_values() {
 	[ -n "$pid" ] || return 0
 	value backend_maps "$(grep -c . "/proc/$pid/maps")"
 	value backend_pool_maps "$(grep -c splitvirt-pool "/proc/$pid/maps")"
-	value backend_ram_maps "$(grep -c splitvirt-ram "/proc/$pid/maps")"
+	# Shared memory other than the pool and the RPC region (guest RAM is anonymous in splitvirt).
+	value backend_other_memory "$(grep /memfd: "/proc/$pid/maps" | grep -vc "splitvirt-pool\|splitvirt-rpc")"
 	value backend_uid "$(awk '/^Uid:/ {print $2}' "/proc/$pid/status")"
 	value backend_capeff "$(awk '/^CapEff:/ {print $2}' "/proc/$pid/status")"
 	value backend_seccomp "$(awk '/^Seccomp:/ {print $2}' "/proc/$pid/status")"

@@ -14,9 +14,19 @@ fn field(line: &str, key: &str) -> Option<u64> {
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
-fn median(mut v: Vec<u64>) -> u64 {
-    v.sort_unstable();
-    v.get(v.len() / 2).copied().unwrap_or(0)
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// The guest kernel's own clock (seconds) at "Freeing unused kernel memory", the end of its
+/// boot before init, from its console.
+fn kernel_boot_s(log: &str) -> Option<f64> {
+    let l = log
+        .lines()
+        .find(|l| l.contains("Freeing unused kernel memory"))?;
+    let stamp = l.split('[').nth(1)?.split(']').next()?;
+    stamp.trim().parse().ok()
 }
 
 pub fn boot() -> Result<()> {
@@ -25,10 +35,12 @@ pub fn boot() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let initrd = dir.join("quick.cpio");
     guest::initramfs("quick", &[], &initrd)?;
+    let console = "[[device]]\nkind = \"virtio-console\"\n";
     let files = vec![
+        ("guest/huge.toml".to_owned(), console.as_bytes().to_vec()),
         (
-            "guest/nodisk.toml".to_owned(),
-            b"[[device]]\nkind = \"virtio-console\"\n".to_vec(),
+            "guest/small.toml".to_owned(),
+            format!("[memory]\nhuge_pages = false\n{console}").into_bytes(),
         ),
         ("guest/Image".to_owned(), std::fs::read(&k.image)?),
         ("guest/initrd.cpio".to_owned(), std::fs::read(&initrd)?),
@@ -38,56 +50,80 @@ pub fn boot() -> Result<()> {
         "bench-boot",
         &[("RUNS", &runs)],
         files,
-        Duration::from_secs(1200),
+        Duration::from_secs(1800),
     )?;
     ensure!(
         !r.timed_out,
         "the board timed out (log: {})",
         r.log_path.display()
     );
-    let mut rows = Vec::new();
+    println!(
+        "\nsplitvirt boot on KVM inside the board ({RUNS} rounds; the board is TCG-emulated arm64; \
+         guest RAM on transparent huge pages and on 4 KiB pages, alternating)"
+    );
+    println!(
+        "{:>6} {:>6} {:>16} {:>10} {:>12} {:>14} {:>16} {:>14}",
+        "run",
+        "pages",
+        "first output ms",
+        "init ms",
+        "power-off ms",
+        "kernel boot s",
+        "guest uptime s",
+        "own RSS KiB"
+    );
+    // Per kind: (init ms, kernel boot s, uptime s) per round.
+    let mut by_kind: [Vec<(f64, f64, f64)>; 2] = Default::default();
     for i in 1..=RUNS {
-        let p = r.part(&format!("run{i}"));
-        let stats = p
-            .log
-            .lines()
-            .find(|l| l.contains("splitvirt-stats:"))
-            .unwrap_or_default()
-            .to_owned();
-        let (Some(first), Some(init), Some(end), Some(rss)) = (
-            field(&stats, "first_console_ms"),
-            field(&stats, "init_ms"),
-            field(&stats, "end_ms"),
-            field(&stats, "own_rss_kib"),
-        ) else {
-            anyhow::bail!(
-                "run {i} printed no complete stats line: {stats:?} (log: {})",
-                r.log_path.display()
+        for (k, kind) in ["huge", "small"].into_iter().enumerate() {
+            let p = r.part(&format!("{kind}{i}"));
+            let stats = p
+                .log
+                .lines()
+                .find(|l| l.contains("splitvirt-stats:"))
+                .unwrap_or_default()
+                .to_owned();
+            let (Some(first), Some(init), Some(end), Some(rss)) = (
+                field(&stats, "first_console_ms"),
+                field(&stats, "init_ms"),
+                field(&stats, "end_ms"),
+                field(&stats, "own_rss_kib"),
+            ) else {
+                anyhow::bail!(
+                    "{kind} run {i} printed no complete stats line: {stats:?} (log: {})",
+                    r.log_path.display()
+                );
+            };
+            let up: f64 = p
+                .value("up")
+                .and_then(|u| u.parse().ok())
+                .unwrap_or(f64::NAN);
+            let kb = kernel_boot_s(&p.log).unwrap_or(f64::NAN);
+            by_kind[k].push((init as f64, kb, up));
+            let pages = if k == 0 { "2 MiB" } else { "4 KiB" };
+            println!(
+                "{i:>6} {pages:>6} {first:>16} {init:>10} {end:>12} {kb:>14.2} {up:>16.2} {rss:>14}"
             );
-        };
-        let up = p.value("up").unwrap_or("-").to_owned();
-        rows.push((first, init, end, rss, up));
+        }
     }
-    println!(
-        "\nsplitvirt boot on KVM inside the board ({RUNS} runs; the board is TCG-emulated arm64)"
-    );
-    println!(
-        "{:>4} {:>16} {:>10} {:>12} {:>16} {:>18}",
-        "run", "first output ms", "init ms", "power-off ms", "guest uptime s", "own RSS KiB"
-    );
-    for (i, (f, n, e, r, u)) in rows.iter().enumerate() {
-        println!("{:>4} {f:>16} {n:>10} {e:>12} {u:>16} {r:>18}", i + 1);
+    for (what, pick) in [
+        ("time to init (splitvirt's clock)", 0usize),
+        ("guest kernel's own boot", 1),
+        ("guest uptime at init", 2),
+    ] {
+        let get =
+            |k: usize| -> Vec<f64> { by_kind[k].iter().map(|r| [r.0, r.1, r.2][pick]).collect() };
+        let ratios: Vec<f64> = get(0).iter().zip(get(1)).map(|(h, s)| h / s).collect();
+        println!(
+            "{what}: huge pages / 4 KiB pages per round {}; median {:.2}x",
+            ratios
+                .iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            median(ratios.clone())
+        );
     }
-    let col = |i: usize| median(rows.iter().map(|r| [r.0, r.1, r.2, r.3][i]).collect());
-    println!(
-        "{:>4} {:>16} {:>10} {:>12} {:>16} {:>18}",
-        "med",
-        col(0),
-        col(1),
-        col(2),
-        "",
-        col(3)
-    );
     Ok(())
 }
 

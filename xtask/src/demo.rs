@@ -135,11 +135,11 @@ pub fn run(shell: bool) -> Result<()> {
         ),
         ("virtio interrupts in the guest", v(vm.value("virtio_irqs"))),
         (
-            "backend mappings: pool / guest RAM / all",
+            "backend mappings: pool / other shared memory / all",
             format!(
                 "{} / {} / {}",
                 v(o.value("backend_pool_maps")),
-                v(o.value("backend_ram_maps")),
+                v(o.value("backend_other_memory")),
                 v(o.value("backend_maps"))
             ),
         ),

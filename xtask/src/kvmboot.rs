@@ -479,7 +479,7 @@ fn fault_image() -> Vec<u8> {
 /// of its own; an empty root.
 pub fn backend_confined(o: &crate::qemu::Run, log: &std::path::Path) -> Result<()> {
     let want = [
-        ("backend_ram_maps", "0"),
+        ("backend_other_memory", "0"),
         ("backend_seccomp", "2"),
         ("backend_nonewprivs", "1"),
         ("backend_capeff", "0000000000000000"),

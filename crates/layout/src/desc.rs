@@ -34,6 +34,10 @@ pub struct Description {
 pub struct MemoryDesc {
     pub base: u64,
     pub size: ByteSize,
+    /// Back RAM outside the pool with transparent huge pages where the host allows them
+    /// (absent: true). `false` keeps 4 KiB pages (for comparison, or a host short of memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<bool>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

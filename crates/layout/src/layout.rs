@@ -45,6 +45,8 @@ pub struct Layout {
     pub profile: String,
     pub vcpus: u32,
     pub ram: Region,
+    /// RAM outside the pool asks the host for transparent huge pages.
+    pub ram_huge_pages: bool,
     pub pool: Option<Region>,
     pub gic_dist: Region,
     pub gic_cpu: Region,

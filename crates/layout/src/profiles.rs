@@ -128,6 +128,7 @@ impl Profile {
                 memory: MemoryDesc {
                     base: RAM_BASE,
                     size: ByteSize(DRIVER_RAM_SIZE),
+                    huge_pages: None,
                 },
                 gic: gic(DRIVER_V2M_SPI_BASE, DRIVER_V2M_SPI_COUNT),
                 uart,
@@ -166,6 +167,7 @@ impl Profile {
                 memory: MemoryDesc {
                     base: RAM_BASE,
                     size: ByteSize(QEMU_RAM_SIZE),
+                    huge_pages: None,
                 },
                 gic: gic(QEMU_V2M_SPI_BASE, QEMU_V2M_SPI_COUNT),
                 uart,

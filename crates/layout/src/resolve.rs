@@ -89,6 +89,7 @@ fn build(d: &Description, p: &mut Vec<Problem>) -> Layout {
         initrd: d.kernel.initrd.clone(),
         devices: Vec::new(),
         rpc_poll: None,
+        ram_huge_pages: d.memory.huge_pages.unwrap_or(true),
         rpc_restarts: d
             .backend
             .as_ref()

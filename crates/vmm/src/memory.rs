@@ -1,11 +1,13 @@
-//! Guest RAM as the VMM holds it: two memfds, one for the restricted pool and one for the rest
-//! of RAM, so that the pool can be handed to a backend process without the rest (a process
-//! holding the RAM memfd could map all of it). Devices in this process get a mapping of the
-//! pool memfd alone, exactly what a backend maps.
+//! Guest RAM as the VMM holds it: the restricted pool is a memfd of its own, so that it can be
+//! handed to a backend process (or a device VM) without the rest; the rest of RAM is anonymous
+//! memory of this process, which no other process can map, backed by transparent huge pages
+//! where the host allows them (every first touch of guest memory is a stage-2 fault, costly
+//! under nested virtualization: 2 MiB pages make 512 times fewer). Devices in this process get
+//! a mapping of the pool memfd alone, exactly what a backend maps.
 
 use layout::Layout;
 use std::fs::File;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 #[derive(Debug, thiserror::Error)]
 #[error("guest memory: {0}")]
@@ -25,47 +27,108 @@ pub fn memfd(name: &std::ffi::CStr, size: u64) -> Result<File, MemoryError> {
         .map_err(|e| MemoryError(format!("a sealed memfd of {size} bytes: {e}")))
 }
 
-fn clone(f: &File) -> Result<File, MemoryError> {
-    f.try_clone()
-        .map_err(|e| MemoryError(format!("memfd: {e}")))
+/// A transparent huge page (arm64 and x86_64 with 4 KiB base pages).
+const HUGE: usize = 2 << 20;
+
+/// Anonymous private memory of `size` bytes at a 2 MiB-aligned address (so that the host's
+/// huge pages line up with the guest's, whose RAM is 2 MiB-aligned too), with huge pages asked
+/// for (`huge`; otherwise refused). Whether it got them, the host's settings say: logged once
+/// when it cannot.
+fn anonymous(size: usize, huge: bool) -> Result<MmapRegion<()>, MemoryError> {
+    let (prot, flags) = (
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+    );
+    let err = |what: &str| {
+        MemoryError(format!(
+            "{what} {size} bytes: {}",
+            std::io::Error::last_os_error()
+        ))
+    };
+    let span = size.checked_add(HUGE).ok_or_else(|| err("cannot size"))?;
+    // SAFETY: a new anonymous mapping, trimmed below to the aligned part, which this process
+    // keeps for the VM's life (the region does not unmap it: it is raw).
+    unsafe {
+        let p = libc::mmap(std::ptr::null_mut(), span, prot, flags, -1, 0);
+        if p == libc::MAP_FAILED {
+            return Err(err("cannot map"));
+        }
+        let start = (p as usize).next_multiple_of(HUGE);
+        let head = start - p as usize;
+        if head > 0 {
+            libc::munmap(p, head);
+        }
+        let tail = span - head - size;
+        if tail > 0 {
+            libc::munmap((start + size) as *mut libc::c_void, tail);
+        }
+        let advice = if huge {
+            libc::MADV_HUGEPAGE
+        } else {
+            libc::MADV_NOHUGEPAGE
+        };
+        if libc::madvise(start as *mut libc::c_void, size, advice) != 0 {
+            if huge {
+                no_huge_pages(&std::io::Error::last_os_error().to_string());
+            }
+        } else if let Some(why) = thp_disabled().filter(|_| huge) {
+            no_huge_pages(&why);
+        }
+        MmapRegion::build_raw(start as *mut u8, size, prot, flags)
+            .map_err(|e| MemoryError(format!("guest RAM of {size} bytes: {e}")))
+    }
 }
 
-/// RAM below the pool, the pool, RAM above it: up to three regions from two memfds.
+/// Why the host gives no transparent huge pages, if it says so.
+fn thp_disabled() -> Option<String> {
+    const KNOB: &str = "/sys/kernel/mm/transparent_hugepage/enabled";
+    let s = std::fs::read_to_string(KNOB).ok()?;
+    s.contains("[never]").then(|| format!("{KNOB} is never"))
+}
+
+fn no_huge_pages(why: &str) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        log::info!(
+            "guest RAM gets no transparent huge pages ({why}): every first touch of a 4 KiB page \
+             is a fault; `echo madvise > /sys/kernel/mm/transparent_hugepage/enabled` allows them"
+        )
+    });
+}
+
+/// RAM below the pool, the pool, RAM above it: up to three regions, the pool's from its memfd.
 pub fn guest_ram(l: &Layout) -> Result<GuestRam, MemoryError> {
-    let ram = memfd(c"splitvirt-ram", l.ram.size)?;
+    let region = |base: u64, size: u64, fd: Option<&File>| -> Result<_, MemoryError> {
+        let mapping = match fd {
+            None => anonymous(size as usize, l.ram_huge_pages)?,
+            Some(f) => {
+                let f = f
+                    .try_clone()
+                    .map_err(|e| MemoryError(format!("memfd: {e}")))?;
+                MmapRegion::from_file(FileOffset::new(f, 0), size as usize)
+                    .map_err(|e| MemoryError(format!("the pool of {size} bytes: {e}")))?
+            }
+        };
+        GuestRegionMmap::new(mapping, GuestAddress(base))
+            .ok_or_else(|| MemoryError(format!("a region at {base:#x} overflows")))
+    };
+    let end = l.ram.base + l.ram.size;
     let Some(pool) = &l.pool else {
-        let mem = GuestMemoryMmap::from_ranges_with_files([(
-            GuestAddress(l.ram.base),
-            l.ram.size as usize,
-            Some(FileOffset::new(ram, 0)),
-        )])
-        .map_err(|e| MemoryError(e.to_string()))?;
+        let mem = GuestMemoryMmap::from_regions(vec![region(l.ram.base, l.ram.size, None)?])
+            .map_err(|e| MemoryError(e.to_string()))?;
         return Ok(GuestRam { mem, pool_fd: None });
     };
     let pool_fd = memfd(c"splitvirt-pool", pool.size)?;
-    let (end, pool_end) = (l.ram.base + l.ram.size, pool.base + pool.size);
-    let mut ranges = Vec::new();
+    let pool_end = pool.base + pool.size;
+    let mut regions = Vec::new();
     if pool.base > l.ram.base {
-        ranges.push((
-            GuestAddress(l.ram.base),
-            (pool.base - l.ram.base) as usize,
-            Some(FileOffset::new(clone(&ram)?, 0)),
-        ));
+        regions.push(region(l.ram.base, pool.base - l.ram.base, None)?);
     }
-    ranges.push((
-        GuestAddress(pool.base),
-        pool.size as usize,
-        Some(FileOffset::new(clone(&pool_fd)?, 0)),
-    ));
+    regions.push(region(pool.base, pool.size, Some(&pool_fd))?);
     if end > pool_end {
-        ranges.push((
-            GuestAddress(pool_end),
-            (end - pool_end) as usize,
-            Some(FileOffset::new(clone(&ram)?, pool_end - l.ram.base)),
-        ));
+        regions.push(region(pool_end, end - pool_end, None)?);
     }
-    let mem =
-        GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|e| MemoryError(e.to_string()))?;
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError(e.to_string()))?;
     Ok(GuestRam {
         mem,
         pool_fd: Some(pool_fd),
@@ -88,7 +151,45 @@ pub fn device_memory(l: &Layout, ram: &GuestRam) -> Result<GuestMemoryMmap<()>, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestMemoryBackend};
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+    /// RAM outside the pool is anonymous memory no other process can map, placed so that
+    /// host huge pages line up with the guest's 2 MiB-aligned RAM, and marked for huge pages
+    /// (the kernel's "hg" flag on the mapping) where the host has them.
+    #[test]
+    fn ram_outside_the_pool_is_anonymous_aligned_and_asks_for_huge_pages() {
+        let l = layout::resolve(&layout::Description::default_vm())
+            .unwrap()
+            .layout;
+        let ram = guest_ram(&l).unwrap();
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let thp = std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists();
+        let mut anonymous = 0;
+        for r in ram.mem.iter() {
+            let host = r.as_ptr() as usize;
+            let in_pool = l.pool.as_ref().unwrap().base == r.start_addr().0;
+            assert_eq!(
+                r.file_offset().is_some(),
+                in_pool,
+                "only the pool is a file"
+            );
+            if in_pool {
+                continue;
+            }
+            anonymous += 1;
+            assert_eq!(host % HUGE, 0, "aligned for huge pages");
+            // The mapping's entry starts with its address; its VmFlags line follows.
+            let flags = smaps
+                .lines()
+                .skip_while(|l| !l.starts_with(&format!("{host:x}-")))
+                .find(|l| l.starts_with("VmFlags:"))
+                .unwrap_or_else(|| panic!("no mapping at {host:x} in smaps"));
+            if thp {
+                assert!(flags.split_whitespace().any(|f| f == "hg"), "{flags}");
+            }
+        }
+        assert_eq!(anonymous, 2, "RAM below and above the pool");
+    }
 
     #[test]
     fn the_pool_memfd_is_sealed_at_its_size() {
