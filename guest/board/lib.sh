@@ -3,6 +3,16 @@
 result() { echo "@@ RESULT $1 $2 ${3:-}"; }
 value() { echo "@@ VALUE $1 $2"; }
 check() { name=$1; shift; if "$@"; then result "$name" PASS; else result "$name" FAIL "$*"; fi; }
+# Every splitvirt process and thread with where it sleeps in the kernel: printed when a VM
+# did not finish in time, so that a hang's log says where each side waits.
+hang_report() {
+	echo "@@ HANG $1: splitvirt threads (pid tid name state wchan)"
+	for t in /proc/[0-9]*/task/[0-9]*; do
+		case "$(tr '\0' ' ' <"${t%/task/*}/cmdline" 2>/dev/null)" in *splitvirt*) ;; *) continue ;; esac
+		p=${t#/proc/}; p=${p%%/*}
+		echo "@@ HANG $p ${t##*/} $(cat "$t/comm" 2>/dev/null) $(awk '/^State:/ {print $2}' "$t/status" 2>/dev/null) $(cat "$t/wchan" 2>/dev/null)"
+	done
+}
 # The process that serves a VM's backend devices: a "splitvirt backend" in a PID namespace of
 # its own (two pids on its NSpid line; its keeper outside the jail has one). Unjailed, the
 # backend process itself.

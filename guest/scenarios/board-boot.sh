@@ -58,7 +58,13 @@ value disk_reset "$(grep -c 'the guest reset; starting it again' /tmp/disk-sv.lo
 ( /splitvirt run --config /guest/qroot.toml --kernel /guest/Image \
 	--cmdline "console=ttyAMA0 loglevel=4 root=/dev/vda2 rw LINK_ROLE=send LINK_ME=10.0.3.2 LINK_PEER=10.0.3.1 ROOT_TOKEN=$QROOT_TOKEN" </dev/null
   echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "qroot| $l"; done &
-while [ "$(ps | grep -c '[r]oot.toml')" -gt 0 ]; do sleep 1; done
+i=0
+while [ "$(ps | grep -c '[r]oot.toml')" -gt 0 ]; do
+	sleep 1; i=$((i + 1))
+	# Far past what the two VMs need (about a minute): say where everything waits, and end
+	# them so that the rest runs and the checks name what is missing.
+	if [ $i = 600 ]; then hang_report root-qroot; pkill -f 'root.toml'; fi
+done
 # The images go back to the host (the outbox disk) to be read there.
 insmod /virtio_blk.ko
 i=0; while [ ! -b /dev/vda ] && [ $i -lt 60 ]; do sleep 0.5; i=$((i + 1)); done

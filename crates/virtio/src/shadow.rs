@@ -79,14 +79,21 @@ pub struct Shadow {
 
 impl Shadow {
     /// The shadow of a device of `device_type` with these queue sizes, whose rings must lie in
-    /// `mem` (as the device's must), with BAR 0 at `bar_addr` until the guest moves it.
-    pub fn new(device_type: u32, queue_sizes: &[u16], mem: Memory, bar_addr: u64) -> Shadow {
+    /// `mem` (as the device's must), with BAR 0 at `bar_addr` until the guest moves it and
+    /// `intx_pin` as its interrupt pin: its config space is the device's, byte for byte.
+    pub fn new(
+        device_type: u32,
+        queue_sizes: &[u16],
+        mem: Memory,
+        bar_addr: u64,
+        intx_pin: u8,
+    ) -> Shadow {
         let device = Absent {
             device_type,
             queue_sizes: queue_sizes.to_vec(),
         };
         Shadow {
-            t: VirtioPci::new(device, mem, bar_addr, 0, Arc::new(Quiet)),
+            t: VirtioPci::new(device, mem, bar_addr, intx_pin, Arc::new(Quiet)),
             queues: queue_sizes.len() as u16,
         }
     }
@@ -141,6 +148,12 @@ impl Shadow {
 
     pub fn config_write(&mut self, off: u64, data: &[u8]) {
         self.t.config_write(off, data)
+    }
+
+    /// PCI config space as the device has it: nothing in it changes but by the driver's
+    /// writes, which the shadow takes too, so the VMM answers these reads itself.
+    pub fn config_read(&mut self, off: u64, data: &mut [u8]) {
+        self.t.config_read(off, data)
     }
 
     pub fn bar_write(&mut self, bar: usize, off: u64, data: &[u8]) {

@@ -609,7 +609,8 @@ pub fn start(
             functions.push((devfn(slot, 0), Box::new(inner)));
             continue;
         };
-        let shadow = virtio::shadow::Shadow::new(ty, &queues, pool_mem.clone(), bar);
+        let shadow =
+            virtio::shadow::Shadow::new(ty, &queues, pool_mem.clone(), bar, d.intx_pin as u8);
         let reaper = matches!(d.kind, layout::DeviceKind::VirtioBlk { .. })
             .then(|| Reaper::new(slot, pool_mem.clone(), signal(d)));
         let notify = devices::notify_writes(&d.kind).unwrap_or_default();

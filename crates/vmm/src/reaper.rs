@@ -171,7 +171,7 @@ mod tests {
     fn driven() -> (GuestMemoryMmap<()>, Shadow) {
         let base = 0x5000_0000u64;
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(base), 0x10000)]).unwrap();
-        let mut sh = Shadow::new(2, &[16], mem.clone(), 0x1000_0000);
+        let mut sh = Shadow::new(2, &[16], mem.clone(), 0x1000_0000, 1);
         let mut w = |off: u64, v: u64, len: usize| sh.bar_write(0, off, &v.to_le_bytes()[..len]);
         for (off, v, len) in [
             (0x14, 3, 1),

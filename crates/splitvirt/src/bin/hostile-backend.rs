@@ -1,5 +1,6 @@
 //! Test-only: the backend's serving loop, jailed like the real one, that misbehaves on the
-//! wire (or with its memory) when the guest reads config-space offset 0xfc of one of its devices
+//! wire (or with its memory) when the guest reads BAR 0 at `TRIGGER` (past virtio-blk's
+//! device config) of one of its devices
 //! (crates/splitvirt/tests/backend.rs). A file `FILE.hostile` beside the description says how;
 //! the first backend reads and removes it, so the one that replaces it is honest. Started by
 //! `vmm::backend::start` as `splitvirt backend --setup-fd 3 --config FILE`.
@@ -10,8 +11,8 @@ use rpc::wire::{Msg, Op};
 use std::os::fd::FromRawFd;
 use std::sync::Arc;
 
-/// Where the guest pulls the trigger.
-const TRIGGER: u64 = 0xfc;
+/// Where the guest pulls the trigger: a BAR read (config-space reads never reach a backend).
+const TRIGGER: u64 = 0x2000 + 0xfc; // virtio::transport::DEVICE_CFG + 0xfc
 
 struct Hostile {
     inner: Box<dyn PciFunction>,
@@ -24,7 +25,16 @@ struct Hostile {
 
 impl PciFunction for Hostile {
     fn config_read(&mut self, off: u64, data: &mut [u8]) {
-        if off == TRIGGER {
+        self.inner.config_read(off, data)
+    }
+    fn config_write(&mut self, off: u64, data: &[u8]) {
+        self.inner.config_write(off, data)
+    }
+    fn bar_address(&self, bar: usize) -> Option<(u64, u64)> {
+        self.inner.bar_address(bar)
+    }
+    fn bar_read(&mut self, bar: usize, off: u64, data: &mut [u8]) {
+        if bar == 0 && off == TRIGGER {
             match self.mode.as_str() {
                 // A stream of log lines, far past any rate limit.
                 "flood" => {
@@ -56,15 +66,6 @@ impl PciFunction for Hostile {
                 _ => {}
             }
         }
-        self.inner.config_read(off, data)
-    }
-    fn config_write(&mut self, off: u64, data: &[u8]) {
-        self.inner.config_write(off, data)
-    }
-    fn bar_address(&self, bar: usize) -> Option<(u64, u64)> {
-        self.inner.bar_address(bar)
-    }
-    fn bar_read(&mut self, bar: usize, off: u64, data: &mut [u8]) {
         self.inner.bar_read(bar, off, data)
     }
     fn bar_write(&mut self, bar: usize, off: u64, data: &[u8]) {
