@@ -86,6 +86,21 @@ pub fn tool(name: &str) -> Result<Vec<u8>> {
     Ok(std::fs::read(&out)?)
 }
 
+/// A bare guest Image from `guest/tools/NAME.S`: assembled and its text taken as it is.
+pub fn bare_image(name: &str) -> Result<Vec<u8>> {
+    env::ensure_apt(&["gcc-aarch64-linux-gnu", "binutils-aarch64-linux-gnu"])?;
+    let src = root().join("guest/tools").join(format!("{name}.S"));
+    let dir = root().join("target/board");
+    std::fs::create_dir_all(&dir)?;
+    let (obj, out) = (dir.join(format!("{name}.o")), dir.join(format!("{name}.bin")));
+    run(cmd("aarch64-linux-gnu-as").arg("-o").arg(&obj).arg(&src))?;
+    run(cmd("aarch64-linux-gnu-objcopy")
+        .args(["-O", "binary"])
+        .arg(&obj)
+        .arg(&out))?;
+    Ok(std::fs::read(&out)?)
+}
+
 /// `initramfs` with extra executables: (path in the guest, contents).
 pub fn initramfs_with(
     scenario: &str,

@@ -101,7 +101,7 @@ pub fn boot_on_kvm() -> Result<()> {
             b"[[device]]\nkind = \"virtio-blk\"\nimage = \"/tmp/kill.img\"\nplacement = \"backend\"\n".to_vec(),
         ),
         ("guest/disk.cpio".to_owned(), std::fs::read(&disk_initrd)?),
-        ("guest/fault-Image".to_owned(), fault_image()),
+        ("guest/abort-Image".to_owned(), guest::bare_image("abort")?),
         ("guest/Image".to_owned(), std::fs::read(&k.image)?),
         ("guest/initrd.cpio".to_owned(), std::fs::read(&initrd)?),
         (
@@ -444,15 +444,18 @@ pub fn boot_on_kvm() -> Result<()> {
         s.value("cpus")
     );
     std::fs::write(dir.join("kvm-stock.log"), &s.log)?;
-    let f = r.part("fault");
+    // A bare guest's load pair from the UART, which KVM cannot decode: the guest took an
+    // external data abort there (its handler printed D) and powered off; splitvirt said so once.
+    let f = r.part("abort");
     ensure!(
-        f.value("splitvirt_exit") == Some("1"),
-        "a faulting guest made splitvirt exit {:?}",
-        f.value("splitvirt_exit")
+        f.value("splitvirt_exit") == Some("0") && f.log.lines().any(|l| l.trim() == "D"),
+        "the aborting guest: splitvirt exit {:?}, its handler's mark missing or not D:\n{}",
+        f.value("splitvirt_exit"),
+        f.log
     );
     ensure!(
-        f.log.contains("vCPU 0 stopped") && f.log.contains("pc     0x0000000040000004"),
-        "no register dump for the faulting guest:\n{}",
+        f.log.matches("cannot emulate").count() == 1 && f.log.contains("0x9000000"),
+        "splitvirt did not log the undecodable access once:\n{}",
         f.log
     );
     println!(
@@ -460,18 +463,6 @@ pub fn boot_on_kvm() -> Result<()> {
         s.value("kernel").unwrap_or("?")
     );
     Ok(())
-}
-
-/// A valid Image header whose first two instructions do an MMIO access KVM cannot decode:
-/// `movz x2, #0x900, lsl #16; ldp x0, x1, [x2]` (a load pair from the UART).
-fn fault_image() -> Vec<u8> {
-    let mut b = vec![0u8; 0x4000];
-    b[0..4].copy_from_slice(&0xd2a1_2002u32.to_le_bytes());
-    b[4..8].copy_from_slice(&0xa940_0440u32.to_le_bytes());
-    b[16..24].copy_from_slice(&0x1_0000u64.to_le_bytes());
-    b[24..32].copy_from_slice(&0b1010u64.to_le_bytes());
-    b[0x38..0x3c].copy_from_slice(b"ARM\x64");
-    b
 }
 
 /// The jailed backend as the board's `backend_values` saw it from outside: the pool mapped
