@@ -92,7 +92,10 @@ pub fn bare_image(name: &str) -> Result<Vec<u8>> {
     let src = root().join("guest/tools").join(format!("{name}.S"));
     let dir = root().join("target/board");
     std::fs::create_dir_all(&dir)?;
-    let (obj, out) = (dir.join(format!("{name}.o")), dir.join(format!("{name}.bin")));
+    let (obj, out) = (
+        dir.join(format!("{name}.o")),
+        dir.join(format!("{name}.bin")),
+    );
     run(cmd("aarch64-linux-gnu-as").arg("-o").arg(&obj).arg(&src))?;
     run(cmd("aarch64-linux-gnu-objcopy")
         .args(["-O", "binary"])
