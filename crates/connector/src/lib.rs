@@ -5,8 +5,10 @@
 //!
 //! Event page (BAR 0, 4 KiB):
 //! - 0x0 (write, any value): send an event to the peer.
-//! - 0x4: events received and not yet acknowledged; the guest writes 0 to acknowledge. The
-//!   interrupt is a level that stays up while this is not 0 (the shared handler's "mine?").
+//! - 0x4: events received and not yet acknowledged. Writing N (not 0) acknowledges N of them,
+//!   so that one that arrives between the guest's read and its write stays counted; writing 0
+//!   acknowledges all (the seed's guests). The interrupt is a level that stays up while this
+//!   is not 0 (the shared handler's "mine?").
 //! - 0x8..0x3a: the connection's name, NUL-terminated (read-only).
 //!
 //! The VMM may also map the event page into the guest read-only (`PageMemory`), so that reads
@@ -71,11 +73,14 @@ impl Events {
         *self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn acknowledge(&self) {
+    /// `n` events handled (0: all of them); the line goes down when none is left.
+    fn acknowledge(&self, n: u32) {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        *p = 0;
-        self.show(0);
-        self.irq.set_level(false);
+        *p = if n == 0 { 0 } else { p.saturating_sub(n) };
+        self.show(*p);
+        if *p == 0 {
+            self.irq.set_level(false);
+        }
     }
 
     /// The count into the mapped page, under the count's lock (so in the order it changed).
@@ -169,8 +174,8 @@ impl Connector {
     fn page_write(&self, off: u64, data: &[u8]) {
         match off {
             REG_EMIT => self.peer.emit(),
-            REG_EVENTS if le_value(data) == 0 => self.events.acknowledge(),
-            // Other values at 0x4, the name and the rest of the page are read-only.
+            REG_EVENTS if data.len() == 4 => self.events.acknowledge(le_value(data) as u32),
+            // The name and the rest of the page are read-only.
             _ => {}
         }
     }
@@ -320,12 +325,31 @@ mod tests {
             la.0.lock().unwrap().is_empty(),
             "the sender's line stays down"
         );
-        // Only 0 acknowledges; the count is not writable otherwise.
-        b.bar_write(0, REG_EVENTS, &5u32.to_le_bytes());
-        assert_eq!(r32(&mut b, 0, REG_EVENTS), 2);
+        // 0 acknowledges all of them.
         b.bar_write(0, REG_EVENTS, &0u32.to_le_bytes());
         assert_eq!(r32(&mut b, 0, REG_EVENTS), 0);
         assert_eq!(lb.0.lock().unwrap().last(), Some(&false));
+    }
+
+    /// The guest reads 2, an event arrives, the guest acknowledges the 2 it read: the third
+    /// stays counted and the line stays up. More than are pending acknowledges what there is.
+    #[test]
+    fn acknowledging_what_was_read_keeps_an_event_that_came_in_between() {
+        let (mut a, mut b, _, lb) = pair();
+        a.bar_write(0, REG_EMIT, &1u32.to_le_bytes());
+        a.bar_write(0, REG_EMIT, &1u32.to_le_bytes());
+        let read = r32(&mut b, 0, REG_EVENTS);
+        a.bar_write(0, REG_EMIT, &1u32.to_le_bytes());
+        b.bar_write(0, REG_EVENTS, &read.to_le_bytes());
+        assert_eq!(r32(&mut b, 0, REG_EVENTS), 1);
+        assert_eq!(lb.0.lock().unwrap().last(), Some(&true), "still up");
+        b.bar_write(0, REG_EVENTS, &5u32.to_le_bytes());
+        assert_eq!(r32(&mut b, 0, REG_EVENTS), 0);
+        assert_eq!(lb.0.lock().unwrap().last(), Some(&false));
+        // A write of another width is not an acknowledgement.
+        a.bar_write(0, REG_EMIT, &1u32.to_le_bytes());
+        b.bar_write(0, REG_EVENTS, &[0u8]);
+        assert_eq!(r32(&mut b, 0, REG_EVENTS), 1);
     }
 
     /// A page of plain memory, as the VMM's mapping would be.

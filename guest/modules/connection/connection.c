@@ -6,7 +6,8 @@
  * page: write 0x0 to send an event, 0x4 counts received events), map 1 is BAR 1 (the dataport,
  * memory shared with the peer VM). mmap offset N * page size selects map N; a blocking read()
  * of /dev/uioN returns the number of events so far. The interrupt is a level shared with other
- * INTx devices: the handler claims it only when 0x4 is non-zero, and acknowledges by writing 0.
+ * INTx devices: the handler claims it only when 0x4 is non-zero, and acknowledges the events it
+ * read by writing their number back (an event that arrives in between stays counted).
  *
  * Both BARs are memory on the host and mapped cacheable, here and in userspace: the event page
  * is a read-only memslot (reads of any kind at memory speed; writes trap to splitvirt, which
@@ -34,10 +35,12 @@ static irqreturn_t connection_irq(int irq, struct uio_info *info)
 {
 	struct connection *c = info->priv;
 
-	if (!READ_ONCE(*c->events))
+	u32 n = READ_ONCE(*c->events);
+
+	if (!n)
 		return IRQ_NONE;
-	/* A store to the read-only page: it traps, and splitvirt acknowledges. */
-	WRITE_ONCE(*c->events, 0);
+	/* A store to the read-only page: it traps, and splitvirt acknowledges n. */
+	WRITE_ONCE(*c->events, n);
 	return IRQ_HANDLED;
 }
 
