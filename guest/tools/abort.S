@@ -9,7 +9,7 @@ _start:
 	b	start			/* code0: past the header */
 	.word	0			/* code1 */
 	.quad	0			/* text_offset */
-	.quad	0x10000			/* image_size */
+	.quad	_end - _start		/* image_size: the file itself */
 	.quad	0b1010			/* flags: little endian, 4 KiB pages, placed anywhere */
 	.quad	0, 0, 0
 	.ascii	"ARM\x64"
@@ -40,3 +40,4 @@ vectors:
 	movk	x0, #0x8400, lsl #16	/* PSCI 0.2 SYSTEM_OFF */
 	hvc	#0
 	b	.
+_end:
