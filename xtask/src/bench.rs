@@ -62,9 +62,10 @@ pub fn boot() -> Result<()> {
          guest RAM on transparent huge pages and on 4 KiB pages, alternating)"
     );
     println!(
-        "{:>6} {:>6} {:>16} {:>10} {:>12} {:>14} {:>16} {:>14}",
+        "{:>6} {:>6} {:>14} {:>16} {:>10} {:>12} {:>14} {:>16} {:>14}",
         "run",
         "pages",
+        "1st KVM_RUN ms",
         "first output ms",
         "init ms",
         "power-off ms",
@@ -83,7 +84,8 @@ pub fn boot() -> Result<()> {
                 .find(|l| l.contains("splitvirt-stats:"))
                 .unwrap_or_default()
                 .to_owned();
-            let (Some(first), Some(init), Some(end), Some(rss)) = (
+            let (Some(run), Some(first), Some(init), Some(end), Some(rss)) = (
+                field(&stats, "first_run_ms"),
                 field(&stats, "first_console_ms"),
                 field(&stats, "init_ms"),
                 field(&stats, "end_ms"),
@@ -102,7 +104,7 @@ pub fn boot() -> Result<()> {
             by_kind[k].push((init as f64, kb, up));
             let pages = if k == 0 { "2 MiB" } else { "4 KiB" };
             println!(
-                "{i:>6} {pages:>6} {first:>16} {init:>10} {end:>12} {kb:>14.2} {up:>16.2} {rss:>14}"
+                "{i:>6} {pages:>6} {run:>14} {first:>16} {init:>10} {end:>12} {kb:>14.2} {up:>16.2} {rss:>14}"
             );
         }
     }

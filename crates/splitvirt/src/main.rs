@@ -232,6 +232,7 @@ fn init_logging(cli: &Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    vmm::stats::process_start();
     // Not dumpable: a process of the same user (a backend among them) may not read this one's
     // memory through /proc/PID/mem, open its descriptors through /proc/PID/fd or ptrace it.
     // SAFETY: prctl with integer arguments only.

@@ -427,6 +427,9 @@ impl Undecodable {
 }
 
 fn vcpu_loop(id: usize, vcpu: &mut VcpuFd, bus: &Bus, undecodable: &Undecodable) -> Stop {
+    if id == 0 {
+        crate::stats::first_run();
+    }
     loop {
         match vcpu.run() {
             Ok(VcpuExit::MmioRead(addr, data)) => bus.read(addr, data),
@@ -539,7 +542,7 @@ impl crate::machine::Hypervisor for KvmHypervisor {
 /// Runs until the guest powers off or resets (the caller decides what a reset means).
 pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
     let (l, stats) = (&spec.layout, spec.stats);
-    let start = std::time::Instant::now();
+    let start = crate::stats::process_start();
     let kvm = Kvm::new().map_err(|e| Error::NoKvm(e.to_string()))?;
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
     let undecodable = Arc::new(Undecodable::enable(&vm));
@@ -640,7 +643,9 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
             .ok()
             .and_then(|s| crate::stats::own_rss_kib(&s));
         eprintln!(
-            "splitvirt-stats: first_console_ms={} init_ms={} end_ms={} own_rss_kib={}",
+            "splitvirt-stats: first_run_ms={} first_console_ms={} init_ms={} end_ms={} \
+             own_rss_kib={}",
+            ms(crate::stats::until_first_run()),
             ms(t.first_byte),
             ms(t.marker),
             start.elapsed().as_millis(),

@@ -8,6 +8,25 @@ use std::time::{Duration, Instant};
 /// The line Linux prints as it starts userspace.
 pub const INIT_MARKER: &[u8] = b"Run /init as init process";
 
+static PROCESS_START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+static FIRST_RUN: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+
+/// When the process started, as near as it can say: the first call (splitvirt's `main` makes
+/// it first thing), so that `--stats` counts splitvirt's own start-up too.
+pub fn process_start() -> Instant {
+    *PROCESS_START.get_or_init(Instant::now)
+}
+
+/// The first vCPU is about to enter the guest for the first time.
+pub fn first_run() {
+    FIRST_RUN.get_or_init(|| process_start().elapsed());
+}
+
+/// From the process's start to the guest's first instruction (None before it).
+pub fn until_first_run() -> Option<Duration> {
+    FIRST_RUN.get().copied()
+}
+
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Timings {
     pub first_byte: Option<Duration>,
