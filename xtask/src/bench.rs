@@ -7,7 +7,8 @@ use crate::{board, guest, kernel};
 use anyhow::{ensure, Result};
 use std::time::Duration;
 
-const RUNS: usize = 5;
+/// Rounds of `bench boot` (four boots each).
+const RUNS: usize = 4;
 
 fn field(line: &str, key: &str) -> Option<u64> {
     line.split_whitespace()
@@ -59,65 +60,76 @@ pub fn boot() -> Result<()> {
     );
     println!(
         "\nsplitvirt boot on KVM inside the board ({RUNS} rounds; the board is TCG-emulated arm64; \
-         guest RAM on transparent huge pages and on 4 KiB pages, alternating)"
+         guest RAM on transparent huge pages and on 4 KiB pages, alternating; a verbose console \
+         and `quiet`)"
     );
     println!(
-        "{:>6} {:>6} {:>14} {:>16} {:>10} {:>12} {:>14} {:>16} {:>14}",
-        "run",
+        "{:>5} {:>6} {:>8} {:>14} {:>13} {:>9} {:>13} {:>14} {:>15} {:>12}",
+        "round",
         "pages",
+        "console",
         "1st KVM_RUN ms",
-        "first output ms",
+        "1st output ms",
         "init ms",
         "power-off ms",
         "kernel boot s",
-        "guest uptime s",
+        "uptime @init s",
         "own RSS KiB"
     );
-    // Per kind: (init ms, kernel boot s, uptime s) per round.
-    let mut by_kind: [Vec<(f64, f64, f64)>; 2] = Default::default();
+    // (pages, console) -> per round: (init ms, power-off ms, kernel boot s, uptime s).
+    let mut got: std::collections::HashMap<(&str, &str), Vec<[f64; 4]>> = Default::default();
+    let num = |v: Option<u64>| v.map_or(f64::NAN, |v| v as f64);
     for i in 1..=RUNS {
-        for (k, kind) in ["huge", "small"].into_iter().enumerate() {
-            let p = r.part(&format!("{kind}{i}"));
-            let stats = p
-                .log
-                .lines()
-                .find(|l| l.contains("splitvirt-stats:"))
-                .unwrap_or_default()
-                .to_owned();
-            let (Some(run), Some(first), Some(init), Some(end), Some(rss)) = (
-                field(&stats, "first_run_ms"),
-                field(&stats, "first_console_ms"),
-                field(&stats, "init_ms"),
-                field(&stats, "end_ms"),
-                field(&stats, "own_rss_kib"),
-            ) else {
-                anyhow::bail!(
-                    "{kind} run {i} printed no complete stats line: {stats:?} (log: {})",
+        for kind in ["huge", "small"] {
+            for talk in ["verbose", "quiet"] {
+                let p = r.part(&format!("{kind}-{talk}{i}"));
+                let stats = p
+                    .log
+                    .lines()
+                    .find(|l| l.contains("splitvirt-stats:"))
+                    .unwrap_or_default()
+                    .to_owned();
+                ensure!(
+                    field(&stats, "end_ms").is_some(),
+                    "{kind} {talk} round {i} printed no stats line (log: {})",
                     r.log_path.display()
                 );
-            };
-            let up: f64 = p
-                .value("up")
-                .and_then(|u| u.parse().ok())
-                .unwrap_or(f64::NAN);
-            let kb = kernel_boot_s(&p.log).unwrap_or(f64::NAN);
-            by_kind[k].push((init as f64, kb, up));
-            let pages = if k == 0 { "2 MiB" } else { "4 KiB" };
-            println!(
-                "{i:>6} {pages:>6} {run:>14} {first:>16} {init:>10} {end:>12} {kb:>14.2} {up:>16.2} {rss:>14}"
-            );
+                let f = |k: &str| field(&stats, k);
+                let up: f64 = p
+                    .value("up")
+                    .and_then(|u| u.parse().ok())
+                    .unwrap_or(f64::NAN);
+                let kb = kernel_boot_s(&p.log).unwrap_or(f64::NAN);
+                let row = [num(f("init_ms")), num(f("end_ms")), kb, up];
+                got.entry((kind, talk)).or_default().push(row);
+                let pages = if kind == "huge" { "2 MiB" } else { "4 KiB" };
+                let show = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+                println!(
+                    "{i:>5} {pages:>6} {talk:>8} {:>14} {:>13} {:>9} {:>13} {kb:>14.2} {up:>15.2} {:>12}",
+                    show(f("first_run_ms")),
+                    show(f("first_console_ms")),
+                    show(f("init_ms")),
+                    show(f("end_ms")),
+                    show(f("own_rss_kib"))
+                );
+            }
         }
     }
-    for (what, pick) in [
-        ("time to init (splitvirt's clock)", 0usize),
-        ("guest kernel's own boot", 1),
-        ("guest uptime at init", 2),
+    for (talk, what, col) in [
+        ("verbose", "time to init (splitvirt's clock)", 0usize),
+        ("verbose", "guest kernel's own boot", 2),
+        ("verbose", "guest uptime at init", 3),
+        ("quiet", "start to power-off", 1),
+        ("quiet", "guest uptime at init", 3),
     ] {
-        let get =
-            |k: usize| -> Vec<f64> { by_kind[k].iter().map(|r| [r.0, r.1, r.2][pick]).collect() };
-        let ratios: Vec<f64> = get(0).iter().zip(get(1)).map(|(h, s)| h / s).collect();
+        let get = |kind: &str| -> Vec<f64> { got[&(kind, talk)].iter().map(|r| r[col]).collect() };
+        let ratios: Vec<f64> = get("huge")
+            .iter()
+            .zip(get("small"))
+            .map(|(h, s)| h / s)
+            .collect();
         println!(
-            "{what}: huge pages / 4 KiB pages per round {}; median {:.2}x",
+            "{talk}, {what}: huge pages / 4 KiB pages per round {}; median {:.2}x",
             ratios
                 .iter()
                 .map(|r| format!("{r:.2}"))

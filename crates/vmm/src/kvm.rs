@@ -548,6 +548,12 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
     let undecodable = Arc::new(Undecodable::enable(&vm));
     let ram = crate::memory::guest_ram(l).map_err(|e| Error::Memory(e.0))?;
     let mem = ram.mem.clone();
+    // Guest RAM outside the pool (anonymous memory), which --stats leaves out of our own.
+    let guest_ranges: Vec<(u64, u64)> = mem
+        .iter()
+        .filter(|r| r.file_offset().is_none())
+        .map(|r| (r.as_ptr() as u64, r.len()))
+        .collect();
     let dev_mem = crate::memory::device_memory(l, &ram).map_err(|e| Error::Memory(e.0))?;
     load(&mem, &p)?;
     // One memslot per region: RAM below the pool, the pool (its own memfd), RAM above it.
@@ -639,9 +645,12 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
         let ms = |d: Option<std::time::Duration>| {
             d.map_or("-".to_owned(), |d| d.as_millis().to_string())
         };
-        let rss = std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| crate::stats::own_rss_kib(&s));
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        let rss = crate::stats::own_rss_kib(
+            &read("/proc/self/status"),
+            &read("/proc/self/smaps"),
+            &guest_ranges,
+        );
         eprintln!(
             "splitvirt-stats: first_run_ms={} first_console_ms={} init_ms={} end_ms={} \
              own_rss_kib={}",

@@ -85,16 +85,28 @@ impl<W: Write> Write for TimedConsole<W> {
     }
 }
 
-/// splitvirt's own resident memory in KiB, guest RAM excluded: anonymous and file pages, not
-/// the shared memfd that holds guest RAM (RssShmem).
-pub fn own_rss_kib(status: &str) -> Option<u64> {
+/// splitvirt's own resident memory in KiB, guest RAM excluded: anonymous and file pages
+/// (`status`, /proc/self/status), less what the mappings of guest RAM that start in `guest`
+/// (host address, length) hold (`smaps`, /proc/self/smaps); the pool, a memfd, is shared
+/// memory and never counted.
+pub fn own_rss_kib(status: &str, smaps: &str, guest: &[(u64, u64)]) -> Option<u64> {
     let field = |name: &str| {
         status
             .lines()
             .find_map(|l| l.strip_prefix(name))
             .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
     };
-    Some(field("RssAnon:")? + field("RssFile:")?)
+    let mut in_guest = false;
+    let mut guest_kib = 0u64;
+    for l in smaps.lines() {
+        let range = l.split_whitespace().next().and_then(|r| r.split_once('-'));
+        if let Some(start) = range.and_then(|(a, _)| u64::from_str_radix(a, 16).ok()) {
+            in_guest = guest.iter().any(|&(g, len)| (g..g + len).contains(&start));
+        } else if let Some(kib) = l.strip_prefix("Rss:").filter(|_| in_guest) {
+            guest_kib += kib.split_whitespace().next()?.parse::<u64>().ok()?;
+        }
+    }
+    (field("RssAnon:")? + field("RssFile:")?).checked_sub(guest_kib)
 }
 
 #[cfg(test)]
@@ -116,8 +128,13 @@ mod tests {
 
     #[test]
     fn reads_rss_without_guest_ram() {
-        let status = "Name:\tsplitvirt\nRssAnon:\t    1200 kB\nRssFile:\t     800 kB\nRssShmem:\t  524288 kB\n";
-        assert_eq!(own_rss_kib(status), Some(2000));
-        assert_eq!(own_rss_kib("Name: x\n"), None);
+        let status = "Name:\tsplitvirt\nRssAnon:\t  101200 kB\nRssFile:\t     800 kB\nRssShmem:\t  524288 kB\n";
+        let smaps = "40000000-48000000 rw-p 00000000 00:00 0\nSize: 131072 kB\nRss: 100000 kB\n\
+                     VmFlags: rd wr mr mw me ac hg\n\
+                     55550000-55560000 rw-p 00000000 00:00 0 [heap]\nSize: 64 kB\nRss: 64 kB\n";
+        let guest = [(0x4000_0000, 0x0800_0000)];
+        assert_eq!(own_rss_kib(status, smaps, &guest), Some(2000));
+        assert_eq!(own_rss_kib(status, smaps, &[]), Some(102_000));
+        assert_eq!(own_rss_kib("Name: x\n", smaps, &guest), None);
     }
 }
