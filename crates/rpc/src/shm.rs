@@ -45,9 +45,22 @@ pub const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F
 
 /// A memfd of `size` bytes, sealed at that size (close-on-exec).
 pub fn sealed_memfd(name: &std::ffi::CStr, size: u64) -> io::Result<OwnedFd> {
+    sealed_memfd_with(name, size, 0)
+}
+
+/// `sealed_memfd` with more `memfd_create` flags (MFD_HUGETLB, say).
+pub fn sealed_memfd_with(
+    name: &std::ffi::CStr,
+    size: u64,
+    flags: libc::c_uint,
+) -> io::Result<OwnedFd> {
     // SAFETY: a valid NUL-terminated name; the fd is checked and then owned.
-    let fd =
-        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let fd = unsafe {
+        libc::memfd_create(
+            name.as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING | flags,
+        )
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -30,6 +30,59 @@ pub fn memfd(name: &std::ffi::CStr, size: u64) -> Result<File, MemoryError> {
 /// A transparent huge page (arm64 and x86_64 with 4 KiB base pages).
 const HUGE: usize = 2 << 20;
 
+/// The restricted pool: a sealed memfd (it is shared with the backend), on 2 MiB hugetlb pages
+/// when `huge` and the host has enough of them free, else on 4 KiB pages (the host's shmem gets
+/// no transparent huge pages by default), logged once. The guest zeroes the whole pool when
+/// its first device attaches: on 4 KiB pages that is a stage-2 fault per page.
+fn pool_memfd(size: u64, huge: bool) -> Result<File, MemoryError> {
+    if huge && size.is_multiple_of(HUGE as u64) {
+        match hugetlb_memfd(size) {
+            Ok(f) => return Ok(f),
+            Err(why) => {
+                static ONCE: std::sync::Once = std::sync::Once::new();
+                ONCE.call_once(|| {
+                    log::info!(
+                        "the restricted pool gets no huge pages ({why}): the guest's first \
+                         touch of it faults per 4 KiB page; reserving {} 2 MiB pages \
+                         (/proc/sys/vm/nr_hugepages) gives it some",
+                        size / HUGE as u64
+                    )
+                });
+            }
+        }
+    }
+    memfd(c"splitvirt-pool", size)
+}
+
+/// A sealed memfd on hugetlb pages, its pages reserved now (a shared mapping reserves them
+/// for the file, so a later one cannot fail for want of pages).
+fn hugetlb_memfd(size: u64) -> Result<File, String> {
+    let flags = libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
+    let f = File::from(
+        rpc::shm::sealed_memfd_with(c"splitvirt-pool", size, flags).map_err(|e| e.to_string())?,
+    );
+    // SAFETY: a shared mapping of our own memfd, unmapped at once; it only reserves pages.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return Err(format!(
+                "no {} free 2 MiB hugetlb pages: {}",
+                size / HUGE as u64,
+                std::io::Error::last_os_error()
+            ));
+        }
+        libc::munmap(p, size as usize);
+    }
+    Ok(f)
+}
+
 /// Anonymous private memory of `size` bytes at a 2 MiB-aligned address (so that the host's
 /// huge pages line up with the guest's, whose RAM is 2 MiB-aligned too), with huge pages asked
 /// for (`huge`; otherwise refused). Whether it got them, the host's settings say: logged once
@@ -118,7 +171,7 @@ pub fn guest_ram(l: &Layout) -> Result<GuestRam, MemoryError> {
             .map_err(|e| MemoryError(e.to_string()))?;
         return Ok(GuestRam { mem, pool_fd: None });
     };
-    let pool_fd = memfd(c"splitvirt-pool", pool.size)?;
+    let pool_fd = pool_memfd(pool.size, l.ram_huge_pages)?;
     let pool_end = pool.base + pool.size;
     let mut regions = Vec::new();
     if pool.base > l.ram.base {
@@ -189,6 +242,32 @@ mod tests {
             }
         }
         assert_eq!(anonymous, 2, "RAM below and above the pool");
+    }
+
+    /// The pool on hugetlb pages where the host has them free: a hugetlbfs file, sealed like
+    /// any pool; where it has none, an error that says how to give it some, and a plain memfd.
+    #[test]
+    fn the_pool_takes_hugetlb_pages_where_there_are_some() {
+        const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+        let size = 4 * HUGE as u64;
+        let on_hugetlbfs = |f: &File| {
+            // SAFETY: fstatfs into a zeroed buffer on our own descriptor.
+            let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+            assert_eq!(
+                unsafe { libc::fstatfs(std::os::fd::AsRawFd::as_raw_fd(f), &mut s) },
+                0
+            );
+            s.f_type as i64 == HUGETLBFS_MAGIC
+        };
+        match hugetlb_memfd(size) {
+            Ok(f) => {
+                assert!(on_hugetlbfs(&f));
+                rpc::shm::check_sealed(&f, size, "pool").unwrap();
+                assert!(f.set_len(HUGE as u64).is_err(), "a shrink went through");
+            }
+            Err(why) => assert!(why.contains("hugetlb pages"), "{why}"),
+        }
+        assert!(!on_hugetlbfs(&pool_memfd(size, false).unwrap()));
     }
 
     #[test]
