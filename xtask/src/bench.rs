@@ -7,8 +7,8 @@ use crate::{board, guest, kernel};
 use anyhow::{ensure, Result};
 use std::time::Duration;
 
-/// Rounds of `bench boot` (four boots each).
-const RUNS: usize = 4;
+/// Rounds of `bench boot` (six boots each; one round per order of the three kinds).
+const RUNS: usize = 3;
 
 fn field(line: &str, key: &str) -> Option<u64> {
     line.split_whitespace()
@@ -60,8 +60,8 @@ pub fn boot() -> Result<()> {
     );
     println!(
         "\nsplitvirt boot on KVM inside the board ({RUNS} rounds; the board is TCG-emulated arm64; \
-         guest RAM on transparent huge pages and on 4 KiB pages, alternating; a verbose console \
-         and `quiet`)"
+         guest RAM on transparent huge pages and on 4 KiB pages, and huge pages with 40 hugetlb \
+         pages reserved for the pool; in rotation; a verbose console and `quiet`)"
     );
     println!(
         "{:>5} {:>6} {:>8} {:>14} {:>13} {:>9} {:>13} {:>14} {:>15} {:>12}",
@@ -80,7 +80,7 @@ pub fn boot() -> Result<()> {
     let mut got: std::collections::HashMap<(&str, &str), Vec<[f64; 4]>> = Default::default();
     let num = |v: Option<u64>| v.map_or(f64::NAN, |v| v as f64);
     for i in 1..=RUNS {
-        for kind in ["huge", "small"] {
+        for kind in ["huge", "small", "hugetlb"] {
             for talk in ["verbose", "quiet"] {
                 let p = r.part(&format!("{kind}-{talk}{i}"));
                 let stats = p
@@ -102,7 +102,11 @@ pub fn boot() -> Result<()> {
                 let kb = kernel_boot_s(&p.log).unwrap_or(f64::NAN);
                 let row = [num(f("init_ms")), num(f("end_ms")), kb, up];
                 got.entry((kind, talk)).or_default().push(row);
-                let pages = if kind == "huge" { "2 MiB" } else { "4 KiB" };
+                let pages = match kind {
+                    "huge" => "2 MiB",
+                    "small" => "4 KiB",
+                    _ => "+pool",
+                };
                 let show = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
                 println!(
                     "{i:>5} {pages:>6} {talk:>8} {:>14} {:>13} {:>9} {:>13} {kb:>14.2} {up:>15.2} {:>12}",
@@ -115,28 +119,34 @@ pub fn boot() -> Result<()> {
             }
         }
     }
-    for (talk, what, col) in [
-        ("verbose", "time to init (splitvirt's clock)", 0usize),
-        ("verbose", "guest kernel's own boot", 2),
-        ("verbose", "guest uptime at init", 3),
-        ("quiet", "start to power-off", 1),
-        ("quiet", "guest uptime at init", 3),
+    for (a, b, title) in [
+        ("huge", "small", "huge pages / 4 KiB pages"),
+        (
+            "hugetlb",
+            "huge",
+            "pool on hugetlb pages / pool on 4 KiB pages",
+        ),
     ] {
-        let get = |kind: &str| -> Vec<f64> { got[&(kind, talk)].iter().map(|r| r[col]).collect() };
-        let ratios: Vec<f64> = get("huge")
-            .iter()
-            .zip(get("small"))
-            .map(|(h, s)| h / s)
-            .collect();
-        println!(
-            "{talk}, {what}: huge pages / 4 KiB pages per round {}; median {:.2}x",
-            ratios
-                .iter()
-                .map(|r| format!("{r:.2}"))
-                .collect::<Vec<_>>()
-                .join(" "),
-            median(ratios.clone())
-        );
+        for (talk, what, col) in [
+            ("verbose", "time to init (splitvirt's clock)", 0usize),
+            ("verbose", "guest kernel's own boot", 2),
+            ("verbose", "guest uptime at init", 3),
+            ("quiet", "start to power-off", 1),
+            ("quiet", "guest uptime at init", 3),
+        ] {
+            let get =
+                |kind: &str| -> Vec<f64> { got[&(kind, talk)].iter().map(|r| r[col]).collect() };
+            let ratios: Vec<f64> = get(a).iter().zip(get(b)).map(|(h, s)| h / s).collect();
+            println!(
+                "{talk}, {what}: {title} per round {}; median {:.2}x",
+                ratios
+                    .iter()
+                    .map(|r| format!("{r:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                median(ratios.clone())
+            );
+        }
     }
     Ok(())
 }
