@@ -405,7 +405,9 @@ impl Undecodable {
                 .is_ok();
         if !handled {
             log::warn!(
-                "this host's KVM cannot hand over guest accesses it cannot decode                  (KVM_CAP_ARM_NISV_TO_USER and KVM_CAP_ARM_INJECT_EXT_DABT, Linux 5.5): a guest                  program that reads device memory with vector or pair loads will stop the VM"
+                "this host's KVM cannot hand over guest accesses it cannot decode \
+                 (KVM_CAP_ARM_NISV_TO_USER and KVM_CAP_ARM_INJECT_EXT_DABT, Linux 5.5): a guest \
+                 program that reads device memory with vector or pair loads will stop the VM"
             );
         }
         Undecodable {
