@@ -121,34 +121,40 @@ pub enum Backing<'a> {
 /// must not parse metadata such a backend may have written.
 pub fn check(path: &Path, format: Option<Format>, read_only: bool) -> Result<(), OpenError> {
     let file = open_file(path, read_only)?;
-    let err = |why: String| OpenError {
-        path: path.display().to_string(),
-        why,
-    };
-    let mut magic = [0u8; 4];
-    let has_magic = file.read_exact_at(&mut magic, 0).is_ok() && &magic == QCOW2_MAGIC;
-    match (format_of(path, format), has_magic) {
-        (None, true) => Err(err(starts_like_qcow2())),
-        (Some(Format::Qcow2), false) => Err(err(not_qcow2())),
-        (Some(Format::Qcow2), true) => Ok(()),
-        (_, _) => Raw::new(file).map(drop).map_err(err),
+    let name = path.display().to_string();
+    match settle(&file, &name, format_of(path, format))? {
+        Format::Qcow2 => Ok(()),
+        Format::Raw => Raw::new(file)
+            .map(drop)
+            .map_err(|why| OpenError { path: name, why }),
     }
 }
 
-fn starts_like_qcow2() -> String {
-    "it starts with a qcow2 header but no format is given; set format = \"qcow2\" \
-     (or format = \"raw\" if these are a guest's own bytes)"
-        .into()
+/// The format to read `file` as, given the one asked for: None is raw unless the file starts
+/// like a qcow2 image (then refused: the format must be said); qcow2 needs its magic.
+fn settle(file: &File, name: &str, format: Option<Format>) -> Result<Format, OpenError> {
+    let err = |why: &str| OpenError {
+        path: name.to_owned(),
+        why: why.to_owned(),
+    };
+    let mut magic = [0u8; 4];
+    let has_magic = file.read_exact_at(&mut magic, 0).is_ok() && &magic == QCOW2_MAGIC;
+    match (format, has_magic) {
+        (None, true) => Err(err(
+            "it starts with a qcow2 header but no format is given; set format = \"qcow2\" \
+             (or format = \"raw\" if these are a guest's own bytes)",
+        )),
+        (Some(Format::Qcow2), false) => Err(err(
+            "it is not a qcow2 image (no QFI\\xfb magic); set format = \"raw\" or convert it \
+             with qemu-img convert -O qcow2",
+        )),
+        (Some(f), _) => Ok(f),
+        (None, false) => Ok(Format::Raw),
+    }
 }
 
-fn not_qcow2() -> String {
-    "it is not a qcow2 image (no QFI\\xfb magic); set format = \"raw\" or convert it with \
-     qemu-img convert -O qcow2"
-        .into()
-}
-
-/// A disk over an open image file, `name` naming it in messages. `format` None: raw, unless
-/// the file starts like a qcow2 image (then refused: the format must be said).
+/// A disk over an open image file, `name` naming it in messages; `format` as [`settle`]
+/// takes it.
 pub fn from_file(
     file: File,
     name: &str,
@@ -160,18 +166,10 @@ pub fn from_file(
         path: name.to_owned(),
         why,
     };
-    let mut magic = [0u8; 4];
-    let has_magic = file.read_exact_at(&mut magic, 0).is_ok() && &magic == QCOW2_MAGIC;
-    let format = match format {
-        Some(f) => f,
-        None if has_magic => return Err(err(starts_like_qcow2())),
-        None => Format::Raw,
-    };
-    match format {
+    match settle(&file, name, format)? {
         Format::Raw => Raw::new(file)
             .map(|d| Box::new(d) as Box<dyn Disk>)
             .map_err(err),
-        Format::Qcow2 if !has_magic => Err(err(not_qcow2())),
         Format::Qcow2 => Qcow2Disk::open(file, read_only, backing)
             .map(|d| Box::new(d) as Box<dyn Disk>)
             .map_err(|e| err(format!("cannot open it as qcow2: {e}"))),
