@@ -141,14 +141,16 @@ impl Connector {
     /// whenever it changes), for a VMM that maps it into the guest. Once: a later page is
     /// ignored.
     pub fn mirror_page(&self, page: Arc<dyn PageMemory>) {
+        // What a trapped read of the whole page answers; the count is stored again under its
+        // lock, in case it changed in between.
+        let mut image = vec![0u8; EVENT_PAGE as usize];
+        self.page_read(0, &mut image);
         let p = self
             .events
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         if self.events.page.set(page.clone()).is_ok() {
-            let mut image = vec![0u8; EVENT_PAGE as usize];
-            image[REG_NAME as usize..][..NAME_FIELD].copy_from_slice(&self.name);
             page.write(0, &image);
             page.store_u32(REG_EVENTS, *p);
         }
