@@ -19,30 +19,6 @@ const OPS: u32 = 200_000;
 const BATCHES: usize = 9;
 const KINDS: [&str; 3] = ["jailed", "floor", "plain"];
 
-/// A filter that allows every call: one `ret ALLOW`.
-fn allow_all() {
-    let mut ret = [libc::sock_filter {
-        code: 0x06,
-        jt: 0,
-        jf: 0,
-        k: libc::SECCOMP_RET_ALLOW,
-    }];
-    let prog = libc::sock_fprog {
-        len: 1,
-        filter: ret.as_mut_ptr(),
-    };
-    // SAFETY: the kernel copies the one-instruction program in; the jail set no_new_privs.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            libc::SECCOMP_FILTER_FLAG_SPEC_ALLOW,
-            &prog as *const libc::sock_fprog,
-        )
-    };
-    assert_eq!(rc, 0, "seccomp: {}", std::io::Error::last_os_error());
-}
-
 fn child(kind: &str, image: &str, ops: u32) {
     let image = std::fs::OpenOptions::new()
         .write(true)
@@ -66,7 +42,7 @@ fn child(kind: &str, image: &str, ops: u32) {
             socket_console: false,
         })
         .expect("the policy"),
-        "floor" => allow_all(),
+        "floor" => backend::policy::allow_all().expect("the floor filter"),
         _ => {}
     }
     let mut buf = vec![0u8; 4096];

@@ -224,6 +224,18 @@ pub fn install(needs: Needs) -> Result<(), PolicyError> {
     Ok(())
 }
 
+/// Installs a filter of one instruction that allows every call, as the policy's filters are
+/// installed: the floor any filter costs, to measure the policy against
+/// (`examples/syscall_cost.rs`). Needs `no_new_privs` (the jail sets it).
+pub fn allow_all() -> Result<(), PolicyError> {
+    apply(&vec![seccompiler::sock_filter {
+        code: 0x06, // BPF_RET | BPF_K
+        jt: 0,
+        jf: 0,
+        k: libc::SECCOMP_RET_ALLOW,
+    }])
+}
+
 /// Installs one filter with SECCOMP_FILTER_FLAG_SPEC_ALLOW, which seccompiler's
 /// `apply_filter` cannot pass (it takes no flags): without it the kernel may switch on the
 /// Speculative Store Bypass mitigation for the whole process (on arm64 with the firmware
@@ -400,17 +412,18 @@ mod tests {
         assert_eq!((bare, disk, all), documented);
     }
 
+    /// AUDIT_ARCH of this target, what a filter loads at `seccomp_data.arch`.
+    #[cfg(target_arch = "x86_64")]
+    const ARCH_AUDIT: u32 = 0xc000_003e;
+    #[cfg(target_arch = "aarch64")]
+    const ARCH_AUDIT: u32 = 0xc000_00b7;
+
     /// The kernel (5.11+) skips a filter for calls it can prove always allowed, by running the
     /// program over the call's number and architecture alone (kernel/seccomp.c,
     /// `seccomp_is_const_allow`). This does the same: every call allowed whatever its
     /// arguments, all of the data path (doorbells, futexes, the disk's I/O), must come out
     /// allowed without the program reading an argument, in both filters; with a filter on,
     /// such a call then costs only the kernel's slower system call entry.
-    #[cfg(target_arch = "x86_64")]
-    const ARCH_AUDIT: u32 = 0xc000_003e;
-    #[cfg(target_arch = "aarch64")]
-    const ARCH_AUDIT: u32 = 0xc000_00b7;
-
     #[test]
     fn the_data_paths_calls_skip_the_filter() {
         fn const_allow(prog: &BpfProgram, nr: u32) -> Option<bool> {
