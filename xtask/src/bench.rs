@@ -15,9 +15,15 @@ fn field(line: &str, key: &str) -> Option<u64> {
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
+/// The middle value (the mean of the middle two for an even count; NaN for none).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    let n = v.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// The guest kernel's own clock (seconds) at "Freeing unused kernel memory", the end of its
@@ -453,7 +459,7 @@ fn jail_vms() -> Result<()> {
 
 /// One row of a table of paired rounds: `what`, each side's rounds, the per-round `ratios`
 /// and their median (of the middle two for an even count), columns `width` wide.
-fn paired_row(what: &str, width: usize, left: &[f64], right: &[f64], mut ratios: Vec<f64>) {
+fn paired_row(what: &str, width: usize, left: &[f64], right: &[f64], ratios: Vec<f64>) {
     let show = |v: &[f64], d: usize| {
         v.iter()
             .map(|x| format!("{x:.d$}"))
@@ -461,13 +467,7 @@ fn paired_row(what: &str, width: usize, left: &[f64], right: &[f64], mut ratios:
             .join(" / ")
     };
     let per_round = show(&ratios, 2);
-    ratios.sort_by(f64::total_cmp);
-    let n = ratios.len();
-    let median = if n % 2 == 1 {
-        ratios[n / 2]
-    } else {
-        (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0
-    };
+    let median = median(ratios);
     println!(
         "{what:>16} {:>width$} {:>width$} {per_round:>width$} {median:>7.2}x",
         show(left, 1),
