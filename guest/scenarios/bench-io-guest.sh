@@ -1,7 +1,7 @@
 # Inside a benchmark VM. MODE=ab: two disks in one VM, vda in splitvirt's process and vdb in
 # the backend process, read in alternation (same guest, same minutes: the fairest comparison
 # this noisy machine allows). Otherwise: sequential and random I/O on /dev/vda, then TCP to
-# the board.
+# the board (MODE=full: random writes and TCP round trips too).
 if [ "$MODE" = ab ]; then
 	value vda_sectors "$(cat /sys/block/vda/size)"
 	value vdb_sectors "$(cat /sys/block/vdb/size)"
@@ -17,7 +17,9 @@ else
 	/iobench seq-write /dev/vda "$IOB_MIB"
 	/iobench seq-read /dev/vda "$IOB_MIB"
 	/iobench rand-read /dev/vda "$IOB_SECONDS"
+	[ "$MODE" = full ] && /iobench rand-write /dev/vda "$IOB_SECONDS"
 	ip addr add 10.0.2.15/24 dev eth0
 	ip link set eth0 up
 	/iobench tcp-send 10.0.2.1 5000 "$IOB_MIB"
+	[ "$MODE" = full ] && /iobench tcp-rr 10.0.2.1 5001 "$IOB_SECONDS"
 fi

@@ -2,7 +2,9 @@
  *   iobench seq-write DEV MIB     sequential 1 MiB writes with O_DIRECT, then fsync
  *   iobench seq-read DEV MIB      sequential 1 MiB reads with O_DIRECT
  *   iobench rand-read DEV SECONDS 4 KiB reads at random aligned offsets, O_DIRECT
+ *   iobench rand-write DEV SECONDS the same with writes
  *   iobench tcp-send IP PORT MIB  MIB of zeros over one TCP connection
+ *   iobench tcp-rr IP PORT SECONDS one byte to an echo server and back, over and over
  * Each prints one line: "@@ VALUE <name> <number>" (MB/s or IOPS), read by the xtask. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -13,6 +15,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <netinet/tcp.h>
 #include <time.h>
 #include <unistd.h>
 #include <linux/fs.h>
@@ -67,9 +70,9 @@ static int seq(const char *dev, long mib, int writing)
 	return 0;
 }
 
-static int rand_read(const char *dev, double seconds)
+static int rand_io(const char *dev, double seconds, int writing)
 {
-	int fd = open_dev(dev, O_RDONLY);
+	int fd = open_dev(dev, writing ? O_WRONLY : O_RDONLY);
 	uint64_t size = 0;
 	if (ioctl(fd, BLKGETSIZE64, &size) || size < 8192) {
 		fprintf(stderr, "%s: no size\n", dev);
@@ -81,31 +84,41 @@ static int rand_read(const char *dev, double seconds)
 	do {
 		for (int i = 0; i < 64; i++) {
 			x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-			if (pread(fd, buf, 4096, (off_t)(x % blocks) * 4096) != 4096) {
-				perror("pread");
+			off_t at = (off_t)(x % blocks) * 4096;
+			if ((writing ? pwrite(fd, buf, 4096, at) : pread(fd, buf, 4096, at)) != 4096) {
+				perror(writing ? "pwrite" : "pread");
 				return 1;
 			}
 			ops++;
 		}
 		t = now();
 	} while (t - t0 < seconds);
-	printf("@@ VALUE rand_read_iops %.0f\n", ops / (t - t0));
+	printf("@@ VALUE %s_iops %.0f\n", writing ? "rand_write" : "rand_read", ops / (t - t0));
 	return 0;
 }
 
-static int tcp_send(const char *ip, int port, long mib)
+/* A TCP connection to ip:port (the board's server may take a moment to come up): -1 if none. */
+static int dial(const char *ip, int port)
 {
 	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(port) };
 	if (inet_pton(AF_INET, ip, &a.sin_addr) != 1)
-		return 1;
+		return -1;
 	int s = socket(AF_INET, SOCK_STREAM, 0);
 	for (int tries = 0; connect(s, (struct sockaddr *)&a, sizeof a); tries++) {
 		if (tries > 100) {
 			perror("connect");
-			return 1;
+			return -1;
 		}
 		sleep(1);
 	}
+	return s;
+}
+
+static int tcp_send(const char *ip, int port, long mib)
+{
+	int s = dial(ip, port);
+	if (s < 0)
+		return 1;
 	static char buf[1 << 16];
 	double t0 = now();
 	for (long sent = 0; sent < mib << 20;) {
@@ -124,6 +137,27 @@ static int tcp_send(const char *ip, int port, long mib)
 	return 0;
 }
 
+static int tcp_rr(const char *ip, int port, double seconds)
+{
+	int s = dial(ip, port), one = 1;
+	if (s < 0)
+		return 1;
+	setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+	char c = 'x';
+	long n = 0;
+	double t0 = now(), t;
+	do {
+		if (send(s, &c, 1, 0) != 1 || recv(s, &c, 1, MSG_WAITALL) != 1) {
+			perror("tcp-rr");
+			return 1;
+		}
+		n++;
+		t = now();
+	} while (t - t0 < seconds);
+	printf("@@ VALUE tcp_rr_us %.1f\n", (t - t0) * 1e6 / n);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc == 4 && !strcmp(argv[1], "seq-write"))
@@ -131,9 +165,14 @@ int main(int argc, char **argv)
 	if (argc == 4 && !strcmp(argv[1], "seq-read"))
 		return seq(argv[2], atol(argv[3]), 0);
 	if (argc == 4 && !strcmp(argv[1], "rand-read"))
-		return rand_read(argv[2], atof(argv[3]));
+		return rand_io(argv[2], atof(argv[3]), 0);
+	if (argc == 4 && !strcmp(argv[1], "rand-write"))
+		return rand_io(argv[2], atof(argv[3]), 1);
 	if (argc == 5 && !strcmp(argv[1], "tcp-send"))
 		return tcp_send(argv[2], atoi(argv[3]), atol(argv[4]));
-	fprintf(stderr, "usage: iobench seq-write|seq-read DEV MIB | rand-read DEV SECONDS | tcp-send IP PORT MIB\n");
+	if (argc == 5 && !strcmp(argv[1], "tcp-rr"))
+		return tcp_rr(argv[2], atoi(argv[3]), atof(argv[4]));
+	fprintf(stderr, "usage: iobench seq-write|seq-read DEV MIB | rand-read|rand-write DEV SECONDS"
+			" | tcp-send IP PORT MIB | tcp-rr IP PORT SECONDS\n");
 	return 2;
 }

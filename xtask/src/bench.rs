@@ -16,7 +16,7 @@ fn field(line: &str, key: &str) -> Option<u64> {
 }
 
 /// The middle value (the mean of the middle two for an even count; NaN for none).
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     match n {
@@ -158,8 +158,8 @@ pub fn boot() -> Result<()> {
 }
 
 /// MiB moved by each sequential test and the TCP transfer; seconds of random reads.
-const IO_MIB: &str = "64";
-const IO_SECONDS: &str = "10";
+pub(crate) const IO_MIB: &str = "64";
+pub(crate) const IO_SECONDS: &str = "10";
 
 /// What every I/O benchmark VM boots: the driver kernel, the iobench initramfs, and the TAP
 /// module for the board.
@@ -459,7 +459,7 @@ fn jail_vms() -> Result<()> {
 
 /// One row of a table of paired rounds: `what`, each side's rounds, the per-round `ratios`
 /// and their median (of the middle two for an even count), columns `width` wide.
-fn paired_row(what: &str, width: usize, left: &[f64], right: &[f64], ratios: Vec<f64>) {
+pub(crate) fn paired_row(what: &str, width: usize, left: &[f64], right: &[f64], ratios: Vec<f64>) {
     let show = |v: &[f64], d: usize| {
         v.iter()
             .map(|x| format!("{x:.d$}"))

@@ -17,6 +17,7 @@ mod qemu;
 mod realboot;
 mod schema;
 mod test;
+mod versus;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -58,9 +59,11 @@ enum Cmd {
     /// same with the backend jailed and not, alternating, after `syscall`: the cost of its
     /// system call filter alone), `rpc` (the
     /// proxy-backend round trip against eventfd and spin floors, natively and in the board),
-    /// `conn` (cross-VM connector event round trip and guest-to-guest bandwidth vs memcpy).
+    /// `conn` (cross-VM connector event round trip and guest-to-guest bandwidth vs memcpy),
+    /// `qemu` (splitvirt against Debian's QEMU/KVM in the same board run: boot, block I/O, TCP,
+    /// memory).
     Bench {
-        #[arg(value_parser = ["boot", "io", "rpc", "conn", "jail", "syscall"])]
+        #[arg(value_parser = ["boot", "io", "rpc", "conn", "jail", "syscall", "qemu"])]
         what: String,
     },
     /// Run the cargo-fuzz targets (virtqueue, blk_request, ecam) for a while each.
@@ -119,6 +122,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { what } if what == "jail" => bench::jail(),
         Cmd::Bench { what } if what == "syscall" => bench::syscalls(),
         Cmd::Bench { what } if what == "conn" => kvmconn::bench(),
+        Cmd::Bench { what } if what == "qemu" => versus::run(),
         Cmd::Bench { .. } => bench::boot(),
         Cmd::Realboot => {
             realboot::good_boot()?;

@@ -1,0 +1,70 @@
+# splitvirt and QEMU/KVM side by side (`cargo xtask bench qemu`): ROUNDS rounds; in each, every
+# test boots the same guest under QEMU, splitvirt with its devices in-process and splitvirt with
+# them in the backend, in an order that rotates from round to round. /stamp times each VMM on
+# the board's clock, from exec to the guest's "@@ INIT started" and to the VMM's end.
+chmod 755 /lib/ld-linux-aarch64.so.1 /usr/bin/qemu-system-aarch64 /stamp
+export LD_LIBRARY_PATH=/lib/aarch64-linux-gnu
+/usr/bin/qemu-system-aarch64 --version | head -1
+insmod /tun.ko
+# splitvirt's pool on hugetlb pages, as the README recommends (QEMU's RAM, pool included, is
+# anonymous memory on transparent huge pages).
+echo 40 >/proc/sys/vm/nr_hugepages
+# Each VM's VMM makes tap0 anew: give every one the board's address.
+( while :; do
+	if [ -e /sys/class/net/tap0 ] && ! ip addr show dev tap0 | grep -q 10.0.2.1; then
+		ip addr add 10.0.2.1/24 dev tap0 && ip link set tap0 up
+	fi
+	sleep 0.5
+  done ) &
+printf '#!/bin/sh\ncat >/dev/null\n' >/tmp/sink.sh
+chmod +x /tmp/sink.sh
+nc -ll -p 5000 -e /tmp/sink.sh &
+nc -ll -p 5001 -e /bin/cat &
+truncate -s 64M /tmp/boot.raw
+truncate -s 256M /tmp/io.raw
+
+modern=disable-legacy=on,iommu_platform=on
+verbose="console=ttyAMA0 earlycon=pl011,0x9000000"
+quiet="console=ttyAMA0 quiet"
+qemu() { # qemu CMDLINE INITRD [QEMU ARGS...]
+	c=$1 i=$2; shift 2
+	/stamp '@@ INIT started' /usr/bin/qemu-system-aarch64 -M virt,gic-version=2,highmem=off \
+		-accel kvm -cpu host -smp 2 -m 512 -nodefaults -no-user-config -display none \
+		-serial stdio -monitor none -no-reboot -kernel /guest/Image -initrd "$i" \
+		-dtb /guest/qemu-virt.dtb -append "$c" "$@" </dev/null
+}
+sv() { # sv CONFIG CMDLINE INITRD
+	/stamp '@@ INIT started' /splitvirt run --stats --config "/guest/$1.toml" --kernel /guest/Image \
+		--initrd "$3" --cmdline "$2" </dev/null
+}
+blk() { echo "-drive file=$1,format=raw,if=none,id=d0,aio=threads,cache=none -device virtio-blk-pci,drive=d0,addr=1.0,$modern"; }
+one() { # one TEST VMM
+	case "$1-$2" in
+	quiet-qemu) qemu "$quiet" /guest/boot.cpio ;;
+	quiet-sv*) sv bare "$quiet" /guest/boot.cpio ;;
+	verbose-qemu) qemu "$verbose" /guest/boot.cpio $(blk /tmp/boot.raw) ;;
+	verbose-sv*) sv disk "$verbose" /guest/boot.cpio ;;
+	io-qemu) qemu "$quiet MODE=full" /guest/io.cpio $(blk /tmp/io.raw) \
+		-netdev tap,id=n0,ifname=tap0,script=no,downscript=no \
+		-device virtio-net-pci,netdev=n0,addr=2.0,romfile=,$modern \
+		-device virtio-serial-pci,addr=3.0,$modern -chardev null,id=vc0 -device virtconsole,chardev=vc0 ;;
+	io-sv*) sv "io-$2" "$quiet MODE=full" /guest/io.cpio ;;
+	esac
+}
+i=0
+while [ "$i" -lt "$ROUNDS" ]; do
+	i=$((i + 1))
+	case $((i % 3)) in
+	1) order="qemu svin svbe" ;;
+	2) order="svbe qemu svin" ;;
+	0) order="svin svbe qemu" ;;
+	esac
+	for test in quiet verbose io; do
+		for vmm in $order; do
+			# The quiet and verbose boots have no in-process devices to tell apart.
+			[ "$test" != io ] && [ "$vmm" = svin ] && continue
+			one "$test" "$vmm" 2>&1 | while IFS= read -r l; do echo "$test-$vmm$i| $l"; done
+		done
+	done
+done
+echo 0 >/proc/sys/vm/nr_hugepages
