@@ -292,7 +292,23 @@ pub struct Link {
     what: &'static str,
     /// The first packet each side sends; a peer whose differs is refused.
     hello: Vec<u8>,
+    offer: Option<Offer>,
 }
+
+/// Descriptors a link hands each peer right after the greeting, and what becomes of the
+/// peer's (the same number of them, in one packet).
+pub struct Offer {
+    /// Ours, sent to every peer that attaches.
+    pub fds: Vec<OwnedFd>,
+    /// Takes the peer's descriptors when it attaches (an error refuses the peer) and None when
+    /// it goes away.
+    pub on_peer: PeerFds,
+}
+
+pub type PeerFds = Box<dyn FnMut(Option<Vec<OwnedFd>>) -> Result<(), String> + Send>;
+
+/// The packet an offer's descriptors travel with.
+const OFFER: &[u8] = b"splitvirt link fds";
 
 // The SOCK_SEQPACKET helpers are the RPC setup's (one packet, one frame, there too).
 use rpc::setup::{accept, connect as connect_seqpacket};
@@ -352,7 +368,36 @@ impl Link {
             peer: Arc::default(),
             what,
             hello,
+            offer: None,
         })
+    }
+
+    /// The link hands `offer`'s descriptors to every peer and takes the peer's.
+    pub fn offering(mut self, offer: Offer) -> Link {
+        self.offer = Some(offer);
+        self
+    }
+
+    /// Swaps descriptors with a greeted peer (5 s at most for its packet) and hands the peer's
+    /// to the offer.
+    fn swap_fds(offer: &mut Offer, conn: &OwnedFd) -> Result<(), String> {
+        let ours: Vec<RawFd> = offer.fds.iter().map(AsRawFd::as_raw_fd).collect();
+        rpc::setup::send_with_fds(conn, OFFER, &ours)
+            .map_err(|e| format!("could not hand it our descriptors: {e}"))?;
+        if !rpc::setup::readable_within(conn, Duration::from_secs(5)).unwrap_or(false) {
+            return Err("it sent no descriptors within 5 s".into());
+        }
+        let mut buf = [0u8; 64];
+        let (n, fds) = rpc::setup::recv_with_fds(conn, &mut buf, ours.len())
+            .map_err(|e| format!("receiving its descriptors: {e}"))?;
+        if buf[..n] != *OFFER || fds.len() != ours.len() {
+            return Err(format!(
+                "it sent {n} bytes and {} descriptors, not its {} descriptors",
+                fds.len(),
+                ours.len()
+            ));
+        }
+        (offer.on_peer)(Some(fds))
     }
 
     /// Sends our greeting and checks the peer's (5 s at most).
@@ -393,7 +438,7 @@ impl Link {
 
     /// Connects (or listens, then accepts) and hands the peer's frames to `deliver`, again and
     /// again as peers come and go.
-    pub fn serve(self, mut deliver: Deliver) {
+    pub fn serve(mut self, mut deliver: Deliver) {
         std::thread::spawn(move || {
             let shown = self.path.display().to_string();
             let mut listener: Option<OwnedFd> = None;
@@ -419,7 +464,11 @@ impl Link {
                         continue;
                     }
                 };
-                if let Err(why) = self.greet(&conn) {
+                let swapped = |offer: &mut Option<Offer>| match offer {
+                    Some(o) => Self::swap_fds(o, &conn),
+                    None => Ok(()),
+                };
+                if let Err(why) = self.greet(&conn).and_then(|()| swapped(&mut self.offer)) {
                     ratelog::warn!("{what} {shown}: refused a peer: {why}");
                     drop(conn);
                     std::thread::sleep(Duration::from_millis(500));
@@ -439,6 +488,9 @@ impl Link {
                     deliver(&buf[..n as usize]);
                 }
                 *lock(&self.peer) = None;
+                if let Some(o) = &mut self.offer {
+                    let _ = (o.on_peer)(None);
+                }
                 ratelog::info!("{what} {shown}: peer went away; waiting for it");
             }
         });

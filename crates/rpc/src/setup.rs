@@ -311,26 +311,38 @@ pub fn send(
         .chain(notify)
         .chain(hosts)
         .collect();
-    let n = fds.len();
+    send_with_fds(sock, words_bytes(&words), &fds)
+}
+
+fn words_bytes(words: &[u64; WORDS]) -> &[u8] {
+    // SAFETY: u64s viewed as their bytes, for as long as the words live.
+    unsafe { std::slice::from_raw_parts(words.as_ptr().cast(), std::mem::size_of_val(words)) }
+}
+
+/// Sends `bytes` as one packet with `fds` attached (SCM_RIGHTS).
+pub fn send_with_fds(sock: &impl AsRawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let (n, fd_bytes) = (fds.len(), std::mem::size_of_val(fds) as u32);
     let mut iov = libc::iovec {
-        iov_base: words.as_ptr() as *mut libc::c_void,
-        iov_len: std::mem::size_of_val(&words),
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
     };
     // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE((n * std::mem::size_of::<RawFd>()) as u32) } as usize;
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
     let mut cbuf = vec![0u8; space];
     // SAFETY: msghdr is plain data; every pointer in it refers to locals that outlive sendmsg.
     unsafe {
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN((n * std::mem::size_of::<RawFd>()) as u32) as _;
-        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c).cast::<RawFd>(), n);
+        if n > 0 {
+            msg.msg_control = cbuf.as_mut_ptr().cast();
+            msg.msg_controllen = space as _;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
+            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c).cast::<RawFd>(), n);
+        }
         if libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -338,16 +350,20 @@ pub fn send(
     Ok(())
 }
 
-pub fn recv(sock: &OwnedFd) -> io::Result<Setup> {
-    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
-    let mut words = [0u64; WORDS];
+/// Receives one packet into `buf` with up to `max_fds` descriptors (close-on-exec, owned at
+/// once; more than that are closed by the kernel): (bytes, descriptors).
+pub fn recv_with_fds(
+    sock: &impl AsRawFd,
+    buf: &mut [u8],
+    max_fds: usize,
+) -> io::Result<(usize, Vec<OwnedFd>)> {
     let mut iov = libc::iovec {
-        iov_base: words.as_mut_ptr().cast(),
-        iov_len: std::mem::size_of_val(&words),
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
     };
-    // SAFETY: as in `send`.
+    // SAFETY: as in `send_with_fds`.
     let space =
-        unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) } as usize;
+        unsafe { libc::CMSG_SPACE((max_fds * std::mem::size_of::<RawFd>()) as u32) } as usize;
     let mut cbuf = vec![0u8; space];
     let mut got = Vec::new();
     // SAFETY: recvmsg into locals; received descriptors are taken into OwnedFds at once.
@@ -374,6 +390,20 @@ pub fn recv(sock: &OwnedFd) -> io::Result<Setup> {
         }
         n as usize
     };
+    Ok((n, got))
+}
+
+pub fn recv(sock: &OwnedFd) -> io::Result<Setup> {
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+    let mut words = [0u64; WORDS];
+    // SAFETY: the words viewed as their bytes while recv_with_fds fills them.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(
+            words.as_mut_ptr().cast::<u8>(),
+            std::mem::size_of_val(&words),
+        )
+    };
+    let (n, got) = recv_with_fds(sock, bytes, MAX_FDS)?;
     if n != std::mem::size_of_val(&words) || words[0] != SETUP_MAGIC {
         return Err(bad("not a splitvirt setup message"));
     }
