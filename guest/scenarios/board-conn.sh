@@ -2,9 +2,15 @@
 # the pong VM is killed mid-exchange and another ("pong2| ") takes its place. Each splitvirt
 # logs to a file of its own (/tmp/NAME-sv.log), read once it has ended.
 check kvm_device test -c /dev/kvm
+# The floor the event round trip is measured against: two processes of the board ping-ponging
+# over eventfds, in the same run.
+if [ "$MODE" = bench ]; then
+	chmod +x /roundtrip
+	value eventfd_floor_us "$(/roundtrip only eventfd 2000 | awk '{print $3}')"
+fi
 vm() { # ROLE PREFIX
 	( /splitvirt --log-file "/tmp/$2-sv.log" run --config /guest/conn.toml --kernel /guest/Image --initrd /guest/conn.cpio \
-		--cmdline "console=ttyAMA0 loglevel=4 ROLE=$1 ROUNDS=$ROUNDS MODE=$MODE" </dev/null &
+		--cmdline "console=ttyAMA0 loglevel=4 ROLE=$1 ROUNDS=$ROUNDS MODE=$MODE STORM=$STORM" </dev/null &
 	  echo $! >"/tmp/$2.pid"
 	  wait $!
 	  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do

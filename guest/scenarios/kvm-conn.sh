@@ -5,6 +5,8 @@
 check insmod insmod /connection.ko
 value uio_names "$(cat /sys/class/uio/uio*/name 2>/dev/null | tr '\n' ' ')"
 value uio_maps "$(ls /sys/class/uio/uio0/maps 2>/dev/null | tr '\n' ' ')"
+# Connectors whose events come by MSI-X (the peer's VMM raises it through KVM), of two.
+value msix_connectors "$(dmesg | grep -c 'events by MSI-X')"
 # `conn` prints `key value` lines; they become values named PREFIX_key.
 values() { while read -r k v; do value "$1_$k" "$v"; done; }
 uio_of() { for d in /sys/class/uio/uio*; do [ "$(cat "$d/name")" = "$1" ] && echo "/dev/${d##*/}"; done; }
@@ -29,6 +31,9 @@ ping)
 		/conn stream bulk 64 960 | values stream
 	else
 		/conn stream bulk 16 | values stream
+		# A storm of events on bulk, as fast as this vCPU emits them; the peer counts them.
+		[ "$(/conn recv chan a 120)" = storm-ready ] && /conntest emit bulk "$STORM"
+		/conn send chan a storm-done
 		# The host kills the peer VM once it sees this, and starts another.
 		value phase restart
 		/conn ping chan 3000 | values restart
@@ -40,6 +45,12 @@ pong)
 	/conntest send bulk -256 plain-from-b
 	/conn pong chan | values pong
 	/conn sink bulk | values sink
+	if [ "$MODE" != bench ]; then
+		base=$(/conntest events bulk | sed 's/.* //')
+		/conn send chan b storm-ready
+		[ "$(/conn recv chan b 120)" = storm-done ] &&
+			value storm_events "$(($(/conntest events bulk | sed 's/.* //') - base))"
+	fi
 	# In MODE=test this VM is killed while it answers.
 	[ "$MODE" = bench ] || /conn pong chan | values restart ;;
 repong)

@@ -8,6 +8,9 @@
  *                                  an event
  *   conntest recv NAME OFF         waits for events until a message is at OFF, copies it out
  *                                  with memcpy and prints it
+ *   conntest emit NAME N           N events at once, as fast as the CPU writes them
+ *   conntest events NAME           every event received so far, as the driver counts them
+ *                                  (sysfs `events` of the UIO device's PCI device)
  *   conntest loads KEY PATH [OFF]  maps PATH (a UIO device or a PCI resource file) and reads
  *                                  16 bytes at OFF with a load pair and a vector load, printing
  *                                  them or SIGBUS
@@ -132,6 +135,37 @@ static int receive_message(const char *name, long off)
 	return 0;
 }
 
+static int emit(const char *name, long n)
+{
+	char *event, *data;
+	open_named(name, &event, &data);
+	for (long i = 0; i < n; i++)
+		*(volatile uint32_t *)event = 1;
+	printf("@@ VALUE emitted_%s %ld\n", name, n);
+	return 0;
+}
+
+static int events(const char *name)
+{
+	char path[96], uio[32], link[64];
+	char *event, *data;
+	int fd = open_named(name, &event, &data);
+	snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+	ssize_t n = readlink(link, uio, sizeof(uio) - 1);
+	if (n <= 5)
+		return 1;
+	uio[n] = 0;
+	snprintf(path, sizeof(path), "/sys/class/uio/%s/device/events", uio + 5);
+	FILE *f = fopen(path, "r");
+	unsigned long long total;
+	if (!f || fscanf(f, "%llu", &total) != 1) {
+		printf("@@ RESULT events_%s FAIL no %s\n", name, path);
+		return 1;
+	}
+	printf("@@ VALUE events_%s %llu\n", name, total);
+	return 0;
+}
+
 static sigjmp_buf bus_error;
 static void on_sigbus(int sig)
 {
@@ -179,9 +213,13 @@ int main(int argc, char **argv)
 		return send_message(argv[2], strtol(argv[3], NULL, 0), argv[4]);
 	if (argc == 4 && !strcmp(argv[1], "recv"))
 		return receive_message(argv[2], strtol(argv[3], NULL, 0));
+	if (argc == 4 && !strcmp(argv[1], "emit"))
+		return emit(argv[2], strtol(argv[3], NULL, 0));
+	if (argc == 3 && !strcmp(argv[1], "events"))
+		return events(argv[2]);
 	if ((argc == 4 || argc == 5) && !strcmp(argv[1], "loads"))
 		return loads(argv[2], argv[3], argc == 5 ? strtol(argv[4], NULL, 0) : 0);
-	fprintf(stderr, "usage: conntest seed | send NAME OFF MSG | recv NAME OFF | "
-			"loads KEY PATH [OFF]\n");
+	fprintf(stderr, "usage: conntest seed | send NAME OFF MSG | recv NAME OFF | emit NAME N | "
+			"events NAME | loads KEY PATH [OFF]\n");
 	return 2;
 }

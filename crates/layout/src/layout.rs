@@ -36,6 +36,8 @@ pub const ECAM_BUS_SIZE: u64 = 1 << 20;
 pub const VIRTIO_BAR_SIZE: u64 = 0x8000;
 /// The connector's event page (BAR0).
 pub const CONNECTOR_EVENT_SIZE: u64 = 0x1000;
+/// The connector's BAR 2: its MSI-X table and pending bits.
+pub const CONNECTOR_MSIX_SIZE: u64 = 0x1000;
 /// The connector's name field: 50 bytes with the NUL (facts: "Cross-VM connector").
 pub const CONNECTOR_NAME_MAX: usize = 49;
 

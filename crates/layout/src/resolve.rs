@@ -754,8 +754,8 @@ fn default_msi_vectors(k: &DeviceKind) -> u32 {
         DeviceKind::VirtioBlk { .. } => 2,
         DeviceKind::VirtioNet { .. } => 3,
         DeviceKind::VirtioConsole { .. } => 3,
-        // The connector raises INTx only (its guest driver is a UIO driver with a shared IRQ).
-        DeviceKind::Connector { .. } => 0,
+        // One vector for the peer's events (its guest driver falls back to a shared INTx).
+        DeviceKind::Connector { .. } => 1,
     }
 }
 
@@ -839,11 +839,11 @@ fn place_devices(l: &Layout, descs: &[DeviceDesc], p: &mut Vec<Problem>) -> Vec<
             }
         };
         let msi_vectors = d.msi_vectors.unwrap_or_else(|| default_msi_vectors(&kind));
-        if matches!(kind, DeviceKind::Connector { .. }) && msi_vectors != 0 {
+        if matches!(kind, DeviceKind::Connector { .. }) && msi_vectors > 1 {
             p.push(Problem::error(
                 Rule::MsiBudget,
-                format!("device[{i}] (connector): msi_vectors = {msi_vectors}, but the connector has no MSI-X"),
-                "remove msi_vectors from the connector",
+                format!("device[{i}] (connector): msi_vectors = {msi_vectors}, but the connector has one MSI-X vector"),
+                "write msi_vectors = 1 (events by MSI-X) or 0 (INTx only), or leave it out",
             ));
         }
         let msi_vectors = if l.v2m.is_some() { msi_vectors } else { 0 };
@@ -903,7 +903,8 @@ fn place_devices(l: &Layout, descs: &[DeviceDesc], p: &mut Vec<Problem>) -> Vec<
     order.sort_by_key(|&n| (fixed_bars[n].1.is_none(), out[n].slot));
     for n in order {
         let (i, fixed) = fixed_bars[n];
-        out[n].bars = alloc.place(i, out[n].slot, &out[n].kind, fixed, p);
+        let msi = out[n].msi_vectors > 0;
+        out[n].bars = alloc.place(i, out[n].slot, &out[n].kind, msi, fixed, p);
     }
     // An in-process device whose pin the description leaves open takes one whose line no
     // backend device uses (see check_intx_sharing).
@@ -1035,17 +1036,23 @@ impl BarAllocator {
         i: usize,
         slot: u32,
         kind: &DeviceKind,
+        msi: bool,
         fixed: Option<u64>,
         p: &mut Vec<Problem>,
     ) -> Vec<Bar> {
         // (index, size, 64-bit, prefetchable)
         let wanted: Vec<(u8, u64, bool, bool)> = match kind {
             DeviceKind::Connector { dataport_size, .. } => {
-                // 32-bit BARs so that the dataport is BAR1, as the guest driver expects.
-                vec![
+                // 32-bit BARs so that the dataport is BAR1, as the guest driver expects; the
+                // MSI-X table is BAR 2, where there are MSIs.
+                let mut bars = vec![
                     (0, CONNECTOR_EVENT_SIZE, false, true),
                     (1, *dataport_size, false, true),
-                ]
+                ];
+                if msi {
+                    bars.push((2, CONNECTOR_MSIX_SIZE, false, false));
+                }
+                bars
             }
             _ => vec![(
                 0,

@@ -547,6 +547,24 @@ fn bar_placement_is_derived_and_overridable() {
     assert_eq!((c.bars[0].index, c.bars[0].is_64bit), (0, false));
     assert_eq!((c.bars[1].index, c.bars[1].size), (1, 1 << 20));
     assert_eq!(c.bars[1].base % (1 << 20), 0);
+    // Its one MSI-X vector's table is BAR 2 (4 KiB, not prefetchable); without MSIs, no BAR 2.
+    assert_eq!(c.msi_vectors, 1);
+    assert_eq!(
+        (c.bars[2].index, c.bars[2].size, c.bars[2].prefetchable),
+        (2, 4096, false)
+    );
+    let intx_only = Description::parse(
+        "[[device]]\nkind = \"connector\"\nname = \"c\"\ndataport_size = \"1M\"\nmsi_vectors = 0\n",
+        "t",
+    )
+    .unwrap();
+    let c = resolve(&intx_only).unwrap().layout.devices.remove(0);
+    assert_eq!((c.msi_vectors, c.bars.len()), (0, 2));
+    rejects(
+        "[[device]]\nkind = \"connector\"\nname = \"c\"\ndataport_size = \"4K\"\nmsi_vectors = 2\n",
+        Rule::MsiBudget,
+        &["one MSI-X vector"],
+    );
     rejects(
         "[[device]]\nkind = \"virtio-console\"\nbar_base = 0x8000001000\n",
         Rule::BarPlacement,

@@ -71,6 +71,13 @@ impl MsixTable {
         self.control & MSG_CTRL_FUNCTION_MASK != 0 || self.entries[v][3] & CTRL_MASKED != 0
     }
 
+    /// Vector `v`'s message while the guest lets it be sent (MSI-X enabled, vector and
+    /// function unmasked): where an interrupt the hypervisor raises itself may go.
+    pub fn deliverable(&self, v: u16) -> Option<Message> {
+        let v = usize::from(v);
+        (v < self.entries.len() && self.enabled() && !self.masked(v)).then(|| self.message(v))
+    }
+
     /// The device raises vector `v`: the message to send now, or none (masked: pending).
     pub fn signal(&mut self, v: u16) -> Option<Message> {
         let v = usize::from(v);

@@ -302,9 +302,14 @@ fn main() {
         return;
     }
     pin(0);
-    // `roundtrip only MODE`: one long batch of one mode, for a profiler.
+    // `roundtrip only MODE [ROUNDS]`: one long batch of one mode, for a profiler (or a floor
+    // measured beside another benchmark).
     if args.get(1).map(String::as_str) == Some("only") {
-        let v = batch(&args[2], 2_000_000);
+        let rounds = args
+            .get(3)
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(2_000_000);
+        let v = batch(&args[2], rounds);
         println!("{} median {:.3} us", args[2], median(&v) * 1e6);
         return;
     }

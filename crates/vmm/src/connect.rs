@@ -1,18 +1,29 @@
 //! The host side of a cross-VM connector (`connector` crate): its dataport and its peer.
-//! Two VMs whose connectors name the same `peer` socket path are connected: events travel as
-//! packets over a `Link` at that path (whichever VM starts first listens), after a greeting that
-//! carries the connection's name and dataport size, so that a peer whose name or size differs
-//! is refused. The dataport is a file beside the socket (`PATH.dataport`) that both VMs map:
-//! the first VM creates it, later ones (and a peer that returns) map the same bytes, so nothing
-//! has to be handed over or remapped when a peer comes and goes.
+//! Two VMs whose connectors name the same `peer` socket path are connected by a `Link` at that
+//! path (whichever VM starts first listens), after a greeting that carries the connection's
+//! name and dataport size, so that a peer whose name or size differs is refused. The dataport
+//! is a file beside the socket (`PATH.dataport`) that both VMs map: the first VM creates it,
+//! later ones (and a peer that returns) map the same bytes, so nothing has to be handed over
+//! or remapped when a peer comes and goes.
+//!
+//! Events cross in the kernels, with no thread of either splitvirt woken: each side hands the
+//! other, over the link, its event page (a sealed one-page memfd) and its doorbell (an
+//! eventfd). An emit traps on the sending vCPU, which adds one to the count in the peer's page
+//! and writes the peer's doorbell; while the peer's guest has the connector's MSI-X vector
+//! routed, that doorbell is an irqfd of the peer VM, so its interrupt is raised by the
+//! hypervisor. Otherwise (INTx, or the vector masked) a thread of the peer's splitvirt waits on
+//! the doorbell and sets the level from the count. The count is exact: the sender adds, the
+//! receiving guest's acknowledgement subtracts what it read, both atomically in the page.
 
-use connector::{Connector, Dataport, Peer};
-use hostio::endpoint::{EndpointError, Link, LinkHandle};
+use connector::{Connector, Dataport, Interrupt, Peer};
+use hostio::endpoint::{EndpointError, Link, Offer};
+use layout::layout::{V2m, SPI_BASE_INTID};
+use pci::msix::Message;
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// The dataport file, mapped shared.
 pub struct FileDataport {
@@ -159,38 +170,118 @@ impl Dataport for FileDataport {
     }
 }
 
-/// The event page the guest reads without trapping (a memfd of one page, mapped read-only at
-/// BAR 0 by the hypervisor).
-impl connector::PageMemory for FileDataport {
-    fn write(&self, off: u64, data: &[u8]) {
-        Dataport::write(self, off, data)
-    }
-    fn store_u32(&self, off: u64, v: u32) {
-        if !off.is_multiple_of(4) || self.range(off, 4).is_none() {
-            return;
-        }
-        // SAFETY: in bounds and aligned (checked above) in our own mapping; the guest only
-        // reads this memory (its memslot is read-only).
-        let word = unsafe {
-            &*self
-                .ptr
-                .add(off as usize)
-                .cast::<std::sync::atomic::AtomicU32>()
+impl FileDataport {
+    /// The event page: a sealed memfd of one page (so that a peer's VMM may map it, and can
+    /// never shrink it under us) and a descriptor of it to hand over.
+    fn event_page() -> Result<(FileDataport, OwnedFd), EndpointError> {
+        let err = |e: std::io::Error| EndpointError {
+            what: "connector event page",
+            path: "memfd".into(),
+            why: e.to_string(),
         };
-        word.store(v, Ordering::Release);
+        let fd = rpc::shm::sealed_memfd(c"splitvirt-connector-events", connector::EVENT_PAGE)
+            .map_err(err)?;
+        let handed = fd.try_clone().map_err(err)?;
+        Ok((
+            Self::map(File::from(fd), connector::EVENT_PAGE, Path::new("memfd"))?,
+            handed,
+        ))
     }
 }
 
-/// Events to the peer over the link; without one they are dropped, and the log says so.
+/// The event page the guest reads without trapping (mapped read-only at BAR 0 by the
+/// hypervisor), whose count the peer's VMM adds to.
+impl connector::PageMemory for FileDataport {
+    fn read(&self, off: u64, data: &mut [u8]) {
+        Dataport::read(self, off, data)
+    }
+    fn write(&self, off: u64, data: &[u8]) {
+        Dataport::write(self, off, data)
+    }
+    fn count(&self) -> &AtomicU32 {
+        // SAFETY: the page is at least EVENT_PAGE bytes (every caller maps one), so the aligned
+        // word at REG_EVENTS is in our mapping for as long as &self lives.
+        unsafe {
+            &*self
+                .ptr
+                .add(connector::REG_EVENTS as usize)
+                .cast::<AtomicU32>()
+        }
+    }
+}
+
+/// The peer's side as its VMM handed it over: its event page, mapped here, and its doorbell.
+struct Remote {
+    page: FileDataport,
+    doorbell: OwnedFd,
+}
+
+/// A descriptor's kind as the kernel names it (`anon_inode:[eventfd]`, say).
+fn fd_kind(fd: RawFd) -> String {
+    std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+impl Remote {
+    /// Checks what a peer handed over (`[page, doorbell]`): a page sealed at its size (else
+    /// the peer could shrink it under our accesses) and an eventfd, made non-blocking (else a
+    /// peer that filled its counter would hold our vCPU in write).
+    fn take(fds: Vec<OwnedFd>) -> Result<Remote, String> {
+        let [page, doorbell]: [OwnedFd; 2] = fds
+            .try_into()
+            .map_err(|v: Vec<OwnedFd>| format!("{} descriptors, not 2", v.len()))?;
+        rpc::shm::check_sealed(&page, connector::EVENT_PAGE, "its event page")
+            .map_err(|e| e.to_string())?;
+        let kind = fd_kind(doorbell.as_raw_fd());
+        if kind != "anon_inode:[eventfd]" {
+            return Err(format!("its doorbell is {kind:?}, not an eventfd"));
+        }
+        // SAFETY: fcntl on a descriptor we hold.
+        let flags = unsafe { libc::fcntl(doorbell.as_raw_fd(), libc::F_GETFL) };
+        if flags < 0
+            || unsafe {
+                libc::fcntl(
+                    doorbell.as_raw_fd(),
+                    libc::F_SETFL,
+                    flags | libc::O_NONBLOCK,
+                )
+            } < 0
+        {
+            return Err(format!("its doorbell: {}", std::io::Error::last_os_error()));
+        }
+        let page = FileDataport::map(File::from(page), connector::EVENT_PAGE, Path::new("peer"))
+            .map_err(|e| e.to_string())?;
+        Ok(Remote { page, doorbell })
+    }
+}
+
+/// Writes 1 to an eventfd (a doorbell): false if it could not (a full counter: the other side
+/// has a wake-up waiting anyway).
+fn ring(fd: RawFd) -> bool {
+    let one = 1u64;
+    // SAFETY: an 8-byte write from a local to a descriptor we hold.
+    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) == 8 }
+}
+
+/// Events to the peer: counted in its page and rung at its doorbell, on the emitting vCPU.
+/// Without a peer they are dropped, and the log says so.
 struct LinkPeer {
-    link: Option<LinkHandle>,
+    remote: Arc<Mutex<Option<Arc<Remote>>>>,
     name: String,
     dropped: AtomicU64,
 }
 
 impl Peer for LinkPeer {
     fn emit(&self) {
-        if self.link.as_ref().is_some_and(|l| l.send(b"E")) {
+        let remote = self
+            .remote
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(r) = remote {
+            connector::count_event(connector::PageMemory::count(&r.page));
+            ring(r.doorbell.as_raw_fd());
             return;
         }
         let n = self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -204,12 +295,119 @@ impl Peer for LinkPeer {
     }
 }
 
-/// An INTx line as a virtio-style `Signal` gives it.
-struct Line(Arc<dyn virtio::transport::Signal>);
+/// The connector's interrupt. INTx through the device's signal; MSI-X vector 0 through the
+/// doorbell, which the hypervisor turns into the interrupt the guest programmed (an irqfd)
+/// while the vector is routed into the GICv2m frame. While no irqfd carries the doorbell, the
+/// doorbell's thread (`watch`) delivers what rings it.
+struct Doorbell {
+    fd: OwnedFd,
+    signal: Arc<dyn virtio::transport::Signal>,
+    irqfds: Option<Box<dyn crate::msiroute::Irqfds>>,
+    frame: Option<V2m>,
+    /// (message, GSI its irqfd is attached to) of vector 0 now.
+    routed: Mutex<(Option<Message>, Option<u32>)>,
+    /// Whether the thread must watch the doorbell (no irqfd carries it).
+    watched: AtomicBool,
+    /// Rung when `watched` changes, to wake the thread.
+    ctl: OwnedFd,
+}
 
-impl platform::IrqLine for Line {
+impl Doorbell {
+    fn new(
+        signal: Arc<dyn virtio::transport::Signal>,
+        irqfds: Option<Box<dyn crate::msiroute::Irqfds>>,
+        frame: Option<V2m>,
+    ) -> std::io::Result<Doorbell> {
+        Ok(Doorbell {
+            fd: crate::msiroute::new_eventfd()?,
+            signal,
+            irqfds,
+            frame,
+            routed: Mutex::new((None, None)),
+            watched: AtomicBool::new(true),
+            ctl: crate::msiroute::new_eventfd()?,
+        })
+    }
+
+    /// Waits for rings while no irqfd carries them and hands each to `events` (which raises
+    /// the INTx level, or the MSI itself, from the count). Runs for the VM's life.
+    fn watch(self: Arc<Self>, events: Arc<connector::Events>) {
+        loop {
+            let watched = self.watched.load(Ordering::Acquire);
+            let mut p = [
+                libc::pollfd {
+                    fd: self.ctl.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            let n = if watched { 2 } else { 1 };
+            // SAFETY: poll on descriptors we hold.
+            if unsafe { libc::poll(p.as_mut_ptr(), n, -1) } < 0 {
+                continue;
+            }
+            let mut v = 0u64;
+            for q in &p[..n as usize] {
+                if q.revents & libc::POLLIN != 0 {
+                    // SAFETY: an 8-byte read into a local from an eventfd we hold.
+                    unsafe { libc::read(q.fd, (&mut v as *mut u64).cast(), 8) };
+                }
+            }
+            if watched && p[1].revents & libc::POLLIN != 0 {
+                events.deliver();
+            }
+        }
+    }
+}
+
+impl Interrupt for Doorbell {
     fn set_level(&self, high: bool) {
-        self.0.intx(high);
+        self.signal.intx(high);
+    }
+
+    fn route(&self, msi: Option<Message>) {
+        let want = msi.and_then(|(addr, data)| {
+            crate::devices::msi_to_frame(self.frame.as_ref(), addr, data)
+                .then(|| data - SPI_BASE_INTID)
+        });
+        let mut r = self.routed.lock().unwrap_or_else(|e| e.into_inner());
+        r.0 = msi;
+        if let Some(hv) = &self.irqfds {
+            if r.1 != want {
+                if let Some(old) = r.1.take() {
+                    if let Err(e) = hv.detach(self.fd.as_raw_fd(), old) {
+                        ratelog::warn!("cannot unroute a connector's MSI-X vector: {e}");
+                    }
+                }
+                if let Some(gsi) = want {
+                    match hv.attach(self.fd.as_raw_fd(), gsi) {
+                        Ok(()) => r.1 = Some(gsi),
+                        Err(e) => ratelog::warn!(
+                            "cannot route a connector's MSI-X vector to SPI {}: {e}",
+                            gsi + SPI_BASE_INTID
+                        ),
+                    }
+                }
+            }
+        }
+        self.watched.store(r.1.is_none(), Ordering::Release);
+        ring(self.ctl.as_raw_fd());
+    }
+
+    fn fire(&self) {
+        let r = *self.routed.lock().unwrap_or_else(|e| e.into_inner());
+        match r {
+            (_, Some(_)) => {
+                ring(self.fd.as_raw_fd());
+            }
+            (Some(msg), None) => self.signal.msi(msg),
+            (None, None) => {}
+        }
     }
 }
 
@@ -230,20 +428,35 @@ pub struct ConnectorMemory {
     pub dataport: HostMemory,
 }
 
-/// A connector function, the thread that carries its peer's events (None without a peer) and
+/// How a connector's interrupts reach the guest: its signal (INTx, and MSIs the VMM writes),
+/// and, where the hypervisor offers them, irqfds for its MSI-X vector within `frame`.
+pub struct Interrupts {
+    pub signal: Arc<dyn virtio::transport::Signal>,
+    pub irqfds: Option<Box<dyn crate::msiroute::Irqfds>>,
+    pub frame: Option<V2m>,
+}
+
+/// A connector function, the threads that carry its peer's events (None without a peer) and
 /// its memory.
 pub fn build(
     d: &layout::Device,
     name: &str,
     dataport_size: u64,
     peer: Option<&str>,
-    signal: Arc<dyn virtio::transport::Signal>,
+    irq: Interrupts,
 ) -> Result<(Connector, Option<crate::devices::Starter>, ConnectorMemory), EndpointError> {
-    let bars = (
-        d.bars.first().map_or(0, |b| b.base),
-        d.bars.get(1).map_or(0, |b| b.base),
+    let bars = connector::Bars {
+        event_page: d.bars.first().map_or(0, |b| b.base),
+        dataport: d.bars.get(1).map_or(0, |b| b.base),
+        msix: d.bars.get(2).map(|b| b.base),
+    };
+    let doorbell = Arc::new(
+        Doorbell::new(irq.signal, irq.irqfds, irq.frame).map_err(|e| EndpointError {
+            what: "connector doorbell",
+            path: "eventfd".into(),
+            why: e.to_string(),
+        })?,
     );
-    let irq = Arc::new(Line(signal));
     let (port, link) = match peer {
         None => (FileDataport::anonymous(dataport_size)?, None),
         Some(path) => {
@@ -251,13 +464,14 @@ pub fn build(
             let mut dataport_path = path.as_os_str().to_owned();
             dataport_path.push(".dataport");
             let port = FileDataport::open(Path::new(&dataport_path), dataport_size)?;
-            let mut hello = b"splitvirt connector 1\0".to_vec();
+            let mut hello = b"splitvirt connector 2\0".to_vec();
             hello.extend_from_slice(&dataport_size.to_le_bytes());
             hello.extend_from_slice(name.as_bytes());
             (port, Some(Link::with_hello(path, "connector", hello)?))
         }
     };
-    let page = Arc::new(FileDataport::anonymous(connector::EVENT_PAGE)?);
+    let (page, page_fd) = FileDataport::event_page()?;
+    let page = Arc::new(page);
     let host = ConnectorMemory {
         event_page: HostMemory {
             addr: page.host_address(),
@@ -270,17 +484,47 @@ pub fn build(
             read_only: false,
         },
     };
+    let remote: Arc<Mutex<Option<Arc<Remote>>>> = Arc::default();
     let p = Arc::new(LinkPeer {
-        link: link.as_ref().map(Link::handle),
+        remote: remote.clone(),
         name: name.to_owned(),
         dropped: AtomicU64::new(0),
     });
-    let c = Connector::new(name, bars, d.intx_pin as u8, irq, p, Arc::new(port));
-    c.mirror_page(page);
+    let c = Connector::new(
+        name,
+        bars,
+        d.intx_pin as u8,
+        doorbell.clone(),
+        p,
+        Arc::new(port),
+        page,
+    );
     let events = c.events();
-    let start = link.map(|link| -> crate::devices::Starter {
-        Box::new(move || link.serve(Box::new(move |_packet: &[u8]| events.receive())))
-    });
+    let start = match link {
+        None => None,
+        Some(link) => {
+            let ours = doorbell.fd.try_clone().map_err(|e| EndpointError {
+                what: "connector doorbell",
+                path: "eventfd".into(),
+                why: e.to_string(),
+            })?;
+            let on_peer = Box::new(move |fds: Option<Vec<OwnedFd>>| {
+                let taken = fds.map(Remote::take).transpose()?;
+                *remote.lock().unwrap_or_else(|e| e.into_inner()) = taken.map(Arc::new);
+                Ok(())
+            });
+            let link = link.offering(Offer {
+                fds: vec![page_fd, ours],
+                on_peer,
+            });
+            let start: crate::devices::Starter = Box::new(move || {
+                // Events arrive through the page and the doorbell; the link carries none.
+                link.serve(Box::new(|_packet: &[u8]| {}));
+                std::thread::spawn(move || doorbell.watch(events));
+            });
+            Some(start)
+        }
+    };
     Ok((c, start, host))
 }
 
@@ -297,6 +541,14 @@ mod tests {
         fn msi(&self, _: (u64, u32)) {}
         fn intx(&self, level: bool) {
             self.0.lock().unwrap().push(level);
+        }
+    }
+
+    fn irq(levels: Arc<Levels>) -> Interrupts {
+        Interrupts {
+            signal: levels,
+            irqfds: None,
+            frame: None,
         }
     }
 
@@ -340,7 +592,7 @@ mod tests {
         for _ in 0..2 {
             let levels = Arc::new(Levels::default());
             let (c, start, _) =
-                build(&d, "storage", 0x2000, path.to_str(), levels.clone()).unwrap();
+                build(&d, "storage", 0x2000, path.to_str(), irq(levels.clone())).unwrap();
             start.unwrap()();
             ends.push((c, levels));
         }
@@ -351,22 +603,134 @@ mod tests {
         let mut got = [0u8; 4];
         b.bar_read(1, 0x10, &mut got);
         assert_eq!(&got, b"ping");
-        // Events: emit until the link is up, then B counts them and its line is up.
+        // Events: emit until the link is up, then B counts them, and its doorbell's thread
+        // raises its line.
         let deadline = Instant::now() + Duration::from_secs(10);
         while r32(&mut b, 0, connector::REG_EVENTS) == 0 {
             assert!(Instant::now() < deadline, "no event crossed");
             a.bar_write(0, connector::REG_EMIT, &[1]);
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert_eq!(lb.0.lock().unwrap().last(), Some(&true));
+        while lb.0.lock().unwrap().last() != Some(&true) {
+            assert!(Instant::now() < deadline, "B's line never rose");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Exact counts once the link is up: each emit is one more in B's page, at once.
         b.bar_write(0, connector::REG_EVENTS, &0u32.to_le_bytes());
         assert_eq!(lb.0.lock().unwrap().last(), Some(&false));
+        for n in 1..=100 {
+            a.bar_write(0, connector::REG_EMIT, &[1]);
+            assert_eq!(r32(&mut b, 0, connector::REG_EVENTS), n);
+        }
+        b.bar_write(0, connector::REG_EVENTS, &60u32.to_le_bytes());
+        assert_eq!(r32(&mut b, 0, connector::REG_EVENTS), 40);
+    }
+
+    /// Records irqfd attach and detach calls as (gsi, attached).
+    #[derive(Default, Clone)]
+    struct Fds(Arc<Mutex<Vec<(u32, bool)>>>);
+    impl crate::msiroute::Irqfds for Fds {
+        fn attach(&self, _: RawFd, gsi: u32) -> std::io::Result<()> {
+            self.0.lock().unwrap().push((gsi, true));
+            Ok(())
+        }
+        fn detach(&self, _: RawFd, gsi: u32) -> std::io::Result<()> {
+            self.0.lock().unwrap().push((gsi, false));
+            Ok(())
+        }
+    }
+
+    /// The guest routes the connector's MSI-X vector into the frame: the doorbell becomes an
+    /// irqfd of that SPI (nowhere else), and an event rings it rather than raising INTx.
+    #[test]
+    fn a_routed_vector_makes_the_doorbell_an_irqfd_of_its_spi() {
+        let l = layout::resolve(
+            &layout::Description::parse(
+                "[[device]]\nkind = \"connector\"\nname = \"c\"\ndataport_size = \"8K\"\n",
+                "t.toml",
+            )
+            .unwrap(),
+        )
+        .unwrap()
+        .layout;
+        let (d, v2m) = (l.devices[0].clone(), l.v2m.clone().unwrap());
+        assert_eq!(d.bars.len(), 3, "BAR 2 holds the MSI-X table");
+        let (fds, levels) = (Fds::default(), Arc::new(Levels::default()));
+        let i = Interrupts {
+            signal: levels.clone(),
+            irqfds: Some(Box::new(fds.clone())),
+            frame: Some(v2m.clone()),
+        };
+        let (mut c, _, _) = build(&d, "c", 0x2000, None, i).unwrap();
+        let events = c.events();
+        let mut cap = [0u8];
+        c.config_read(0x34, &mut cap);
+        let cap = u64::from(cap[0]);
+        let doorbell = v2m.region.base + platform::gicv2m::MSI_SETSPI_NS;
+        // Outside the frame's SPIs first: routed nowhere.
+        for (addr, data, gsi) in [
+            (doorbell, v2m.spi_base + v2m.spi_count, None),
+            (
+                doorbell,
+                v2m.spi_base + 2,
+                Some(v2m.spi_base + 2 - SPI_BASE_INTID),
+            ),
+        ] {
+            c.bar_write(2, 0, &(addr as u32).to_le_bytes());
+            c.bar_write(2, 8, &data.to_le_bytes());
+            c.bar_write(2, 12, &0u32.to_le_bytes());
+            c.config_write(cap + 2, &0x8000u16.to_le_bytes());
+            let attached: Vec<u32> = fds
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, on)| *on)
+                .map(|(g, _)| *g)
+                .collect();
+            assert_eq!(attached.last().copied(), gsi, "message {addr:#x}/{data}");
+        }
+        let before = levels.0.lock().unwrap().len();
+        events.arrive();
+        assert_eq!(
+            levels.0.lock().unwrap().len(),
+            before,
+            "no INTx under MSI-X"
+        );
+        // MSI-X off: detached, back to INTx, the waiting event's level up.
+        c.config_write(cap + 2, &0u16.to_le_bytes());
+        assert_eq!(fds.0.lock().unwrap().last().map(|x| x.1), Some(false));
+        assert_eq!(levels.0.lock().unwrap().last(), Some(&true));
+    }
+
+    /// What a peer hands over is checked before it is used: a page not sealed at its size or a
+    /// doorbell that is not an eventfd refuses the peer.
+    #[test]
+    fn a_peers_descriptors_are_checked() {
+        let sealed = || rpc::shm::sealed_memfd(c"t", connector::EVENT_PAGE).unwrap();
+        let bell = || crate::msiroute::new_eventfd().unwrap();
+        let loose = tempfile::tempfile().unwrap();
+        loose.set_len(connector::EVENT_PAGE).unwrap();
+        let other_size = rpc::shm::sealed_memfd(c"t", 2 * connector::EVENT_PAGE).unwrap();
+        let (pipe, _w) = std::io::pipe().unwrap();
+        for (fds, want) in [
+            (vec![loose.into(), bell()], "sealed"),
+            (vec![other_size, bell()], "not 4096"),
+            (vec![sealed(), OwnedFd::from(pipe)], "not an eventfd"),
+            (vec![sealed()], "not 2"),
+        ] {
+            let e = Remote::take(fds).err().unwrap();
+            assert!(e.contains(want), "{e}");
+        }
+        let r = Remote::take(vec![sealed(), bell()]).unwrap();
+        connector::count_event(connector::PageMemory::count(&r.page));
+        assert!(ring(r.doorbell.as_raw_fd()));
     }
 
     #[test]
     fn bar_1_moves_are_reported_for_mapping() {
         let d = device();
-        let (c, _, _) = build(&d, "m", 0x2000, None, Arc::new(Levels::default())).unwrap();
+        let (c, _, _) = build(&d, "m", 0x2000, None, irq(Arc::default())).unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s2 = seen.clone();
         let mut m = pci::BarWatch::new(
@@ -389,9 +753,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.sock");
         let d = device();
-        let sig = || Arc::new(Levels::default()) as Arc<dyn virtio::transport::Signal>;
-        build(&d, "storage", 0x2000, path.to_str(), sig()).unwrap();
-        let e = build(&d, "storage", 0x4000, path.to_str(), sig())
+        build(&d, "storage", 0x2000, path.to_str(), irq(Arc::default())).unwrap();
+        let e = build(&d, "storage", 0x4000, path.to_str(), irq(Arc::default()))
             .err()
             .unwrap()
             .to_string();
@@ -401,8 +764,7 @@ mod tests {
     #[test]
     fn without_a_peer_events_are_dropped_and_the_vm_goes_on() {
         let d = device();
-        let (mut c, start, host) =
-            build(&d, "alone", 0x1000, None, Arc::new(Levels::default())).unwrap();
+        let (mut c, start, host) = build(&d, "alone", 0x1000, None, irq(Arc::default())).unwrap();
         for m in [host.dataport, host.event_page] {
             assert_eq!((m.size, m.addr % 4096), (0x1000, 0), "mappable");
         }

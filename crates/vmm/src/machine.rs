@@ -104,7 +104,9 @@ pub fn build(p: Parts<'_>, hv: &dyn Hypervisor) -> Result<Machine, crate::Error>
             intx: hv.spi_line(SPI_BASE_INTID + d.intx_spi),
         })
     };
-    let built = crate::devices::build(l, p.dev_mem, &signal, p.stdout, &|_| None)?;
+    let built = crate::devices::build(l, p.dev_mem, &signal, p.stdout, &|_| None, &|| {
+        Some(hv.irqfds())
+    })?;
     for s in &built.skipped {
         log::warn!("{s}");
     }

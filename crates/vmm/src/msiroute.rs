@@ -34,7 +34,7 @@ pub struct MsiRoutes {
     vectors: Mutex<HashMap<(u8, u16), Vector>>,
 }
 
-fn new_eventfd() -> io::Result<OwnedFd> {
+pub(crate) fn new_eventfd() -> io::Result<OwnedFd> {
     // SAFETY: eventfd returns a new descriptor or -1.
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
     if fd < 0 {

@@ -5,9 +5,14 @@
  * One UIO device per connector, named from the device's name field: map 0 is BAR 0 (the event
  * page: write 0x0 to send an event, 0x4 counts received events), map 1 is BAR 1 (the dataport,
  * memory shared with the peer VM). mmap offset N * page size selects map N; a blocking read()
- * of /dev/uioN returns the number of events so far. The interrupt is a level shared with other
- * INTx devices: the handler claims it only when 0x4 is non-zero, and acknowledges the events it
- * read by writing their number back (an event that arrives in between stays counted).
+ * of /dev/uioN returns the number of interrupts so far. The interrupt is the connector's one
+ * MSI-X vector where the platform has MSIs (the peer's VMM raises it through the hypervisor,
+ * with no VMM thread in the way): then the handler keeps its own position in 0x4's count,
+ * which it never writes (no exit per event), and acknowledges all when the driver goes, so
+ * that no INTx level is left up. Else it is a level shared with other INTx devices, which the
+ * handler claims only when 0x4 is non-zero, acknowledging the events it read by writing their
+ * number back (an event that arrives in between stays counted, and keeps the level up).
+ * sysfs `events` on the PCI device: every event received so far.
  *
  * Both BARs are memory on the host and mapped cacheable, here and in userspace: the event page
  * is a read-only memslot (reads of any kind at memory speed; writes trap to splitvirt, which
@@ -28,20 +33,63 @@
 struct connection {
 	struct uio_info uio;
 	u32 *events;
+	/* Under `lock`: events taken so far and (MSI-X) where in 0x4's count that was. */
+	spinlock_t lock;
+	u64 received;
+	u32 seen;
+	bool msi;
 	char name[CONN_NAME_LEN];
 };
 
 static irqreturn_t connection_irq(int irq, struct uio_info *info)
 {
 	struct connection *c = info->priv;
+	irqreturn_t ret = IRQ_HANDLED;
+	u32 n;
 
-	u32 n = READ_ONCE(*c->events);
+	spin_lock(&c->lock);
+	n = READ_ONCE(*c->events);
+	if (c->msi) {
+		/* The count runs on (modulo 2^32); what is new is past our position. */
+		c->received += (u32)(n - c->seen);
+		c->seen = n;
+	} else if (n) {
+		/* A store to the read-only page: it traps, and splitvirt acknowledges n. */
+		WRITE_ONCE(*c->events, n);
+		c->received += n;
+	} else {
+		ret = IRQ_NONE;
+	}
+	spin_unlock(&c->lock);
+	return ret;
+}
 
-	if (!n)
-		return IRQ_NONE;
-	/* A store to the read-only page: it traps, and splitvirt acknowledges n. */
-	WRITE_ONCE(*c->events, n);
-	return IRQ_HANDLED;
+static ssize_t events_show(struct device *dev, struct device_attribute *attr, char *buf)
+{
+	struct connection *c = pci_get_drvdata(to_pci_dev(dev));
+	unsigned long flags;
+	u64 total;
+	u32 n;
+
+	spin_lock_irqsave(&c->lock, flags);
+	n = READ_ONCE(*c->events);
+	total = c->received + (c->msi ? (u32)(n - c->seen) : n);
+	spin_unlock_irqrestore(&c->lock, flags);
+	return sysfs_emit(buf, "%llu\n", (unsigned long long)total);
+}
+static DEVICE_ATTR_RO(events);
+
+static struct attribute *connection_attrs[] = {
+	&dev_attr_events.attr,
+	NULL,
+};
+ATTRIBUTE_GROUPS(connection);
+
+static void connection_ack_all(void *data)
+{
+	struct connection *c = data;
+
+	WRITE_ONCE(*c->events, 0);
 }
 
 static int connection_probe(struct pci_dev *pdev, const struct pci_device_id *id)
@@ -80,16 +128,27 @@ static int connection_probe(struct pci_dev *pdev, const struct pci_device_id *id
 	c->uio.mem[1].addr = pci_resource_start(pdev, 1);
 	c->uio.mem[1].size = pci_resource_len(pdev, 1);
 	c->uio.mem[1].memtype = UIO_MEM_IOVA;
-	c->uio.irq = pdev->irq;
-	c->uio.irq_flags = IRQF_SHARED;
+	pci_set_master(pdev);
+	err = pci_alloc_irq_vectors(pdev, 1, 1, PCI_IRQ_MSIX | PCI_IRQ_INTX);
+	if (err < 0)
+		return err;
+	c->msi = pdev->msix_enabled;
+	spin_lock_init(&c->lock);
+	c->seen = READ_ONCE(*c->events);
+	/* Released before the vectors are (devres runs backwards): leave nothing counted. */
+	err = devm_add_action_or_reset(&pdev->dev, connection_ack_all, c);
+	if (err)
+		return err;
+	c->uio.irq = pci_irq_vector(pdev, 0);
+	c->uio.irq_flags = c->msi ? 0 : IRQF_SHARED;
 	c->uio.handler = connection_irq;
 
+	pci_set_drvdata(pdev, c);
 	err = devm_uio_register_device(&pdev->dev, &c->uio);
 	if (err)
 		return err;
-	pci_set_drvdata(pdev, c);
-	dev_info(&pdev->dev, "connection \"%s\": dataport %pa bytes\n", c->name,
-		 &c->uio.mem[1].size);
+	dev_info(&pdev->dev, "connection \"%s\": dataport %pa bytes, events by %s\n", c->name,
+		 &c->uio.mem[1].size, c->msi ? "MSI-X" : "INTx");
 	return 0;
 }
 
@@ -103,6 +162,7 @@ static struct pci_driver connection_driver = {
 	.name = "connection",
 	.id_table = connection_ids,
 	.probe = connection_probe,
+	.dev_groups = connection_groups,
 };
 module_pci_driver(connection_driver);
 
