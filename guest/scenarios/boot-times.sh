@@ -8,3 +8,5 @@ value kernel_boot_s "$(stamp 'Freeing unused kernel memory')"
 bridge=$(stamp 'PCI host bridge to bus')
 disk=$(stamp 'virtio_blk virtio.*\[vda\]')
 [ -n "$bridge" ] && [ -n "$disk" ] && value probe_ms "$(awk "BEGIN { printf \"%.0f\", ($disk - $bridge) * 1000 }")"
+# Where the kernel's boot waits: every log line that came 20 ms or more after the one before.
+dmesg | awk -F'[][]' '{ t = $2 + 0; if (NR > 1 && t - last >= 0.02) printf "@@ GAP %.3f %.3f %s\n", t - last, t, $3; last = t }'
