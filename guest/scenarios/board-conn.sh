@@ -2,6 +2,9 @@
 # the pong VM is killed mid-exchange and another ("pong2| ") takes its place. Each splitvirt
 # logs to a file of its own (/tmp/NAME-sv.log), read once it has ended.
 check kvm_device test -c /dev/kvm
+# The connectors' sockets and dataport files live in /tmp: a tmpfs that gives the dataports
+# 2 MiB pages, as the README recommends.
+mount -t tmpfs -o huge=within_size tmpfs /tmp
 # The floor the event round trip is measured against: two processes of the board ping-ponging
 # over eventfds, in the same run.
 if [ "$MODE" = bench ]; then

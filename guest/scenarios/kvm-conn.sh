@@ -31,9 +31,11 @@ ping)
 		/conn stream bulk 64 960 | values stream
 	else
 		/conn stream bulk 16 | values stream
-		# A storm of events on bulk, as fast as this vCPU emits them; the peer counts them.
-		[ "$(/conn recv chan a 120)" = storm-ready ] && /conntest emit bulk "$STORM"
-		/conn send chan a storm-done
+	fi
+	# A storm of events on bulk, as fast as this vCPU emits them; the peer counts them.
+	[ "$(/conn recv chan a 120)" = storm-ready ] && /conntest emit bulk "$STORM"
+	/conn send chan a storm-done
+	if [ "$MODE" != bench ]; then
 		# The host kills the peer VM once it sees this, and starts another.
 		value phase restart
 		/conn ping chan 3000 | values restart
@@ -45,12 +47,10 @@ pong)
 	/conntest send bulk -256 plain-from-b
 	/conn pong chan | values pong
 	/conn sink bulk | values sink
-	if [ "$MODE" != bench ]; then
-		base=$(/conntest events bulk | sed 's/.* //')
-		/conn send chan b storm-ready
-		[ "$(/conn recv chan b 120)" = storm-done ] &&
-			value storm_events "$(($(/conntest events bulk | sed 's/.* //') - base))"
-	fi
+	base=$(/conntest events bulk | sed 's/.* //')
+	/conn send chan b storm-ready
+	[ "$(/conn recv chan b 120)" = storm-done ] &&
+		value storm_events "$(($(/conntest events bulk | sed 's/.* //') - base))"
 	# In MODE=test this VM is killed while it answers.
 	[ "$MODE" = bench ] || /conn pong chan | values restart ;;
 repong)

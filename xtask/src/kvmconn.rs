@@ -229,6 +229,11 @@ pub fn bench() -> Result<()> {
         "| eventfd ping-pong between two processes of the board (floor), median | {floor:.0} us (round trip {:.2}x it) |",
         mibs(&a, "ping_rtt_median_us")? / floor
     );
+    println!(
+        "| one emit on the emitting vCPU (a trapped write; {STORM} back to back, B counted {}) | {} us |",
+        v(&b, "storm_events")?,
+        v(&a, "emit_us")?
+    );
     println!("| memcpy inside one guest, 960 KiB chunks, 64 MiB | {copy:.0} MiB/s |");
     let window = mibs(&a, "memcpy_window_mib_per_s")?;
     println!(

@@ -558,6 +558,10 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
         .collect();
     let dev_mem = crate::memory::device_memory(l, &ram).map_err(|e| Error::Memory(e.0))?;
     load(&mem, &p)?;
+    // The kernel and initrd are in guest memory now: their copies here would stay resident
+    // for the VM's life (megabytes of splitvirt's own memory).
+    let placement = p.placement.clone();
+    drop(p);
     // One memslot per region: RAM below the pool, the pool (its own memfd), RAM above it.
     for (slot, r) in mem.iter().enumerate() {
         let host = mem
@@ -583,9 +587,9 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
         vcpus.push(vcpu);
     }
     let boot = &vcpus[0];
-    boot.set_one_reg(core_reg(PC), &p.placement.kernel.to_le_bytes())
+    boot.set_one_reg(core_reg(PC), &placement.kernel.to_le_bytes())
         .map_err(kvm_err("set the PC"))?;
-    boot.set_one_reg(core_reg(0), &p.placement.dtb.to_le_bytes())
+    boot.set_one_reg(core_reg(0), &placement.dtb.to_le_bytes())
         .map_err(kvm_err("set x0"))?;
     for r in 1..4 {
         boot.set_one_reg(core_reg(r * 8), &0u64.to_le_bytes())
