@@ -14,6 +14,11 @@
 //!   when the guest unmasks it with events waiting), and a driver may instead keep its own
 //!   position in the count and never write it (no exit per event).
 //! - 0x8..0x3a: the connection's name, NUL-terminated (read-only).
+//! - 0x10 (write, any value): ring the peer: wake it without counting an event, for programs
+//!   that keep their own counts (the guest library's channel does, in the dataport). The VMM
+//!   has the hypervisor catch it (no exit); the peer's interrupt fires as for an event where
+//!   the peer takes them by MSI-X, and where it takes them by INTx (or has MSI-X masked) the
+//!   ring is counted there as one event, since a level needs a count.
 //!
 //! The page is memory (`PageMemory`) that the VMM maps into the guest read-only, so that reads
 //! of any width and any instruction work at memory speed and only writes trap; the count lives
@@ -38,6 +43,7 @@ pub const EVENT_PAGE: u64 = 0x1000;
 pub const REG_EMIT: u64 = 0x0;
 pub const REG_EVENTS: u64 = 0x4;
 pub const REG_NAME: u64 = 0x8;
+pub const REG_RING: u64 = 0x10;
 /// The name field: 49 bytes and the NUL.
 pub const NAME_FIELD: usize = 50;
 /// BAR 2, the MSI-X table (one vector) and its pending bits.
@@ -47,7 +53,10 @@ const MSIX_PBA: u64 = 0x800;
 
 /// Where this side's events go.
 pub trait Peer: Send + Sync {
+    /// An event: counted in the peer's page, then its interrupt.
     fn emit(&self);
+    /// A wake-up without a count (`REG_RING`, when the hypervisor did not catch it).
+    fn ring(&self);
 }
 
 /// The dataport's memory as the VMM holds it (for accesses that trap).
@@ -131,6 +140,16 @@ impl Events {
     pub fn arrive(&self) {
         count_event(self.page.count());
         self.deliver();
+    }
+
+    /// The peer rang (REG_RING): its interrupt, uncounted where MSI-X delivers it; counted as
+    /// one event otherwise (a level, or a masked vector's pending state, needs a count).
+    pub fn ring(&self) {
+        if *self.lock() == (Mode::Msi { routed: true }) {
+            self.irq.fire();
+        } else {
+            self.arrive();
+        }
     }
 
     /// The peer counted events in the page (or one arrived): the interrupt for them, if any
@@ -254,6 +273,7 @@ impl Connector {
     fn page_write(&self, off: u64, data: &[u8]) {
         match off {
             REG_EMIT => self.peer.emit(),
+            REG_RING => self.peer.ring(),
             REG_EVENTS if data.len() == 4 => self.events.acknowledge(le_value(data) as u32),
             // The name and the rest of the page are read-only.
             _ => {}
@@ -434,6 +454,11 @@ mod tests {
                 e.arrive();
             }
         }
+        fn ring(&self) {
+            if let Some(e) = &*self.0.lock().unwrap() {
+                e.ring();
+            }
+        }
     }
 
     const BARS: Bars = Bars {
@@ -596,9 +621,20 @@ mod tests {
         a.bar_write(0, REG_EMIT, &1u32.to_le_bytes());
         assert_eq!(lb.fires(), 2);
         assert_eq!(r32(&mut b, 0, REG_EVENTS), 3);
-        // MSI-X off: INTx up, as three events wait.
+        // A ring while masked waits as an event too.
+        a.bar_write(0, REG_RING, &1u32.to_le_bytes());
+        assert_eq!(r32(&mut b, 0, REG_EVENTS), 4);
+        // Unmasked: rings fire the vector and are not counted.
+        b.bar_write(2, 12, &0u32.to_le_bytes());
+        let fires = lb.fires();
+        a.bar_write(0, REG_RING, &1u32.to_le_bytes());
+        assert_eq!((lb.fires(), r32(&mut b, 0, REG_EVENTS)), (fires + 1, 4));
+        b.bar_write(0, REG_EVENTS, &1u32.to_le_bytes());
+        // MSI-X off: INTx up, as three events wait; a ring under INTx is counted.
         b.config_write(cap + 2, &0u16.to_le_bytes());
         assert_eq!(lb.last_level(), Some(true));
+        a.bar_write(0, REG_RING, &1u32.to_le_bytes());
+        assert_eq!(r32(&mut b, 0, REG_EVENTS), 4);
         // The table reads back; the PBA is there.
         assert_eq!(r32(&mut b, 2, 8), msg.1);
         let mut pba = [0u8; 8];

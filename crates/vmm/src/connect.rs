@@ -14,6 +14,10 @@
 //! hypervisor. Otherwise (INTx, or the vector masked) a thread of the peer's splitvirt waits on
 //! the doorbell and sets the level from the count. The count is exact: the sender adds, the
 //! receiving guest's acknowledgement subtracts what it read, both atomically in the page.
+//! A ring (REG_RING, a wake-up with no count) has a doorbell of its own, which the sender's
+//! hypervisor signals itself on the guest's write (an ioeventfd at BAR 0 + REG_RING): with the
+//! peer's vector routed, no exit and no thread anywhere between one guest's store and the other
+//! guest's interrupt.
 
 use connector::{Connector, Dataport, Interrupt, Peer};
 use hostio::endpoint::{EndpointError, Link, Offer};
@@ -215,10 +219,12 @@ impl connector::PageMemory for FileDataport {
     }
 }
 
-/// The peer's side as its VMM handed it over: its event page, mapped here, and its doorbell.
+/// The peer's side as its VMM handed it over: its event page, mapped here, and its doorbells
+/// for events and for rings.
 struct Remote {
     page: FileDataport,
     doorbell: OwnedFd,
+    ring: OwnedFd,
 }
 
 /// A descriptor's kind as the kernel names it (`anon_inode:[eventfd]`, say).
@@ -229,35 +235,95 @@ fn fd_kind(fd: RawFd) -> String {
 }
 
 impl Remote {
-    /// Checks what a peer handed over (`[page, doorbell]`): a page sealed at its size (else
-    /// the peer could shrink it under our accesses) and an eventfd, made non-blocking (else a
-    /// peer that filled its counter would hold our vCPU in write).
+    /// Checks what a peer handed over (`[page, doorbell, ring]`): a page sealed at its size
+    /// (else the peer could shrink it under our accesses) and eventfds, made non-blocking (else
+    /// a peer that filled a counter would hold our vCPU in write).
     fn take(fds: Vec<OwnedFd>) -> Result<Remote, String> {
-        let [page, doorbell]: [OwnedFd; 2] = fds
+        let [page, doorbell, ring]: [OwnedFd; 3] = fds
             .try_into()
-            .map_err(|v: Vec<OwnedFd>| format!("{} descriptors, not 2", v.len()))?;
+            .map_err(|v: Vec<OwnedFd>| format!("{} descriptors, not 3", v.len()))?;
         rpc::shm::check_sealed(&page, connector::EVENT_PAGE, "its event page")
             .map_err(|e| e.to_string())?;
-        let kind = fd_kind(doorbell.as_raw_fd());
-        if kind != "anon_inode:[eventfd]" {
-            return Err(format!("its doorbell is {kind:?}, not an eventfd"));
-        }
-        // SAFETY: fcntl on a descriptor we hold.
-        let flags = unsafe { libc::fcntl(doorbell.as_raw_fd(), libc::F_GETFL) };
-        if flags < 0
-            || unsafe {
-                libc::fcntl(
-                    doorbell.as_raw_fd(),
-                    libc::F_SETFL,
-                    flags | libc::O_NONBLOCK,
-                )
-            } < 0
-        {
-            return Err(format!("its doorbell: {}", std::io::Error::last_os_error()));
+        for (fd, what) in [(&doorbell, "doorbell"), (&ring, "ring")] {
+            let kind = fd_kind(fd.as_raw_fd());
+            if kind != "anon_inode:[eventfd]" {
+                return Err(format!("its {what} is {kind:?}, not an eventfd"));
+            }
+            // SAFETY: fcntl on a descriptor we hold.
+            let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+            // SAFETY: as above.
+            if flags < 0
+                || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) }
+                    < 0
+            {
+                return Err(format!("its {what}: {}", std::io::Error::last_os_error()));
+            }
         }
         let page = FileDataport::map(File::from(page), connector::EVENT_PAGE, Path::new("peer"))
             .map_err(|e| e.to_string())?;
-        Ok(Remote { page, doorbell })
+        Ok(Remote {
+            page,
+            doorbell,
+            ring,
+        })
+    }
+}
+
+/// The ring's ioeventfd: the peer's ring doorbell, signalled by this VM's hypervisor on a guest
+/// write at BAR 0 + REG_RING, for as long as there is a peer and BAR 0 decodes somewhere.
+pub struct Ring {
+    hv: Option<Box<dyn crate::msiroute::Ioeventfds>>,
+    at: Mutex<RingAt>,
+}
+
+#[derive(Default)]
+struct RingAt {
+    bar0: Option<u64>,
+    remote: Option<Arc<Remote>>,
+    /// What the hypervisor has now: (address, the remote whose ring it signals).
+    attached: Option<(u64, Arc<Remote>)>,
+}
+
+impl Ring {
+    /// BAR 0 now decodes at `at` (None: nowhere).
+    pub fn bar0_at(&self, at: Option<u64>) {
+        let mut a = self.at.lock().unwrap_or_else(|e| e.into_inner());
+        a.bar0 = at;
+        self.sync(&mut a);
+    }
+
+    fn peer(&self, remote: Option<Arc<Remote>>) {
+        let mut a = self.at.lock().unwrap_or_else(|e| e.into_inner());
+        a.remote = remote;
+        self.sync(&mut a);
+    }
+
+    fn sync(&self, a: &mut RingAt) {
+        let Some(hv) = &self.hv else { return };
+        let want = a
+            .bar0
+            .zip(a.remote.clone())
+            .map(|(bar0, r)| (bar0 + connector::REG_RING, r));
+        let same = match (&want, &a.attached) {
+            (Some((x, r)), Some((y, s))) => x == y && Arc::ptr_eq(r, s),
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            return;
+        }
+        if let Some((addr, r)) = a.attached.take() {
+            if let Err(e) = hv.detach(r.ring.as_raw_fd(), addr) {
+                ratelog::warn!("cannot take a connector's ring from the hypervisor: {e}");
+            }
+        }
+        if let Some((addr, r)) = want {
+            match hv.attach(r.ring.as_raw_fd(), addr) {
+                Ok(()) => a.attached = Some((addr, r)),
+                // Not fatal: the write then exits, and LinkPeer::ring rings it.
+                Err(e) => ratelog::warn!("the hypervisor will not catch a connector's ring: {e}"),
+            }
+        }
     }
 }
 
@@ -277,18 +343,37 @@ struct LinkPeer {
     dropped: AtomicU64,
 }
 
-impl Peer for LinkPeer {
-    fn emit(&self) {
-        let remote = self
-            .remote
+impl LinkPeer {
+    fn remote(&self) -> Option<Arc<Remote>> {
+        self.remote
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        if let Some(r) = remote {
+            .clone()
+    }
+}
+
+impl Peer for LinkPeer {
+    fn emit(&self) {
+        if let Some(r) = self.remote() {
             connector::count_event(connector::PageMemory::count(&r.page));
             ring(r.doorbell.as_raw_fd());
             return;
         }
+        self.drop_one();
+    }
+
+    fn ring(&self) {
+        match self.remote() {
+            Some(r) => {
+                ring(r.ring.as_raw_fd());
+            }
+            None => self.drop_one(),
+        }
+    }
+}
+
+impl LinkPeer {
+    fn drop_one(&self) {
         let n = self.dropped.fetch_add(1, Ordering::Relaxed);
         if n < 3 || n.is_power_of_two() {
             ratelog::warn!(
@@ -306,6 +391,8 @@ impl Peer for LinkPeer {
 /// doorbell's thread (`watch`) delivers what rings it.
 struct Doorbell {
     fd: OwnedFd,
+    /// The peer's rings: counted here unless the vector is routed.
+    ring_fd: OwnedFd,
     signal: Arc<dyn virtio::transport::Signal>,
     irqfds: Option<Box<dyn crate::msiroute::Irqfds>>,
     frame: Option<V2m>,
@@ -325,6 +412,7 @@ impl Doorbell {
     ) -> std::io::Result<Doorbell> {
         Ok(Doorbell {
             fd: crate::msiroute::new_eventfd()?,
+            ring_fd: crate::msiroute::new_eventfd()?,
             signal,
             irqfds,
             frame,
@@ -350,18 +438,32 @@ impl Doorbell {
                     events: libc::POLLIN,
                     revents: 0,
                 },
+                libc::pollfd {
+                    fd: self.ring_fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
             ];
-            let n = if watched { 2 } else { 1 };
+            let n = if watched { 3 } else { 1 };
             // SAFETY: poll on descriptors we hold.
             if unsafe { libc::poll(p.as_mut_ptr(), n, -1) } < 0 {
                 continue;
             }
-            let mut v = 0u64;
+            let mut rings = 0u64;
             for q in &p[..n as usize] {
                 if q.revents & libc::POLLIN != 0 {
+                    let mut v = 0u64;
                     // SAFETY: an 8-byte read into a local from an eventfd we hold.
                     unsafe { libc::read(q.fd, (&mut v as *mut u64).cast(), 8) };
+                    if q.fd == self.ring_fd.as_raw_fd() {
+                        rings = v;
+                    }
                 }
+            }
+            // Each ring the hypervisor could not deliver itself (bounded: the counter holds
+            // what a peer wrote, and one delivery covers any number of them under MSI-X).
+            for _ in 0..rings.min(1024) {
+                events.ring();
             }
             if watched && p[1].revents & libc::POLLIN != 0 {
                 events.deliver();
@@ -384,18 +486,26 @@ impl Interrupt for Doorbell {
         r.0 = msi;
         if let Some(hv) = &self.irqfds {
             if r.1 != want {
+                let fds = [self.fd.as_raw_fd(), self.ring_fd.as_raw_fd()];
                 if let Some(old) = r.1.take() {
-                    if let Err(e) = hv.detach(self.fd.as_raw_fd(), old) {
-                        ratelog::warn!("cannot unroute a connector's MSI-X vector: {e}");
+                    for fd in fds {
+                        if let Err(e) = hv.detach(fd, old) {
+                            ratelog::warn!("cannot unroute a connector's MSI-X vector: {e}");
+                        }
                     }
                 }
                 if let Some(gsi) = want {
-                    match hv.attach(self.fd.as_raw_fd(), gsi) {
+                    match fds.iter().try_for_each(|&fd| hv.attach(fd, gsi)) {
                         Ok(()) => r.1 = Some(gsi),
-                        Err(e) => ratelog::warn!(
-                            "cannot route a connector's MSI-X vector to SPI {}: {e}",
-                            gsi + SPI_BASE_INTID
-                        ),
+                        Err(e) => {
+                            for fd in fds {
+                                let _ = hv.detach(fd, gsi);
+                            }
+                            ratelog::warn!(
+                                "cannot route a connector's MSI-X vector to SPI {}: {e}",
+                                gsi + SPI_BASE_INTID
+                            )
+                        }
                     }
                 }
             }
@@ -426,42 +536,56 @@ pub struct HostMemory {
 }
 
 /// Where a connector's memory is in this process: the event page (for BAR 0, read-only) and
-/// the dataport (BAR 1).
-#[derive(Clone, Copy, Debug)]
+/// the dataport (BAR 1); and its ring, which follows BAR 0.
+#[derive(Clone)]
 pub struct ConnectorMemory {
     pub event_page: HostMemory,
     pub dataport: HostMemory,
+    pub ring: Arc<Ring>,
 }
 
-/// How a connector's interrupts reach the guest: its signal (INTx, and MSIs the VMM writes),
-/// and, where the hypervisor offers them, irqfds for its MSI-X vector within `frame`.
-pub struct Interrupts {
-    pub signal: Arc<dyn virtio::transport::Signal>,
+/// What a connector takes from the hypervisor, where it offers it: irqfds for its MSI-X vector
+/// and an ioeventfd for its ring.
+pub struct Hv {
     pub irqfds: Option<Box<dyn crate::msiroute::Irqfds>>,
-    pub frame: Option<V2m>,
+    pub ioeventfds: Option<Box<dyn crate::msiroute::Ioeventfds>>,
+}
+
+impl Hv {
+    /// Nothing: interrupts through the signal, rings through exits.
+    pub fn none() -> Hv {
+        Hv {
+            irqfds: None,
+            ioeventfds: None,
+        }
+    }
 }
 
 /// A connector function, the threads that carry its peer's events (None without a peer) and
-/// its memory.
+/// its memory. Its interrupts go through `signal` (INTx, and MSIs the VMM writes) and, where
+/// `hv` offers them, irqfds for its MSI-X vector within `frame`.
 pub fn build(
     d: &layout::Device,
     name: &str,
     dataport_size: u64,
     peer: Option<&str>,
-    irq: Interrupts,
+    signal: Arc<dyn virtio::transport::Signal>,
+    frame: Option<V2m>,
+    hv: Hv,
 ) -> Result<(Connector, Option<crate::devices::Starter>, ConnectorMemory), EndpointError> {
     let bars = connector::Bars {
         event_page: d.bars.first().map_or(0, |b| b.base),
         dataport: d.bars.get(1).map_or(0, |b| b.base),
         msix: d.bars.get(2).map(|b| b.base),
     };
-    let doorbell = Arc::new(
-        Doorbell::new(irq.signal, irq.irqfds, irq.frame).map_err(|e| EndpointError {
-            what: "connector doorbell",
-            path: "eventfd".into(),
-            why: e.to_string(),
-        })?,
-    );
+    let doorbell =
+        Arc::new(
+            Doorbell::new(signal, hv.irqfds, frame).map_err(|e| EndpointError {
+                what: "connector doorbell",
+                path: "eventfd".into(),
+                why: e.to_string(),
+            })?,
+        );
     let (port, link) = match peer {
         None => (FileDataport::anonymous(dataport_size)?, None),
         Some(path) => {
@@ -477,7 +601,12 @@ pub fn build(
     };
     let (page, page_fd) = FileDataport::event_page()?;
     let page = Arc::new(page);
+    let ring_hv = Arc::new(Ring {
+        hv: hv.ioeventfds,
+        at: Mutex::default(),
+    });
     let host = ConnectorMemory {
+        ring: ring_hv.clone(),
         event_page: HostMemory {
             addr: page.host_address(),
             size: connector::EVENT_PAGE,
@@ -508,20 +637,21 @@ pub fn build(
     let start = match link {
         None => None,
         Some(link) => {
-            let ours = doorbell.fd.try_clone().map_err(|e| EndpointError {
-                what: "connector doorbell",
-                path: "eventfd".into(),
-                why: e.to_string(),
-            })?;
+            let dup = |fd: &OwnedFd| {
+                fd.try_clone().map_err(|e| EndpointError {
+                    what: "connector doorbell",
+                    path: "eventfd".into(),
+                    why: e.to_string(),
+                })
+            };
+            let ours = vec![page_fd, dup(&doorbell.fd)?, dup(&doorbell.ring_fd)?];
             let on_peer = Box::new(move |fds: Option<Vec<OwnedFd>>| {
-                let taken = fds.map(Remote::take).transpose()?;
-                *remote.lock().unwrap_or_else(|e| e.into_inner()) = taken.map(Arc::new);
+                let taken = fds.map(Remote::take).transpose()?.map(Arc::new);
+                *remote.lock().unwrap_or_else(|e| e.into_inner()) = taken.clone();
+                ring_hv.peer(taken);
                 Ok(())
             });
-            let link = link.offering(Offer {
-                fds: vec![page_fd, ours],
-                on_peer,
-            });
+            let link = link.offering(Offer { fds: ours, on_peer });
             let start: crate::devices::Starter = Box::new(move || {
                 // Events arrive through the page and the doorbell; the link carries none.
                 link.serve(Box::new(|_packet: &[u8]| {}));
@@ -549,12 +679,15 @@ mod tests {
         }
     }
 
-    fn irq(levels: Arc<Levels>) -> Interrupts {
-        Interrupts {
-            signal: levels,
-            irqfds: None,
-            frame: None,
-        }
+    /// A connector of `d` with no hypervisor help: interrupts through `levels`, rings by exit.
+    fn plain(
+        d: &layout::Device,
+        name: &str,
+        size: u64,
+        peer: Option<&str>,
+        levels: Arc<Levels>,
+    ) -> Result<(Connector, Option<crate::devices::Starter>, ConnectorMemory), EndpointError> {
+        build(d, name, size, peer, levels, None, Hv::none())
     }
 
     fn device() -> layout::Device {
@@ -597,7 +730,7 @@ mod tests {
         for _ in 0..2 {
             let levels = Arc::new(Levels::default());
             let (c, start, _) =
-                build(&d, "storage", 0x2000, path.to_str(), irq(levels.clone())).unwrap();
+                plain(&d, "storage", 0x2000, path.to_str(), levels.clone()).unwrap();
             start.unwrap()();
             ends.push((c, levels));
         }
@@ -629,6 +762,13 @@ mod tests {
         }
         b.bar_write(0, connector::REG_EVENTS, &60u32.to_le_bytes());
         assert_eq!(r32(&mut b, 0, connector::REG_EVENTS), 40);
+        // A ring that no hypervisor caught exits, crosses to B's ring doorbell, and B's thread
+        // counts it as an event (B takes INTx).
+        a.bar_write(0, connector::REG_RING, &[1]);
+        while r32(&mut b, 0, connector::REG_EVENTS) != 41 {
+            assert!(Instant::now() < deadline, "the ring never reached B");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Records irqfd attach and detach calls as (gsi, attached).
@@ -661,12 +801,12 @@ mod tests {
         let (d, v2m) = (l.devices[0].clone(), l.v2m.clone().unwrap());
         assert_eq!(d.bars.len(), 3, "BAR 2 holds the MSI-X table");
         let (fds, levels) = (Fds::default(), Arc::new(Levels::default()));
-        let i = Interrupts {
-            signal: levels.clone(),
+        let hv = Hv {
             irqfds: Some(Box::new(fds.clone())),
-            frame: Some(v2m.clone()),
+            ioeventfds: None,
         };
-        let (mut c, _, _) = build(&d, "c", 0x2000, None, i).unwrap();
+        let (mut c, _, _) =
+            build(&d, "c", 0x2000, None, levels.clone(), Some(v2m.clone()), hv).unwrap();
         let events = c.events();
         let mut cap = [0u8];
         c.config_read(0x34, &mut cap);
@@ -719,23 +859,71 @@ mod tests {
         let other_size = rpc::shm::sealed_memfd(c"t", 2 * connector::EVENT_PAGE).unwrap();
         let (pipe, _w) = std::io::pipe().unwrap();
         for (fds, want) in [
-            (vec![loose.into(), bell()], "sealed"),
-            (vec![other_size, bell()], "not 4096"),
-            (vec![sealed(), OwnedFd::from(pipe)], "not an eventfd"),
-            (vec![sealed()], "not 2"),
+            (vec![loose.into(), bell(), bell()], "sealed"),
+            (vec![other_size, bell(), bell()], "not 4096"),
+            (vec![sealed(), OwnedFd::from(pipe), bell()], "doorbell is"),
+            (vec![sealed(), bell(), sealed()], "ring is"),
+            (vec![sealed(), bell()], "not 3"),
         ] {
             let e = Remote::take(fds).err().unwrap();
             assert!(e.contains(want), "{e}");
         }
-        let r = Remote::take(vec![sealed(), bell()]).unwrap();
+        let r = Remote::take(vec![sealed(), bell(), bell()]).unwrap();
         connector::count_event(connector::PageMemory::count(&r.page));
-        assert!(ring(r.doorbell.as_raw_fd()));
+        assert!(ring(r.doorbell.as_raw_fd()) && ring(r.ring.as_raw_fd()));
+    }
+
+    /// Records ioeventfd attach and detach calls as (address, attached).
+    #[derive(Default, Clone)]
+    struct Catches(Arc<Mutex<Vec<(u64, bool)>>>);
+    impl crate::msiroute::Ioeventfds for Catches {
+        fn attach(&self, _: RawFd, addr: u64) -> std::io::Result<()> {
+            self.0.lock().unwrap().push((addr, true));
+            Ok(())
+        }
+        fn detach(&self, _: RawFd, addr: u64) -> std::io::Result<()> {
+            self.0.lock().unwrap().push((addr, false));
+            Ok(())
+        }
+    }
+
+    /// The ring is the hypervisor's while there is a peer and BAR 0 decodes: caught at
+    /// BAR 0 + REG_RING, moved with BAR 0, released when the peer goes.
+    #[test]
+    fn the_ring_follows_bar_0_and_the_peer() {
+        let catches = Catches::default();
+        let ring = Ring {
+            hv: Some(Box::new(catches.clone())),
+            at: Mutex::default(),
+        };
+        let bell = || crate::msiroute::new_eventfd().unwrap();
+        let page = rpc::shm::sealed_memfd(c"t", connector::EVENT_PAGE).unwrap();
+        let remote = Arc::new(Remote::take(vec![page, bell(), bell()]).unwrap());
+        ring.bar0_at(Some(0x1000_0000));
+        assert!(catches.0.lock().unwrap().is_empty(), "no peer yet");
+        ring.peer(Some(remote));
+        ring.bar0_at(Some(0x2000_0000));
+        ring.bar0_at(None);
+        ring.bar0_at(Some(0x2000_0000));
+        ring.peer(None);
+        let r = connector::REG_RING;
+        assert_eq!(
+            *catches.0.lock().unwrap(),
+            [
+                (0x1000_0000 + r, true),
+                (0x1000_0000 + r, false),
+                (0x2000_0000 + r, true),
+                (0x2000_0000 + r, false),
+                (0x2000_0000 + r, true),
+                (0x2000_0000 + r, false),
+            ]
+        );
     }
 
     #[test]
     fn bar_1_moves_are_reported_for_mapping() {
         let d = device();
-        let (c, _, _) = build(&d, "m", 0x2000, None, irq(Arc::default())).unwrap();
+        let (c, _, _) = plain(&d, "m", 0x2000, None, Arc::default()).unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s2 = seen.clone();
         let mut m = pci::BarWatch::new(
@@ -758,8 +946,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.sock");
         let d = device();
-        build(&d, "storage", 0x2000, path.to_str(), irq(Arc::default())).unwrap();
-        let e = build(&d, "storage", 0x4000, path.to_str(), irq(Arc::default()))
+        plain(&d, "storage", 0x2000, path.to_str(), Arc::default()).unwrap();
+        let e = plain(&d, "storage", 0x4000, path.to_str(), Arc::default())
             .err()
             .unwrap()
             .to_string();
@@ -769,7 +957,7 @@ mod tests {
     #[test]
     fn without_a_peer_events_are_dropped_and_the_vm_goes_on() {
         let d = device();
-        let (mut c, start, host) = build(&d, "alone", 0x1000, None, irq(Arc::default())).unwrap();
+        let (mut c, start, host) = plain(&d, "alone", 0x1000, None, Arc::default()).unwrap();
         for m in [host.dataport, host.event_page] {
             assert_eq!((m.size, m.addr % 4096), (0x1000, 0), "mappable");
         }

@@ -74,7 +74,7 @@ pub fn build(
     signal: &dyn Fn(&layout::Device) -> Arc<dyn Signal>,
     stdout: Box<dyn Write + Send>,
     journal: &dyn Fn(&layout::Device) -> Option<Arc<dyn virtio::blk::Journal>>,
-    irqfds: &dyn Fn() -> Option<Box<dyn crate::msiroute::Irqfds>>,
+    hv: &dyn Fn() -> crate::connect::Hv,
 ) -> Result<Built, OpenError> {
     let b = hostio::devices::build(
         l,
@@ -102,13 +102,15 @@ pub fn build(
             continue;
         };
         let at = devfn(d.slot as u8, 0);
-        let irq = crate::connect::Interrupts {
-            signal: signal(d),
-            irqfds: irqfds(),
-            frame: l.v2m.clone(),
-        };
-        let (f, start, host) =
-            crate::connect::build(d, name, *dataport_size, peer.as_deref(), irq)?;
+        let (f, start, host) = crate::connect::build(
+            d,
+            name,
+            *dataport_size,
+            peer.as_deref(),
+            signal(d),
+            l.v2m.clone(),
+            hv(),
+        )?;
         out.starters.extend(start);
         out.connectors.push((at, host));
         out.functions.push((at, Box::new(f)));

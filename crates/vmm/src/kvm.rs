@@ -51,6 +51,21 @@ impl crate::msiroute::Irqfds for KvmIrqfds {
     }
 }
 
+impl crate::msiroute::Ioeventfds for KvmIrqfds {
+    fn attach(&self, fd: std::os::fd::RawFd, addr: u64) -> std::io::Result<()> {
+        use kvm_ioctls::{IoEventAddress::Mmio, NoDatamatch};
+        Self::with_eventfd(fd, |e| self.0.register_ioevent(e, &Mmio(addr), NoDatamatch))
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+    fn detach(&self, fd: std::os::fd::RawFd, addr: u64) -> std::io::Result<()> {
+        use kvm_ioctls::{IoEventAddress::Mmio, NoDatamatch};
+        Self::with_eventfd(fd, |e| {
+            self.0.unregister_ioevent(e, &Mmio(addr), NoDatamatch)
+        })
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
 fn eventfd(what: &'static str) -> Result<vmm_sys_util::eventfd::EventFd, Error> {
     vmm_sys_util::eventfd::EventFd::new(libc::EFD_CLOEXEC).map_err(|e| Error::Kvm {
         what,
@@ -512,6 +527,9 @@ impl crate::machine::Hypervisor for KvmHypervisor {
         Arc::new(Msi { vm: self.0.clone() })
     }
     fn irqfds(&self) -> Box<dyn crate::msiroute::Irqfds> {
+        Box::new(KvmIrqfds(self.0.clone()))
+    }
+    fn ioeventfds(&self) -> Box<dyn crate::msiroute::Ioeventfds> {
         Box::new(KvmIrqfds(self.0.clone()))
     }
     fn notifiers(&self, l: &layout::Layout) -> Result<Arc<dyn crate::machine::QueueNotify>, Error> {

@@ -28,6 +28,8 @@ pub trait Hypervisor {
     fn spi_trigger(&self) -> Arc<dyn SpiTrigger>;
     /// Eventfds bound to interrupts (for the backend devices' MSI-X vectors).
     fn irqfds(&self) -> Box<dyn Irqfds>;
+    /// Eventfds the hypervisor signals on guest writes (a connector's ring).
+    fn ioeventfds(&self) -> Box<dyn crate::msiroute::Ioeventfds>;
     /// Queue notifications of `l`'s backend devices caught by the hypervisor.
     fn notifiers(&self, l: &Layout) -> Result<Arc<dyn QueueNotify>, crate::Error>;
     /// Memslot `slot` holding `host`: the returned function maps it into the guest at the
@@ -104,9 +106,11 @@ pub fn build(p: Parts<'_>, hv: &dyn Hypervisor) -> Result<Machine, crate::Error>
             intx: hv.spi_line(SPI_BASE_INTID + d.intx_spi),
         })
     };
-    let built = crate::devices::build(l, p.dev_mem, &signal, p.stdout, &|_| None, &|| {
-        Some(hv.irqfds())
-    })?;
+    let connector_hv = || crate::connect::Hv {
+        irqfds: Some(hv.irqfds()),
+        ioeventfds: Some(hv.ioeventfds()),
+    };
+    let built = crate::devices::build(l, p.dev_mem, &signal, p.stdout, &|_| None, &connector_hv)?;
     for s in &built.skipped {
         log::warn!("{s}");
     }
@@ -150,14 +154,20 @@ pub fn build(p: Parts<'_>, hv: &dyn Hypervisor) -> Result<Machine, crate::Error>
         // A connector's memory is in the guest wherever the guest puts its BARs, each a
         // memslot of its own moved with its BAR: the dataport at BAR 1 (no exit per access),
         // the event page at BAR 0 read-only (reads of any kind at memory speed, writes exit).
-        let Some(&(_, host)) = built.connectors.iter().find(|(d, _)| *d == df) else {
+        let Some((_, host)) = built.connectors.iter().find(|(d, _)| *d == df) else {
             ecam.add(df, f);
             continue;
         };
         let dataport = hv.memslot(DATAPORT_SLOTS + u32::from(df), host.dataport);
-        let page = hv.memslot(EVENT_PAGE_SLOTS + u32::from(df), host.event_page);
+        let mut page = hv.memslot(EVENT_PAGE_SLOTS + u32::from(df), host.event_page);
+        // BAR 0 carries the page's memslot and the ring's ioeventfd with it.
+        let ring = host.ring.clone();
+        let bar0 = Box::new(move |at: Option<u64>| {
+            page(at);
+            ring.bar0_at(at);
+        });
         let f = Box::new(pci::BarWatch::new(f, 1, dataport));
-        ecam.add(df, Box::new(pci::BarWatch::new(f, 0, page)));
+        ecam.add(df, Box::new(pci::BarWatch::new(f, 0, bar0)));
     }
     if let Some(r) = &mut remote {
         for (df, f) in std::mem::take(&mut r.functions) {
@@ -238,6 +248,14 @@ mod tests {
             Ok(())
         }
     }
+    impl crate::msiroute::Ioeventfds for NoIrqfds {
+        fn attach(&self, _: std::os::fd::RawFd, _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn detach(&self, _: std::os::fd::RawFd, _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
     struct NoNotify;
     impl QueueNotify for NoNotify {
         fn fds(&self) -> Vec<(u8, OwnedFd)> {
@@ -254,6 +272,9 @@ mod tests {
             Arc::new(NoEdges)
         }
         fn irqfds(&self) -> Box<dyn Irqfds> {
+            Box::new(NoIrqfds)
+        }
+        fn ioeventfds(&self) -> Box<dyn crate::msiroute::Ioeventfds> {
             Box::new(NoIrqfds)
         }
         fn notifiers(&self, _: &Layout) -> Result<Arc<dyn QueueNotify>, crate::Error> {

@@ -22,6 +22,13 @@ pub trait Irqfds: Send + Sync {
     fn detach(&self, fd: RawFd, gsi: u32) -> io::Result<()>;
 }
 
+/// Writes the hypervisor catches itself: an eventfd signalled by any guest write at an MMIO
+/// address, with no exit (KVM: KVM_IOEVENTFD, any length, no data match).
+pub trait Ioeventfds: Send + Sync {
+    fn attach(&self, fd: RawFd, addr: u64) -> io::Result<()>;
+    fn detach(&self, fd: RawFd, addr: u64) -> io::Result<()>;
+}
+
 struct Vector {
     fd: OwnedFd,
     /// The GSI it is attached to now.

@@ -110,7 +110,7 @@ fn a_broken_device_and_a_bar_over_ram_leave_the_others_working() {
         &|_| Arc::new(NoSignal) as Arc<dyn virtio::transport::Signal>,
         Box::new(out.clone()),
         &|_| None,
-        &|| None,
+        &vmm::connect::Hv::none,
     )
     .unwrap();
     let (ecam, regions) = vmm::pci_bus::host(&l);
