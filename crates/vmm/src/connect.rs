@@ -327,6 +327,12 @@ impl Ring {
     }
 }
 
+/// `ring` for other modules' tests.
+#[cfg(test)]
+pub(crate) fn tests_ring(fd: &OwnedFd) -> bool {
+    ring(fd.as_raw_fd())
+}
+
 /// Writes 1 to an eventfd (a doorbell): false if it could not (a full counter: the other side
 /// has a wake-up waiting anyway).
 fn ring(fd: RawFd) -> bool {

@@ -80,8 +80,8 @@ fn owned(e: vmm_sys_util::eventfd::EventFd) -> std::os::fd::OwnedFd {
     unsafe { OwnedFd::from_raw_fd(e.into_raw_fd()) }
 }
 
-/// Queue notifications of the backend's virtio devices, caught by KVM (ioeventfd) and
-/// signalled straight to the backend: one eventfd per device, attached at each queue's notify
+/// Queue notifications of virtio devices, caught by KVM (ioeventfd) and signalled straight to
+/// whoever serves them (the backend, or a thread of splitvirt's): one eventfd per device, attached at each queue's notify
 /// address (a 16-bit write of the queue index, as Linux's virtio-pci writes it) wherever the
 /// guest puts BAR 0. Any other write there still exits to splitvirt and travels as a message.
 /// When the backend dies they are detached, so that notifications reach the reaper again, and
@@ -113,9 +113,9 @@ impl crate::machine::QueueNotify for Notifiers {
 }
 
 impl Notifiers {
-    fn new(vm: Arc<VmFd>, l: &layout::Layout) -> Result<Notifiers, Error> {
+    fn new(vm: Arc<VmFd>, l: &layout::Layout, at: layout::Placement) -> Result<Notifiers, Error> {
         let mut devices = std::collections::HashMap::new();
-        for d in l.backend_devices() {
+        for d in l.devices.iter().filter(|d| d.placement == at) {
             let Some(writes) = crate::devices::notify_writes(&d.kind) else {
                 continue;
             };
@@ -532,8 +532,12 @@ impl crate::machine::Hypervisor for KvmHypervisor {
     fn ioeventfds(&self) -> Box<dyn crate::msiroute::Ioeventfds> {
         Box::new(KvmIrqfds(self.0.clone()))
     }
-    fn notifiers(&self, l: &layout::Layout) -> Result<Arc<dyn crate::machine::QueueNotify>, Error> {
-        Ok(Arc::new(Notifiers::new(self.0.clone(), l)?))
+    fn notifiers(
+        &self,
+        l: &layout::Layout,
+        at: layout::Placement,
+    ) -> Result<Arc<dyn crate::machine::QueueNotify>, Error> {
+        Ok(Arc::new(Notifiers::new(self.0.clone(), l, at)?))
     }
     fn memslot(
         &self,

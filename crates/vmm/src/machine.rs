@@ -30,8 +30,12 @@ pub trait Hypervisor {
     fn irqfds(&self) -> Box<dyn Irqfds>;
     /// Eventfds the hypervisor signals on guest writes (a connector's ring).
     fn ioeventfds(&self) -> Box<dyn crate::msiroute::Ioeventfds>;
-    /// Queue notifications of `l`'s backend devices caught by the hypervisor.
-    fn notifiers(&self, l: &Layout) -> Result<Arc<dyn QueueNotify>, crate::Error>;
+    /// Queue notifications of `l`'s virtio devices placed `at`, caught by the hypervisor.
+    fn notifiers(
+        &self,
+        l: &Layout,
+        at: layout::Placement,
+    ) -> Result<Arc<dyn QueueNotify>, crate::Error>;
     /// Memslot `slot` holding `host`: the returned function maps it into the guest at the
     /// address it is given, or unmaps it (None).
     fn memslot(&self, slot: u32, host: HostMemory) -> Box<dyn FnMut(Option<u64>) + Send>;
@@ -120,7 +124,7 @@ pub fn build(p: Parts<'_>, hv: &dyn Hypervisor) -> Result<Machine, crate::Error>
         .backend_devices()
         .map(|d| (d.slot as u8, hv.spi_line(SPI_BASE_INTID + d.intx_spi)))
         .collect();
-    let notifiers = hv.notifiers(l)?;
+    let notifiers = hv.notifiers(l, layout::Placement::Backend)?;
     let dead_notifiers = notifiers.clone();
     let events = Arc::new(move |e: rpc::Event| match e {
         rpc::Event::Intx { dev, level } => {
@@ -150,12 +154,50 @@ pub fn build(p: Parts<'_>, hv: &dyn Hypervisor) -> Result<Machine, crate::Error>
             reattached: Some(Box::new(move || back_on.attach_all(true))),
         },
     )?;
+    // In-process virtio devices' queue notifications: caught by the hypervisor too, each
+    // device's replayed onto the bus by a thread of its own, so that a vCPU never waits while
+    // a device works (a packet written to a TAP, a disk request) and does not exit at all.
+    let local = hv.notifiers(l, layout::Placement::InProcess)?;
+    local.attach_all(true);
+    let mut starters = built.starters;
+    let mut bar0s: HashMap<u8, Arc<Mutex<Option<u64>>>> = HashMap::new();
+    for (dev, fd) in local.fds() {
+        let Some(writes) = l
+            .devices
+            .iter()
+            .find(|d| d.slot as u8 == dev)
+            .and_then(|d| crate::devices::notify_writes(&d.kind))
+        else {
+            continue;
+        };
+        let at: Arc<Mutex<Option<u64>>> = Arc::default();
+        bar0s.insert(dev, at.clone());
+        let bus = bus_cell.clone();
+        starters.push(Box::new(move || {
+            std::thread::Builder::new()
+                .name(format!("notify{dev}"))
+                .spawn(move || replay_notifications(fd, &at, &bus, &writes))
+                .map(drop)
+                .unwrap_or_else(|e| log::warn!("no notification thread for device {dev}: {e}"));
+        }));
+    }
     for (df, f) in built.functions {
         // A connector's memory is in the guest wherever the guest puts its BARs, each a
         // memslot of its own moved with its BAR: the dataport at BAR 1 (no exit per access),
         // the event page at BAR 0 read-only (reads of any kind at memory speed, writes exit).
         let Some((_, host)) = built.connectors.iter().find(|(d, _)| *d == df) else {
-            ecam.add(df, f);
+            let dev = df >> 3;
+            match bar0s.get(&dev) {
+                Some(at) => {
+                    let (local, at) = (local.clone(), at.clone());
+                    let moved = move |to: Option<u64>| {
+                        *at.lock().unwrap_or_else(|e| e.into_inner()) = to;
+                        local.place(dev, to);
+                    };
+                    ecam.add(df, Box::new(pci::BarWatch::new(f, 0, Box::new(moved))));
+                }
+                None => ecam.add(df, f),
+            }
             continue;
         };
         let dataport = hv.memslot(DATAPORT_SLOTS + u32::from(df), host.dataport);
@@ -183,8 +225,34 @@ pub fn build(p: Parts<'_>, hv: &dyn Hypervisor) -> Result<Machine, crate::Error>
         bus,
         remote,
         stdin,
-        starters: built.starters,
+        starters,
     })
+}
+
+/// Waits on an in-process device's notification eventfd and, for each wake-up, writes every
+/// queue's notification to the device at BAR 0 (`at`) through the bus, as the guest's write
+/// would have: the device looks at each queue (finding nothing new in most is cheap). Runs for
+/// the VM's life.
+fn replay_notifications(
+    fd: OwnedFd,
+    at: &Mutex<Option<u64>>,
+    bus: &OnceLock<Arc<Bus>>,
+    writes: &[(u64, u16)],
+) {
+    use std::os::fd::AsRawFd;
+    loop {
+        let mut n = 0u64;
+        // SAFETY: an 8-byte read into a local from an eventfd we own.
+        if unsafe { libc::read(fd.as_raw_fd(), (&mut n as *mut u64).cast(), 8) } != 8 {
+            return;
+        }
+        let base = *at.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(base), Some(bus)) = (base, bus.get()) {
+            for (off, q) in writes {
+                bus.write(base + off, &q.to_le_bytes());
+            }
+        }
+    }
 }
 
 /// stdin feeds the console the guest uses: hvc0 when its command line says so (in the
@@ -219,6 +287,43 @@ fn stdin_target(
 mod tests {
     use super::*;
     use vm_memory::GuestAddress;
+
+    /// Records the writes that reach it as (offset, bytes).
+    #[derive(Default)]
+    struct Writes(Mutex<Vec<(u64, Vec<u8>)>>);
+    impl crate::bus::BusDevice for Writes {
+        fn read(&self, _: u64, _: &mut [u8]) {}
+        fn write(&self, off: u64, data: &[u8]) {
+            self.0.lock().unwrap().push((off, data.to_vec()));
+        }
+    }
+
+    /// An in-process device's caught notification comes back as the guest's writes would
+    /// have: each queue's index at its notify address, under BAR 0 where it is now.
+    #[test]
+    fn a_caught_notification_is_replayed_to_every_queue_at_bar_0() {
+        let dev = Arc::new(Writes::default());
+        let mut bus = Bus::default();
+        bus.add(layout::Region::new("bar", 0x1000_0000, 0x8000), dev.clone());
+        let cell: Arc<OnceLock<Arc<Bus>>> = Arc::default();
+        let _ = cell.set(Arc::new(bus));
+        let fd = crate::msiroute::new_eventfd().unwrap();
+        let ring = fd.try_clone().unwrap();
+        let at = Arc::new(Mutex::new(Some(0x1000_0000)));
+        let writes = vec![(0x3000, 0u16), (0x3004, 1)];
+        let (at2, cell2, w2) = (at.clone(), cell.clone(), writes.clone());
+        std::thread::spawn(move || replay_notifications(fd, &at2, &cell2, &w2));
+        crate::connect::tests_ring(&ring);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while dev.0.lock().unwrap().len() < 2 {
+            assert!(std::time::Instant::now() < deadline, "nothing replayed");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(
+            *dev.0.lock().unwrap(),
+            [(0x3000, vec![0, 0]), (0x3004, vec![1, 0])]
+        );
+    }
 
     /// Memslot moves as (slot, where).
     type Moves = Arc<Mutex<Vec<(u32, Option<u64>, bool)>>>;
@@ -277,7 +382,11 @@ mod tests {
         fn ioeventfds(&self) -> Box<dyn crate::msiroute::Ioeventfds> {
             Box::new(NoIrqfds)
         }
-        fn notifiers(&self, _: &Layout) -> Result<Arc<dyn QueueNotify>, crate::Error> {
+        fn notifiers(
+            &self,
+            _: &Layout,
+            _: layout::Placement,
+        ) -> Result<Arc<dyn QueueNotify>, crate::Error> {
             Ok(Arc::new(NoNotify))
         }
         fn memslot(&self, slot: u32, host: HostMemory) -> Box<dyn FnMut(Option<u64>) + Send> {
