@@ -122,9 +122,8 @@ pub fn qemu_files() -> Result<board::Files> {
     Ok(files)
 }
 
-/// The VMs of one test: (name in the board, what the table calls it).
-const VMMS: [(&str, &str); 3] = [
-    ("qemu", "QEMU/KVM"),
+/// splitvirt's placements in the I/O tests: (name in the board, what the table calls it).
+const PLACEMENTS: [(&str, &str); 2] = [
     ("svin", "splitvirt, devices in-process"),
     ("svbe", "splitvirt, devices in the backend"),
 ];
@@ -136,18 +135,20 @@ fn descriptions() -> board::Files {
             "[[device]]\nkind = \"virtio-blk\"\nimage = \"{image}\"\nplacement = \"{placement}\"\n"
         )
     };
-    let io = |placement: &str| {
+    let io = |image: &str, placement: &str| {
         format!(
             "{}[[device]]\nkind = \"virtio-net\"\nbackend = \"tap0\"\nplacement = \"{placement}\"\n\
              [[device]]\nkind = \"virtio-console\"\nplacement = \"{placement}\"\n",
-            blk("/tmp/io.raw", placement)
+            blk(image, placement)
         )
     };
     [
         ("bare", "device = []\n".to_owned()),
         ("disk", blk("/tmp/boot.raw", "backend")),
-        ("io-svin", io("in-process")),
-        ("io-svbe", io("backend")),
+        ("io-svin", io("/tmp/io.raw", "in-process")),
+        ("io-svbe", io("/tmp/io.raw", "backend")),
+        ("ioq-svin", io("/tmp/io.qcow2", "in-process")),
+        ("ioq-svbe", io("/tmp/io.qcow2", "backend")),
     ]
     .into_iter()
     .map(|(n, t)| (format!("guest/{n}.toml"), t.into_bytes()))
@@ -188,8 +189,18 @@ pub fn run() -> Result<()> {
         ("guest/io.cpio".to_owned(), std::fs::read(&io)?),
         ("guest/qemu-virt.dtb".to_owned(), qemu_dtb()?),
         ("stamp".to_owned(), guest::tool("stamp")?),
-        ("tun.ko".to_owned(), board::module("drivers/net/tun.ko")?),
+        ("guest/empty.qcow2".to_owned(), empty_qcow2()?),
     ]);
+    for m in [
+        "drivers/net/tun",
+        "drivers/net/tap",
+        "drivers/vhost/vhost_iotlb",
+        "drivers/vhost/vhost",
+        "drivers/vhost/vhost_net",
+    ] {
+        let name = m.rsplit('/').next().unwrap_or(m);
+        files.push((format!("{name}.ko"), board::module(&format!("{m}.ko"))?));
+    }
     files.extend(qemu_files()?);
     // Build the aarch64 splitvirt before the board's clock starts (run_as builds it too).
     cross::splitvirt()?;
@@ -225,14 +236,16 @@ pub fn run() -> Result<()> {
             "", "splitvirt rounds", "QEMU rounds", "splitvirt/QEMU", "median"
         )
     };
-    let compare = |test: &str, sv: &str, rows: &[(&str, &str)]| -> Result<()> {
+    let compare_with = |test: &str, sv: &str, qemu: &str, rows: &[(&str, &str)]| -> Result<()> {
         for (what, key) in rows {
-            let (a, b) = (rounds(test, sv, key)?, rounds(test, "qemu", key)?);
+            let (a, b) = (rounds(test, sv, key)?, rounds(test, qemu, key)?);
             let ratios: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x / y).collect();
             paired_row(what, width, &a, &b, ratios);
         }
         Ok(())
     };
+    let compare =
+        |test: &str, sv: &str, rows: &[(&str, &str)]| compare_with(test, sv, "qemu", rows);
     header("`quiet`, no PCI devices (splitvirt: huge-page RAM, hugetlb pool; QEMU: THP RAM)");
     compare(
         "quiet",
@@ -264,12 +277,22 @@ pub fn run() -> Result<()> {
         ("TCP MB/s", "tcp_mbps"),
         ("TCP RR µs", "tcp_rr_us"),
     ];
-    for (vmm, title) in &VMMS[1..] {
+    for (vmm, title) in PLACEMENTS {
         header(&format!(
             "I/O: raw virtio-blk, TAP virtio-net, virtio-console; {title} (QEMU: aio=threads, \
              cache=none, no vhost-net; {IO_MIB} MiB sequential, {IO_SECONDS} s random)"
         ));
         compare("io", vmm, &io_rows)?;
+    }
+    for (vmm, title) in PLACEMENTS {
+        header(&format!(
+            "TCP against QEMU with vhost-net (the same runs of {title})"
+        ));
+        compare_with("io", vmm, "qemuvh", &io_rows[4..])?;
+    }
+    for (vmm, title) in PLACEMENTS {
+        header(&format!("I/O: qcow2 virtio-blk; {title}"));
+        compare("ioq", vmm, &io_rows[..4])?;
     }
     let rss = rounds("quiet", "svbe", "vmm_rss_kib")?;
     println!(
@@ -277,6 +300,20 @@ pub fn run() -> Result<()> {
         median(rss)
     );
     Ok(())
+}
+
+/// An empty 256 MiB qcow2 image (each qcow2 run starts from a copy).
+fn empty_qcow2() -> Result<Vec<u8>> {
+    env::ensure_apt(&["qemu-utils"])?;
+    let path = root().join("target/board/empty.qcow2");
+    let _ = std::fs::remove_file(&path);
+    env::run(
+        cmd("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&path)
+            .arg("256M"),
+    )?;
+    Ok(std::fs::read(&path)?)
 }
 
 /// QEMU's version as it printed it in the board.
