@@ -1,4 +1,4 @@
-# One side of two cross-VM connectors, `chan` (64 KiB) and `bulk` (2 MiB), as ROLE says: ping
+# One side of two cross-VM connectors, `chan` (64 KiB) and `bulk` (2 MiB; 32 MiB in MODE=bench), as ROLE says: ping
 # (side a), pong (side b) or repong (side b again, in a VM started after the first pong was
 # killed). MODE=test checks, MODE=bench measures. Each loads the `connection` module; the UIO
 # devices are found by name.
@@ -25,10 +25,10 @@ ping)
 	/conntest loads event "$(uio_of chan)" 8
 	/conn ping chan "$ROUNDS" | values ping
 	if [ "$MODE" = bench ]; then
-		# 960 KiB chunks: two fill the 2 MiB dataport's bulk area, and each costs one event
-		# round trip (milliseconds here).
-		/conn memcpy 64 960 | values memcpy
-		/conn stream bulk 64 960 | values stream
+		# 15 MiB chunks: two fill the bench's 32 MiB dataport's bulk area, and each costs one
+		# event round trip (milliseconds here) against ~15 ms of copying.
+		/conn memcpy 128 15360 | values memcpy
+		/conn stream bulk 128 15360 | values stream
 	else
 		/conn stream bulk 16 | values stream
 	fi
