@@ -488,11 +488,17 @@ fn a_disk_served_by_the_backend_process_which_maps_only_the_pool() {
     // SAFETY: a signal to our own child.
     unsafe { libc::kill(remote.pid() as i32, libc::SIGKILL) };
     wait_until(5, || remote.proxy().is_dead());
-    assert!(events
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|e| matches!(e, rpc::Event::Dead(why) if why.contains("ended"))));
+    // The death is marked before its event reaches the handler (another thread): wait for the
+    // event itself, which only the proxy's death writes.
+    let said_dead = || {
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| matches!(e, rpc::Event::Dead(why) if why.contains("ended")))
+    };
+    wait_until(10, said_dead);
+    assert!(said_dead());
     let t = std::time::Instant::now();
     assert_eq!(vm.r(0x14, 1), 0, "a dead backend's device reads as reset");
     let mut id = [0u8; 4];
