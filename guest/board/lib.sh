@@ -47,3 +47,16 @@ backend_values() {
 	value backend_root_entries "$(ls -A "/proc/$pid/root/" 2>/dev/null | wc -l)"
 }
 
+# The board's side of a TAP network: every tap0 a VM's VMM makes (anew for each VM) gets
+# 10.0.2.1, and port 5000 takes one TCP connection after another, reading each to its end.
+tap_network() {
+	( while :; do
+		if [ -e /sys/class/net/tap0 ] && ! ip addr show dev tap0 | grep -q 10.0.2.1; then
+			ip addr add 10.0.2.1/24 dev tap0 && ip link set tap0 up
+		fi
+		sleep 0.5
+	  done ) &
+	printf '#!/bin/sh\ncat >/dev/null\n' >/tmp/sink.sh
+	chmod +x /tmp/sink.sh
+	nc -ll -p 5000 -e /tmp/sink.sh &
+}

@@ -11,16 +11,7 @@ for m in tap vhost_iotlb vhost vhost_net; do insmod "/$m.ko" || echo "no $m modu
 # splitvirt's pool on hugetlb pages, as the README recommends (QEMU's RAM, pool included, is
 # anonymous memory on transparent huge pages).
 echo 40 >/proc/sys/vm/nr_hugepages
-# Each VM's VMM makes tap0 anew: give every one the board's address.
-( while :; do
-	if [ -e /sys/class/net/tap0 ] && ! ip addr show dev tap0 | grep -q 10.0.2.1; then
-		ip addr add 10.0.2.1/24 dev tap0 && ip link set tap0 up
-	fi
-	sleep 0.5
-  done ) &
-printf '#!/bin/sh\ncat >/dev/null\n' >/tmp/sink.sh
-chmod +x /tmp/sink.sh
-nc -ll -p 5000 -e /tmp/sink.sh &
+tap_network
 nc -ll -p 5001 -e /bin/cat &
 truncate -s 64M /tmp/boot.raw
 

@@ -777,17 +777,29 @@ mod tests {
         }
     }
 
-    /// Records irqfd attach and detach calls as (gsi, attached).
+    /// Records irqfd (GSI) and ioeventfd (address) attach and detach calls as (what, attached).
     #[derive(Default, Clone)]
-    struct Fds(Arc<Mutex<Vec<(u32, bool)>>>);
-    impl crate::msiroute::Irqfds for Fds {
-        fn attach(&self, _: RawFd, gsi: u32) -> std::io::Result<()> {
-            self.0.lock().unwrap().push((gsi, true));
+    struct Calls(Arc<Mutex<Vec<(u64, bool)>>>);
+    impl Calls {
+        fn push(&self, what: u64, on: bool) -> std::io::Result<()> {
+            self.0.lock().unwrap().push((what, on));
             Ok(())
         }
+    }
+    impl crate::msiroute::Irqfds for Calls {
+        fn attach(&self, _: RawFd, gsi: u32) -> std::io::Result<()> {
+            self.push(gsi.into(), true)
+        }
         fn detach(&self, _: RawFd, gsi: u32) -> std::io::Result<()> {
-            self.0.lock().unwrap().push((gsi, false));
-            Ok(())
+            self.push(gsi.into(), false)
+        }
+    }
+    impl crate::msiroute::Ioeventfds for Calls {
+        fn attach(&self, _: RawFd, addr: u64) -> std::io::Result<()> {
+            self.push(addr, true)
+        }
+        fn detach(&self, _: RawFd, addr: u64) -> std::io::Result<()> {
+            self.push(addr, false)
         }
     }
 
@@ -806,7 +818,7 @@ mod tests {
         .layout;
         let (d, v2m) = (l.devices[0].clone(), l.v2m.clone().unwrap());
         assert_eq!(d.bars.len(), 3, "BAR 2 holds the MSI-X table");
-        let (fds, levels) = (Fds::default(), Arc::new(Levels::default()));
+        let (fds, levels) = (Calls::default(), Arc::new(Levels::default()));
         let hv = Hv {
             irqfds: Some(Box::new(fds.clone())),
             ioeventfds: None,
@@ -831,7 +843,7 @@ mod tests {
             c.bar_write(2, 8, &data.to_le_bytes());
             c.bar_write(2, 12, &0u32.to_le_bytes());
             c.config_write(cap + 2, &0x8000u16.to_le_bytes());
-            let attached: Vec<u32> = fds
+            let attached: Vec<u64> = fds
                 .0
                 .lock()
                 .unwrap()
@@ -839,7 +851,11 @@ mod tests {
                 .filter(|(_, on)| *on)
                 .map(|(g, _)| *g)
                 .collect();
-            assert_eq!(attached.last().copied(), gsi, "message {addr:#x}/{data}");
+            assert_eq!(
+                attached.last().copied(),
+                gsi.map(u64::from),
+                "message {addr:#x}/{data}"
+            );
         }
         let before = levels.0.lock().unwrap().len();
         events.arrive();
@@ -879,25 +895,11 @@ mod tests {
         assert!(ring(r.doorbell.as_raw_fd()) && ring(r.ring.as_raw_fd()));
     }
 
-    /// Records ioeventfd attach and detach calls as (address, attached).
-    #[derive(Default, Clone)]
-    struct Catches(Arc<Mutex<Vec<(u64, bool)>>>);
-    impl crate::msiroute::Ioeventfds for Catches {
-        fn attach(&self, _: RawFd, addr: u64) -> std::io::Result<()> {
-            self.0.lock().unwrap().push((addr, true));
-            Ok(())
-        }
-        fn detach(&self, _: RawFd, addr: u64) -> std::io::Result<()> {
-            self.0.lock().unwrap().push((addr, false));
-            Ok(())
-        }
-    }
-
     /// The ring is the hypervisor's while there is a peer and BAR 0 decodes: caught at
     /// BAR 0 + REG_RING, moved with BAR 0, released when the peer goes.
     #[test]
     fn the_ring_follows_bar_0_and_the_peer() {
-        let catches = Catches::default();
+        let catches = Calls::default();
         let ring = Ring {
             hv: Some(Box::new(catches.clone())),
             at: Mutex::default(),
