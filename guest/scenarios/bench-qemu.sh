@@ -26,8 +26,12 @@ qemu() { # qemu CMDLINE INITRD [QEMU ARGS...]
 		-dtb /guest/qemu-virt.dtb -append "$c" "$@" </dev/null
 }
 sv() { # sv CONFIG CMDLINE INITRD
+	# A VM that has not ended in 10 minutes hangs: say where each splitvirt thread waits, end it.
+	( sleep 600; hang_report "$1"; pkill -9 -f 'splitvirt run' ) &
+	watchdog=$!
 	/stamp '@@ INIT started' /splitvirt run --stats --config "/guest/$1.toml" --kernel /guest/Image \
 		--initrd "$3" --cmdline "$2" </dev/null
+	kill "$watchdog" 2>/dev/null
 }
 blk() { echo "-drive file=$1,format=$2,if=none,id=d0,aio=threads,cache=none -device virtio-blk-pci,drive=d0,addr=1.0,$modern"; }
 # Every I/O run starts from an empty disk: no run finds blocks or clusters an earlier one
