@@ -21,8 +21,9 @@
 
 use connector::{Connector, Dataport, Interrupt, Peer};
 use hostio::endpoint::{EndpointError, Link, Offer};
-use layout::layout::{V2m, SPI_BASE_INTID};
+use layout::layout::V2m;
 use pci::msix::Message;
+use rpc::shm::Doorbell;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
@@ -223,8 +224,8 @@ impl connector::PageMemory for FileDataport {
 /// for events and for rings.
 struct Remote {
     page: FileDataport,
-    doorbell: OwnedFd,
-    ring: OwnedFd,
+    doorbell: Doorbell,
+    ring: Doorbell,
 }
 
 /// A descriptor's kind as the kernel names it (`anon_inode:[eventfd]`, say).
@@ -263,8 +264,8 @@ impl Remote {
             .map_err(|e| e.to_string())?;
         Ok(Remote {
             page,
-            doorbell,
-            ring,
+            doorbell: Doorbell::from_fd(doorbell),
+            ring: Doorbell::from_fd(ring),
         })
     }
 }
@@ -298,6 +299,15 @@ impl Ring {
         self.sync(&mut a);
     }
 
+    /// The peer of the moment, if there is one.
+    fn remote(&self) -> Option<Arc<Remote>> {
+        self.at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remote
+            .clone()
+    }
+
     fn sync(&self, a: &mut RingAt) {
         let Some(hv) = &self.hv else { return };
         let want = a
@@ -313,12 +323,12 @@ impl Ring {
             return;
         }
         if let Some((addr, r)) = a.attached.take() {
-            if let Err(e) = hv.detach(r.ring.as_raw_fd(), addr) {
+            if let Err(e) = hv.detach(r.ring.fd().as_raw_fd(), addr) {
                 ratelog::warn!("cannot take a connector's ring from the hypervisor: {e}");
             }
         }
         if let Some((addr, r)) = want {
-            match hv.attach(r.ring.as_raw_fd(), addr) {
+            match hv.attach(r.ring.fd().as_raw_fd(), addr) {
                 Ok(()) => a.attached = Some((addr, r)),
                 // Not fatal: the write then exits, and LinkPeer::ring rings it.
                 Err(e) => ratelog::warn!("the hypervisor will not catch a connector's ring: {e}"),
@@ -327,52 +337,29 @@ impl Ring {
     }
 }
 
-/// `ring` for other modules' tests.
-#[cfg(test)]
-pub(crate) fn tests_ring(fd: &OwnedFd) -> bool {
-    ring(fd.as_raw_fd())
-}
-
-/// Writes 1 to an eventfd (a doorbell): false if it could not (a full counter: the other side
-/// has a wake-up waiting anyway).
-fn ring(fd: RawFd) -> bool {
-    let one = 1u64;
-    // SAFETY: an 8-byte write from a local to a descriptor we hold.
-    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) == 8 }
-}
-
 /// Events to the peer: counted in its page and rung at its doorbell, on the emitting vCPU.
 /// Without a peer they are dropped, and the log says so.
 struct LinkPeer {
-    remote: Arc<Mutex<Option<Arc<Remote>>>>,
+    /// Where the peer is (its ring's state holds the peer of the moment).
+    ring: Arc<Ring>,
     name: String,
     dropped: AtomicU64,
 }
 
-impl LinkPeer {
-    fn remote(&self) -> Option<Arc<Remote>> {
-        self.remote
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-}
-
 impl Peer for LinkPeer {
     fn emit(&self) {
-        if let Some(r) = self.remote() {
-            connector::count_event(connector::PageMemory::count(&r.page));
-            ring(r.doorbell.as_raw_fd());
-            return;
+        match self.ring.remote() {
+            Some(r) => {
+                connector::count_event(connector::PageMemory::count(&r.page));
+                r.doorbell.ring();
+            }
+            None => self.drop_one(),
         }
-        self.drop_one();
     }
 
     fn ring(&self) {
-        match self.remote() {
-            Some(r) => {
-                ring(r.ring.as_raw_fd());
-            }
+        match self.ring.remote() {
+            Some(r) => r.ring.ring(),
             None => self.drop_one(),
         }
     }
@@ -395,10 +382,10 @@ impl LinkPeer {
 /// doorbell, which the hypervisor turns into the interrupt the guest programmed (an irqfd)
 /// while the vector is routed into the GICv2m frame. While no irqfd carries the doorbell, the
 /// doorbell's thread (`watch`) delivers what rings it.
-struct Doorbell {
-    fd: OwnedFd,
+struct Irq {
+    doorbell: Doorbell,
     /// The peer's rings: counted here unless the vector is routed.
-    ring_fd: OwnedFd,
+    rings: Doorbell,
     signal: Arc<dyn virtio::transport::Signal>,
     irqfds: Option<Box<dyn crate::msiroute::Irqfds>>,
     frame: Option<V2m>,
@@ -407,24 +394,24 @@ struct Doorbell {
     /// Whether the thread must watch the doorbell (no irqfd carries it).
     watched: AtomicBool,
     /// Rung when `watched` changes, to wake the thread.
-    ctl: OwnedFd,
+    ctl: Doorbell,
 }
 
-impl Doorbell {
+impl Irq {
     fn new(
         signal: Arc<dyn virtio::transport::Signal>,
         irqfds: Option<Box<dyn crate::msiroute::Irqfds>>,
         frame: Option<V2m>,
-    ) -> std::io::Result<Doorbell> {
-        Ok(Doorbell {
-            fd: crate::msiroute::new_eventfd()?,
-            ring_fd: crate::msiroute::new_eventfd()?,
+    ) -> std::io::Result<Irq> {
+        Ok(Irq {
+            doorbell: Doorbell::new()?,
+            rings: Doorbell::new()?,
             signal,
             irqfds,
             frame,
             routed: Mutex::new((None, None)),
             watched: AtomicBool::new(true),
-            ctl: crate::msiroute::new_eventfd()?,
+            ctl: Doorbell::new()?,
         })
     }
 
@@ -435,17 +422,17 @@ impl Doorbell {
             let watched = self.watched.load(Ordering::Acquire);
             let mut p = [
                 libc::pollfd {
-                    fd: self.ctl.as_raw_fd(),
+                    fd: self.ctl.fd().as_raw_fd(),
                     events: libc::POLLIN,
                     revents: 0,
                 },
                 libc::pollfd {
-                    fd: self.fd.as_raw_fd(),
+                    fd: self.doorbell.fd().as_raw_fd(),
                     events: libc::POLLIN,
                     revents: 0,
                 },
                 libc::pollfd {
-                    fd: self.ring_fd.as_raw_fd(),
+                    fd: self.rings.fd().as_raw_fd(),
                     events: libc::POLLIN,
                     revents: 0,
                 },
@@ -461,7 +448,7 @@ impl Doorbell {
                     let mut v = 0u64;
                     // SAFETY: an 8-byte read into a local from an eventfd we hold.
                     unsafe { libc::read(q.fd, (&mut v as *mut u64).cast(), 8) };
-                    if q.fd == self.ring_fd.as_raw_fd() {
+                    if q.fd == self.rings.fd().as_raw_fd() {
                         rings = v;
                     }
                 }
@@ -478,54 +465,33 @@ impl Doorbell {
     }
 }
 
-impl Interrupt for Doorbell {
+impl Interrupt for Irq {
     fn set_level(&self, high: bool) {
         self.signal.intx(high);
     }
 
     fn route(&self, msi: Option<Message>) {
-        let want = msi.and_then(|(addr, data)| {
-            crate::devices::msi_to_frame(self.frame.as_ref(), addr, data)
-                .then(|| data - SPI_BASE_INTID)
-        });
+        let want = msi.and_then(|m| crate::msiroute::gsi_of(self.frame.as_ref(), m));
         let mut r = self.routed.lock().unwrap_or_else(|e| e.into_inner());
         r.0 = msi;
         if let Some(hv) = &self.irqfds {
-            if r.1 != want {
-                let fds = [self.fd.as_raw_fd(), self.ring_fd.as_raw_fd()];
-                if let Some(old) = r.1.take() {
-                    for fd in fds {
-                        if let Err(e) = hv.detach(fd, old) {
-                            ratelog::warn!("cannot unroute a connector's MSI-X vector: {e}");
-                        }
-                    }
-                }
-                if let Some(gsi) = want {
-                    match fds.iter().try_for_each(|&fd| hv.attach(fd, gsi)) {
-                        Ok(()) => r.1 = Some(gsi),
-                        Err(e) => {
-                            for fd in fds {
-                                let _ = hv.detach(fd, gsi);
-                            }
-                            ratelog::warn!(
-                                "cannot route a connector's MSI-X vector to SPI {}: {e}",
-                                gsi + SPI_BASE_INTID
-                            )
-                        }
-                    }
-                }
-            }
+            let fds = [self.doorbell.fd().as_raw_fd(), self.rings.fd().as_raw_fd()];
+            r.1 = crate::msiroute::reroute(
+                &**hv,
+                &fds,
+                r.1,
+                want,
+                format_args!("a connector's MSI-X vector"),
+            );
         }
         self.watched.store(r.1.is_none(), Ordering::Release);
-        ring(self.ctl.as_raw_fd());
+        self.ctl.ring();
     }
 
     fn fire(&self) {
         let r = *self.routed.lock().unwrap_or_else(|e| e.into_inner());
         match r {
-            (_, Some(_)) => {
-                ring(self.fd.as_raw_fd());
-            }
+            (_, Some(_)) => self.doorbell.ring(),
             (Some(msg), None) => self.signal.msi(msg),
             (None, None) => {}
         }
@@ -584,14 +550,13 @@ pub fn build(
         dataport: d.bars.get(1).map_or(0, |b| b.base),
         msix: d.bars.get(2).map(|b| b.base),
     };
-    let doorbell =
-        Arc::new(
-            Doorbell::new(signal, hv.irqfds, frame).map_err(|e| EndpointError {
-                what: "connector doorbell",
-                path: "eventfd".into(),
-                why: e.to_string(),
-            })?,
-        );
+    let irq = Arc::new(
+        Irq::new(signal, hv.irqfds, frame).map_err(|e| EndpointError {
+            what: "connector doorbell",
+            path: "eventfd".into(),
+            why: e.to_string(),
+        })?,
+    );
     let (port, link) = match peer {
         None => (FileDataport::anonymous(dataport_size)?, None),
         Some(path) => {
@@ -624,9 +589,8 @@ pub fn build(
             read_only: false,
         },
     };
-    let remote: Arc<Mutex<Option<Arc<Remote>>>> = Arc::default();
     let p = Arc::new(LinkPeer {
-        remote: remote.clone(),
+        ring: ring_hv.clone(),
         name: name.to_owned(),
         dropped: AtomicU64::new(0),
     });
@@ -634,7 +598,7 @@ pub fn build(
         name,
         bars,
         d.intx_pin as u8,
-        doorbell.clone(),
+        irq.clone(),
         p,
         Arc::new(port),
         page,
@@ -650,18 +614,16 @@ pub fn build(
                     why: e.to_string(),
                 })
             };
-            let ours = vec![page_fd, dup(&doorbell.fd)?, dup(&doorbell.ring_fd)?];
+            let ours = vec![page_fd, dup(irq.doorbell.fd())?, dup(irq.rings.fd())?];
             let on_peer = Box::new(move |fds: Option<Vec<OwnedFd>>| {
-                let taken = fds.map(Remote::take).transpose()?.map(Arc::new);
-                *remote.lock().unwrap_or_else(|e| e.into_inner()) = taken.clone();
-                ring_hv.peer(taken);
+                ring_hv.peer(fds.map(Remote::take).transpose()?.map(Arc::new));
                 Ok(())
             });
             let link = link.offering(Offer { fds: ours, on_peer });
             let start: crate::devices::Starter = Box::new(move || {
                 // Events arrive through the page and the doorbell; the link carries none.
                 link.serve(Box::new(|_packet: &[u8]| {}));
-                std::thread::spawn(move || doorbell.watch(events));
+                std::thread::spawn(move || irq.watch(events));
             });
             Some(start)
         }
@@ -672,6 +634,7 @@ pub fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use layout::layout::SPI_BASE_INTID;
     use pci::PciFunction;
     use std::sync::Mutex;
     use std::time::{Duration, Instant};
@@ -892,7 +855,10 @@ mod tests {
         }
         let r = Remote::take(vec![sealed(), bell(), bell()]).unwrap();
         connector::count_event(connector::PageMemory::count(&r.page));
-        assert!(ring(r.doorbell.as_raw_fd()) && ring(r.ring.as_raw_fd()));
+        for bell in [&r.doorbell, &r.ring] {
+            bell.ring();
+            assert!(bell.wait(Some(Duration::ZERO)), "rung");
+        }
     }
 
     /// The ring is the hypervisor's while there is a peer and BAR 0 decodes: caught at

@@ -81,9 +81,9 @@ fn owned(e: vmm_sys_util::eventfd::EventFd) -> std::os::fd::OwnedFd {
 }
 
 /// Queue notifications of virtio devices, caught by KVM (ioeventfd) and signalled straight to
-/// whoever serves them (the backend, or a thread of splitvirt's): one eventfd per device, attached at each queue's notify
-/// address (a 16-bit write of the queue index, as Linux's virtio-pci writes it) wherever the
-/// guest puts BAR 0. Any other write there still exits to splitvirt and travels as a message.
+/// whoever serves them (the backend, or a thread of splitvirt's): one eventfd per device,
+/// attached at each queue's notify address (a 16-bit write of the queue index, as Linux's
+/// virtio-pci writes it) wherever the guest puts BAR 0. Any other write there still exits to splitvirt and travels as a message.
 /// When the backend dies they are detached, so that notifications reach the reaper again, and
 /// a restarted backend gets them back.
 struct Notifiers {

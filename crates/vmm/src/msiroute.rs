@@ -41,6 +41,44 @@ pub struct MsiRoutes {
     vectors: Mutex<HashMap<(u8, u16), Vector>>,
 }
 
+/// The GSI (SPI index) an MSI `message` raises: an SPI of `frame`, or none.
+pub(crate) fn gsi_of(frame: Option<&V2m>, (addr, data): Message) -> Option<u32> {
+    crate::devices::msi_to_frame(frame, addr, data).then(|| data - SPI_BASE_INTID)
+}
+
+/// Moves the irqfds `fds` (one interrupt's) from GSI `from` to `to` (None: nowhere) and
+/// returns where they are bound now: all of them or, if one cannot be bound, none. `what`
+/// names the interrupt in the log.
+pub(crate) fn reroute(
+    hv: &dyn Irqfds,
+    fds: &[RawFd],
+    from: Option<u32>,
+    to: Option<u32>,
+    what: std::fmt::Arguments<'_>,
+) -> Option<u32> {
+    if from == to {
+        return from;
+    }
+    if let Some(old) = from {
+        for &fd in fds {
+            if let Err(e) = hv.detach(fd, old) {
+                ratelog::warn!("cannot unroute {what}: {e}");
+            }
+        }
+    }
+    let gsi = to?;
+    match fds.iter().try_for_each(|&fd| hv.attach(fd, gsi)) {
+        Ok(()) => Some(gsi),
+        Err(e) => {
+            for &fd in fds {
+                let _ = hv.detach(fd, gsi);
+            }
+            ratelog::warn!("cannot route {what} to SPI {}: {e}", gsi + SPI_BASE_INTID);
+            None
+        }
+    }
+}
+
 pub(crate) fn new_eventfd() -> io::Result<OwnedFd> {
     // SAFETY: eventfd returns a new descriptor or -1.
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
@@ -97,29 +135,19 @@ impl MsiRoutes {
 
     /// The guest programmed device `dev`'s vector `vector` with `message`: its eventfd now
     /// raises that SPI, or nothing if the message is not an SPI of the frame.
-    pub fn program(&self, dev: u8, vector: u16, (addr, data): Message) {
-        let want = crate::devices::msi_to_frame(Some(&self.frame), addr, data)
-            .then(|| data - SPI_BASE_INTID);
+    pub fn program(&self, dev: u8, vector: u16, message: Message) {
+        let want = gsi_of(Some(&self.frame), message);
         let mut v = self.lock();
         let Some(entry) = v.get_mut(&(dev, vector)) else {
             return;
         };
-        if entry.gsi == want {
-            return;
-        }
-        if let Some(old) = entry.gsi.take() {
-            if let Err(e) = self.hv.detach(entry.fd.as_raw_fd(), old) {
-                ratelog::warn!("cannot unroute device {dev}'s MSI-X vector {vector}: {e}");
-            }
-        }
-        if let Some(gsi) = want {
-            match self.hv.attach(entry.fd.as_raw_fd(), gsi) {
-                Ok(()) => entry.gsi = Some(gsi),
-                Err(e) => ratelog::warn!(
-                    "cannot route device {dev}'s MSI-X vector {vector} to SPI {data}: {e}"
-                ),
-            }
-        }
+        entry.gsi = reroute(
+            &*self.hv,
+            &[entry.fd.as_raw_fd()],
+            entry.gsi,
+            want,
+            format_args!("device {dev}'s MSI-X vector {vector}"),
+        );
     }
 
     /// Where device `dev`'s vector `vector` goes now (GSI), for tests and the demo.
