@@ -38,7 +38,7 @@ blk() { echo "-drive file=$1,format=$2,if=none,id=d0,aio=threads,cache=none -dev
 # allocated.
 fresh() { rm -f /tmp/io.raw /tmp/io.qcow2; truncate -s 256M /tmp/io.raw; cp /guest/empty.qcow2 /tmp/io.qcow2; }
 qemu_io() { # qemu_io IMAGE FORMAT VHOST
-	qemu "$quiet MODE=full" /guest/io.cpio $(blk "$1" "$2") \
+	qemu "$quiet MODE=full" /guest/initrd.cpio $(blk "$1" "$2") \
 		-netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=$3 \
 		-device virtio-net-pci,netdev=n0,addr=2.0,romfile=,$modern \
 		-device virtio-serial-pci,addr=3.0,$modern -chardev null,id=vc0 -device virtconsole,chardev=vc0
@@ -51,9 +51,9 @@ one() { # one TEST VMM
 	verbose-sv*) sv disk "$verbose" /guest/boot.cpio ;;
 	io-qemu) fresh; qemu_io /tmp/io.raw raw off ;;
 	io-qemuvh) fresh; qemu_io /tmp/io.raw raw on ;;
-	io-sv*) fresh; sv "io-$2" "$quiet MODE=full" /guest/io.cpio ;;
+	io-sv*) fresh; sv "io-$2" "$quiet MODE=full" /guest/initrd.cpio ;;
 	ioq-qemu) fresh; qemu_io /tmp/io.qcow2 qcow2 off ;;
-	ioq-sv*) fresh; sv "ioq-$2" "$quiet MODE=full" /guest/io.cpio ;;
+	ioq-sv*) fresh; sv "ioq-$2" "$quiet MODE=full" /guest/initrd.cpio ;;
 	esac
 }
 i=0

@@ -163,7 +163,7 @@ pub(crate) const IO_SECONDS: &str = "10";
 
 /// What every I/O benchmark VM boots: the driver kernel, the iobench initramfs, and the TAP
 /// module for the board.
-fn io_files() -> Result<board::Files> {
+pub(crate) fn io_files() -> Result<board::Files> {
     let k = kernel::build(kernel::Role::Driver)?;
     let dir = root().join("target/board");
     std::fs::create_dir_all(&dir)?;

@@ -6,7 +6,7 @@
 
 use crate::bench::{median, paired_row, IO_MIB, IO_SECONDS};
 use crate::env::{self, cmd, root};
-use crate::{board, cross, guest, kernel};
+use crate::{board, cross, guest};
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::{BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -171,28 +171,20 @@ fn qemu_dtb() -> Result<Vec<u8>> {
 }
 
 pub fn run() -> Result<()> {
-    let k = kernel::build(kernel::Role::Driver)?;
     let dir = root().join("target/board");
     std::fs::create_dir_all(&dir)?;
-    let (boot, io) = (dir.join("vs-boot.cpio"), dir.join("vs-io.cpio"));
+    let boot = dir.join("vs-boot.cpio");
     guest::initramfs("boot-times", &[], &boot)?;
-    guest::initramfs_with(
-        "bench-io-guest",
-        &[("IOB_MIB", IO_MIB), ("IOB_SECONDS", IO_SECONDS)],
-        &[("iobench", guest::tool("iobench")?)],
-        &io,
-    )?;
-    let mut files = descriptions();
+    // The I/O VMs' kernel, iobench initramfs (guest/initrd.cpio) and TAP module: bench io's.
+    let mut files = crate::bench::io_files()?;
+    files.extend(descriptions());
     files.extend([
-        ("guest/Image".to_owned(), std::fs::read(&k.image)?),
         ("guest/boot.cpio".to_owned(), std::fs::read(&boot)?),
-        ("guest/io.cpio".to_owned(), std::fs::read(&io)?),
         ("guest/qemu-virt.dtb".to_owned(), qemu_dtb()?),
         ("stamp".to_owned(), guest::tool("stamp")?),
         ("guest/empty.qcow2".to_owned(), empty_qcow2()?),
     ]);
     for m in [
-        "drivers/net/tun",
         "drivers/net/tap",
         "drivers/vhost/vhost_iotlb",
         "drivers/vhost/vhost",
