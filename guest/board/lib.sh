@@ -11,6 +11,9 @@ hang_report() {
 		case "$(tr '\0' ' ' <"${t%/task/*}/cmdline" 2>/dev/null)" in *splitvirt*) ;; *) continue ;; esac
 		p=${t#/proc/}; p=${p%%/*}
 		echo "@@ HANG $p ${t##*/} $(cat "$t/comm" 2>/dev/null) $(awk '/^State:/ {print $2}' "$t/status" 2>/dev/null) $(cat "$t/wchan" 2>/dev/null)"
+		# The call it waits in (number and arguments) and its kernel stack.
+		echo "@@ HANG   syscall $(cat "$t/syscall" 2>/dev/null)"
+		sed 's/^/@@ HANG   /' "$t/stack" 2>/dev/null | head -12
 	done
 }
 # The process that serves a VM's backend devices: a "splitvirt backend" in a PID namespace of

@@ -10,6 +10,7 @@ mount -t tmpfs -o huge=within_size tmpfs /tmp
 if [ "$MODE" = bench ]; then
 	chmod +x /roundtrip
 	value eventfd_floor_us "$(/roundtrip only eventfd 2000 | awk '{print $3}')"
+	value spin_floor_us "$(/roundtrip only spin 2000 | awk '{print $3}')"
 fi
 vm() { # ROLE PREFIX
 	( /splitvirt --log-file "/tmp/$2-sv.log" run --config /guest/conn.toml --kernel /guest/Image --initrd /guest/conn.cpio \

@@ -25,6 +25,8 @@ ping)
 	/conntest loads event "$(uio_of chan)" 8
 	/conn ping chan "$ROUNDS" | values ping
 	if [ "$MODE" = bench ]; then
+		# Again with both sides sleeping at once (no polling): every message an interrupt.
+		CONN_SPIN_US=0 /conn ping chan "$ROUNDS" | values sleeping
 		# 15 MiB chunks: two fill the bench's 32 MiB dataport's bulk area, and each costs one
 		# event round trip (milliseconds here) against ~15 ms of copying.
 		/conn memcpy 128 15360 | values memcpy
@@ -46,6 +48,7 @@ pong)
 	/conntest recv bulk -512
 	/conntest send bulk -256 plain-from-b
 	/conn pong chan | values pong
+	[ "$MODE" = bench ] && CONN_SPIN_US=0 /conn pong chan | values sleeping
 	/conn sink bulk | values sink
 	base=$(/conntest events bulk | sed 's/.* //')
 	/conn send chan b storm-ready

@@ -219,18 +219,27 @@ pub fn bench() -> Result<()> {
     println!("cross-VM connector, two 1-vCPU guests on KVM in the board (nested, TCG)");
     println!("| measure | value |");
     println!("|---|---|");
-    println!(
-        "| event round trip (A emits, B wakes, B emits, A wakes; 2000 rounds), median | {} us |",
-        v(&a, "ping_rtt_median_us")?
-    );
-    println!(
-        "| event round trip, p99 | {} us |",
-        v(&a, "ping_rtt_p99_us")?
-    );
     let floor = mibs(&r.outer(), "eventfd_floor_us")?;
+    let spin_floor = mibs(&r.outer(), "spin_floor_us")?;
+    let rtt = mibs(&a, "ping_rtt_median_us")?;
+    let sleeping = mibs(&a, "sleeping_rtt_median_us")?;
     println!(
-        "| eventfd ping-pong between two processes of the board (floor), median | {floor:.0} us (round trip {:.2}x it) |",
-        mibs(&a, "ping_rtt_median_us")? / floor
+        "| message round trip (A sends, B answers, A has it; 2000 rounds), receivers polling {} us first (the library's default), median | {rtt:.0} us ({:.2}x the eventfd floor, {:.0}x the spin floor) |",
+        v(&a, "ping_spin_us")?,
+        rtt / floor,
+        rtt / spin_floor,
+    );
+    println!("| the same, p99 | {} us |", v(&a, "ping_rtt_p99_us")?);
+    println!(
+        "| message round trip, receivers sleeping at once (each message an interrupt in the peer VM: the event round trip), median | {sleeping:.0} us (**{:.2}x** the eventfd floor) |",
+        sleeping / floor
+    );
+    println!("| the same, p99 | {} us |", v(&a, "sleeping_rtt_p99_us")?);
+    println!(
+        "| eventfd ping-pong between two processes of the board (floor), median | {floor:.0} us |"
+    );
+    println!(
+        "| shared-memory spin ping-pong between two processes of the board (floor), median | {spin_floor:.1} us |"
     );
     println!(
         "| one emit on the emitting vCPU (a trapped write; {STORM} back to back, B counted {}) | {} us |",

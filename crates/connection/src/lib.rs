@@ -11,6 +11,14 @@
 //! rest of the dataport is the bulk area, which programs use as they agree (`exchange` streams
 //! through it).
 //!
+//! Waking the peer costs an interrupt in its VM (and a scheduler wake-up of the waiting
+//! program), far more than a look at shared memory. So a receiver first polls its ring for a
+//! bounded time (`set_spin`, [`DEFAULT_SPIN`]) and only then says in the ring's header that it
+//! sleeps (`waiting`, written by the consumer beside `taken`) and waits for an event; a sender
+//! rings only a peer that says it sleeps. Both sides fence between their store and their look
+//! at the other's, so one of them always sees the other: no message waits for a ring that
+//! nobody sent. A peer that lies about sleeping only delays or floods itself.
+//!
 //! The channel's position lives in the dataport, not in the process: opening a connection
 //! resumes where the last user of that side left off, so a restarted program or a rebooted peer
 //! VM (the dataport outlives it) carries on. A message taken by a consumer that died before it
@@ -29,6 +37,13 @@ const REG_EMIT: usize = 0x0;
 const REG_RING: usize = 0x10;
 const SLOT: usize = 256;
 const HEADER: usize = 128;
+/// In a ring's header: `sent` (its producer's), `taken` and `waiting` (its consumer's).
+const SENT: usize = 0;
+const TAKEN: usize = 64;
+const WAITING: usize = 72;
+/// How long `recv` polls before it sleeps: the median wake-up through an interrupt in the
+/// board is hundreds of microseconds, a look at the ring well under one.
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 /// Bytes of the dataport the two rings take (less when the dataport is smaller).
 pub const RINGS: usize = 64 << 10;
 /// Bytes a message may carry (a slot less its sequence number and length).
@@ -122,6 +137,7 @@ pub struct Connection {
     side: Side,
     next_send: u64,
     next_recv: u64,
+    spin: Duration,
 }
 
 fn page_size() -> usize {
@@ -190,6 +206,7 @@ impl Connection {
             side,
             next_send: 1,
             next_recv: 1,
+            spin: DEFAULT_SPIN,
         };
         c.resume();
         Ok(c)
@@ -202,7 +219,7 @@ impl Connection {
         let (base, slots) = self.half(self.side);
         let mut next = self
             .dataport
-            .u64_at(base)
+            .u64_at(base + SENT)
             .load(Ordering::Acquire)
             .wrapping_add(1);
         if self
@@ -217,9 +234,19 @@ impl Connection {
         let (base, _) = self.half(self.side.other());
         self.next_recv = self
             .dataport
-            .u64_at(base + 64)
+            .u64_at(base + TAKEN)
             .load(Ordering::Acquire)
             .wrapping_add(1);
+    }
+
+    /// How long `recv` polls the ring before it sleeps until an event (zero: it always
+    /// sleeps at once).
+    pub fn set_spin(&mut self, spin: Duration) {
+        self.spin = spin;
+    }
+
+    pub fn spin(&self) -> Duration {
+        self.spin
     }
 
     fn slot(&self, base: usize, slots: usize, seq: u64) -> usize {
@@ -313,7 +340,7 @@ impl Connection {
         let seq = self.next_send;
         let deadline = Instant::now() + timeout;
         // The peer writes `taken`: a value ahead of `seq` is nonsense, never an underflow.
-        while seq.saturating_sub(self.dataport.u64_at(base + 64).load(Ordering::Acquire))
+        while seq.saturating_sub(self.dataport.u64_at(base + TAKEN).load(Ordering::Acquire))
             > slots as u64
         {
             if Instant::now() >= deadline {
@@ -331,9 +358,16 @@ impl Connection {
             .u64_at(slot + 8)
             .store(msg.len() as u64, Ordering::Relaxed);
         self.dataport.u64_at(slot).store(seq, Ordering::Release);
-        self.dataport.u64_at(base).store(seq, Ordering::Release);
+        self.dataport
+            .u64_at(base + SENT)
+            .store(seq, Ordering::Release);
         self.next_send = self.next_send.wrapping_add(1);
-        self.ring();
+        // Pairs with the fence in `recv`: either the peer sees this message after saying it
+        // sleeps, or we see that it sleeps.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.dataport.u64_at(base + WAITING).load(Ordering::Relaxed) != 0 {
+            self.ring();
+        }
         Ok(())
     }
 
@@ -342,15 +376,34 @@ impl Connection {
         let (base, slots) = self.half(self.side.other());
         let seq = self.next_recv;
         let slot = self.slot(base, slots, seq);
-        let deadline = Instant::now() + timeout;
-        while self.dataport.u64_at(slot).load(Ordering::Acquire) != seq {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let spin_until = start + self.spin.min(timeout);
+        let ready = |c: &Self| c.dataport.u64_at(slot).load(Ordering::Acquire) == seq;
+        let waiting = |c: &Self, v| {
+            c.dataport
+                .u64_at(base + WAITING)
+                .store(v, Ordering::Relaxed)
+        };
+        while !ready(self) {
+            let now = Instant::now();
+            if now < spin_until {
+                std::hint::spin_loop();
+                continue;
+            }
+            if now >= deadline {
+                waiting(self, 0);
                 return Ok(None);
             }
+            waiting(self, 1);
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if ready(self) {
+                break;
+            }
             // Re-check at least every 10 ms: an event may have come before we looked.
-            self.wait(left.min(Duration::from_millis(10)))?;
+            self.wait((deadline - now).min(Duration::from_millis(10)))?;
         }
+        waiting(self, 0);
         let len =
             (self.dataport.u64_at(slot + 8).load(Ordering::Relaxed) as usize).min(MAX_MESSAGE);
         let mut out = vec![0u8; len];
@@ -359,7 +412,7 @@ impl Connection {
             std::ptr::copy_nonoverlapping(self.dataport.ptr.add(slot + 16), out.as_mut_ptr(), len)
         };
         self.dataport
-            .u64_at(base + 64)
+            .u64_at(base + TAKEN)
             .store(seq, Ordering::Release);
         self.next_recv = self.next_recv.wrapping_add(1);
         Ok(Some(out))
@@ -456,10 +509,53 @@ mod tests {
             wa.write_all(&(i + 1).to_le_bytes()).unwrap();
             assert_eq!(a.recv(Duration::from_secs(1)).unwrap(), Some(reply));
         }
-        // Both sides rang (the hypervisor's to catch), and counted no event.
+        // Each message was there before its receiver looked: neither side slept, so neither
+        // rang, and no event was counted.
         let bytes = std::fs::read(&dev).unwrap();
-        assert_eq!(&bytes[REG_RING..REG_RING + 4], &1u32.to_le_bytes());
+        assert_eq!(&bytes[REG_RING..REG_RING + 4], &[0; 4]);
         assert_eq!(&bytes[REG_EMIT..REG_EMIT + 4], &[0; 4]);
+    }
+
+    #[test]
+    fn a_sleeping_receiver_is_rung_and_a_polling_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = fake(dir.path(), "chan", 0x4000);
+        let f = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&dev)
+                .unwrap()
+        };
+        let (rb, mut wb) = pipe();
+        let mut a = Connection::from_parts(f(), pipe().0, 0x1000, 0x4000, Side::A).unwrap();
+        let mut b = Connection::from_parts(f(), rb, 0x1000, 0x4000, Side::B).unwrap();
+        b.set_spin(Duration::ZERO);
+        let receiver = std::thread::spawn(move || b.recv(Duration::from_secs(60)).unwrap());
+        // B says it sleeps in the header of A's ring (the fake device is the dataport at one
+        // page: A's ring starts there).
+        let waiting_at = page_size() + WAITING;
+        let asleep = || std::fs::read(&dev).unwrap()[waiting_at] == 1;
+        while !asleep() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let rang = || std::fs::read(&dev).unwrap()[REG_RING] == 1;
+        assert!(!rang());
+        a.send(b"wake up", Duration::from_secs(1)).unwrap();
+        assert!(rang(), "a sleeping receiver is rung");
+        wb.write_all(&1u32.to_le_bytes()).unwrap(); // the event the ring raises
+        assert_eq!(receiver.join().unwrap(), Some(b"wake up".to_vec()));
+        assert!(!asleep(), "awake again");
+        // A polling receiver sees the message without a ring.
+        let mut dev_bytes = std::fs::read(&dev).unwrap();
+        dev_bytes[REG_RING] = 0;
+        std::fs::write(&dev, &dev_bytes).unwrap();
+        let mut b = Connection::from_parts(f(), pipe().0, 0x1000, 0x4000, Side::B).unwrap();
+        b.set_spin(Duration::from_secs(60));
+        let receiver = std::thread::spawn(move || b.recv(Duration::from_secs(60)).unwrap());
+        a.send(b"no ring", Duration::from_secs(1)).unwrap();
+        assert_eq!(receiver.join().unwrap(), Some(b"no ring".to_vec()));
+        assert!(!rang(), "nobody slept: nobody rang");
     }
 
     #[test]

@@ -10,12 +10,26 @@
 //!   conn sink NAME [SECONDS]            side b: receive one stream
 //!   conn memcpy MIB [CHUNK_KIB]         the same copy inside this guest, for comparison (also
 //!                                       into two alternating chunks, as `stream` writes)
+//! `CONN_SPIN_US` sets how long a receiver polls before it sleeps (default 50; 0: always
+//! sleep at once).
 //! Results are `key value` lines. The channel's position is kept in the dataport, so one
 //! `send` or `recv` per call carries on a running exchange.
 
 use connection::{exchange, Connection, Side};
 use std::process::ExitCode;
 use std::time::Duration;
+
+/// The connector named `name`, polling as `CONN_SPIN_US` says.
+fn open(name: &str, side: Side) -> Result<Connection, connection::Error> {
+    let mut c = Connection::open(name, side)?;
+    if let Some(us) = std::env::var("CONN_SPIN_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        c.set_spin(Duration::from_micros(us));
+    }
+    Ok(c)
+}
 
 fn mib_per_s(bytes: usize, t: Duration) -> f64 {
     bytes as f64 / (1 << 20) as f64 / t.as_secs_f64().max(1e-9)
@@ -35,11 +49,11 @@ fn main() -> ExitCode {
     let run = || -> Result<bool, connection::Error> {
         match (args.first().map(String::as_str), args.get(1)) {
             (Some("emit"), Some(name)) => {
-                Connection::open(name, Side::A)?.emit();
+                open(name, Side::A)?.emit();
                 Ok(true)
             }
             (Some("wait"), Some(name)) => {
-                let got = Connection::open(name, Side::A)?.wait(secs(2, 10.0))?;
+                let got = open(name, Side::A)?.wait(secs(2, 10.0))?;
                 if let Some(n) = got {
                     println!("{n}");
                 }
@@ -47,12 +61,12 @@ fn main() -> ExitCode {
             }
             (Some("send"), Some(name)) if side(args.get(2)).is_some() => {
                 let msg = args.get(3).map(String::as_bytes).unwrap_or_default();
-                let mut c = Connection::open(name, side(args.get(2)).expect("checked"))?;
+                let mut c = open(name, side(args.get(2)).expect("checked"))?;
                 c.send(msg, secs(4, 10.0))?;
                 Ok(true)
             }
             (Some("recv"), Some(name)) if side(args.get(2)).is_some() => {
-                let mut c = Connection::open(name, side(args.get(2)).expect("checked"))?;
+                let mut c = open(name, side(args.get(2)).expect("checked"))?;
                 let got = c.recv(secs(3, 10.0))?;
                 if let Some(m) = &got {
                     println!("{}", String::from_utf8_lossy(m));
@@ -60,10 +74,11 @@ fn main() -> ExitCode {
                 Ok(got.is_some())
             }
             (Some("ping"), Some(name)) => {
-                let mut c = Connection::open(name, Side::A)?;
+                let mut c = open(name, Side::A)?;
                 let rounds = num(2, 1000.0) as u64;
                 let p = exchange::ping(&mut c, rounds, secs(3, 3.0), Duration::from_secs(300))?;
                 let us = |q| p.quantile(q).map_or(0, |d| d.as_micros());
+                println!("spin_us {}", c.spin().as_micros());
                 println!("rounds {}", p.rounds);
                 println!("timeouts {}", p.timeouts);
                 println!("rtt_median_us {}", us(0.5));
@@ -71,12 +86,12 @@ fn main() -> ExitCode {
                 Ok(true)
             }
             (Some("pong"), Some(name)) => {
-                let mut c = Connection::open(name, Side::B)?;
+                let mut c = open(name, Side::B)?;
                 println!("answered {}", exchange::pong(&mut c, secs(2, 600.0))?);
                 Ok(true)
             }
             (Some("stream"), Some(name)) => {
-                let mut c = Connection::open(name, Side::A)?;
+                let mut c = open(name, Side::A)?;
                 let data = exchange::pattern((num(2, 16.0) * (1 << 20) as f64) as usize);
                 let chunk = (num(3, 256.0) as usize) << 10;
                 let (took, copying) =
@@ -88,7 +103,7 @@ fn main() -> ExitCode {
                 Ok(true)
             }
             (Some("sink"), Some(name)) => {
-                let mut c = Connection::open(name, Side::B)?;
+                let mut c = open(name, Side::B)?;
                 let (got, copying) = exchange::sink(&mut c, secs(2, 600.0))?;
                 println!("bytes {}", got.len());
                 println!("fnv {:016x}", exchange::fnv(&got));
