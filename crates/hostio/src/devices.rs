@@ -139,7 +139,7 @@ pub fn virtio_shape(kind: &DeviceKind) -> Option<(u32, Vec<u16>)> {
         DeviceKind::VirtioBlk { .. } => (2, blk::QUEUES, blk::QUEUE_SIZE),
         DeviceKind::VirtioNet { .. } => (1, net::QUEUES, net::QUEUE_SIZE),
         DeviceKind::VirtioConsole { .. } => (3, console::QUEUES, console::QUEUE_SIZE),
-        DeviceKind::Connector { .. } => return None,
+        DeviceKind::Connector { .. } | DeviceKind::RpcPort { .. } => return None,
     };
     Some((ty, vec![size; queues]))
 }
@@ -335,8 +335,8 @@ pub fn build(
                 };
                 out.functions.push((at, Box::new(SharedFunction(f))));
             }
-            // splitvirt's own (the VMM builds it: vmm::connect).
-            DeviceKind::Connector { .. } => {}
+            // splitvirt's own (the VMM builds them: vmm::connect, vmm::port).
+            DeviceKind::Connector { .. } | DeviceKind::RpcPort { .. } => {}
         }
     }
     Ok(out)

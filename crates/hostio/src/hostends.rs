@@ -25,13 +25,13 @@ pub struct HostEnds {
 
 impl HostEnds {
     /// Opens what `l`'s backend devices need on the host, with the same errors an in-process
-    /// device gives.
+    /// device gives. Nothing for a device VM, whose devices' host ends are its own.
     pub fn open(l: &Layout) -> Result<HostEnds, OpenError> {
         let mut out = HostEnds {
             ends: Vec::new(),
             _terminals: Vec::new(),
         };
-        for d in l.backend_devices() {
+        for d in l.backend_devices().filter(|_| !l.rpc_device_vm) {
             let slot = d.slot as u8;
             let end = match &d.kind {
                 DeviceKind::VirtioBlk {
@@ -60,7 +60,7 @@ impl HostEnds {
                         End::Held(master)
                     }
                 },
-                DeviceKind::Connector { .. } => continue,
+                DeviceKind::Connector { .. } | DeviceKind::RpcPort { .. } => continue,
             };
             out.ends.push((slot, end));
         }

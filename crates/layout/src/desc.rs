@@ -135,6 +135,12 @@ pub struct BackendDesc {
     /// instead of starting one: it may run as another user, or in a container of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect: Option<PathBuf>,
+    /// The backend is a device VM (docs/ARCHITECTURE.md, "The device VM"): the Unix socket of
+    /// its `rpc-port`, which its splitvirt listens on. Like `connect`, but the devices' host
+    /// ends (disk images, TAPs) are the device VM's own: their paths name files inside it, and
+    /// splitvirt opens none of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_vm: Option<PathBuf>,
     /// Confine the backend process (docs/SECURITY.md; absent: true). `false` runs it with
     /// splitvirt's user, file system and network, and is logged as a warning at every start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -196,6 +202,13 @@ pub struct DeviceDesc {
     pub dataport_size: Option<ByteSize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,
+    // rpc-port (in a device VM)
+    /// The Unix socket this VM's splitvirt listens on for the driver VM's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+    /// The driver VM's restricted DMA pool size, which the port's BAR 4 holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_size: Option<ByteSize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -285,6 +298,7 @@ impl Description {
         self.kernel.initrd.as_mut().map(fix);
         if let Some(b) = &mut self.backend {
             b.connect.as_mut().map(fix);
+            b.device_vm.as_mut().map(fix);
         }
         // Socket paths too: two VMs whose files sit side by side name the same socket.
         let fix_str = |p: &mut String| {
@@ -293,6 +307,7 @@ impl Description {
             }
         };
         for d in &mut self.devices {
+            d.socket.as_mut().map(fix);
             d.image.as_mut().map(fix);
             d.peer.as_mut().map(fix_str);
             if let Some(b) = &mut d.backend {

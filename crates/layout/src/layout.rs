@@ -40,6 +40,11 @@ pub const CONNECTOR_EVENT_SIZE: u64 = 0x1000;
 pub const CONNECTOR_MSIX_SIZE: u64 = 0x1000;
 /// The connector's name field: 50 bytes with the NUL (facts: "Cross-VM connector").
 pub const CONNECTOR_NAME_MAX: usize = 49;
+/// The rpc-port's BAR 0: its registers, MSI-X table and pending bits.
+pub const PORT_REGS_SIZE: u64 = 0x1000;
+/// The rpc-port's BAR 2: the driver VM's RPC control region (0xb000 bytes) rounded up to a
+/// power of two.
+pub const PORT_CONTROL_BAR: u64 = 0x10000;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Layout {
@@ -68,6 +73,9 @@ pub struct Layout {
     /// The socket of a backend that `splitvirt backend --listen` serves (None: splitvirt
     /// starts its own).
     pub rpc_connect: Option<PathBuf>,
+    /// The backend at `rpc_connect` is a device VM: the backend devices' host ends are its
+    /// own, and splitvirt opens none.
+    pub rpc_device_vm: bool,
     /// The ids a jailed backend runs as when started by root (uid, gid); None: no jail.
     pub rpc_jail: Option<(u32, u32)>,
     /// Interrupt lines the GIC must implement (a multiple of 32, covering every ID in use).
@@ -123,6 +131,13 @@ pub enum DeviceKind {
         dataport_size: u64,
         peer: Option<String>,
     },
+    /// A device VM's port to one driver VM: the driver's splitvirt connects at `socket` and
+    /// hands over its pool (`pool_size` bytes, BAR 4), its control region (BAR 2) and its
+    /// doorbells (docs/ARCHITECTURE.md, "The device VM").
+    RpcPort {
+        socket: PathBuf,
+        pool_size: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,16 +174,19 @@ impl DeviceKind {
             DeviceKind::VirtioNet { .. } => "virtio-net",
             DeviceKind::VirtioConsole { .. } => "virtio-console",
             DeviceKind::Connector { .. } => "connector",
+            DeviceKind::RpcPort { .. } => "rpc-port",
         }
     }
 
-    /// PCI vendor and device ID: modern virtio (0x1040 + type) or the cross-VM connector.
+    /// PCI vendor and device ID: modern virtio (0x1040 + type), the cross-VM connector, or a
+    /// device VM's rpc-port.
     pub fn pci_id(&self) -> (u16, u16) {
         match self {
             DeviceKind::VirtioBlk { .. } => (0x1af4, 0x1042),
             DeviceKind::VirtioNet { .. } => (0x1af4, 0x1041),
             DeviceKind::VirtioConsole { .. } => (0x1af4, 0x1043),
             DeviceKind::Connector { .. } => (0x1af4, 0xa111),
+            DeviceKind::RpcPort { .. } => (0x1af4, 0xa112),
         }
     }
 }

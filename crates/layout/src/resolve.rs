@@ -95,7 +95,11 @@ fn build(d: &Description, p: &mut Vec<Problem>) -> Layout {
             .as_ref()
             .and_then(|b| b.restarts)
             .unwrap_or(DEFAULT_RPC_RESTARTS),
-        rpc_connect: d.backend.as_ref().and_then(|b| b.connect.clone()),
+        rpc_connect: d
+            .backend
+            .as_ref()
+            .and_then(|b| b.connect.clone().or_else(|| b.device_vm.clone())),
+        rpc_device_vm: d.backend.as_ref().is_some_and(|b| b.device_vm.is_some()),
         rpc_jail: match &d.backend {
             Some(b) if b.jail == Some(false) => None,
             b => Some((
@@ -118,6 +122,7 @@ fn build(d: &Description, p: &mut Vec<Problem>) -> Layout {
         layout.devices = place_devices(&layout, &d.devices, p);
     }
     layout.rpc_poll = backend_poll(d.backend.as_ref(), &layout, p);
+    check_device_vm(d.backend.as_ref(), &layout, p);
     layout.gic_irqs = gic_irqs(&layout);
     layout
 }
@@ -146,6 +151,36 @@ fn backend_poll(b: Option<&BackendDesc>, l: &Layout, p: &mut Vec<Problem>) -> Op
         ));
     }
     (us > 0).then(|| Duration::from_micros(u64::from(us)))
+}
+
+/// `[backend] device_vm`: one way to reach the backend, and no backend of splitvirt's own.
+fn check_device_vm(b: Option<&BackendDesc>, l: &Layout, p: &mut Vec<Problem>) {
+    let Some(b) = b.filter(|b| b.device_vm.is_some()) else {
+        return;
+    };
+    if b.connect.is_some() {
+        p.push(Problem::error(
+            Rule::Backend,
+            "backend.connect and backend.device_vm both name where the backend is".to_owned(),
+            "keep device_vm (a device VM's rpc-port) or connect (`splitvirt backend --listen`),              not both",
+        ));
+    }
+    if b.jail.is_some() || b.jail_uid.is_some() || b.jail_gid.is_some() {
+        p.push(Problem::warning(
+            Rule::Backend,
+            "backend.jail settings do nothing for a device VM: the hypervisor confines it"
+                .to_owned(),
+            "remove jail, jail_uid and jail_gid from [backend]",
+        ));
+    }
+    if l.pool.is_none() {
+        p.push(Problem::error(
+            Rule::Backend,
+            "backend.device_vm: a device VM serves devices through the restricted DMA pool, and              this VM has none"
+                .to_owned(),
+            "give the VM a [pool], or remove device_vm",
+        ));
+    }
 }
 
 fn check_vcpus(l: &Layout, p: &mut Vec<Problem>) {
@@ -558,6 +593,8 @@ fn device_kind(i: usize, d: &DeviceDesc, p: &mut Vec<Problem>) -> Option<DeviceK
                 ("name", d.name.is_some()),
                 ("dataport_size", d.dataport_size.is_some()),
                 ("peer", d.peer.is_some()),
+                ("socket", d.socket.is_some()),
+                ("pool_size", d.pool_size.is_some()),
             ]);
             match &d.image {
                 Some(img) if !img.as_os_str().is_empty() => DeviceKind::VirtioBlk {
@@ -595,6 +632,8 @@ fn device_kind(i: usize, d: &DeviceDesc, p: &mut Vec<Problem>) -> Option<DeviceK
                 ("name", d.name.is_some()),
                 ("dataport_size", d.dataport_size.is_some()),
                 ("peer", d.peer.is_some()),
+                ("socket", d.socket.is_some()),
+                ("pool_size", d.pool_size.is_some()),
             ]);
             let text = d.backend.clone().unwrap_or_default();
             let backend = if let Some(path) = text.strip_prefix("socket:") {
@@ -657,6 +696,8 @@ fn device_kind(i: usize, d: &DeviceDesc, p: &mut Vec<Problem>) -> Option<DeviceK
                 ("name", d.name.is_some()),
                 ("dataport_size", d.dataport_size.is_some()),
                 ("peer", d.peer.is_some()),
+                ("socket", d.socket.is_some()),
+                ("pool_size", d.pool_size.is_some()),
             ]);
             let text = d.backend.as_deref().unwrap_or("stdio");
             let backend = match text {
@@ -680,6 +721,8 @@ fn device_kind(i: usize, d: &DeviceDesc, p: &mut Vec<Problem>) -> Option<DeviceK
         }
         "connector" => {
             stray(&[
+                ("socket", d.socket.is_some()),
+                ("pool_size", d.pool_size.is_some()),
                 ("image", d.image.is_some()),
                 ("read_only", d.read_only.is_some()),
                 ("format", d.format.is_some()),
@@ -718,11 +761,53 @@ fn device_kind(i: usize, d: &DeviceDesc, p: &mut Vec<Problem>) -> Option<DeviceK
                 peer: d.peer.clone(),
             }
         }
+        "rpc-port" => {
+            stray(&[
+                ("image", d.image.is_some()),
+                ("read_only", d.read_only.is_some()),
+                ("format", d.format.is_some()),
+                ("backend", d.backend.is_some()),
+                ("mac", d.mac.is_some()),
+                ("name", d.name.is_some()),
+                ("dataport_size", d.dataport_size.is_some()),
+                ("peer", d.peer.is_some()),
+                ("placement", d.placement.is_some()),
+            ]);
+            let socket = match &d.socket {
+                Some(s) if !s.as_os_str().is_empty() && s.as_os_str().len() <= 107 => s.clone(),
+                _ => {
+                    p.push(Problem::error(
+                        Rule::Device,
+                        format!("{at}: needs `socket`, a Unix socket path of at most 107 bytes"),
+                        "write socket = \"/run/splitvirt/driver-a.sock\" (the driver VM's \
+                         [backend] device_vm names the same path)",
+                    ));
+                    return None;
+                }
+            };
+            let size = d.pool_size.map_or(0, |s| s.0);
+            if size < 64 * KIB || !size.is_multiple_of(4 * KIB) || size > 1 << 40 {
+                p.push(Problem::error(
+                    Rule::Device,
+                    format!(
+                        "{at}: pool_size {} must be the driver VM's pool size: a multiple of \
+                         4 KiB from 64 KiB to 1 TiB",
+                        ByteSize(size)
+                    ),
+                    "write the size of the driver VM's [pool], e.g. pool_size = \"64M\"",
+                ));
+                return None;
+            }
+            DeviceKind::RpcPort {
+                socket,
+                pool_size: size,
+            }
+        }
         other => {
             p.push(Problem::error(
                 Rule::Device,
                 format!("device[{i}]: unknown kind `{other}`"),
-                "use one of virtio-blk, virtio-net, virtio-console, connector",
+                "use one of virtio-blk, virtio-net, virtio-console, connector, rpc-port",
             ));
             return None;
         }
@@ -756,6 +841,8 @@ fn default_msi_vectors(k: &DeviceKind) -> u32 {
         DeviceKind::VirtioConsole { .. } => 3,
         // One vector for the peer's events (its guest driver falls back to a shared INTx).
         DeviceKind::Connector { .. } => 1,
+        // One vector for every doorbell of the driver VM (its backend looks at everything).
+        DeviceKind::RpcPort { .. } => 1,
     }
 }
 
@@ -846,6 +933,13 @@ fn place_devices(l: &Layout, descs: &[DeviceDesc], p: &mut Vec<Problem>) -> Vec<
                 "write msi_vectors = 1 (events by MSI-X) or 0 (INTx only), or leave it out",
             ));
         }
+        if matches!(kind, DeviceKind::RpcPort { .. }) && (msi_vectors != 1 || l.v2m.is_none()) {
+            p.push(Problem::error(
+                Rule::MsiBudget,
+                format!("device[{i}] (rpc-port): it has exactly one MSI-X vector and no INTx, so it needs msi_vectors = 1 and a GICv2m frame (msi_vectors = {msi_vectors}, v2m {})", if l.v2m.is_some() { "on" } else { "off" }),
+                "leave msi_vectors out and keep gic.v2m on",
+            ));
+        }
         let msi_vectors = if l.v2m.is_some() { msi_vectors } else { 0 };
         msi_total = msi_total.saturating_add(msi_vectors);
         let msi_intids = next_msi.filter(|_| msi_vectors > 0).map(|first| {
@@ -853,7 +947,8 @@ fn place_devices(l: &Layout, descs: &[DeviceDesc], p: &mut Vec<Problem>) -> Vec<
             (first, msi_vectors)
         });
         let placement = match (d.placement.as_deref(), &kind) {
-            (_, DeviceKind::Connector { .. }) | (Some("in-process"), _) => Placement::InProcess,
+            (_, DeviceKind::Connector { .. } | DeviceKind::RpcPort { .. })
+            | (Some("in-process"), _) => Placement::InProcess,
             (None | Some("backend"), _) => Placement::Backend,
             (Some(other), _) => {
                 p.push(Problem::error(
@@ -1053,6 +1148,16 @@ impl BarAllocator {
                     bars.push((2, CONNECTOR_MSIX_SIZE, false, false));
                 }
                 bars
+            }
+            DeviceKind::RpcPort { pool_size, .. } => {
+                // The registers (with the MSI-X table), the control region and the pool, at
+                // the same indices whether or not there is a 64-bit window.
+                let wide = self.mem64.is_some();
+                vec![
+                    (0, PORT_REGS_SIZE, false, false),
+                    (2, PORT_CONTROL_BAR, wide, true),
+                    (4, pool_size.next_power_of_two(), wide, true),
+                ]
             }
             _ => vec![(
                 0,

@@ -639,3 +639,86 @@ fn no_intx_line_is_shared_between_the_backend_and_splitvirt() {
     assert_ne!(blk.intx_spi, conn.intx_spi);
     assert_eq!(conn.intx_pin, 2, "pin B, the first free line");
 }
+
+#[test]
+fn a_device_vms_port_and_a_driver_vm_that_names_it() {
+    let port = "[[device]]\nkind = \"rpc-port\"\nsocket = \"/run/p.sock\"\npool_size = \"48M\"\n";
+    let l = resolve(&Description::parse(port, "t").unwrap())
+        .unwrap()
+        .layout;
+    let d = &l.devices[0];
+    assert_eq!(d.kind.pci_id(), (0x1af4, 0xa112));
+    assert_eq!(d.placement, layout::Placement::InProcess);
+    assert_eq!(d.msi_vectors, 1);
+    let bars: Vec<(u8, u64, bool)> = d
+        .bars
+        .iter()
+        .map(|b| (b.index, b.size, b.prefetchable))
+        .collect();
+    assert_eq!(
+        bars,
+        [(0, 0x1000, false), (2, 0x10000, true), (4, 64 << 20, true)],
+        "registers, the control region, the pool (48 MiB in a 64 MiB BAR)"
+    );
+    rejects(
+        "[[device]]\nkind = \"rpc-port\"\npool_size = \"64M\"\n",
+        Rule::Device,
+        &["rpc-port", "socket"],
+    );
+    rejects(
+        "[[device]]\nkind = \"rpc-port\"\nsocket = \"p.sock\"\npool_size = \"1000\"\n",
+        Rule::Device,
+        &["pool_size 1000", "multiple of 4 KiB"],
+    );
+    rejects(
+        "[[device]]\nkind = \"rpc-port\"\nsocket = \"p.sock\"\npool_size = \"1M\"\nimage = \"d.img\"\n",
+        Rule::Device,
+        &["`image` is not a field of a rpc-port device"],
+    );
+    rejects(
+        "[[device]]\nkind = \"rpc-port\"\nsocket = \"p.sock\"\npool_size = \"1M\"\nmsi_vectors = 2\n",
+        Rule::MsiBudget,
+        &["rpc-port", "msi_vectors = 2"],
+    );
+    rejects(
+        "[gic]\nv2m = false\n[[device]]\nkind = \"rpc-port\"\nsocket = \"p.sock\"\npool_size = \"1M\"\n",
+        Rule::MsiBudget,
+        &["rpc-port", "v2m off"],
+    );
+    rejects(
+        "[[device]]\nkind = \"virtio-blk\"\nimage = \"d.img\"\nsocket = \"p.sock\"\n",
+        Rule::Device,
+        &["`socket` is not a field of a virtio-blk device"],
+    );
+    // The driver VM's side.
+    let l = resolve(&Description::parse("[backend]\ndevice_vm = \"/run/p.sock\"", "t").unwrap())
+        .unwrap()
+        .layout;
+    assert!(l.rpc_device_vm);
+    assert_eq!(
+        l.rpc_connect.as_deref(),
+        Some(std::path::Path::new("/run/p.sock"))
+    );
+    rejects(
+        "[backend]\ndevice_vm = \"/run/p.sock\"\nconnect = \"/run/b.sock\"",
+        Rule::Backend,
+        &["connect", "device_vm"],
+    );
+    finds(
+        "[backend]\ndevice_vm = \"/run/p.sock\"\njail = false",
+        Rule::Backend,
+        Severity::Warning,
+        &["jail", "device VM"],
+    );
+    let mut d = Description::parse("[backend]\ndevice_vm = \"/run/p.sock\"", "t").unwrap();
+    d.pool = None;
+    let ps = check(&d);
+    assert!(
+        ps.iter().any(|p| p.rule == Rule::Backend
+            && p.severity == Severity::Error
+            && p.message.contains("device_vm")
+            && p.message.contains("pool")),
+        "{}",
+        layout::problem::render(&ps)
+    );
+}

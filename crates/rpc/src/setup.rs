@@ -17,6 +17,8 @@ pub const SETUP_MAGIC: u64 = u64::from_le_bytes(*b"svSETUP1");
 
 #[derive(Debug)]
 pub struct Setup {
+    /// The message's words as they came (a device VM's rpc-port shows them to its guest).
+    pub words: [u64; WORDS],
     pub pool_base: u64,
     pub pool_size: u64,
     pub pool: OwnedFd,
@@ -67,7 +69,7 @@ const FDS: usize = 5;
 pub const MAX_MSI_FDS: usize = 128;
 /// Magic, version, pool base and size, MSI eventfds in all, the notify and host-end bitmaps,
 /// then the MSI eventfds per device slot (one byte each, four words).
-const WORDS: usize = 11;
+pub const WORDS: usize = 11;
 /// At most this many MSI-X vectors per device (a byte counts them).
 pub const MAX_VECTORS: usize = 255;
 /// Devices are PCI slots 0..32: the notify eventfds' devices are a bitmap in one word.
@@ -444,6 +446,7 @@ pub fn recv(sock: &OwnedFd) -> io::Result<Setup> {
         .zip(it)
         .collect();
     Ok(Setup {
+        words,
         pool_base: words[2],
         pool_size: words[3],
         pool,

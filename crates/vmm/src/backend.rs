@@ -230,6 +230,22 @@ impl ListenPolicy {
     }
 }
 
+/// A listening setup socket at `socket`. A socket left by an earlier listener is replaced;
+/// any other file is not touched.
+pub(crate) fn listen_at(socket: &Path) -> Result<OwnedFd, BackendError> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(m) = std::fs::symlink_metadata(socket) {
+        if !m.file_type().is_socket() {
+            return Err(BackendError::Setup(format!(
+                "{} exists and is not a socket: remove it or listen elsewhere",
+                socket.display()
+            )));
+        }
+        std::fs::remove_file(socket)?;
+    }
+    Ok(rpc::setup::listen(socket)?)
+}
+
 /// `splitvirt backend --listen SOCKET`: each VM that connects (its description says
 /// `[backend] connect = SOCKET`) is served by a backend process of its own, started as
 /// `splitvirt run` would start it, which lives as long as that VM's connection. Who may
@@ -240,19 +256,8 @@ pub fn listen(
     config: Option<&Path>,
     policy: &ListenPolicy,
 ) -> Result<(), BackendError> {
-    use std::os::unix::fs::FileTypeExt;
     use std::sync::atomic::AtomicUsize;
-    // A socket left by an earlier listener is replaced; any other file is not touched.
-    if let Ok(m) = std::fs::symlink_metadata(socket) {
-        if !m.file_type().is_socket() {
-            return Err(BackendError::Setup(format!(
-                "{} exists and is not a socket: remove it or listen elsewhere",
-                socket.display()
-            )));
-        }
-        std::fs::remove_file(socket)?;
-    }
-    let listener = rpc::setup::listen(socket)?;
+    let listener = listen_at(socket)?;
     log::info!(
         "listening on {} (users {:?}, at most {} VMs)",
         socket.display(),

@@ -235,6 +235,25 @@ fn fd_kind(fd: RawFd) -> String {
         .unwrap_or_default()
 }
 
+/// Checks that a descriptor another process handed over is an eventfd, and makes it
+/// non-blocking: else one whose counter that process filled would hold our writer (a vCPU) in
+/// `write`.
+pub(crate) fn peer_eventfd(fd: &OwnedFd, what: std::fmt::Arguments<'_>) -> Result<(), String> {
+    let kind = fd_kind(fd.as_raw_fd());
+    if kind != "anon_inode:[eventfd]" {
+        return Err(format!("{what} is {kind:?}, not an eventfd"));
+    }
+    // SAFETY: fcntl on a descriptor we hold.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0
+        || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
+    {
+        return Err(format!("{what}: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 impl Remote {
     /// Checks what a peer handed over (`[page, doorbell, ring]`): a page sealed at its size
     /// (else the peer could shrink it under our accesses) and eventfds, made non-blocking (else
@@ -246,19 +265,7 @@ impl Remote {
         rpc::shm::check_sealed(&page, connector::EVENT_PAGE, "its event page")
             .map_err(|e| e.to_string())?;
         for (fd, what) in [(&doorbell, "doorbell"), (&ring, "ring")] {
-            let kind = fd_kind(fd.as_raw_fd());
-            if kind != "anon_inode:[eventfd]" {
-                return Err(format!("its {what} is {kind:?}, not an eventfd"));
-            }
-            // SAFETY: fcntl on a descriptor we hold.
-            let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-            // SAFETY: as above.
-            if flags < 0
-                || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) }
-                    < 0
-            {
-                return Err(format!("its {what}: {}", std::io::Error::last_os_error()));
-            }
+            peer_eventfd(fd, format_args!("its {what}"))?;
         }
         let page = FileDataport::map(File::from(page), connector::EVENT_PAGE, Path::new("peer"))
             .map_err(|e| e.to_string())?;

@@ -16,6 +16,7 @@ pub mod machine;
 pub mod memory;
 pub mod msiroute;
 pub mod pci_bus;
+pub mod port;
 pub mod reaper;
 pub mod stats;
 pub mod terminal;
@@ -71,6 +72,8 @@ pub enum Error {
     Device(#[from] crate::devices::OpenError),
     #[error(transparent)]
     Backend(#[from] crate::backend::BackendError),
+    #[error(transparent)]
+    Port(#[from] crate::port::PortError),
 }
 
 /// How the guest ended, when it ended well.
@@ -136,7 +139,12 @@ pub fn prepare(spec: &RunSpec) -> Result<Prepared, Error> {
     // Disk images are opened again when the VM starts; a bad one is reported now. One the
     // jailed backend serves is only checked: its metadata is the backend's to parse.
     for d in &l.devices {
-        if d.placement == layout::Placement::Backend && l.rpc_jail.is_some() {
+        let backend = d.placement == layout::Placement::Backend;
+        if backend && l.rpc_device_vm {
+            // A device VM's file, which it opens itself.
+            continue;
+        }
+        if backend && l.rpc_jail.is_some() {
             hostio::devices::check_disk(&d.kind)?;
         } else {
             crate::devices::open_disk(&d.kind)?;

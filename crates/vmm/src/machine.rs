@@ -211,6 +211,36 @@ pub fn build(p: Parts<'_>, hv: &dyn Hypervisor) -> Result<Machine, crate::Error>
         let f = Box::new(pci::BarWatch::new(f, 1, dataport));
         ecam.add(df, Box::new(pci::BarWatch::new(f, 0, bar0)));
     }
+    // A device VM's ports: a driver VM's memory at BARs 2 and 4 while one is connected, its
+    // doorbells at BAR 0, each moved with its BAR.
+    for d in &l.devices {
+        let layout::DeviceKind::RpcPort { socket, pool_size } = &d.kind else {
+            continue;
+        };
+        let memslot = |slot: u32, host: HostMemory| hv.memslot(slot, host);
+        let (f, start, wiring) = crate::port::build(
+            d,
+            socket,
+            *pool_size,
+            l.v2m.clone(),
+            crate::port::PortHv {
+                irqfds: Some(hv.irqfds()),
+                ioeventfds: Some(hv.ioeventfds()),
+                memslot: &memslot,
+            },
+        )?;
+        starters.push(start);
+        let mut f: Box<dyn pci::PciFunction> = Box::new(f);
+        for bar in [0, 2, 4] {
+            let w = wiring.clone();
+            f = Box::new(pci::BarWatch::new(
+                f,
+                bar,
+                Box::new(move |at| w.bar_at(bar, at)),
+            ));
+        }
+        ecam.add((d.slot << 3) as u8, f);
+    }
     if let Some(r) = &mut remote {
         for (df, f) in std::mem::take(&mut r.functions) {
             let (n, dev) = (notifiers.clone(), df >> 3);

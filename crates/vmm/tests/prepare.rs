@@ -134,6 +134,20 @@ fn a_disk_image_that_cannot_be_used_is_named_before_boot() {
     s.layout = resolve(&d).unwrap().layout;
     let m = prepare(&s).unwrap_err().to_string();
     assert!(m.contains("gone.img") && m.contains("cannot open"), "{m}");
+    // Served by a device VM, the image is a file of the device VM's: not looked for here.
+    let d = Description::parse(
+        &format!(
+            "[backend]\ndevice_vm = \"{}\"\n[[device]]\nkind = \"virtio-blk\"\nimage = \"{}\"\n",
+            dir.path().join("port.sock").display(),
+            dir.path().join("gone.img").display()
+        ),
+        "t",
+    )
+    .unwrap();
+    s.layout = resolve(&d).unwrap().layout;
+    prepare(&s).unwrap();
+    let ends = hostio::hostends::HostEnds::open(&s.layout).unwrap();
+    assert!(ends.for_backend().unwrap().is_empty(), "no host end opened");
 }
 
 #[test]
