@@ -6,6 +6,7 @@ mod board;
 mod cpio;
 mod cross;
 mod demo;
+mod devvm;
 mod env;
 mod fresh;
 mod fuzz;
@@ -74,6 +75,8 @@ enum Cmd {
     /// Two guests on KVM in the board joined by two cross-VM connectors (one peer is killed
     /// and replaced mid-exchange).
     Kvmconn,
+    /// A driver VM whose disk a device VM serves from its own, on KVM in the board.
+    Kvmdevvm,
     /// Boot guests with splitvirt on KVM inside the board (the project's kernel and Debian's).
     Kvmboot,
     /// Boot the guest kernel on QEMU's virt machine with our DTB (and the negative boots).
@@ -116,6 +119,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Kvmboot => kvmboot::boot_on_kvm(),
         Cmd::Kvmconn => kvmconn::connect_two_vms(),
+        Cmd::Kvmdevvm => devvm::driver_served_by_a_device_vm(),
         Cmd::Fuzz { seconds } => fuzz::run_all(seconds),
         Cmd::Bench { what } if what == "io" => bench::io(),
         Cmd::Bench { what } if what == "rpc" => bench::rpc(),

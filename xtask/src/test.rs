@@ -93,6 +93,10 @@ pub fn all() -> Result<()> {
         "board: two VMs joined by a cross-VM connector",
         crate::kvmconn::connect_two_vms,
     );
+    s.step(
+        "board: a driver VM's disk served by a device VM",
+        crate::devvm::driver_served_by_a_device_vm,
+    );
 
     println!("\nxtask test steps:");
     for p in &s.passed {

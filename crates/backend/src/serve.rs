@@ -120,29 +120,72 @@ pub fn serve_with(
     jailed: bool,
     wrap: &Wrap,
 ) -> Result<(), ServeError> {
-    let Some(pool) = &l.pool else {
-        return Err(ServeError::Setup("the description has no pool".into()));
-    };
-    if (s.pool_base, s.pool_size) != (pool.base, pool.size) {
-        return Err(ServeError::Setup(format!(
-            "offered a pool at {:#x}+{:#x}, the description says {:#x}+{:#x}",
-            s.pool_base, s.pool_size, pool.base, pool.size
-        )));
-    }
+    let pool = check_pool(l, s.pool_base, s.pool_size)?;
     let pool_file = File::from(s.pool);
     rpc::shm::check_sealed(&pool_file, pool.size, "the pool memfd")
         .map_err(|e| ServeError::Setup(e.to_string()))?;
-    let mem = hostio::pool_memory(pool.base, pool.size, &pool_file)?;
+    let mem = hostio::pool_memory(pool.base, pool.size, &pool_file, 0)?;
     drop(pool_file);
-    let region = Arc::new(Region::open(s.control)?);
-    let out = Outbox::new(
-        region.clone(),
-        Doorbell::from_fd(s.to_proxy),
-        Doorbell::from_fd(s.to_proxy_replies),
-    );
-    let from_proxy = Doorbell::from_fd(s.to_backend);
-    let msi = s.msi.map(Arc::new);
-    let notify = s.notify;
+    let parts = Parts {
+        mem,
+        region: Arc::new(Region::open(s.control)?),
+        to_proxy: Doorbell::from_fd(s.to_proxy),
+        replies: Doorbell::from_fd(s.to_proxy_replies),
+        from_proxy: Doorbell::from_fd(s.to_backend),
+        msi: s.msi,
+        notify: s.notify,
+        hosts: s.hosts,
+    };
+    // The VMM closing its end of the setup socket (it ended) ends the backend.
+    let gone = Box::new(move || {
+        let mut b = [0u8; 1];
+        // SAFETY: a blocking recv into a local; returns at EOF.
+        unsafe { libc::recv(setup_fd.as_raw_fd(), b.as_mut_ptr().cast(), 1, 0) };
+    });
+    serve_parts(l, parts, jailed, wrap, gone)
+}
+
+/// The description's pool, which must be the one offered at `base`, `size`.
+pub(crate) fn check_pool(l: &Layout, base: u64, size: u64) -> Result<layout::Region, ServeError> {
+    let Some(pool) = &l.pool else {
+        return Err(ServeError::Setup("the description has no pool".into()));
+    };
+    if (base, size) != (pool.base, pool.size) {
+        return Err(ServeError::Setup(format!(
+            "offered a pool at {base:#x}+{size:#x}, the description says {:#x}+{:#x}",
+            pool.base, pool.size
+        )));
+    }
+    Ok(pool.clone())
+}
+
+/// What the backend serves with, however it reached the driver VM: the pool mapped, the
+/// control region, the doorbells and eventfds, the devices' host ends.
+pub struct Parts {
+    pub mem: vm_memory::GuestMemoryMmap<()>,
+    pub region: Arc<Region>,
+    pub to_proxy: Doorbell,
+    pub replies: Doorbell,
+    pub from_proxy: Doorbell,
+    pub msi: Option<MsiFds>,
+    pub notify: Vec<(u8, OwnedFd)>,
+    pub hosts: Vec<(u8, OwnedFd)>,
+}
+
+/// Serves `p` until the VMM goes: `gone` returns when it has (run on a thread of its own;
+/// the process then ends).
+pub fn serve_parts(
+    l: &Layout,
+    p: Parts,
+    jailed: bool,
+    wrap: &Wrap,
+    gone: Box<dyn FnOnce() + Send>,
+) -> Result<(), ServeError> {
+    let (mem, region) = (p.mem, p.region);
+    let out = Outbox::new(region.clone(), p.to_proxy, p.replies);
+    let from_proxy = p.from_proxy;
+    let msi = p.msi.map(Arc::new);
+    let notify = p.notify;
     if jailed {
         crate::policy::install(policy_needs(l)).map_err(|e| ServeError::Setup(e.to_string()))?;
     }
@@ -167,7 +210,7 @@ pub fn serve_with(
         Box::new(std::io::stdout()),
         Placement::Backend,
         &journal,
-        s.hosts,
+        p.hosts,
     )?;
     for s in &built.skipped {
         out.log(s);
@@ -201,11 +244,8 @@ pub fn serve_with(
         // What it holds, and room for console clients.
         crate::jail::limit_files(8).map_err(|e| ServeError::Setup(e.to_string()))?;
     }
-    // The VMM closing its end of the setup socket (it ended) ends the backend.
     std::thread::spawn(move || {
-        let mut b = [0u8; 1];
-        // SAFETY: a blocking recv into a local; returns at EOF.
-        unsafe { libc::recv(setup_fd.as_raw_fd(), b.as_mut_ptr().cast(), 1, 0) };
+        gone();
         std::process::exit(0);
     });
     let console = built.console;

@@ -16,13 +16,19 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 #[error("mapping the pool: {0}")]
 pub struct PoolError(String);
 
-/// The pool memfd mapped at the pool's guest address: all a device may reach.
-pub fn pool_memory(base: u64, size: u64, fd: &File) -> Result<GuestMemoryMmap<()>, PoolError> {
+/// The pool (a memfd, or a device VM's port at `offset`) mapped at the pool's guest address:
+/// all a device may reach.
+pub fn pool_memory(
+    base: u64,
+    size: u64,
+    fd: &File,
+    offset: u64,
+) -> Result<GuestMemoryMmap<()>, PoolError> {
     let fd = fd.try_clone().map_err(|e| PoolError(e.to_string()))?;
     GuestMemoryMmap::from_ranges_with_files([(
         GuestAddress(base),
         size as usize,
-        Some(FileOffset::new(fd, 0)),
+        Some(FileOffset::new(fd, offset)),
     )])
     .map_err(|e| PoolError(e.to_string()))
 }

@@ -135,9 +135,19 @@ impl Region {
 
     /// Maps a region made by the peer, checking its size and header.
     pub fn open(fd: OwnedFd) -> io::Result<Region> {
-        let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
         check_sealed(&fd, SIZE as u64, "control region")?;
-        let r = Region::map(fd)?;
+        Region::map_at(fd, 0)?.checked()
+    }
+
+    /// Maps a region that a device VM's port shows at `offset` of `fd` (its size and seals
+    /// were checked by the device VM's VMM, which maps it there), checking its header.
+    pub fn open_device(fd: OwnedFd, offset: u64) -> io::Result<Region> {
+        Region::map_at(fd, offset)?.checked()
+    }
+
+    fn checked(self) -> io::Result<Region> {
+        let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+        let r = self;
         let (magic, version) = (
             r.u64_at(0).load(Ordering::Acquire),
             r.u32_at(8).load(Ordering::Acquire),
@@ -151,6 +161,12 @@ impl Region {
     }
 
     fn map(fd: OwnedFd) -> io::Result<Region> {
+        Region::map_at(fd, 0)
+    }
+
+    fn map_at(fd: OwnedFd, offset: u64) -> io::Result<Region> {
+        let offset = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset out of range"))?;
         // SAFETY: a fresh shared mapping of SIZE bytes of our fd.
         let ptr = unsafe {
             libc::mmap(
@@ -159,7 +175,7 @@ impl Region {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
-                0,
+                offset,
             )
         };
         if ptr == libc::MAP_FAILED {
@@ -443,6 +459,10 @@ impl Doorbell {
 
     pub fn fd(&self) -> &OwnedFd {
         &self.0
+    }
+
+    pub fn into_fd(self) -> OwnedFd {
+        self.0
     }
 
     pub fn ring(&self) {

@@ -87,11 +87,17 @@ enum Cmd {
     /// The backend process: the device models of devices with placement = "backend"
     /// (docs/RPC.md). `splitvirt run` starts one itself; `--listen SOCKET` serves the VMs whose
     /// description says `[backend] connect = SOCKET`, each with a process of its own (so the
-    /// backend can run as another user, or in a container of its own).
+    /// backend can run as another user, or in a container of its own). Inside a device VM,
+    /// `--port` serves the driver VM connected to its rpc-port.
     Backend {
         /// The setup socket `splitvirt run` passed (its pool, control region and doorbells).
-        #[arg(long, required_unless_present = "listen", conflicts_with = "listen")]
+        #[arg(long, required_unless_present_any = ["listen", "port"], conflicts_with_all = ["listen", "port"])]
         setup_fd: Option<i32>,
+        /// In a device VM: serve the driver VM whose description is --config through the
+        /// rpc-port at this PCI function (`0000:00:03.0`) or UIO device (`/dev/uio0`); one
+        /// connection, then it ends (run it again for the next).
+        #[arg(long, conflicts_with = "listen")]
+        port: Option<String>,
         /// Wait for VMs on this Unix socket.
         #[arg(long)]
         listen: Option<PathBuf>,
@@ -394,6 +400,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             policy.max_vms = max_vms;
             policy.setup_timeout = std::time::Duration::from_secs(setup_timeout);
             vmm::backend::listen(&socket, &exe, config.as_deref(), &policy)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Backend {
+            port: Some(port),
+            config,
+            ..
+        } => {
+            let l = resolve(&load(config.as_deref())?)?.layout;
+            backend::device_vm::serve_port(&l, &port)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Backend {

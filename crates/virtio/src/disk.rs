@@ -183,7 +183,17 @@ pub struct Raw {
 
 impl Raw {
     pub fn new(file: File) -> Result<Raw, String> {
-        let size = file.metadata().map_err(|e| e.to_string())?.len();
+        use std::io::Seek;
+        use std::os::unix::fs::FileTypeExt;
+        let meta = file.metadata().map_err(|e| e.to_string())?;
+        // A block device (a device VM serving its own disk) has no length of its own.
+        let size = if meta.file_type().is_block_device() {
+            (&file)
+                .seek(std::io::SeekFrom::End(0))
+                .map_err(|e| e.to_string())?
+        } else {
+            meta.len()
+        };
         if size % SECTOR != 0 {
             return Err(format!(
                 "its size {size} is not a multiple of 512 bytes; pad it (truncate -s)"

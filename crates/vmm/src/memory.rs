@@ -190,7 +190,7 @@ pub fn guest_ram(l: &Layout) -> Result<GuestRam, MemoryError> {
 
 /// The pool memfd mapped at the pool's guest address: all a device may reach.
 pub fn pool_memory(base: u64, size: u64, fd: &File) -> Result<GuestMemoryMmap<()>, MemoryError> {
-    hostio::pool_memory(base, size, fd).map_err(|e| MemoryError(e.to_string()))
+    hostio::pool_memory(base, size, fd, 0).map_err(|e| MemoryError(e.to_string()))
 }
 
 /// What devices in this process may reach: the pool alone, or all of RAM without a pool.

@@ -360,7 +360,13 @@ fn serve(listener: OwnedFd, w: Arc<Wiring>) {
             );
             continue;
         }
-        log::info!("rpc-port {}: a driver VM connected", w.socket.display());
+        log::info!(
+            "rpc-port {}: a driver VM connected: its control region {} bytes at BAR 2, its \
+             pool {} bytes at BAR 4",
+            w.socket.display(),
+            rpc::shm::SIZE,
+            w.pool_size
+        );
         wait_for_hangup(&listener, &sock, &w.socket);
         w.release();
         log::info!("rpc-port {}: the driver VM went", w.socket.display());

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * connection: the guest driver of splitvirt's cross-VM connector (PCI 1af4:a111).
+ * connection: the guest driver of splitvirt's cross-VM connector (PCI 1af4:a111), and of a
+ * device VM's rpc-port (PCI 1af4:a112, at the end).
  *
  * One UIO device per connector, named from the device's name field: map 0 is BAR 0 (the event
  * page: write 0x0 to send an event, 0x4 counts received events), map 1 is BAR 1 (the dataport,
@@ -164,7 +165,91 @@ static struct pci_driver connection_driver = {
 	.probe = connection_probe,
 	.dev_groups = connection_groups,
 };
-module_pci_driver(connection_driver);
+
+/*
+ * A device VM's rpc-port (PCI 1af4:a112): one UIO device named "rpc-port" per port. Map 0 is
+ * BAR 0, the registers (device memory: every access is the VMM's, doorbell stores caught by
+ * KVM), map 1 BAR 2 (the driver VM's control region) and map 2 BAR 4 (its pool), both memory
+ * the VMM maps in, cacheable. The interrupt is the port's one MSI-X vector (there is no INTx),
+ * which KVM raises for any doorbell of the driver VM; read() counts them.
+ */
+static irqreturn_t port_irq(int irq, struct uio_info *info)
+{
+	return IRQ_HANDLED;
+}
+
+static int port_probe(struct pci_dev *pdev, const struct pci_device_id *id)
+{
+	struct uio_info *uio;
+	int err;
+
+	uio = devm_kzalloc(&pdev->dev, sizeof(*uio), GFP_KERNEL);
+	if (!uio)
+		return -ENOMEM;
+	err = pcim_enable_device(pdev);
+	if (err)
+		return err;
+	err = pcim_request_all_regions(pdev, "rpc-port");
+	if (err)
+		return err;
+	uio->name = "rpc-port";
+	uio->version = "1";
+	uio->mem[0].name = "registers";
+	uio->mem[0].addr = pci_resource_start(pdev, 0);
+	uio->mem[0].size = pci_resource_len(pdev, 0);
+	uio->mem[0].memtype = UIO_MEM_PHYS;
+	uio->mem[1].name = "control";
+	uio->mem[1].addr = pci_resource_start(pdev, 2);
+	uio->mem[1].size = pci_resource_len(pdev, 2);
+	uio->mem[1].memtype = UIO_MEM_IOVA;
+	uio->mem[2].name = "pool";
+	uio->mem[2].addr = pci_resource_start(pdev, 4);
+	uio->mem[2].size = pci_resource_len(pdev, 4);
+	uio->mem[2].memtype = UIO_MEM_IOVA;
+	pci_set_master(pdev);
+	err = pci_alloc_irq_vectors(pdev, 1, 1, PCI_IRQ_MSIX);
+	if (err < 0)
+		return err;
+	uio->irq = pci_irq_vector(pdev, 0);
+	uio->handler = port_irq;
+	err = devm_uio_register_device(&pdev->dev, uio);
+	if (err)
+		return err;
+	dev_info(&pdev->dev, "rpc-port: pool BAR %pa bytes\n", &uio->mem[2].size);
+	return 0;
+}
+
+static const struct pci_device_id port_ids[] = {
+	{ PCI_DEVICE(0x1af4, 0xa112) },
+	{}
+};
+MODULE_DEVICE_TABLE(pci, port_ids);
+
+static struct pci_driver port_driver = {
+	.name = "rpc-port",
+	.id_table = port_ids,
+	.probe = port_probe,
+};
+
+static int __init connection_init(void)
+{
+	int err = pci_register_driver(&connection_driver);
+
+	if (err)
+		return err;
+	err = pci_register_driver(&port_driver);
+	if (err)
+		pci_unregister_driver(&connection_driver);
+	return err;
+}
+
+static void __exit connection_exit(void)
+{
+	pci_unregister_driver(&port_driver);
+	pci_unregister_driver(&connection_driver);
+}
+module_init(connection_init);
+module_exit(connection_exit);
 
 MODULE_DESCRIPTION("splitvirt cross-VM connector (UIO)");
 MODULE_LICENSE("GPL");

@@ -1,0 +1,260 @@
+//! `splitvirt backend --port PORT`: the backend inside a device VM (docs/ARCHITECTURE.md,
+//! "The device VM"), serving a driver VM's devices through the device VM's rpc-port (its UIO
+//! device, from the guest's `connection` module): the driver's control region and pool are the
+//! port's maps 1 and 2 (mapped by the device VM's KVM, no copies), its setup the port's
+//! registers (map 0). The serving loop is `serve`'s; only the doorbells differ, bridged here:
+//! the port's one interrupt (every doorbell of the driver VM's) rings the loop's to-backend
+//! doorbell and every queue's kick, and a ring of the loop's own doorbells and MSI eventfds
+//! becomes a store to the port's doorbell register, which the device VM's KVM turns into the
+//! driver VM's eventfd. The devices' host ends are the device VM's own, opened here by the
+//! paths the driver VM's description gives. The VM boundary confines it: no jail.
+//!
+//! It serves one connection of the port: when the driver VM goes (or connects anew), it ends,
+//! and whoever started it starts it again for the next.
+
+use crate::serve::{check_pool, serve_parts, Parts, ServeError};
+use layout::Layout;
+use rpc::setup::MsiFds;
+use rpc::{Doorbell, Region};
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The UIO name the `connection` module gives a port.
+const UIO_NAME: &str = "rpc-port";
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as u64 }
+}
+
+fn setup_err(why: String) -> ServeError {
+    ServeError::Setup(why)
+}
+
+/// The port's UIO device: `/dev/uioN` as given, or the one whose PCI function is `port`
+/// (`0000:00:03.0`).
+fn find(port: &str) -> Result<PathBuf, ServeError> {
+    if port.starts_with("/dev/") {
+        return Ok(PathBuf::from(port));
+    }
+    let sys = Path::new("/sys/class/uio");
+    for e in std::fs::read_dir(sys)?.flatten() {
+        let name = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
+        let function = std::fs::read_link(e.path().join("device")).unwrap_or_default();
+        if name.trim_end() == UIO_NAME && function.file_name().is_some_and(|f| f == port) {
+            return Ok(Path::new("/dev").join(e.file_name()));
+        }
+    }
+    Err(setup_err(format!(
+        "no rpc-port at PCI function {port} (is the connection module loaded? `lspci -d \
+         1af4:a112` lists the ports)"
+    )))
+}
+
+/// The port's registers (map 0): device memory, reached by single loads and stores.
+struct Regs(*mut u8);
+
+// SAFETY: only volatile accesses of one register each.
+unsafe impl Send for Regs {}
+// SAFETY: as above.
+unsafe impl Sync for Regs {}
+
+impl Regs {
+    fn map(f: &File) -> Result<Regs, ServeError> {
+        // SAFETY: a new shared mapping of the port's map 0 (one page of registers).
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                port::REGS as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(ServeError::Io(std::io::Error::last_os_error()));
+        }
+        Ok(Regs(p.cast()))
+    }
+
+    fn read32(&self, off: u64) -> u32 {
+        // SAFETY: inside the mapped page, aligned.
+        unsafe { self.0.add(off as usize).cast::<u32>().read_volatile() }
+    }
+
+    fn write32(&self, off: u64, v: u32) {
+        // SAFETY: as above.
+        unsafe { self.0.add(off as usize).cast::<u32>().write_volatile(v) }
+    }
+
+    /// (connections so far, the setup words) once a driver VM is connected.
+    fn connected(&self) -> (u32, [u64; port::SETUP_WORDS]) {
+        loop {
+            let n = self.read32(port::REG_CONNECTIONS);
+            if self.read32(port::REG_STATUS) & port::STATUS_CONNECTED != 0 {
+                let mut w = [0u64; port::SETUP_WORDS];
+                for (i, w) in w.iter_mut().enumerate() {
+                    let at = port::REG_SETUP + 8 * i as u64;
+                    *w = u64::from(self.read32(at)) | u64::from(self.read32(at + 4)) << 32;
+                }
+                // The same connection throughout the reads.
+                if self.read32(port::REG_CONNECTIONS) == n {
+                    return (n, w);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Returns once connection `n` has ended.
+    fn until_gone(&self, n: u32) {
+        while self.read32(port::REG_CONNECTIONS) == n
+            && self.read32(port::REG_STATUS) & port::STATUS_CONNECTED != 0
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Serves the driver VM connected to `port` (waiting for one), with `l` its description.
+pub fn serve_port(l: &Layout, port: &str) -> Result<(), ServeError> {
+    let dev = find(port)?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&dev)
+        .map_err(|e| setup_err(format!("{}: {e}", dev.display())))?;
+    let regs = Arc::new(Regs::map(&f)?);
+    log::info!("waiting for a driver VM at {}", dev.display());
+    let (n, w) = regs.connected();
+    let pool = check_pool(l, w[2], w[3])?;
+    let (msi_count, notify_devices, host_devices) = (w[4], w[5], w[6]);
+    if host_devices != 0 {
+        return Err(setup_err(
+            "the driver VM sent host ends; it should not".into(),
+        ));
+    }
+    let page = page_size();
+    let mem = hostio::pool_memory(pool.base, pool.size, &f, 2 * page)?;
+    let region = Arc::new(Region::open_device(f.try_clone()?.into(), page)?);
+    // The loop's doorbells: eventfds, bridged to and from the port.
+    let from_proxy = Doorbell::new()?;
+    let notify: Vec<(u8, Doorbell)> = (0..32u8)
+        .filter(|d| notify_devices & 1 << d != 0)
+        .map(|d| Doorbell::new().map(|b| (d, b)))
+        .collect::<Result<_, _>>()?;
+    let (to_proxy, replies) = (Doorbell::new()?, Doorbell::new()?);
+    let counts: Vec<u8> = w[7..11].iter().flat_map(|x| x.to_le_bytes()).collect();
+    let total: u64 = counts.iter().map(|&c| u64::from(c)).sum();
+    if total != msi_count || msi_count > port::MAX_DOORBELLS - 2 {
+        return Err(setup_err(format!(
+            "the setup counts {msi_count} MSI eventfds, its devices {total}"
+        )));
+    }
+    let mut msi_devices: Vec<(u8, Vec<OwnedFd>)> = Vec::new();
+    let mut outgoing: Vec<OwnedFd> = vec![to_proxy.fd().try_clone()?, replies.fd().try_clone()?];
+    for (dev, &c) in (0u8..).zip(&counts).filter(|(_, c)| **c > 0) {
+        let bells: Vec<Doorbell> = (0..c).map(|_| Doorbell::new()).collect::<Result<_, _>>()?;
+        for b in &bells {
+            outgoing.push(b.fd().try_clone()?);
+        }
+        msi_devices.push((
+            dev,
+            bells
+                .iter()
+                .map(|b| b.fd().try_clone())
+                .collect::<Result<_, _>>()?,
+        ));
+    }
+    // In: each interrupt of the port stands for any of the driver's doorbells.
+    let wake: Vec<OwnedFd> = std::iter::once(from_proxy.fd().try_clone()?)
+        .chain(
+            notify
+                .iter()
+                .map(|(_, b)| b.fd().try_clone())
+                .collect::<Result<Vec<_>, _>>()?,
+        )
+        .collect();
+    let mut events = f.try_clone()?;
+    std::thread::Builder::new()
+        .name("port-in".into())
+        .spawn(move || bridge_in(&mut events, &wake))?;
+    // Out: a ring of the loop's becomes a store to the port's doorbell.
+    let out_regs = regs.clone();
+    std::thread::Builder::new()
+        .name("port-out".into())
+        .spawn(move || bridge_out(&out_regs, &outgoing))?;
+    // The host ends are this VM's own: opened here, by the description's paths.
+    let mut local = l.clone();
+    local.rpc_device_vm = false;
+    let ends = hostio::hostends::HostEnds::open(&local)?;
+    let hosts = ends.for_backend()?;
+    log::info!("serving a driver VM (connection {n}) at {}", dev.display());
+    let parts = Parts {
+        mem,
+        region,
+        to_proxy,
+        replies,
+        from_proxy,
+        msi: (!msi_devices.is_empty()).then_some(MsiFds {
+            devices: msi_devices,
+        }),
+        notify: notify.into_iter().map(|(d, b)| (d, b.into_fd())).collect(),
+        hosts,
+    };
+    let gone = Box::new(move || {
+        regs.until_gone(n);
+        drop(ends);
+    });
+    serve_parts(l, parts, false, &|_, f, _| f, gone)
+}
+
+/// Each interrupt of the port (a blocking read of the UIO device returns) rings every one of
+/// `wake`. Ends if the device goes.
+fn bridge_in(events: &mut File, wake: &[OwnedFd]) {
+    let mut n = [0u8; 4];
+    while events.read_exact(&mut n).is_ok() {
+        for fd in wake {
+            ring(fd);
+        }
+    }
+    log::error!("the rpc-port's interrupts stopped");
+}
+
+/// Stores to the port's doorbell `i` for each ring of `outgoing[i]`.
+fn bridge_out(regs: &Regs, outgoing: &[OwnedFd]) {
+    let mut p: Vec<libc::pollfd> = outgoing
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: poll on descriptors we hold.
+        if unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, -1) } < 0 {
+            continue;
+        }
+        for (i, q) in p.iter_mut().enumerate() {
+            if q.revents & libc::POLLIN != 0 {
+                let mut v = 0u64;
+                // SAFETY: an 8-byte read into a local from an eventfd we hold.
+                unsafe { libc::read(q.fd, (&mut v as *mut u64).cast(), 8) };
+                regs.write32(port::REG_DOORBELLS + 4 * i as u64, 1);
+            }
+            q.revents = 0;
+        }
+    }
+}
+
+fn ring(fd: &OwnedFd) {
+    let one = 1u64;
+    // SAFETY: an 8-byte write from a local to an eventfd we hold.
+    let _ = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}

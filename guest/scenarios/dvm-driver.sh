@@ -1,0 +1,12 @@
+# Inside the driver VM: its /dev/vda is served by the device VM from the device VM's own disk.
+# A token at sector 2048 (the board finds it in the device VM's disk image), then 8 MiB of
+# random bytes written, flushed, dropped from the page cache and read back through the device VM.
+value vda_sectors "$(cat /sys/block/vda/size)"
+printf 'splitvirt-device-vm %s\n' "$TOKEN" >/tmp/token
+check token_write dd if=/tmp/token of=/dev/vda bs=512 seek=2048 conv=sync,fsync
+dd if=/dev/urandom of=/tmp/r bs=1M count=8 2>/dev/null
+value written_sha "$(sha256sum </tmp/r | cut -d' ' -f1)"
+check bulk_write dd if=/tmp/r of=/dev/vda bs=1M seek=8 conv=fsync
+echo 3 >/proc/sys/vm/drop_caches
+value read_sha "$(dd if=/dev/vda bs=1M skip=8 count=8 2>/dev/null | sha256sum | cut -d' ' -f1)"
+value token_read "$(dd if=/dev/vda bs=512 skip=2048 count=1 2>/dev/null | head -n 1)"

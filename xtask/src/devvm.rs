@@ -1,0 +1,120 @@
+//! The device VM on KVM in the board (issue 17): a device VM with an rpc-port and a disk of
+//! its own, and a driver VM whose `[backend] device_vm` names the port. Inside the device VM,
+//! `splitvirt backend --port` (the static aarch64 binary) serves the driver VM's virtio-blk
+//! from the device VM's `/dev/vda`. `cargo xtask kvmdevvm` checks that the driver VM's
+//! writes read back through the device VM, that they land in the device VM's disk image, and
+//! what the device VM maps of the driver VM (its port's BARs: the control region and the
+//! pool, nothing else).
+
+use crate::env::root;
+use crate::{board, guest, kernel};
+use anyhow::{ensure, Result};
+use std::time::Duration;
+
+/// The driver VM: the default profile's pool (64 MiB), its disk in the device VM.
+const DRIVER: &str = "vcpus = 1\n\
+                      [backend]\ndevice_vm = \"/tmp/port.sock\"\n\
+                      [[device]]\nkind = \"virtio-blk\"\nimage = \"/dev/vda\"\n";
+/// The device VM: the port for that pool, and its own disk, which its splitvirt serves.
+const DEVICE: &str = "vcpus = 1\n\
+                      [[device]]\nkind = \"virtio-blk\"\nimage = \"/tmp/dvm-disk.img\"\n\
+                      placement = \"in-process\"\nslot = 1\n\
+                      [[device]]\nkind = \"rpc-port\"\nsocket = \"/tmp/port.sock\"\n\
+                      pool_size = \"64M\"\nslot = 2\n";
+
+pub fn driver_served_by_a_device_vm() -> Result<()> {
+    let k = kernel::build(kernel::Role::Driver)?;
+    let dir = root().join("target/board");
+    std::fs::create_dir_all(&dir)?;
+    let sv = std::fs::read(crate::cross::splitvirt()?)?;
+    let device_initrd = dir.join("dvm-device.cpio");
+    guest::initramfs_with(
+        "dvm-device",
+        &[],
+        &[
+            ("connection.ko", guest::kernel_module(&k, "connection")?),
+            ("splitvirt", sv),
+            ("driver.toml", DRIVER.as_bytes().to_vec()),
+        ],
+        &device_initrd,
+    )?;
+    let driver_initrd = dir.join("dvm-driver.cpio");
+    guest::initramfs("dvm-driver", &[], &driver_initrd)?;
+    let token = format!("{:016x}", std::process::id() as u64 * 0x9e37_79b9);
+    let files = vec![
+        ("guest/driver.toml".to_owned(), DRIVER.as_bytes().to_vec()),
+        ("guest/device.toml".to_owned(), DEVICE.as_bytes().to_vec()),
+        ("guest/Image".to_owned(), std::fs::read(&k.image)?),
+        (
+            "guest/dvm-device.cpio".to_owned(),
+            std::fs::read(&device_initrd)?,
+        ),
+        (
+            "guest/dvm-driver.cpio".to_owned(),
+            std::fs::read(&driver_initrd)?,
+        ),
+    ];
+    let r = board::run(
+        "board-devvm",
+        &[("TOKEN", &token)],
+        files,
+        Duration::from_secs(900),
+    )?;
+    let log = r.log_path.display();
+    ensure!(!r.timed_out, "the board did not finish (log: {log})");
+    let (device, driver, outer) = (r.part("device"), r.part("driver"), r.outer());
+    ensure!(
+        device.passed("insmod") && device.value("port_function").is_some_and(|f| !f.is_empty()),
+        "the device VM found no rpc-port (log: {log})"
+    );
+    // What the device VM sees of the driver VM: its control region (0xb000 bytes in a 64 KiB
+    // BAR) and its pool (64 MiB), and nothing else.
+    ensure!(
+        device.value("port_maps")
+            == Some("0x0000000000001000 0x0000000000010000 0x0000000004000000"),
+        "the port's maps (registers, control region, pool): {:?} (log: {log})",
+        device.value("port_maps")
+    );
+    let device_sv = r.part("device-sv");
+    let connected = device_sv
+        .log
+        .lines()
+        .find(|l| l.contains("a driver VM connected"));
+    ensure!(
+        connected.is_some_and(|l| l.contains("control region 45056 bytes") && l.contains("pool 67108864 bytes")),
+        "the device VM's splitvirt did not map the driver VM's control region and pool: {connected:?} (log: {log})"
+    );
+    let want = format!("splitvirt-device-vm {token}");
+    ensure!(
+        driver.passed("token_write") && driver.passed("bulk_write"),
+        "the driver VM's writes failed (log: {log})"
+    );
+    ensure!(
+        driver.value("token_read") == Some(want.as_str()),
+        "the driver VM read back {:?}, not {want:?} (log: {log})",
+        driver.value("token_read")
+    );
+    ensure!(
+        driver.value("read_sha").is_some()
+            && driver.value("read_sha") == driver.value("written_sha"),
+        "8 MiB through the device VM came back changed: {:?} vs {:?} (log: {log})",
+        driver.value("read_sha"),
+        driver.value("written_sha")
+    );
+    ensure!(
+        outer.value("disk_token") == Some(want.as_str()),
+        "the device VM's disk image holds {:?}, not {want:?} (log: {log})",
+        outer.value("disk_token")
+    );
+    for (p, who) in [(&device, "device"), (&driver, "driver")] {
+        ensure!(
+            p.value("splitvirt_exit") == Some("0"),
+            "the {who} VM's splitvirt exited {:?} (log: {log})",
+            p.value("splitvirt_exit")
+        );
+    }
+    println!(
+        "device VM: the driver VM's disk served from the device VM's own, token and 8 MiB read back (log: {log})"
+    );
+    Ok(())
+}
