@@ -1,30 +1,49 @@
 # A device VM serving a driver VM's disk (docs/ARCHITECTURE.md, "The device VM"): consoles
-# "device| " and "driver| ". The device VM starts first; its guest says when its backend waits
-# at the port; then the driver VM, whose [backend] device_vm is the port's socket, boots,
-# writes and reads its disk and powers off; the device VM's backend ends with the connection
-# and the device VM powers off. Each splitvirt logs to a file of its own, read once it ended.
+# "device| ", "device2| " and "driver| ". The device VM starts first; its guest says when its
+# backend waits at the port; then the driver VM, whose [backend] device_vm is the port's
+# socket, boots and writes and reads its disk. When it says so, the device VM's splitvirt is
+# killed mid-I/O and a second device VM takes the port's socket over; the driver VM carries on
+# with it and powers off, the second device VM's backend ends with the connection and it powers
+# off. Each splitvirt logs to a file of its own, read once it ended.
 check kvm_device test -c /dev/kvm
 truncate -s 64M /tmp/dvm-disk.img
-( /splitvirt --log-file /tmp/device-sv.log run --config /guest/device.toml --kernel /guest/Image \
-	--initrd /guest/dvm-device.cpio --cmdline "console=ttyAMA0 loglevel=4 CONNECTIONS=1" </dev/null
-  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do
-	echo "device| $l"
-	case "$l" in *"@@ PORT READY"*) touch /tmp/port-ready ;; esac
-done &
-device_console=$!
-n=0
-while [ ! -e /tmp/port-ready ] && [ $n -lt 600 ]; do sleep 0.5; n=$((n + 1)); done
+device_vm() { # NAME
+	( /splitvirt --log-file "/tmp/$1-sv.log" run --config /guest/device.toml --kernel /guest/Image \
+		--initrd /guest/dvm-device.cpio --cmdline "console=ttyAMA0 loglevel=4 CONNECTIONS=1" </dev/null &
+	  echo $! >"/tmp/$1.pid"
+	  wait $!
+	  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do
+		echo "$1| $l"
+		case "$l" in *"@@ PORT READY"*) touch "/tmp/$1-ready" ;; esac
+	done
+}
+wait_for() { n=0; while [ ! -e "$1" ] && [ $n -lt 600 ]; do sleep 0.5; n=$((n + 1)); done; }
+device_vm device &
+first=$!
+wait_for /tmp/device-ready
 ( /splitvirt --log-file /tmp/driver-sv.log run --config /guest/driver.toml --kernel /guest/Image \
 	--initrd /guest/dvm-driver.cpio --cmdline "console=ttyAMA0 loglevel=4 TOKEN=$TOKEN" </dev/null
-  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "driver| $l"; done
+  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do
+	echo "driver| $l"
+	case "$l" in *"@@ KILL NOW"*) touch /tmp/kill-now ;; esac
+done &
+driver=$!
+# The driver VM writes without pause now: the device VM dies under its I/O.
+wait_for /tmp/kill-now
+check device_killed kill -9 "$(cat /tmp/device.pid)"
+wait "$first"
+device_vm device2 &
+second=$!
 n=0
-while [ "$(ps | grep -c '[d]evice.toml')" -gt 0 ] && [ $n -lt 600 ]; do
+while kill -0 "$driver" 2>/dev/null && [ $n -lt 600 ]; do
 	sleep 0.5; n=$((n + 1))
-	[ $n = 600 ] && { hang_report devvm; pkill -f device.toml; }
+	[ $n = 600 ] && { hang_report devvm; pkill -f driver.toml; pkill -f device.toml; }
 done
-# Its console to the end (the exit status comes after splitvirt ended).
-wait "$device_console"
+wait "$second"
 sed 's/^/device-sv| /' /tmp/device-sv.log
+sed 's/^/device2-sv| /' /tmp/device2-sv.log
 sed 's/^/driver-sv| /' /tmp/driver-sv.log
-# What the driver VM wrote, in the device VM's own disk image.
+# What the driver VM wrote, in the device VMs' disk image: the token through the first, 8 MiB
+# through the second.
 value disk_token "$(dd if=/tmp/dvm-disk.img bs=512 skip=2048 count=1 2>/dev/null | head -n 1)"
+value disk_after_sha "$(dd if=/tmp/dvm-disk.img bs=1M skip=16 count=8 2>/dev/null | sha256sum | cut -d' ' -f1)"

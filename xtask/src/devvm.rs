@@ -4,7 +4,8 @@
 //! from the device VM's `/dev/vda`. `cargo xtask kvmdevvm` checks that the driver VM's
 //! writes read back through the device VM, that they land in the device VM's disk image, and
 //! what the device VM maps of the driver VM (its port's BARs: the control region and the
-//! pool, nothing else).
+//! pool, nothing else); then that the device VM's splitvirt killed under the driver VM's
+//! writes leaves the driver VM up with I/O errors, and a second device VM takes over.
 
 use crate::env::root;
 use crate::{board, guest, kernel};
@@ -106,7 +107,33 @@ pub fn driver_served_by_a_device_vm() -> Result<()> {
         "the device VM's disk image holds {:?}, not {want:?} (log: {log})",
         outer.value("disk_token")
     );
-    for (p, who) in [(&device, "device"), (&driver, "driver")] {
+    // The device VM killed under the driver VM's writes: the driver VM saw an I/O error, a
+    // second device VM took over, and what the driver wrote after that reads back and is in
+    // the image.
+    let device2 = r.part("device2");
+    ensure!(
+        device.value("splitvirt_exit") == Some("137")
+            && driver.value("writes_before_error").is_some(),
+        "the first device VM was not killed under the driver VM's writes (exit {:?}) (log: {log})",
+        device.value("splitvirt_exit")
+    );
+    ensure!(
+        driver.value("failed_tries").is_some_and(|n| n != "300"),
+        "the driver VM's disk never worked again after the device VM died (log: {log})"
+    );
+    let after = driver.value("after_sha");
+    ensure!(
+        after.is_some() && driver.value("after_read_sha") == after && outer.value("disk_after_sha") == after,
+        "8 MiB written through the second device VM: read back {:?}, in the image {:?}, written {after:?} (log: {log})",
+        driver.value("after_read_sha"),
+        outer.value("disk_after_sha")
+    );
+    let driver_sv = r.part("driver-sv");
+    ensure!(
+        driver_sv.log.contains("backend reached again"),
+        "the driver VM's splitvirt did not reach the second device VM (log: {log})"
+    );
+    for (p, who) in [(&device2, "second device"), (&driver, "driver")] {
         ensure!(
             p.value("splitvirt_exit") == Some("0"),
             "the {who} VM's splitvirt exited {:?} (log: {log})",
@@ -114,7 +141,8 @@ pub fn driver_served_by_a_device_vm() -> Result<()> {
         );
     }
     println!(
-        "device VM: the driver VM's disk served from the device VM's own, token and 8 MiB read back (log: {log})"
+        "device VM: the driver VM's disk served from the device VM's own, token and 8 MiB read back; the device VM killed under {} writes, a second one took over and 8 MiB read back (log: {log})",
+        driver.value("writes_before_error").unwrap_or("?")
     );
     Ok(())
 }
