@@ -133,6 +133,11 @@ pub fn driver_served_by_a_device_vm() -> Result<()> {
         driver_sv.log.contains("backend reached again"),
         "the driver VM's splitvirt did not reach the second device VM (log: {log})"
     );
+    ensure!(
+        device2.value("backend_exit_0") == Some("0"),
+        "the second device VM's backend did not end cleanly with the connection: {:?} (log: {log})",
+        device2.value("backend_exit_0")
+    );
     for (p, who) in [(&device2, "second device"), (&driver, "driver")] {
         ensure!(
             p.value("splitvirt_exit") == Some("0"),

@@ -20,6 +20,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -121,6 +122,32 @@ impl Regs {
     }
 }
 
+/// The port's registers, for the SIGBUS handler.
+static REGS: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
+
+/// SIGBUS: once the driver VM has gone, its memory has left this VM under our accesses (the
+/// VMM takes it out at once), and touching it faults. That is the end of this connection, not
+/// a crash. Any other SIGBUS is one: the default action, again.
+extern "C" fn on_sigbus(_: libc::c_int) {
+    let regs = REGS.load(Ordering::Acquire);
+    // SAFETY: the registers' mapping lives for the process; a single volatile load.
+    let status = unsafe {
+        regs.add(port::REG_STATUS as usize)
+            .cast::<u32>()
+            .read_volatile()
+    };
+    if status & port::STATUS_CONNECTED == 0 {
+        let msg = b"splitvirt-backend: the driver VM went\n";
+        // SAFETY: write and _exit are async-signal-safe.
+        unsafe {
+            libc::write(2, msg.as_ptr().cast(), msg.len());
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: restores the default action; the faulting access runs again and ends us.
+    unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+}
+
 /// Serves the driver VM connected to `port` (waiting for one), with `l` its description.
 pub fn serve_port(l: &Layout, port: &str) -> Result<(), ServeError> {
     let dev = find(port)?;
@@ -130,6 +157,9 @@ pub fn serve_port(l: &Layout, port: &str) -> Result<(), ServeError> {
         .open(&dev)
         .map_err(|e| setup_err(format!("{}: {e}", dev.display())))?;
     let regs = Arc::new(Regs::map(&f)?);
+    REGS.store(regs.0, Ordering::Release);
+    // SAFETY: a handler that only reads a register, writes and exits.
+    unsafe { libc::signal(libc::SIGBUS, on_sigbus as *const () as libc::sighandler_t) };
     log::info!("waiting for a driver VM at {}", dev.display());
     let (n, w) = regs.connected();
     let pool = check_pool(l, w[2], w[3])?;
