@@ -8,13 +8,16 @@
 check kvm_device test -c /dev/kvm
 truncate -s 64M /tmp/dvm-disk.img
 device_vm() { # NAME
-	( /splitvirt --log-file "/tmp/$1-sv.log" run --config /guest/device.toml --kernel /guest/Image \
+	( /splitvirt --log-file "/tmp/$1-sv.log" run --config /guest/device.toml --kernel /guest/device-Image \
 		--initrd /guest/dvm-device.cpio --cmdline "console=ttyAMA0 loglevel=4 CONNECTIONS=1" </dev/null &
 	  echo $! >"/tmp/$1.pid"
 	  wait $!
 	  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do
 		echo "$1| $l"
-		case "$l" in *"@@ PORT READY"*) touch "/tmp/$1-ready" ;; esac
+		case "$l" in
+		*"@@ PORT READY"*) touch "/tmp/$1-ready" ;;
+		*"@@ VALUE tcp_rx_sha"*) touch "/tmp/$1-tcp-done" ;;
+		esac
 	done
 }
 wait_for() { n=0; while [ ! -e "$1" ] && [ $n -lt 600 ]; do sleep 0.5; n=$((n + 1)); done; }
@@ -28,8 +31,10 @@ wait_for /tmp/device-ready
 	case "$l" in *"@@ KILL NOW"*) touch /tmp/kill-now ;; esac
 done &
 driver=$!
-# The driver VM writes without pause now: the device VM dies under its I/O.
+# The driver VM writes without pause now (and the device VM has hashed what came over TCP):
+# the device VM dies under its I/O.
 wait_for /tmp/kill-now
+wait_for /tmp/device-tcp-done
 check device_killed kill -9 "$(cat /tmp/device.pid)"
 wait "$first"
 device_vm device2 &
@@ -37,7 +42,7 @@ second=$!
 n=0
 while kill -0 "$driver" 2>/dev/null && [ $n -lt 600 ]; do
 	sleep 0.5; n=$((n + 1))
-	[ $n = 600 ] && { hang_report devvm; pkill -f driver.toml; pkill -f device.toml; }
+	[ $n = 600 ] && { hang_report devvm; pkill -9 -f 'splitvirt'; }
 done
 wait "$second"
 sed 's/^/device-sv| /' /tmp/device-sv.log

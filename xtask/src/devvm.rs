@@ -1,11 +1,12 @@
 //! The device VM on KVM in the board (issue 17): a device VM with an rpc-port and a disk of
 //! its own, and a driver VM whose `[backend] device_vm` names the port. Inside the device VM,
 //! `splitvirt backend --port` (the static aarch64 binary) serves the driver VM's virtio-blk
-//! from the device VM's `/dev/vda`. `cargo xtask kvmdevvm` checks that the driver VM's
-//! writes read back through the device VM, that they land in the device VM's disk image, and
-//! what the device VM maps of the driver VM (its port's BARs: the control region and the
-//! pool, nothing else); then that the device VM's splitvirt killed under the driver VM's
-//! writes leaves the driver VM up with I/O errors, and a second device VM takes over.
+//! from the device VM's `/dev/vda` and its virtio-net from a TAP inside the device VM.
+//! `cargo xtask kvmdevvm` checks that the driver VM's writes read back through the device VM
+//! and land in the device VM's disk image, that 4 MiB over TCP reach the device VM whole, and
+//! what the device VM maps of the driver VM (its port's BARs: the control region and the pool,
+//! nothing else); then that the device VM's splitvirt killed under the driver VM's writes
+//! leaves the driver VM up with I/O errors, and a second device VM takes over.
 
 use crate::env::root;
 use crate::{board, guest, kernel};
@@ -15,7 +16,8 @@ use std::time::Duration;
 /// The driver VM: the default profile's pool (64 MiB), its disk in the device VM.
 const DRIVER: &str = "vcpus = 1\n\
                       [backend]\ndevice_vm = \"/tmp/port.sock\"\n\
-                      [[device]]\nkind = \"virtio-blk\"\nimage = \"/dev/vda\"\n";
+                      [[device]]\nkind = \"virtio-blk\"\nimage = \"/dev/vda\"\n\
+                      [[device]]\nkind = \"virtio-net\"\nbackend = \"tap0\"\n";
 /// The device VM: the port for that pool, and its own disk, which its splitvirt serves.
 const DEVICE: &str = "vcpus = 1\n\
                       [[device]]\nkind = \"virtio-blk\"\nimage = \"/tmp/dvm-disk.img\"\n\
@@ -23,22 +25,33 @@ const DEVICE: &str = "vcpus = 1\n\
                       [[device]]\nkind = \"rpc-port\"\nsocket = \"/tmp/port.sock\"\n\
                       pool_size = \"64M\"\nslot = 2\n";
 
-pub fn driver_served_by_a_device_vm() -> Result<()> {
-    let k = kernel::build(kernel::Role::Driver)?;
+/// The device VM's initramfs: the `connection` module for its kernel `dk`, the static
+/// splitvirt, and the description of the driver VM it serves.
+fn device_initramfs(dk: &kernel::Kernel, driver: &str) -> Result<std::path::PathBuf> {
     let dir = root().join("target/board");
     std::fs::create_dir_all(&dir)?;
     let sv = std::fs::read(crate::cross::splitvirt()?)?;
-    let device_initrd = dir.join("dvm-device.cpio");
+    let initrd = dir.join("dvm-device.cpio");
     guest::initramfs_with(
         "dvm-device",
         &[],
         &[
-            ("connection.ko", guest::kernel_module(&k, "connection")?),
+            ("connection.ko", guest::kernel_module(dk, "connection")?),
             ("splitvirt", sv),
-            ("driver.toml", DRIVER.as_bytes().to_vec()),
+            ("driver.toml", driver.as_bytes().to_vec()),
         ],
-        &device_initrd,
+        &initrd,
     )?;
+    Ok(initrd)
+}
+
+pub fn driver_served_by_a_device_vm() -> Result<()> {
+    let k = kernel::build(kernel::Role::Driver)?;
+    // The device VM's kernel has TUN, for the TAP it serves the driver VM's network from.
+    let dk = kernel::build(kernel::Role::Device)?;
+    let dir = root().join("target/board");
+    std::fs::create_dir_all(&dir)?;
+    let device_initrd = device_initramfs(&dk, DRIVER)?;
     let driver_initrd = dir.join("dvm-driver.cpio");
     guest::initramfs("dvm-driver", &[], &driver_initrd)?;
     let token = format!("{:016x}", std::process::id() as u64 * 0x9e37_79b9);
@@ -46,6 +59,7 @@ pub fn driver_served_by_a_device_vm() -> Result<()> {
         ("guest/driver.toml".to_owned(), DRIVER.as_bytes().to_vec()),
         ("guest/device.toml".to_owned(), DEVICE.as_bytes().to_vec()),
         ("guest/Image".to_owned(), std::fs::read(&k.image)?),
+        ("guest/device-Image".to_owned(), std::fs::read(&dk.image)?),
         (
             "guest/dvm-device.cpio".to_owned(),
             std::fs::read(&device_initrd)?,
@@ -84,6 +98,13 @@ pub fn driver_served_by_a_device_vm() -> Result<()> {
     ensure!(
         connected.is_some_and(|l| l.contains("control region 45056 bytes") && l.contains("pool 67108864 bytes")),
         "the device VM's splitvirt did not map the driver VM's control region and pool: {connected:?} (log: {log})"
+    );
+    ensure!(
+        driver.value("tcp_tx_sha").is_some()
+            && device.value("tcp_rx_sha") == driver.value("tcp_tx_sha"),
+        "4 MiB over TCP through the device VM's network: sent {:?}, received {:?} (log: {log})",
+        driver.value("tcp_tx_sha"),
+        device.value("tcp_rx_sha")
     );
     let want = format!("splitvirt-device-vm {token}");
     ensure!(
@@ -149,5 +170,86 @@ pub fn driver_served_by_a_device_vm() -> Result<()> {
         "device VM: the driver VM's disk served from the device VM's own, token and 8 MiB read back; the device VM killed under {} writes, a second one took over and 8 MiB read back (log: {log})",
         driver.value("writes_before_error").unwrap_or("?")
     );
+    Ok(())
+}
+
+/// Rounds of `bench devvm`, the order of the three placements rotating.
+const BENCH_ROUNDS: usize = 3;
+
+/// `cargo xtask bench devvm`: a driver VM's virtio-blk served in splitvirt's process, in the
+/// backend process and by a device VM from its own disk (the same raw file), side by side in
+/// one board run: 1 MiB sequential writes and reads, 4 KiB random reads at queue depth 1.
+pub fn bench() -> Result<()> {
+    let dk = kernel::build(kernel::Role::Device)?;
+    let bench_driver = "vcpus = 1\n[backend]\ndevice_vm = \"/tmp/port.sock\"\n\
+                        [[device]]\nkind = \"virtio-blk\"\nimage = \"/dev/vda\"\n";
+    let device_initrd = device_initramfs(&dk, bench_driver)?;
+    let blk = |placement: &str| {
+        format!(
+            "vcpus = 1\n[[device]]\nkind = \"virtio-blk\"\nimage = \"/tmp/bench.raw\"\nplacement = \"{placement}\"\n"
+        )
+        .into_bytes()
+    };
+    let device = DEVICE.replace("/tmp/dvm-disk.img", "/tmp/bench.raw");
+    let mut files = crate::bench::io_files()?;
+    files.extend([
+        ("guest/in.toml".to_owned(), blk("in-process")),
+        ("guest/be.toml".to_owned(), blk("backend")),
+        (
+            "guest/driver.toml".to_owned(),
+            bench_driver.as_bytes().to_vec(),
+        ),
+        ("guest/device.toml".to_owned(), device.into_bytes()),
+        ("guest/device-Image".to_owned(), std::fs::read(&dk.image)?),
+        (
+            "guest/dvm-device.cpio".to_owned(),
+            std::fs::read(&device_initrd)?,
+        ),
+    ]);
+    let r = board::run(
+        "bench-devvm",
+        &[("ROUNDS", &BENCH_ROUNDS.to_string())],
+        files,
+        Duration::from_secs(3600),
+    )?;
+    let log = r.log_path.display();
+    ensure!(!r.timed_out, "the board timed out (log: {log})");
+    let keys = [
+        ("seq_write_mbps", "seq write MB/s"),
+        ("seq_read_mbps", "seq read MB/s"),
+        ("rand_read_iops", "4K rand read IOPS"),
+    ];
+    println!(
+        "\na driver VM's virtio-blk in three places, on KVM inside the board ({} MiB sequential, {} s random, QD1; {BENCH_ROUNDS} rounds)",
+        crate::bench::IO_MIB,
+        crate::bench::IO_SECONDS
+    );
+    println!(
+        "| round | measure | in-process | backend process | device VM | device VM / backend |"
+    );
+    println!("|---|---|---:|---:|---:|---:|");
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); keys.len()];
+    for round in 1..=BENCH_ROUNDS {
+        let get = |p: &str, k: &str| -> Result<f64> {
+            r.part(&format!("{p}-{round}"))
+                .value(k)
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("no {k} for {p} in round {round} (log: {log})"))
+        };
+        for (i, (k, what)) in keys.iter().enumerate() {
+            let (a, b, c) = (get("in", k)?, get("be", k)?, get("dvm", k)?);
+            ratios[i].push(c / b);
+            println!(
+                "| {round} | {what} | {a:.1} | {b:.1} | {c:.1} | {:.2}x |",
+                c / b
+            );
+        }
+    }
+    for (i, (_, what)) in keys.iter().enumerate() {
+        println!(
+            "| median | {what} | | | | **{:.2}x** |",
+            crate::bench::median(ratios[i].clone())
+        );
+    }
     Ok(())
 }

@@ -62,7 +62,8 @@ enum Cmd {
     /// proxy-backend round trip against eventfd and spin floors, natively and in the board),
     /// `conn` (cross-VM connector event round trip and guest-to-guest bandwidth vs memcpy),
     /// `qemu` (splitvirt against Debian's QEMU/KVM in the same board run: boot, block I/O, TCP,
-    /// memory).
+    /// memory), `devvm` (a driver VM's disk in-process, in the backend process and served by a
+    /// device VM, side by side).
     Bench {
         #[arg(value_parser = ["boot", "io", "rpc", "conn", "jail", "syscall", "qemu"])]
         what: String,
@@ -126,6 +127,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { what } if what == "jail" => bench::jail(),
         Cmd::Bench { what } if what == "syscall" => bench::syscalls(),
         Cmd::Bench { what } if what == "conn" => kvmconn::bench(),
+        Cmd::Bench { what } if what == "devvm" => devvm::bench(),
         Cmd::Bench { what } if what == "qemu" => versus::run(),
         Cmd::Bench { .. } => bench::boot(),
         Cmd::Realboot => {

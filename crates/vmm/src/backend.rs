@@ -692,20 +692,24 @@ impl Watch {
             for k in &self.kept {
                 k.reap();
             }
-            if self.restarts == 0 {
-                log::error!("the backend is not restarted: its devices fail from now on");
-                return;
-            }
-            self.restarts -= 1;
-            std::thread::sleep(RESTART_DELAY);
-            if self.current.stopping.load(Ordering::Acquire) {
-                return;
-            }
-            let started = match self.launch.start() {
-                Ok(s) => s,
-                Err(e) => {
-                    log::error!("cannot restart the backend ({e}): its devices fail from now on");
+            // A start that fails costs a restart too: a backend that comes up slowly (a
+            // device VM still booting) is waited for again, as often as restarts allow.
+            let started = loop {
+                if self.restarts == 0 {
+                    log::error!("the backend is not restarted: its devices fail from now on");
                     return;
+                }
+                self.restarts -= 1;
+                std::thread::sleep(RESTART_DELAY);
+                if self.current.stopping.load(Ordering::Acquire) {
+                    return;
+                }
+                match self.launch.start() {
+                    Ok(s) => break s,
+                    Err(e) => log::warn!(
+                        "cannot restart the backend ({e}); {} restart(s) left",
+                        self.restarts
+                    ),
                 }
             };
             started.proxy.start_devices();

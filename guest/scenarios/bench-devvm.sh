@@ -1,0 +1,40 @@
+# The three places a driver VM's disk can be served from, side by side (`cargo xtask bench
+# devvm`): in splitvirt's process ("in"), in the backend process ("be"), and by a device VM
+# from its own disk ("dvm"), the same raw file each time; ROUNDS rounds, the order rotating.
+# Consoles "PLACEMENT-ROUND| ", the device VMs' "device-ROUND| ".
+check kvm_device test -c /dev/kvm
+truncate -s 256M /tmp/bench.raw
+vm() { # NAME CONFIG
+	/splitvirt --log-file "/tmp/$1-sv.log" run --config "/guest/$2.toml" --kernel /guest/Image \
+		--initrd /guest/initrd.cpio --cmdline "console=ttyAMA0 loglevel=4 MODE=disk" </dev/null 2>&1 |
+		while IFS= read -r l; do echo "$1| $l"; done
+}
+dvm() { # ROUND
+	rm -f "/tmp/device-$1-ready"
+	( /splitvirt --log-file "/tmp/device-$1-sv.log" run --config /guest/device.toml \
+		--kernel /guest/device-Image --initrd /guest/dvm-device.cpio \
+		--cmdline "console=ttyAMA0 loglevel=4 CONNECTIONS=1" </dev/null 2>&1 |
+		while IFS= read -r l; do
+			echo "device-$1| $l"
+			case "$l" in *"@@ PORT READY"*) touch "/tmp/device-$1-ready" ;; esac
+		done ) &
+	device=$!
+	n=0; while [ ! -e "/tmp/device-$1-ready" ] && [ $n -lt 600 ]; do sleep 0.5; n=$((n + 1)); done
+	vm "dvm-$1" driver
+	wait "$device"
+}
+i=0
+while [ "$i" -lt "$ROUNDS" ]; do
+	i=$((i + 1))
+	case $((i % 3)) in
+	1) order="in be dvm" ;;
+	2) order="be dvm in" ;;
+	0) order="dvm in be" ;;
+	esac
+	for p in $order; do
+		case $p in
+		dvm) dvm "$i" ;;
+		*) vm "$p-$i" "$p" ;;
+		esac
+	done
+done
