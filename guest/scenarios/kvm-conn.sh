@@ -27,6 +27,8 @@ ping)
 	if [ "$MODE" = bench ]; then
 		# Again with both sides sleeping at once (no polling): every message an interrupt.
 		CONN_SPIN_US=0 /conn ping chan "$ROUNDS" | values sleeping
+		# And polling for 5 ms, longer than a round trip through interrupts takes here.
+		CONN_SPIN_US=5000 /conn ping chan "$ROUNDS" | values longspin
 		# 15 MiB chunks: two fill the bench's 32 MiB dataport's bulk area, and each costs one
 		# event round trip (milliseconds here) against ~15 ms of copying.
 		/conn memcpy 128 15360 | values memcpy
@@ -48,7 +50,10 @@ pong)
 	/conntest recv bulk -512
 	/conntest send bulk -256 plain-from-b
 	/conn pong chan | values pong
-	[ "$MODE" = bench ] && CONN_SPIN_US=0 /conn pong chan | values sleeping
+	if [ "$MODE" = bench ]; then
+		CONN_SPIN_US=0 /conn pong chan | values sleeping
+		CONN_SPIN_US=5000 /conn pong chan | values longspin
+	fi
 	/conn sink bulk | values sink
 	base=$(/conntest events bulk | sed 's/.* //')
 	/conn send chan b storm-ready

@@ -235,6 +235,12 @@ pub fn bench() -> Result<()> {
         sleeping / floor
     );
     println!("| the same, p99 | {} us |", v(&a, "sleeping_rtt_p99_us")?);
+    let long = mibs(&a, "longspin_rtt_median_us")?;
+    println!(
+        "| message round trip, receivers polling 5 ms first (longer than a round trip through interrupts here), median | {long:.0} us ({:.2}x the eventfd floor, {:.0}x the spin floor) |",
+        long / floor,
+        long / spin_floor
+    );
     println!(
         "| eventfd ping-pong between two processes of the board (floor), median | {floor:.0} us |"
     );

@@ -65,7 +65,7 @@ enum Cmd {
     /// memory), `devvm` (a driver VM's disk in-process, in the backend process and served by a
     /// device VM, side by side).
     Bench {
-        #[arg(value_parser = ["boot", "io", "rpc", "conn", "jail", "syscall", "qemu"])]
+        #[arg(value_parser = ["boot", "io", "rpc", "conn", "jail", "syscall", "qemu", "devvm"])]
         what: String,
     },
     /// Run the cargo-fuzz targets (virtqueue, blk_request, ecam) for a while each.
