@@ -1,14 +1,15 @@
-# Inside the device VM: the connection module gives the rpc-port as a UIO device; the
-# backend serves the driver VM described in /driver.toml from this VM's own disk (/dev/vda)
-# and network (tap0, made by the backend: it gets 10.0.5.1 here), once per connection of the
-# driver VM's splitvirt, CONNECTIONS times. The 4 MiB the driver VM sends to port 5000 are
-# hashed.
+# Inside the device VM: the connection module gives each rpc-port as a UIO device. Per port, a
+# backend serves the driver VM described in /driver.toml (the port at 00:02.0) or
+# /driver2.toml (00:03.0) from this VM's own disks (/dev/vda, /dev/vdb) and network (tap0,
+# made by the backend: it gets 10.0.5.1 here), once per connection of that driver VM's
+# splitvirt, CONNECTIONS times; the VM powers off when every port has been served so. The
+# 4 MiB a driver VM sends to port 5000 are hashed.
 check insmod insmod /connection.ko
-uio=$(for d in /sys/class/uio/uio*; do [ "$(cat "$d/name")" = rpc-port ] && echo "$d"; done)
-value port_maps "$(cat "$uio"/maps/map*/size 2>/dev/null | tr '\n' ' ')"
-port=$(basename "$(readlink "$uio/device")")
-value port_function "$port"
-value own_disk_sectors "$(cat /sys/block/vda/size)"
+ports=$(for d in /sys/class/uio/uio*; do
+	[ "$(cat "$d/name")" = rpc-port ] && basename "$(readlink "$d/device")"
+done | sort | tr '\n' ' ')
+value ports "$ports"
+value port_maps "$(cat /sys/class/uio/uio0/maps/map*/size 2>/dev/null | tr '\n' ' ')"
 ( while :; do
 	if [ -e /sys/class/net/tap0 ] && ! ip addr show dev tap0 | grep -q 10.0.5.1; then
 		ip addr add 10.0.5.1/24 dev tap0 && ip link set tap0 up
@@ -22,10 +23,21 @@ value own_disk_sectors "$(cat /sys/block/vda/size)"
 	sleep 0.5; n=$((n + 1))
   done
   value tcp_rx_sha "$(sha256sum </tmp/rx | cut -d' ' -f1)" ) &
-echo "@@ PORT READY"
-i=0
-while [ "$i" -lt "$CONNECTIONS" ]; do
-	/splitvirt backend --port "$port" --config /driver.toml
-	value "backend_exit_$i" "$?"
-	i=$((i + 1))
+serve() { # NAME PORT DESCRIPTION
+	i=0
+	while [ "$i" -lt "$CONNECTIONS" ]; do
+		/splitvirt backend --port "$2" --config "$3"
+		value "backend_exit_${1}_$i" "$?"
+		i=$((i + 1))
+	done
+}
+pids=
+for p in $ports; do
+	case "$p" in
+	*:02.0) serve a "$p" /driver.toml & ;;
+	*) serve b "$p" /driver2.toml & ;;
+	esac
+	pids="$pids $!"
 done
+echo "@@ PORT READY"
+for p in $pids; do wait "$p"; done

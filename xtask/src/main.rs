@@ -77,7 +77,11 @@ enum Cmd {
     /// and replaced mid-exchange).
     Kvmconn,
     /// A driver VM whose disk a device VM serves from its own, on KVM in the board.
-    Kvmdevvm,
+    Kvmdevvm {
+        /// Also kill the device VM under the driver VM's writes and have another take over.
+        #[arg(long)]
+        kill: bool,
+    },
     /// Boot guests with splitvirt on KVM inside the board (the project's kernel and Debian's).
     Kvmboot,
     /// Boot the guest kernel on QEMU's virt machine with our DTB (and the negative boots).
@@ -120,7 +124,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Kvmboot => kvmboot::boot_on_kvm(),
         Cmd::Kvmconn => kvmconn::connect_two_vms(),
-        Cmd::Kvmdevvm => devvm::driver_served_by_a_device_vm(),
+        Cmd::Kvmdevvm { kill: false } => devvm::driver_served_by_a_device_vm(),
+        Cmd::Kvmdevvm { kill: true } => devvm::with_the_device_vm_killed(),
         Cmd::Fuzz { seconds } => fuzz::run_all(seconds),
         Cmd::Bench { what } if what == "io" => bench::io(),
         Cmd::Bench { what } if what == "rpc" => bench::rpc(),
