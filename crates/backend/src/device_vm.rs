@@ -202,13 +202,14 @@ pub fn serve_port(l: &Layout, port: &str) -> Result<(), ServeError> {
         ));
     }
     // In: each interrupt of the port stands for any of the driver's doorbells.
-    let wake: Vec<OwnedFd> = std::iter::once(from_proxy.fd().try_clone()?)
+    let wake: Vec<Doorbell> = std::iter::once(from_proxy.fd().try_clone()?)
         .chain(
             notify
                 .iter()
                 .map(|(_, b)| b.fd().try_clone())
                 .collect::<Result<Vec<_>, _>>()?,
         )
+        .map(Doorbell::from_fd)
         .collect();
     let mut events = f.try_clone()?;
     std::thread::Builder::new()
@@ -246,11 +247,11 @@ pub fn serve_port(l: &Layout, port: &str) -> Result<(), ServeError> {
 
 /// Each interrupt of the port (a blocking read of the UIO device returns) rings every one of
 /// `wake`. Ends if the device goes.
-fn bridge_in(events: &mut File, wake: &[OwnedFd]) {
+fn bridge_in(events: &mut File, wake: &[Doorbell]) {
     let mut n = [0u8; 4];
     while events.read_exact(&mut n).is_ok() {
-        for fd in wake {
-            ring(fd);
+        for bell in wake {
+            bell.ring();
         }
     }
     log::error!("the rpc-port's interrupts stopped");
@@ -281,10 +282,4 @@ fn bridge_out(regs: &Regs, outgoing: &[OwnedFd]) {
             q.revents = 0;
         }
     }
-}
-
-fn ring(fd: &OwnedFd) {
-    let one = 1u64;
-    // SAFETY: an 8-byte write from a local to an eventfd we hold.
-    let _ = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }

@@ -124,7 +124,7 @@ struct Driver {
     /// To the port's vector: its to-backend doorbell, then its queue notify eventfds.
     incoming: Vec<OwnedFd>,
     /// BAR 0's doorbells, in order: its events and replies doorbells, then its MSI eventfds.
-    outgoing: Vec<OwnedFd>,
+    outgoing: Vec<rpc::Doorbell>,
 }
 
 /// Where the guest has put things, who is connected, and what the hypervisor holds now.
@@ -218,14 +218,14 @@ impl Wiring {
             let want = s.bars[0].zip(driver);
             if !same(&want, &s.bells_at) {
                 if let Some((bar0, d)) = s.bells_at.take() {
-                    for (i, fd) in d.outgoing.iter().enumerate() {
-                        let _ = hv.detach(fd.as_raw_fd(), doorbell(bar0, i));
+                    for (i, bell) in d.outgoing.iter().enumerate() {
+                        let _ = hv.detach(bell.fd().as_raw_fd(), doorbell(bar0, i));
                     }
                 }
                 if let Some((bar0, d)) = want {
-                    for (i, fd) in d.outgoing.iter().enumerate() {
+                    for (i, bell) in d.outgoing.iter().enumerate() {
                         // Not fatal: the write then exits, and `ring` signals it.
-                        if let Err(e) = hv.attach(fd.as_raw_fd(), doorbell(bar0, i)) {
+                        if let Err(e) = hv.attach(bell.fd().as_raw_fd(), doorbell(bar0, i)) {
                             ratelog::warn!(
                                 "the hypervisor will not catch the rpc-port's doorbell {i}: {e}"
                             );
@@ -292,7 +292,7 @@ impl Wiring {
         st.driver = Some(Arc::new(Driver {
             words: s.words,
             incoming,
-            outgoing,
+            outgoing: outgoing.into_iter().map(rpc::Doorbell::from_fd).collect(),
         }));
         self.sync(&mut st);
         Ok(())
@@ -326,10 +326,9 @@ impl port::Driver for Wiring {
     }
     fn ring(&self, i: u32) {
         let s = self.lock();
-        if let Some(fd) = s.driver.as_ref().and_then(|d| d.outgoing.get(i as usize)) {
-            let one = 1u64;
-            // SAFETY: an 8-byte write from a local to an eventfd we hold (non-blocking).
-            let _ = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        if let Some(bell) = s.driver.as_ref().and_then(|d| d.outgoing.get(i as usize)) {
+            // Non-blocking (checked at connection): a full counter cannot hold the vCPU.
+            bell.ring();
         }
     }
 }
