@@ -2,23 +2,21 @@
 //! "The device VM"), serving a driver VM's devices through the device VM's rpc-port (its UIO
 //! device, from the guest's `connection` module): the driver's control region and pool are the
 //! port's maps 1 and 2 (mapped by the device VM's KVM, no copies), its setup the port's
-//! registers (map 0). The serving loop is `serve`'s; only the doorbells differ, bridged here:
-//! the port's one interrupt (every doorbell of the driver VM's) rings the loop's to-backend
-//! doorbell and every queue's kick, and a ring of the loop's own doorbells and MSI eventfds
-//! becomes a store to the port's doorbell register, which the device VM's KVM turns into the
-//! driver VM's eventfd. The devices' host ends are the device VM's own, opened here by the
-//! paths the driver VM's description gives. The VM boundary confines it: no jail.
+//! registers (map 0). The serving loop is `serve`'s; only the doorbells differ, with no thread
+//! between them and the loop: the port's one interrupt (every doorbell of the driver VM's) is
+//! what the loop waits on for its requests and for every queue's kick, and its own doorbells
+//! and MSIs are stores to the port's doorbell registers, which the device VM's KVM turns into
+//! the driver VM's eventfds. The devices' host ends are the device VM's own, opened here by
+//! the paths the driver VM's description gives. The VM boundary confines it: no jail.
 //!
 //! It serves one connection of the port: when the driver VM goes (or connects anew), it ends,
 //! and whoever started it starts it again for the next.
 
-use crate::serve::{check_pool, serve_parts, Parts, ServeError};
+use crate::serve::{check_pool, serve_parts, Parts, ServeError, Vectors};
 use layout::Layout;
-use rpc::setup::MsiFds;
-use rpc::{Doorbell, Region};
+use rpc::{Bell, Doorbell, Region};
 use std::fs::File;
-use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::Arc;
@@ -172,13 +170,6 @@ pub fn serve_port(l: &Layout, port: &str) -> Result<(), ServeError> {
     let page = page_size();
     let mem = hostio::pool_memory(pool.base, pool.size, &f, 2 * page)?;
     let region = Arc::new(Region::open_device(f.try_clone()?.into(), page)?);
-    // The loop's doorbells: eventfds, bridged to and from the port.
-    let from_proxy = Doorbell::new()?;
-    let notify: Vec<(u8, Doorbell)> = (0..32u8)
-        .filter(|d| notify_devices & 1 << d != 0)
-        .map(|d| Doorbell::new().map(|b| (d, b)))
-        .collect::<Result<_, _>>()?;
-    let (to_proxy, replies) = (Doorbell::new()?, Doorbell::new()?);
     let counts: Vec<u8> = w[7..11].iter().flat_map(|x| x.to_le_bytes()).collect();
     let total: u64 = counts.iter().map(|&c| u64::from(c)).sum();
     if total != msi_count || msi_count > port::MAX_DOORBELLS - 2 {
@@ -186,40 +177,27 @@ pub fn serve_port(l: &Layout, port: &str) -> Result<(), ServeError> {
             "the setup counts {msi_count} MSI eventfds, its devices {total}"
         )));
     }
-    let mut msi_devices: Vec<(u8, Vec<OwnedFd>)> = Vec::new();
-    let mut outgoing: Vec<OwnedFd> = vec![to_proxy.fd().try_clone()?, replies.fd().try_clone()?];
+    // In: the port's one interrupt stands for every doorbell of the driver VM's (its requests'
+    // and each device's queue notifications): the serving loop waits on the UIO device itself,
+    // for each of them.
+    let uio = || Doorbell::from_uio(f.try_clone()?.into());
+    let from_proxy = uio()?;
+    let notify: Vec<(u8, Doorbell)> = (0..32u8)
+        .filter(|d| notify_devices & 1 << d != 0)
+        .map(|d| uio().map(|b| (d, b)))
+        .collect::<Result<_, _>>()?;
+    // Out: a store to the port's doorbell register, which the device VM's KVM turns into the
+    // driver VM's eventfd: its events, its replies, then each device's vectors in slot order.
+    let bell = |i: u64| PortBell {
+        regs: regs.clone(),
+        at: port::REG_DOORBELLS + 4 * i,
+    };
+    let mut vectors = Vec::new();
+    let mut next = 2u64;
     for (dev, &c) in (0u8..).zip(&counts).filter(|(_, c)| **c > 0) {
-        let bells: Vec<Doorbell> = (0..c).map(|_| Doorbell::new()).collect::<Result<_, _>>()?;
-        for b in &bells {
-            outgoing.push(b.fd().try_clone()?);
-        }
-        msi_devices.push((
-            dev,
-            bells
-                .iter()
-                .map(|b| b.fd().try_clone())
-                .collect::<Result<_, _>>()?,
-        ));
+        vectors.push((dev, next, u16::from(c)));
+        next += u64::from(c);
     }
-    // In: each interrupt of the port stands for any of the driver's doorbells.
-    let wake: Vec<Doorbell> = std::iter::once(from_proxy.fd().try_clone()?)
-        .chain(
-            notify
-                .iter()
-                .map(|(_, b)| b.fd().try_clone())
-                .collect::<Result<Vec<_>, _>>()?,
-        )
-        .map(Doorbell::from_fd)
-        .collect();
-    let mut events = f.try_clone()?;
-    std::thread::Builder::new()
-        .name("port-in".into())
-        .spawn(move || bridge_in(&mut events, &wake))?;
-    // Out: a ring of the loop's becomes a store to the port's doorbell.
-    let out_regs = regs.clone();
-    std::thread::Builder::new()
-        .name("port-out".into())
-        .spawn(move || bridge_out(&out_regs, &outgoing))?;
     // The host ends are this VM's own: opened here, by the description's paths.
     let mut local = l.clone();
     local.rpc_device_vm = false;
@@ -229,13 +207,16 @@ pub fn serve_port(l: &Layout, port: &str) -> Result<(), ServeError> {
     let parts = Parts {
         mem,
         region,
-        to_proxy,
-        replies,
+        to_proxy: Box::new(bell(0)),
+        replies: Box::new(bell(1)),
         from_proxy,
-        msi: (!msi_devices.is_empty()).then_some(MsiFds {
-            devices: msi_devices,
+        msi: (!vectors.is_empty()).then(|| {
+            Arc::new(PortVectors {
+                regs: regs.clone(),
+                vectors,
+            }) as Arc<dyn Vectors>
         }),
-        notify: notify.into_iter().map(|(d, b)| (d, b.into_fd())).collect(),
+        notify,
         hosts,
     };
     let gone = Box::new(move || {
@@ -245,41 +226,35 @@ pub fn serve_port(l: &Layout, port: &str) -> Result<(), ServeError> {
     serve_parts(l, parts, false, &|_, f, _| f, gone)
 }
 
-/// Each interrupt of the port (a blocking read of the UIO device returns) rings every one of
-/// `wake`. Ends if the device goes.
-fn bridge_in(events: &mut File, wake: &[Doorbell]) {
-    let mut n = [0u8; 4];
-    while events.read_exact(&mut n).is_ok() {
-        for bell in wake {
-            bell.ring();
-        }
-    }
-    log::error!("the rpc-port's interrupts stopped");
+/// One of the port's doorbells, rung by a store to its register.
+struct PortBell {
+    regs: Arc<Regs>,
+    at: u64,
 }
 
-/// Stores to the port's doorbell `i` for each ring of `outgoing[i]`.
-fn bridge_out(regs: &Regs, outgoing: &[OwnedFd]) {
-    let mut p: Vec<libc::pollfd> = outgoing
-        .iter()
-        .map(|fd| libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    loop {
-        // SAFETY: poll on descriptors we hold.
-        if unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, -1) } < 0 {
-            continue;
-        }
-        for (i, q) in p.iter_mut().enumerate() {
-            if q.revents & libc::POLLIN != 0 {
-                let mut v = 0u64;
-                // SAFETY: an 8-byte read into a local from an eventfd we hold.
-                unsafe { libc::read(q.fd, (&mut v as *mut u64).cast(), 8) };
-                regs.write32(port::REG_DOORBELLS + 4 * i as u64, 1);
-            }
-            q.revents = 0;
-        }
+impl Bell for PortBell {
+    fn ring(&self) {
+        self.regs.write32(self.at, 1);
+    }
+}
+
+/// The devices' MSI-X vectors as the port's doorbells: (slot, its first doorbell, vectors).
+struct PortVectors {
+    regs: Arc<Regs>,
+    vectors: Vec<(u8, u64, u16)>,
+}
+
+impl Vectors for PortVectors {
+    fn raise(&self, dev: u8, vector: u16) -> bool {
+        let Some(&(_, first, _)) = self
+            .vectors
+            .iter()
+            .find(|(d, _, n)| *d == dev && vector < *n)
+        else {
+            return false;
+        };
+        self.regs
+            .write32(port::REG_DOORBELLS + 4 * (first + u64::from(vector)), 1);
+        true
     }
 }

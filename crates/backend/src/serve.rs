@@ -10,7 +10,7 @@ use layout::{Layout, Placement};
 use pci::PciFunction;
 use rpc::backend::{Inbox, Kick, Outbox, Wait};
 use rpc::setup::MsiFds;
-use rpc::{Doorbell, Region, Registration};
+use rpc::{Bell, Doorbell, Region, Registration};
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::AtomicBool;
@@ -28,12 +28,25 @@ pub enum ServeError {
     Pool(#[from] hostio::PoolError),
 }
 
+/// How the backend raises its devices' MSI-X vectors without a message: the eventfds
+/// splitvirt gave (`MsiFds`), or a device VM's port doorbells.
+pub trait Vectors: Send + Sync {
+    /// Raises device `dev`'s vector `vector`; false if there is no way for it.
+    fn raise(&self, dev: u8, vector: u16) -> bool;
+}
+
+impl Vectors for MsiFds {
+    fn raise(&self, dev: u8, vector: u16) -> bool {
+        MsiFds::raise(self, dev, vector)
+    }
+}
+
 /// The devices' interrupts, as the backend sends them: an MSI straight to the hypervisor
-/// through its eventfd when splitvirt gave one for it, anything else as a message.
+/// when it has a vector for it, anything else as a message.
 struct RemoteSignal {
     out: Arc<Outbox>,
     dev: u8,
-    msi: Option<Arc<MsiFds>>,
+    msi: Option<Arc<dyn Vectors>>,
 }
 
 impl virtio::transport::Signal for RemoteSignal {
@@ -129,11 +142,15 @@ pub fn serve_with(
     let parts = Parts {
         mem,
         region: Arc::new(Region::open(s.control)?),
-        to_proxy: Doorbell::from_fd(s.to_proxy),
-        replies: Doorbell::from_fd(s.to_proxy_replies),
+        to_proxy: Box::new(Doorbell::from_fd(s.to_proxy)),
+        replies: Box::new(Doorbell::from_fd(s.to_proxy_replies)),
         from_proxy: Doorbell::from_fd(s.to_backend),
-        msi: s.msi,
-        notify: s.notify,
+        msi: s.msi.map(|m| Arc::new(m) as Arc<dyn Vectors>),
+        notify: s
+            .notify
+            .into_iter()
+            .map(|(dev, fd)| (dev, Doorbell::from_fd(fd)))
+            .collect(),
         hosts: s.hosts,
     };
     // The VMM closing its end of the setup socket (it ended) ends the backend.
@@ -160,15 +177,16 @@ pub(crate) fn check_pool(l: &Layout, base: u64, size: u64) -> Result<layout::Reg
 }
 
 /// What the backend serves with, however it reached the driver VM: the pool mapped, the
-/// control region, the doorbells and eventfds, the devices' host ends.
+/// control region, the ways to wake the proxy and raise MSIs, what wakes the backend (the
+/// proxy's doorbell, each device's queue notifications), the devices' host ends.
 pub struct Parts {
     pub mem: vm_memory::GuestMemoryMmap<()>,
     pub region: Arc<Region>,
-    pub to_proxy: Doorbell,
-    pub replies: Doorbell,
+    pub to_proxy: Box<dyn Bell>,
+    pub replies: Box<dyn Bell>,
     pub from_proxy: Doorbell,
-    pub msi: Option<MsiFds>,
-    pub notify: Vec<(u8, OwnedFd)>,
+    pub msi: Option<Arc<dyn Vectors>>,
+    pub notify: Vec<(u8, Doorbell)>,
     pub hosts: Vec<(u8, OwnedFd)>,
 }
 
@@ -184,7 +202,7 @@ pub fn serve_parts(
     let (mem, region) = (p.mem, p.region);
     let out = Outbox::new(region.clone(), p.to_proxy, p.replies);
     let from_proxy = p.from_proxy;
-    let msi = p.msi.map(Arc::new);
+    let msi = p.msi;
     let notify = p.notify;
     if jailed {
         crate::policy::install(policy_needs(l)).map_err(|e| ServeError::Setup(e.to_string()))?;
@@ -259,11 +277,11 @@ pub fn serve_parts(
     // notify writes they stand for.
     let kicks: Vec<Kick> = notify
         .into_iter()
-        .filter_map(|(dev, fd)| {
+        .filter_map(|(dev, bell)| {
             let d = l.devices.iter().find(|d| d.slot == u32::from(dev))?;
             Some(Kick {
                 dev,
-                bell: Doorbell::from_fd(fd),
+                bell,
                 writes: hostio::devices::notify_writes(&d.kind)?,
             })
         })

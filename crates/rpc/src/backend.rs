@@ -3,7 +3,7 @@
 //! and log lines from any thread.
 
 use crate::proxy::Registration;
-use crate::shm::{Doorbell, Region, RingError};
+use crate::shm::{Bell, Doorbell, Region, RingError};
 use crate::wire::{Msg, Op};
 use pci::PciFunction;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,28 +14,32 @@ use std::time::Duration;
 /// thread and the devices' interrupt paths.
 pub struct Outbox {
     region: Arc<Region>,
-    to_proxy: Doorbell,
-    to_proxy_replies: Doorbell,
+    to_proxy: Box<dyn Bell>,
+    to_proxy_replies: Box<dyn Bell>,
     lock: Mutex<()>,
     /// How long a send waits for room before the ring counts as broken.
     wait: Duration,
 }
 
 impl Outbox {
-    pub fn new(region: Arc<Region>, to_proxy: Doorbell, to_proxy_replies: Doorbell) -> Arc<Outbox> {
+    pub fn new(
+        region: Arc<Region>,
+        to_proxy: impl Bell + 'static,
+        to_proxy_replies: impl Bell + 'static,
+    ) -> Arc<Outbox> {
         Self::with_wait(region, to_proxy, to_proxy_replies, Duration::from_secs(1))
     }
 
     pub fn with_wait(
         region: Arc<Region>,
-        to_proxy: Doorbell,
-        to_proxy_replies: Doorbell,
+        to_proxy: impl Bell + 'static,
+        to_proxy_replies: impl Bell + 'static,
         wait: Duration,
     ) -> Arc<Outbox> {
         Arc::new(Outbox {
             region,
-            to_proxy,
-            to_proxy_replies,
+            to_proxy: Box::new(to_proxy),
+            to_proxy_replies: Box::new(to_proxy_replies),
             lock: Mutex::new(()),
             wait,
         })
@@ -49,7 +53,7 @@ impl Outbox {
         // A reply wakes the vCPU that waits for it, if it sleeps; anything else wakes the
         // proxy's event thread.
         if m.op == Op::Reply {
-            self.region.replies().wake(&self.to_proxy_replies);
+            self.region.replies().wake(&*self.to_proxy_replies);
         } else {
             self.to_proxy.ring();
         }

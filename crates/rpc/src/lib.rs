@@ -11,5 +11,5 @@ pub mod shm;
 pub mod wire;
 
 pub use proxy::{Event, Link, Proxy, Registration, RemoteFunction};
-pub use shm::{Doorbell, Region};
+pub use shm::{Bell, Doorbell, Region};
 pub use wire::{Msg, Op};

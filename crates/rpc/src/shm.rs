@@ -361,7 +361,7 @@ impl Ring<'_> {
     }
 
     /// After `push`: wakes a sleeping consumer through `bell`.
-    pub fn wake(&self, bell: &Doorbell) {
+    pub fn wake(&self, bell: &dyn Bell) {
         std::sync::atomic::fence(Ordering::SeqCst);
         if self.sleepers().load(Ordering::SeqCst) != 0 {
             bell.ring();
@@ -439,8 +439,31 @@ impl Ring<'_> {
     }
 }
 
-/// An eventfd: `ring` wakes whoever waits on the other side.
-pub struct Doorbell(OwnedFd);
+/// What wakes the other side of a ring: an eventfd's write ([`Doorbell`]), or a store to a
+/// device's doorbell register (the backend inside a device VM).
+pub trait Bell: Send + Sync {
+    fn ring(&self);
+}
+
+impl<B: Bell + ?Sized> Bell for Box<B> {
+    fn ring(&self) {
+        (**self).ring()
+    }
+}
+
+/// An eventfd: `ring` wakes whoever waits on the other side. Or, to wait on only, a UIO
+/// device, whose reads return its interrupt count.
+pub struct Doorbell {
+    fd: OwnedFd,
+    /// What a read takes: 8 bytes from an eventfd, 4 from a UIO device.
+    read_len: usize,
+}
+
+impl Bell for Doorbell {
+    fn ring(&self) {
+        Doorbell::ring(self)
+    }
+}
 
 impl Doorbell {
     pub fn new() -> io::Result<Doorbell> {
@@ -450,25 +473,40 @@ impl Doorbell {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fd is new and ours.
-        Ok(Doorbell(unsafe { OwnedFd::from_raw_fd(fd) }))
+        Ok(Doorbell::from_fd(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
     pub fn from_fd(fd: OwnedFd) -> Doorbell {
-        Doorbell(fd)
+        Doorbell { fd, read_len: 8 }
+    }
+
+    /// A UIO device's interrupts, to wait on (never to ring). It is made non-blocking: several
+    /// doorbells may share its open file, and once one has read an interrupt the others must
+    /// not wait for the next.
+    pub fn from_uio(fd: OwnedFd) -> io::Result<Doorbell> {
+        // SAFETY: fcntl on a descriptor we own.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+        // SAFETY: as above.
+        if flags < 0
+            || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Doorbell { fd, read_len: 4 })
     }
 
     pub fn fd(&self) -> &OwnedFd {
-        &self.0
+        &self.fd
     }
 
     pub fn into_fd(self) -> OwnedFd {
-        self.0
+        self.fd
     }
 
     pub fn ring(&self) {
         let one = 1u64;
         // SAFETY: an 8-byte write from a local to our eventfd.
-        let _ = unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        let _ = unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 
     /// Waits up to `timeout` (None: for ever) for a ring, and clears it. False on timeout.
@@ -491,13 +529,15 @@ impl Doorbell {
             revents: 0,
         };
         let mut p = [unused; 64];
+        let mut len = [8usize; 64];
         let mut n = 0;
         for b in bells.take(64) {
             p[n] = libc::pollfd {
-                fd: b.0.as_raw_fd(),
+                fd: b.fd.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             };
+            len[n] = b.read_len;
             n += 1;
         }
         if n == 0 {
@@ -512,8 +552,8 @@ impl Doorbell {
         for (i, q) in p[..n].iter().enumerate() {
             if q.revents & libc::POLLIN != 0 {
                 let mut v = 0u64;
-                // SAFETY: an 8-byte read into a local from an eventfd we own.
-                let _ = unsafe { libc::read(q.fd, (&mut v as *mut u64).cast(), 8) };
+                // SAFETY: a read of at most 8 bytes into a local from a descriptor we own.
+                let _ = unsafe { libc::read(q.fd, (&mut v as *mut u64).cast(), len[i]) };
                 rang |= 1 << i;
             }
         }
@@ -525,6 +565,39 @@ impl Doorbell {
 mod tests {
     use super::*;
     use crate::wire::Op;
+
+    /// Doorbells on a UIO device's open file (here a pipe, whose reads are what a UIO device
+    /// gives: 4-byte counts): one interrupt wakes every doorbell sharing the file, only one of
+    /// them takes it, and none blocks on a read the other emptied.
+    #[test]
+    fn doorbells_sharing_a_uio_file_all_wake_on_one_interrupt() {
+        let mut fds = [0; 2];
+        // SAFETY: pipe fills two new descriptors.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: new descriptors, ours.
+        let (rx, tx) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let a = Doorbell::from_uio(rx.try_clone().unwrap()).unwrap();
+        let b = Doorbell::from_uio(rx).unwrap();
+        let interrupt = |count: u32| {
+            // SAFETY: a 4-byte write from a local to our pipe.
+            let n = unsafe { libc::write(tx.as_raw_fd(), (&count as *const u32).cast(), 4) };
+            assert_eq!(n, 4);
+        };
+        assert_eq!(Doorbell::wait_any(&[&a, &b], Some(Duration::ZERO)), 0);
+        interrupt(1);
+        assert_eq!(
+            Doorbell::wait_any(&[&a, &b], Some(Duration::from_secs(5))),
+            0b11
+        );
+        // Taken: nothing left for either.
+        assert_eq!(Doorbell::wait_any(&[&a, &b], Some(Duration::ZERO)), 0);
+        // Two counts, two wakes of whichever waits, each taking 4 bytes.
+        interrupt(2);
+        interrupt(3);
+        assert!(b.wait(Some(Duration::from_secs(5))));
+        assert!(a.wait(Some(Duration::from_secs(5))));
+        assert!(!a.wait(Some(Duration::ZERO)));
+    }
 
     #[test]
     fn messages_cross_in_order_and_a_full_ring_says_so() {
