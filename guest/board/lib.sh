@@ -63,3 +63,19 @@ tap_network() {
 	chmod +x /tmp/sink.sh
 	nc -ll -p 5000 -e /tmp/sink.sh &
 }
+
+# What splitvirt process PID and its VM have done so far, as "exits kernel threads...": its
+# vCPUs' exits to splitvirt for MMIO (KVM's mmio_exit_user), the MMIO writes KVM served itself
+# (mmio_exit_kernel: ioeventfds), then NAME=N for each of its threads that is not a vCPU, N its
+# context switches so far (each wake-up of that thread is one).
+wakes() {
+	[ -d /sys/kernel/debug/kvm ] || mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+	d=$(ls -d /sys/kernel/debug/kvm/"$1"-* 2>/dev/null | head -n 1)
+	printf '%s %s' "$(cat "$d/mmio_exit_user" 2>/dev/null || echo -)" "$(cat "$d/mmio_exit_kernel" 2>/dev/null || echo -)"
+	for t in /proc/"$1"/task/*; do
+		n=$(cat "$t/comm" 2>/dev/null)
+		case "$n" in vcpu*) continue ;; esac
+		printf ' %s=%s' "$n" "$(awk '/ctxt_switches/ {s += $2} END {print s}' "$t/status" 2>/dev/null)"
+	done
+	echo
+}

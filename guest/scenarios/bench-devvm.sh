@@ -4,16 +4,31 @@
 # Consoles "PLACEMENT-ROUND| ", the device VMs' "device-ROUND| ".
 check kvm_device test -c /dev/kvm
 truncate -s 256M /tmp/bench.raw
+# A driver VM. Its splitvirt's counters (`wakes`), and its device VM's (pid in
+# /tmp/device.pid) if it has one, are read at the guest's marks around its random reads:
+# "wakes_NAME_MARK_WHO".
 vm() { # NAME CONFIG
-	/splitvirt --log-file "/tmp/$1-sv.log" run --config "/guest/$2.toml" --kernel /guest/Image \
-		--initrd /guest/initrd.cpio --cmdline "console=ttyAMA0 loglevel=4 MODE=disk" </dev/null 2>&1 |
-		while IFS= read -r l; do echo "$1| $l"; done
+	( /splitvirt --log-file "/tmp/$1-sv.log" run --config "/guest/$2.toml" --kernel /guest/Image \
+		--initrd /guest/initrd.cpio --cmdline "console=ttyAMA0 loglevel=4 MODE=disk" </dev/null &
+	  echo $! >/tmp/driver.pid
+	  wait $! ) 2>&1 |
+		while IFS= read -r l; do
+			echo "$1| $l"
+			case "$l" in *"@@ MARK rand-read"*)
+				at=start
+				case "$l" in *done*) at=end ;; esac
+				value "wakes_$1_${at}_driver" "$(wakes "$(cat /tmp/driver.pid)")"
+				[ -e /tmp/device.pid ] && value "wakes_$1_${at}_device" "$(wakes "$(cat /tmp/device.pid)")" ;;
+			esac
+		done
 }
 dvm() { # ROUND
 	rm -f "/tmp/device-$1-ready"
-	( /splitvirt --log-file "/tmp/device-$1-sv.log" run --config /guest/device.toml \
+	( ( /splitvirt --log-file "/tmp/device-$1-sv.log" run --config /guest/device.toml \
 		--kernel /guest/device-Image --initrd /guest/dvm-device.cpio \
-		--cmdline "console=ttyAMA0 loglevel=4 CONNECTIONS=1" </dev/null 2>&1 |
+		--cmdline "console=ttyAMA0 loglevel=4 CONNECTIONS=1" </dev/null &
+	    echo $! >/tmp/device.pid
+	    wait $! ) 2>&1 |
 		while IFS= read -r l; do
 			echo "device-$1| $l"
 			case "$l" in *"@@ PORT READY"*) touch "/tmp/device-$1-ready" ;; esac
@@ -22,6 +37,7 @@ dvm() { # ROUND
 	n=0; while [ ! -e "/tmp/device-$1-ready" ] && [ $n -lt 600 ]; do sleep 0.5; n=$((n + 1)); done
 	vm "dvm-$1" driver
 	wait "$device"
+	rm -f /tmp/device.pid
 }
 i=0
 while [ "$i" -lt "$ROUNDS" ]; do

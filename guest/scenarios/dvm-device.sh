@@ -39,5 +39,9 @@ for p in $ports; do
 	esac
 	pids="$pids $!"
 done
+# The ports' interrupts, every 20 s while this runs (for a hang's report).
+[ "$KILL" = 1 ] && ( while sleep 20; do
+	echo "diag: $(grep -i rpc-port /proc/interrupts | tr -s ' ' | tr '\n' '|')"
+  done ) &
 echo "@@ PORT READY"
 for p in $pids; do wait "$p"; done

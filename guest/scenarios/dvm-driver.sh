@@ -1,17 +1,27 @@
-# Inside the driver VM: its /dev/vda is served by a device VM from the device VM's own disk.
-# A token at sector 2048 (the board finds it in the device VM's disk image), 8 MiB of random
-# bytes written, flushed, dropped from the page cache and read back through the device VM.
-# Then 4 MiB over TCP to the device VM. Then writes without pause until one fails (the board kills the device VM meanwhile), and
-# again until one succeeds (a new device VM took over), 8 MiB at 16 MiB read back.
-value vda_sectors "$(cat /sys/block/vda/size)"
+# Inside the driver VM, booted with root=/dev/vda2: its root file system is on the virtio-blk a
+# device VM serves from the device VM's own disk. It writes a file there (the board finds it in
+# the device VM's disk image), a token at the start of /dev/vda1 (sector 2048 of the disk),
+# 8 MiB into a file of the root file system (flushed, dropped from the page cache, read back),
+# then 4 MiB over TCP to the device VM. With KILL=1: writes to /dev/vda1 without pause until
+# one fails (the board kills the device VM meanwhile), and again until one succeeds (a new
+# device VM took over), 4 MiB at 4 MiB into /dev/vda1 read back. Then it waits for the board's
+# line, which comes once the second driver VM waits too, and both write and read 2 MiB at once.
+# /tmp in memory: a device VM killed under the driver's writes leaves the root file system be.
+mount -t tmpfs tmpfs /tmp
+value root_dev "$(awk '$5 == "/" {print $3; exit}' /proc/self/mountinfo)"
+value vda2_dev "$(cat /sys/class/block/vda2/dev 2>/dev/null)"
+value from_board "$(cat /from-board.txt 2>/dev/null)"
+echo "$TOKEN" | dd of=/from-driver.txt conv=fsync 2>/dev/null
+check root_write test "$(cat /from-driver.txt)" = "$TOKEN"
 printf 'splitvirt-device-vm %s\n' "$TOKEN" >/tmp/token
-check token_write dd if=/tmp/token of=/dev/vda bs=512 seek=2048 conv=sync,fsync
+check token_write dd if=/tmp/token of=/dev/vda1 bs=512 conv=sync,fsync
 dd if=/dev/urandom of=/tmp/r bs=1M count=8 2>/dev/null
 value written_sha "$(sha256sum </tmp/r | cut -d' ' -f1)"
-check bulk_write dd if=/tmp/r of=/dev/vda bs=1M seek=8 conv=fsync
+check bulk_write dd if=/tmp/r of=/bulk.bin bs=1M conv=fsync
 echo 3 >/proc/sys/vm/drop_caches
-value read_sha "$(dd if=/dev/vda bs=1M skip=8 count=8 2>/dev/null | sha256sum | cut -d' ' -f1)"
-value token_read "$(dd if=/dev/vda bs=512 skip=2048 count=1 2>/dev/null | head -n 1)"
+value read_sha "$(sha256sum </bulk.bin | cut -d' ' -f1)"
+rm -f /bulk.bin
+value token_read "$(dd if=/dev/vda1 bs=512 count=1 2>/dev/null | head -n 1)"
 # 4 MiB over TCP to the device VM, through the virtio-net it serves from its own TAP.
 ip addr add 10.0.5.2/24 dev eth0
 ip link set eth0 up
@@ -20,20 +30,32 @@ value tcp_tx_sha "$(sha256sum </tmp/tx | cut -d' ' -f1)"
 n=0
 until nc 10.0.5.1 5000 </tmp/tx || [ $n -ge 60 ]; do sleep 1; n=$((n + 1)); done
 value tcp_tries "$n"
-# Without KILL=1 the board kills nothing: done.
-[ "$KILL" = 1 ] || return 0
-echo "@@ KILL NOW"
-n=0
-while [ $n -lt 100000 ] && dd if=/tmp/r of=/dev/vda bs=1M seek=8 count=1 conv=fsync 2>/dev/null; do
-	n=$((n + 1))
-done
-value writes_before_error "$n"
-dd if=/dev/urandom of=/tmp/r2 bs=1M count=8 2>/dev/null
-value after_sha "$(sha256sum </tmp/r2 | cut -d' ' -f1)"
-n=0
-until dd if=/tmp/r2 of=/dev/vda bs=1M seek=16 conv=fsync 2>/dev/null || [ $n -ge 300 ]; do
-	sleep 1; n=$((n + 1))
-done
-value failed_tries "$n"
+sync
+if [ "$KILL" = 1 ]; then
+	# Where the disk's requests stand, every 20 s while this runs (for a hang's report).
+	( while sleep 20; do
+		echo "diag: inflight $(cat /sys/block/vda/inflight) irqs $(grep -i virtio /proc/interrupts | tr -s ' ' | tr '\n' '|')"
+	  done ) &
+	echo "@@ KILL NOW"
+	n=0
+	while [ $n -lt 100000 ] && dd if=/tmp/r of=/dev/vda1 bs=1M seek=1 count=1 conv=fsync 2>/dev/null; do
+		n=$((n + 1))
+	done
+	value writes_before_error "$n"
+	dd if=/dev/urandom of=/tmp/r2 bs=1M count=4 2>/dev/null
+	value after_sha "$(sha256sum </tmp/r2 | cut -d' ' -f1)"
+	n=0
+	until dd if=/tmp/r2 of=/dev/vda1 bs=1M seek=4 conv=fsync 2>/dev/null || [ $n -ge 300 ]; do
+		sleep 1; n=$((n + 1))
+	done
+	value failed_tries "$n"
+	echo 3 >/proc/sys/vm/drop_caches
+	value after_read_sha "$(dd if=/dev/vda1 bs=1M skip=4 count=4 2>/dev/null | sha256sum | cut -d' ' -f1)"
+fi
+# Both driver VMs at once, each on its own disk of the device VM.
+wait_for_board both
+dd if=/dev/urandom of=/tmp/c bs=1M count=2 2>/dev/null
+value both_sha "$(sha256sum </tmp/c | cut -d' ' -f1)"
+check both_write dd if=/tmp/c of=/dev/vda1 bs=1M seek=2 conv=fsync
 echo 3 >/proc/sys/vm/drop_caches
-value after_read_sha "$(dd if=/dev/vda bs=1M skip=16 count=8 2>/dev/null | sha256sum | cut -d' ' -f1)"
+value both_read_sha "$(dd if=/dev/vda1 bs=1M skip=2 count=2 2>/dev/null | sha256sum | cut -d' ' -f1)"

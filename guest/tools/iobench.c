@@ -94,6 +94,7 @@ static int rand_io(const char *dev, double seconds, int writing)
 		t = now();
 	} while (t - t0 < seconds);
 	printf("@@ VALUE %s_iops %.0f\n", writing ? "rand_write" : "rand_read", ops / (t - t0));
+	printf("@@ VALUE %s_ops %llu\n", writing ? "rand_write" : "rand_read", (unsigned long long)ops);
 	return 0;
 }
 

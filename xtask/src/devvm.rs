@@ -1,16 +1,17 @@
-//! The device VM on KVM in the board (issue 17): a device VM with an rpc-port and a disk of
-//! its own, and a driver VM whose `[backend] device_vm` names the port. Inside the device VM,
-//! `splitvirt backend --port` (the static aarch64 binary) serves the driver VM's virtio-blk
-//! from the device VM's `/dev/vda` and its virtio-net from a TAP inside the device VM.
-//! `cargo xtask kvmdevvm` checks that the driver VM's writes read back through the device VM
-//! and land in the device VM's disk image, that 4 MiB over TCP reach the device VM whole, and
-//! what the device VM maps of the driver VM (its port's BARs: the control region and the pool,
-//! nothing else); and that a second driver VM served by the same device VM sees its own disk
+//! The device VM on KVM in the board (issue 17): a device VM with rpc-ports and disks of its
+//! own, and driver VMs whose `[backend] device_vm` names a port. Inside the device VM,
+//! `splitvirt backend --port` (the static aarch64 binary) serves a driver VM's virtio-blk from
+//! the device VM's own disk and its virtio-net from a TAP inside the device VM.
+//! `cargo xtask kvmdevvm` checks that the driver VM boots with its root file system on the
+//! device VM's disk, that what it writes reads back and lands in that disk image (read on the
+//! host after both VMs are off), that 4 MiB over TCP reach the device VM whole, what the device
+//! VM maps of the driver VM (its port's BARs: the control region and the pool, nothing else),
+//! and that a second driver VM served by the same device VM at the same time sees its own disk
 //! only. With `--kill`, the device VM's splitvirt is also killed under the driver VM's writes:
 //! the driver VM stays up with I/O errors, and a second device VM takes over.
 
 use crate::env::root;
-use crate::{board, guest, kernel};
+use crate::{board, guest, kernel, realboot};
 use anyhow::{ensure, Result};
 use std::time::Duration;
 
@@ -88,8 +89,17 @@ fn run(kill: bool) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let device_initrd =
         device_initramfs_for(&dk, &[("driver.toml", DRIVER), ("driver2.toml", DRIVER2)])?;
-    let driver_initrd = dir.join("dvm-driver.cpio");
-    guest::initramfs("dvm-driver", &[], &driver_initrd)?;
+    // The driver VM's root file system: the device VM's first disk (its /dev/vda), an MBR disk
+    // whose partition 2 is the root (busybox, our init, dvm-driver.sh) and partition 1 8 MiB
+    // for raw writes.
+    let root_img = dir.join("dvm-root.img");
+    let from_board = realboot::token("from-board");
+    guest::root_disk(
+        "dvm-driver",
+        &[("from-board.txt", &from_board)],
+        &root_img,
+        32768,
+    )?;
     let driver2_initrd = dir.join("dvm-driver2.cpio");
     guest::initramfs("dvm-driver2", &[], &driver2_initrd)?;
     let token = format!("{:016x}", std::process::id() as u64 * 0x9e37_79b9);
@@ -108,12 +118,10 @@ fn run(kill: bool) -> Result<()> {
             "guest/dvm-device.cpio".to_owned(),
             std::fs::read(&device_initrd)?,
         ),
-        (
-            "guest/dvm-driver.cpio".to_owned(),
-            std::fs::read(&driver_initrd)?,
-        ),
+        ("guest/dvm-root.img".to_owned(), std::fs::read(&root_img)?),
     ];
-    let r = board::run(
+    let outbox = dir.join("board-devvm.outbox");
+    let r = board::run_with(
         "board-devvm",
         &[
             ("TOKEN", &token),
@@ -122,6 +130,7 @@ fn run(kill: bool) -> Result<()> {
         ],
         files,
         Duration::from_secs(900),
+        Some(&outbox),
     )?;
     let log = r.log_path.display();
     ensure!(!r.timed_out, "the board did not finish (log: {log})");
@@ -154,6 +163,46 @@ fn run(kill: bool) -> Result<()> {
         driver.value("tcp_tx_sha"),
         device.value("tcp_rx_sha")
     );
+    // Its root file system is the device VM's disk: partition 2 is the root, with the file the
+    // board put there; what the driver VM wrote into it is in the disk image once both VMs are
+    // off.
+    ensure!(
+        driver.value("root_dev").is_some() && driver.value("root_dev") == driver.value("vda2_dev"),
+        "the driver VM's root is {:?}, not /dev/vda2 ({:?}) (log: {log})",
+        driver.value("root_dev"),
+        driver.value("vda2_dev")
+    );
+    ensure!(
+        driver.value("from_board") == Some(from_board.as_str()) && driver.passed("root_write"),
+        "the driver VM's root file system: the board's file read {:?}, want {from_board}; \
+         writing a file there {} (log: {log})",
+        driver.value("from_board"),
+        if driver.passed("root_write") {
+            "worked"
+        } else {
+            "failed"
+        }
+    );
+    ensure!(
+        outer.passed("outbox"),
+        "the board could not write the outbox (log: {log})"
+    );
+    let back = dir.join("devvm-outbox");
+    let _ = std::fs::remove_dir_all(&back);
+    std::fs::create_dir_all(&back)?;
+    crate::env::run(
+        crate::env::cmd("tar")
+            .arg("-xf")
+            .arg(&outbox)
+            .arg("-C")
+            .arg(&back),
+    )?;
+    let found = guest::read_from_p2(&back.join("dvm-disk.img"), "from-driver.txt")?;
+    ensure!(
+        found.trim() == token,
+        "the device VM's disk image holds {found:?} in the driver VM's root file system, the \
+         driver VM wrote {token} (log: {log})"
+    );
     let want = format!("splitvirt-device-vm {token}");
     ensure!(
         driver.passed("token_write") && driver.passed("bulk_write"),
@@ -167,7 +216,7 @@ fn run(kill: bool) -> Result<()> {
     ensure!(
         driver.value("read_sha").is_some()
             && driver.value("read_sha") == driver.value("written_sha"),
-        "8 MiB through the device VM came back changed: {:?} vs {:?} (log: {log})",
+        "8 MiB written to a file of the root file system came back changed: {:?} vs {:?} (log: {log})",
         driver.value("read_sha"),
         driver.value("written_sha")
     );
@@ -210,6 +259,24 @@ fn run(kill: bool) -> Result<()> {
         driver2.value("token_read"),
         outer.value("disk2_token")
     );
+    // Both at once: each wrote and read back 2 MiB of its own while the other did (both waited
+    // for the same line).
+    for (p, who) in [(&driver, "first"), (&driver2, "second")] {
+        ensure!(
+            p.passed("both_write")
+                && p.value("both_sha").is_some()
+                && p.value("both_read_sha") == p.value("both_sha"),
+            "the {who} driver VM, with both served at once: write {}, 2 MiB read back {:?}, \
+             written {:?} (log: {log})",
+            if p.passed("both_write") {
+                "ok"
+            } else {
+                "failed"
+            },
+            p.value("both_read_sha"),
+            p.value("both_sha")
+        );
+    }
     for (p, who) in [
         (&last, "device"),
         (&driver, "driver"),
@@ -222,8 +289,9 @@ fn run(kill: bool) -> Result<()> {
         );
     }
     println!(
-        "device VM: the driver VM's disk and TCP served from the device VM's own disk and TAP; \
-         a second driver VM on the same device VM sees its own disk{} (log: {log})",
+        "device VM: the driver VM's root file system and TCP served from the device VM's own \
+         disk and TAP; a second driver VM served by the same device VM at once sees its own \
+         disk{} (log: {log})",
         if kill {
             "; the device VM killed under the driver VM's writes, a second one took over"
         } else {
@@ -317,6 +385,118 @@ pub fn bench() -> Result<()> {
             crate::bench::median(ratios[i].clone())
         );
     }
+    wakes_table(&r)
+}
+
+/// What a splitvirt process and its VM did between two of the board's `wakes` lines.
+#[derive(Default)]
+struct Wakes {
+    /// The vCPUs' MMIO exits to splitvirt.
+    exits: u64,
+    /// MMIO writes KVM served itself (ioeventfds).
+    in_kvm: u64,
+    /// Context switches of each thread that is not a vCPU, by thread name.
+    threads: Vec<(String, u64)>,
+}
+
+impl Wakes {
+    fn parse(line: &str) -> Option<Wakes> {
+        let mut w = line.split_whitespace();
+        let (exits, in_kvm) = (w.next()?.parse().ok()?, w.next()?.parse().ok()?);
+        let mut threads: Vec<(String, u64)> = Vec::new();
+        for t in w {
+            let (name, n) = t.rsplit_once('=')?;
+            let n: u64 = n.parse().ok()?;
+            match threads.iter_mut().find(|(m, _)| m == name) {
+                Some((_, sum)) => *sum += n,
+                None => threads.push((name.to_owned(), n)),
+            }
+        }
+        Some(Wakes {
+            exits,
+            in_kvm,
+            threads,
+        })
+    }
+
+    /// `self` minus `before`; threads that did not switch are left out.
+    fn since(&self, before: &Wakes) -> Wakes {
+        let threads = self
+            .threads
+            .iter()
+            .map(|(name, n)| {
+                let was = before.threads.iter().find(|(m, _)| m == name);
+                (name.clone(), n.saturating_sub(was.map_or(0, |w| w.1)))
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        Wakes {
+            exits: self.exits.saturating_sub(before.exits),
+            in_kvm: self.in_kvm.saturating_sub(before.in_kvm),
+            threads,
+        }
+    }
+
+    /// "exits, in KVM, thread wakes (the busiest threads)", each per request.
+    fn per(&self, requests: f64) -> String {
+        let mut t = self.threads.clone();
+        t.sort_by_key(|b| std::cmp::Reverse(b.1));
+        let total: u64 = t.iter().map(|(_, n)| n).sum();
+        let top: Vec<String> = t
+            .iter()
+            .take(3)
+            .map(|(name, n)| format!("{name} {:.2}", *n as f64 / requests))
+            .collect();
+        format!(
+            "{:.2} | {:.2} | {:.2} ({}) |",
+            self.exits as f64 / requests,
+            self.in_kvm as f64 / requests,
+            total as f64 / requests,
+            top.join(", ")
+        )
+    }
+}
+
+/// Per random read, for each placement and round: the driver VM's splitvirt and, with a device
+/// VM, the device VM's: MMIO exits to splitvirt, MMIO writes KVM served itself, and wake-ups of
+/// splitvirt's threads other than vCPUs (from the board's counters read around the reads).
+fn wakes_table(r: &crate::qemu::Run) -> Result<()> {
+    let outer = r.outer();
+    let log = r.log_path.display();
+    println!(
+        "\nper 4K random read: the VMMs' MMIO exits to splitvirt, MMIO writes KVM served \
+         (ioeventfds), wake-ups of splitvirt's threads other than vCPUs"
+    );
+    println!(
+        "| round | placement | reads | driver: exits | driver: in KVM | driver: thread wakes | \
+         device VM: exits | device VM: in KVM | device VM: thread wakes |"
+    );
+    println!("|---|---|---:|---:|---:|---|---:|---:|---|");
+    for round in 1..=BENCH_ROUNDS {
+        for p in ["in", "be", "dvm"] {
+            let name = format!("{p}-{round}");
+            let delta = |who: &str| -> Option<Wakes> {
+                let at = |m: &str| {
+                    outer
+                        .value(&format!("wakes_{name}_{m}_{who}"))
+                        .and_then(Wakes::parse)
+                };
+                Some(at("end")?.since(&at("start")?))
+            };
+            let reads: f64 = r
+                .part(&name)
+                .value("rand_read_ops")
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("no rand_read_ops for {name} (log: {log})"))?;
+            let driver = delta("driver")
+                .ok_or_else(|| anyhow::anyhow!("no counters for {name}'s VMM (log: {log})"))?;
+            let device = match delta("device") {
+                Some(d) => d.per(reads),
+                None => "| | |".to_owned(),
+            };
+            println!("| {round} | {p} | {reads} | {} {device}", driver.per(reads));
+        }
+    }
     Ok(())
 }
 
@@ -345,7 +525,7 @@ fn kill_checks(
         after.is_some()
             && driver.value("after_read_sha") == after
             && outer.value("disk_after_sha") == after,
-        "8 MiB written through the second device VM: read back {:?}, in the image {:?}, written {after:?} (log: {log})",
+        "4 MiB written through the second device VM: read back {:?}, in the image {:?}, written {after:?} (log: {log})",
         driver.value("after_read_sha"),
         outer.value("disk_after_sha")
     );
