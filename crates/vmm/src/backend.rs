@@ -24,6 +24,9 @@ use std::time::Duration;
 pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the backend may take to open its devices and register them.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(20);
+/// The same for a device VM, whose splitvirt takes the connection at once but whose guest may
+/// still be booting: waited for while its splitvirt holds the connection, up to this.
+const DEVICE_VM_REGISTER_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -483,12 +486,19 @@ impl Launch {
             READ_TIMEOUT,
             self.layout.rpc_poll,
         );
-        let Some(regs) = proxy.registrations(REGISTER_TIMEOUT) else {
+        let wait = if self.layout.rpc_device_vm {
+            DEVICE_VM_REGISTER_TIMEOUT
+        } else {
+            REGISTER_TIMEOUT
+        };
+        let Some(regs) = registrations(&proxy, &ours, wait) else {
             let status = child.as_mut().and_then(|c| c.try_wait().ok().flatten());
             end(&mut child);
             return Err(BackendError::Setup(match status {
                 Some(s) => format!("the backend ended ({s}) before registering its devices"),
-                None => format!("the backend registered no devices within {REGISTER_TIMEOUT:?}"),
+                None => format!(
+                    "the backend registered no devices within {wait:?}, or hung up first"
+                ),
             }));
         };
         let wanted: Vec<&layout::Device> = self.layout.backend_devices().collect();
@@ -503,6 +513,33 @@ impl Launch {
             regs,
         })
     }
+}
+
+/// The devices `proxy`'s backend registers within `wait`; None at once if the other end of
+/// `sock` hangs up first.
+fn registrations(proxy: &Proxy, sock: &OwnedFd, wait: Duration) -> Option<Vec<Registration>> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if let Some(r) = proxy.registrations(left.min(Duration::from_secs(1))) {
+            return Some(r);
+        }
+        if left.is_zero() || proxy.is_dead() || hung_up(sock) {
+            return None;
+        }
+    }
+}
+
+/// Whether the other end of `sock` has gone.
+fn hung_up(sock: &OwnedFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: poll on one pollfd of ours, without waiting.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0
 }
 
 /// Every device of the description, registered as described.
@@ -782,6 +819,19 @@ mod tests {
             let e = check_registrations(&[d], &[bad]).unwrap_err().to_string();
             assert!(e.contains("the description has a"), "{e}");
         }
+    }
+
+    /// A device VM's registration is waited for only while its splitvirt holds the connection:
+    /// its hangup is seen at once, and bytes it sends are no hangup.
+    #[test]
+    fn a_hangup_is_told_from_a_message() {
+        let (ours, theirs) = rpc::setup::socketpair().unwrap();
+        assert!(!hung_up(&ours));
+        // SAFETY: a one-byte send from a local on our socket.
+        assert_eq!(unsafe { libc::send(theirs.as_raw_fd(), b"x".as_ptr().cast(), 1, 0) }, 1);
+        assert!(!hung_up(&ours));
+        drop(theirs);
+        assert!(hung_up(&ours));
     }
 
     /// The backend is signalled through a pidfd: after it has been reaped (its pid free for
