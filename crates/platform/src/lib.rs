@@ -3,6 +3,7 @@
 
 pub mod gicv2m;
 pub mod pl011;
+pub mod shared_line;
 
 /// A level-triggered interrupt line into the interrupt controller.
 pub trait IrqLine: Send + Sync {

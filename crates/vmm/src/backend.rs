@@ -496,9 +496,9 @@ impl Launch {
             end(&mut child);
             return Err(BackendError::Setup(match status {
                 Some(s) => format!("the backend ended ({s}) before registering its devices"),
-                None => format!(
-                    "the backend registered no devices within {wait:?}, or hung up first"
-                ),
+                None => {
+                    format!("the backend registered no devices within {wait:?}, or hung up first")
+                }
             }));
         };
         let wanted: Vec<&layout::Device> = self.layout.backend_devices().collect();
@@ -828,7 +828,10 @@ mod tests {
         let (ours, theirs) = rpc::setup::socketpair().unwrap();
         assert!(!hung_up(&ours));
         // SAFETY: a one-byte send from a local on our socket.
-        assert_eq!(unsafe { libc::send(theirs.as_raw_fd(), b"x".as_ptr().cast(), 1, 0) }, 1);
+        assert_eq!(
+            unsafe { libc::send(theirs.as_raw_fd(), b"x".as_ptr().cast(), 1, 0) },
+            1
+        );
         assert!(!hung_up(&ours));
         drop(theirs);
         assert!(hung_up(&ours));

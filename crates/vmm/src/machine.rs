@@ -12,7 +12,7 @@ use crate::msiroute::Irqfds;
 use hostio::endpoint::Deliver;
 use layout::layout::SPI_BASE_INTID;
 use layout::Layout;
-use platform::{gicv2m::Gicv2m, pl011::Pl011, IrqLine, SpiTrigger};
+use platform::{gicv2m::Gicv2m, pl011::Pl011, shared_line::SharedLine, IrqLine, SpiTrigger};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
@@ -103,11 +103,24 @@ pub fn build(p: Parts<'_>, hv: &dyn Hypervisor) -> Result<Machine, crate::Error>
         bus.add(region, dev);
     }
     let bus_cell: Arc<OnceLock<Arc<Bus>>> = Arc::default();
+    // INTx: devices whose pins swizzle to one SPI share it, in-process or not.
+    let mut shared: HashMap<u32, Arc<SharedLine>> = HashMap::new();
+    for d in &l.devices {
+        shared
+            .entry(d.intx_spi)
+            .or_insert_with(|| SharedLine::new(hv.spi_line(SPI_BASE_INTID + d.intx_spi)));
+    }
+    let intx = |d: &layout::Device| -> Arc<dyn IrqLine> {
+        match shared.get(&d.intx_spi) {
+            Some(line) => line.input(d.slot as u8),
+            None => hv.spi_line(SPI_BASE_INTID + d.intx_spi),
+        }
+    };
     let signal = |d: &layout::Device| -> Arc<dyn virtio::transport::Signal> {
         Arc::new(crate::devices::DeviceSignal {
             bus: bus_cell.clone(),
             frame: l.v2m.clone(),
-            intx: hv.spi_line(SPI_BASE_INTID + d.intx_spi),
+            intx: intx(d),
         })
     };
     let connector_hv = || crate::connect::Hv {
@@ -122,7 +135,7 @@ pub fn build(p: Parts<'_>, hv: &dyn Hypervisor) -> Result<Machine, crate::Error>
     // their MSIs go through their own vectors' eventfds (msiroute).
     let intx_lines: HashMap<u8, Arc<dyn IrqLine>> = l
         .backend_devices()
-        .map(|d| (d.slot as u8, hv.spi_line(SPI_BASE_INTID + d.intx_spi)))
+        .map(|d| (d.slot as u8, intx(d)))
         .collect();
     let notifiers = hv.notifiers(l, layout::Placement::Backend)?;
     let dead_notifiers = notifiers.clone();
