@@ -103,6 +103,11 @@ impl Shadow {
         self.read(0x14, 1) as u8
     }
 
+    /// The features the driver accepted.
+    pub fn driver_features(&self) -> u64 {
+        self.t.driver_features()
+    }
+
     /// Queue `q`'s registers as the driver set them.
     pub fn queue(&mut self, q: u16) -> Option<QueueRegs> {
         if q >= self.queues {

@@ -214,6 +214,11 @@ impl<D: VirtioDevice> VirtioPci<D> {
         }
     }
 
+    /// The features the driver accepted.
+    pub fn driver_features(&self) -> u64 {
+        self.driver_features
+    }
+
     pub fn status(&self) -> u8 {
         self.status
     }

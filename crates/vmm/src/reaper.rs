@@ -71,16 +71,32 @@ impl Reaper {
                 }
             }
         }
-        let Some(avail_idx) = read16(q.avail.wrapping_add(2)) else {
-            return;
-        };
-        let waiting = avail_idx.wrapping_sub(next).min(q.size);
-        for _ in 0..waiting {
-            let slot = u64::from(next % q.size);
-            if let Some(h) = read16(q.avail.wrapping_add(4 + 2 * slot)) {
-                heads.push(h);
+        // With VIRTIO_F_EVENT_IDX the driver notifies only when its avail index passes the
+        // avail event the device left in the used ring: it moves to where reaping got to, or
+        // the driver's next requests would never notify, never be failed, and hang. Then the
+        // ring is looked at once more for requests added meanwhile (a few times at most: a
+        // driver adding without pause has notified for the first of them).
+        let event_idx = shadow.driver_features() & virtio::F_EVENT_IDX != 0;
+        let avail_event = q.used.wrapping_add(4 + 8 * u64::from(q.size));
+        for _ in 0..4 {
+            let Some(avail_idx) = read16(q.avail.wrapping_add(2)) else {
+                return;
+            };
+            let waiting = avail_idx.wrapping_sub(next).min(q.size);
+            for _ in 0..waiting {
+                let slot = u64::from(next % q.size);
+                if let Some(h) = read16(q.avail.wrapping_add(4 + 2 * slot)) {
+                    heads.push(h);
+                }
+                next = next.wrapping_add(1);
             }
-            next = next.wrapping_add(1);
+            if !event_idx || self.mem.write_obj(next, GuestAddress(avail_event)).is_err() {
+                break;
+            }
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            if read16(q.avail.wrapping_add(2)) == Some(next) {
+                break;
+            }
         }
         *reaped_to = Some(next);
         let Some(mut used_idx) = read16(q.used.wrapping_add(2)) else {
@@ -169,12 +185,19 @@ mod tests {
     /// A driver's virtio-blk queue 0 of 16 in a 64 KiB pool at 0x5000_0000 (descriptors at
     /// +0, avail at +0x1000, used at +0x2000); descriptor h is a one-byte status at +0x3000+h.
     fn driven() -> (GuestMemoryMmap<()>, Shadow) {
+        driven_with(0)
+    }
+
+    /// `driven`, the driver also accepting `features` (of the first 32).
+    fn driven_with(features: u64) -> (GuestMemoryMmap<()>, Shadow) {
         let base = 0x5000_0000u64;
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(base), 0x10000)]).unwrap();
         let mut sh = Shadow::new(2, &[16], mem.clone(), 0x1000_0000, 1);
         let mut w = |off: u64, v: u64, len: usize| sh.bar_write(0, off, &v.to_le_bytes()[..len]);
         for (off, v, len) in [
             (0x14, 3, 1),
+            (0x08, 0, 4),
+            (0x0c, features, 4),
             (0x08, 1, 4),
             (0x0c, 3, 4),
             (0x14, 0xb, 1),
@@ -230,6 +253,43 @@ mod tests {
                 "landed: {landed}"
             );
         }
+    }
+
+    /// With VIRTIO_F_EVENT_IDX the driver notifies only when its avail index passes the
+    /// device's avail event: once the backend is dead, that follows the reaping, so the driver's
+    /// next request notifies (and is failed) instead of waiting for ever.
+    #[test]
+    fn a_driver_with_event_idx_notifies_its_next_request() {
+        let (mem, mut sh) = driven_with(virtio::F_EVENT_IDX);
+        let base = 0x5000_0000u64;
+        let avail_event = GuestAddress(base + 0x2000 + 4 + 8 * 16);
+        // The dead backend had asked to be notified at 0, and the driver made two requests.
+        mem.write_obj(3u16, GuestAddress(base + 0x1004)).unwrap();
+        mem.write_obj(7u16, GuestAddress(base + 0x1006)).unwrap();
+        mem.write_obj(2u16, GuestAddress(base + 0x1002)).unwrap();
+        let region = Region::create().unwrap();
+        region.journal_reset(1, 0);
+        let r = Reaper::new(1, mem.clone(), Arc::new(Quiet));
+        r.fail_all(&mut sh, &region);
+        assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), 2);
+        // The driver adds request 2: vring_need_event(2, 3, 2) says notify, and it is failed.
+        let need_event = |event: u16, new: u16, old: u16| {
+            new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+        };
+        assert!(need_event(mem.read_obj(avail_event).unwrap(), 3, 2));
+        mem.write_obj(5u16, GuestAddress(base + 0x1008)).unwrap();
+        mem.write_obj(3u16, GuestAddress(base + 0x1002)).unwrap();
+        r.fail_all(&mut sh, &region);
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(base + 0x2002)).unwrap(), 3);
+        assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), 3);
+        let status = |h: u64| mem.read_obj::<u8>(GuestAddress(base + 0x3000 + h)).unwrap();
+        assert_eq!([status(3), status(7), status(5)], [S_IOERR; 3]);
+        // Without the feature the used ring ends at its last element: nothing is written past it.
+        let (mem, mut sh) = driven();
+        mem.write_obj(1u16, GuestAddress(base + 0x1002)).unwrap();
+        mem.write_obj(0xaaaau16, avail_event).unwrap();
+        Reaper::new(1, mem.clone(), Arc::new(Quiet)).fail_all(&mut sh, &region);
+        assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), 0xaaaa);
     }
 
     /// The rings' addresses are the guest's: a descriptor table at the top of the address
