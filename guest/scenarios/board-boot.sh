@@ -1,6 +1,39 @@
 # The board boots splitvirt guests on KVM. Guest consoles are prefixed "guest| ", "disk| ",
 # "root| ", "qroot| ", "stock| ", "abort| "; the guest's socket console "hvc| ".
 check kvm_device test -c /dev/kvm
+# Two VMs at once, each booting root=/dev/vda2 (one raw image, one qcow2 with INTx only),
+# linked by a socket: 4 MiB over TCP from one to the other.
+root_pair() {
+	( /splitvirt run --config /guest/root.toml --kernel /guest/Image \
+		--cmdline "console=ttyAMA0 earlycon=pl011,0x9000000 loglevel=4 root=/dev/vda2 rw LINK_ROLE=listen LINK_ME=10.0.3.1 ROOT_TOKEN=$ROOT_TOKEN" </dev/null
+	  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "root| $l"; done &
+	pair=$!
+	( /splitvirt run --config /guest/qroot.toml --kernel /guest/Image \
+		--cmdline "console=ttyAMA0 loglevel=4 root=/dev/vda2 rw LINK_ROLE=send LINK_ME=10.0.3.2 LINK_PEER=10.0.3.1 ROOT_TOKEN=$QROOT_TOKEN" </dev/null
+	  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "qroot| $l"; done &
+	pair="$pair $!"
+	i=0
+	while [ "$(ps | grep -c '[r]oot.toml')" -gt 0 ]; do
+		sleep 1; i=$((i + 1))
+		# Far past what the two VMs need (about a minute): say where everything waits, and end
+		# them so that the rest runs and the checks name what is missing.
+		if [ $i = "${ROOT_WATCHDOG:-600}" ]; then hang_report root-qroot; pkill -f 'root.toml'; fi
+	done
+	# Their consoles' last lines too.
+	wait $pair
+}
+# ROOT_ROUNDS=N (`cargo xtask kvmboot --root-rounds N`): only this pair, N times, to chase a
+# rare hang.
+if [ -n "$ROOT_ROUNDS" ]; then
+	ROOT_WATCHDOG=240
+	r=0
+	while [ "$r" -lt "$ROOT_ROUNDS" ]; do
+		r=$((r + 1))
+		echo "@@ ROUND $r"
+		root_pair
+	done
+	return 0
+fi
 # The board's side of the guest's network: tap0 (created by splitvirt) gets 10.0.2.1.
 insmod /tun.ko
 ( i=0
@@ -50,21 +83,7 @@ value stress_rx_sha "$(sha256sum /tmp/tap-rx2.bin | cut -d' ' -f1)"
 done
 exec 3>&-
 value disk_reset "$(grep -c 'the guest reset; starting it again' /tmp/disk-sv.log)"
-# Two VMs at once, each booting root=/dev/vda2 (one raw image, one qcow2 with INTx only),
-# linked by a socket: 4 MiB over TCP from one to the other.
-( /splitvirt run --config /guest/root.toml --kernel /guest/Image \
-	--cmdline "console=ttyAMA0 earlycon=pl011,0x9000000 loglevel=4 root=/dev/vda2 rw LINK_ROLE=listen LINK_ME=10.0.3.1 ROOT_TOKEN=$ROOT_TOKEN" </dev/null
-  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "root| $l"; done &
-( /splitvirt run --config /guest/qroot.toml --kernel /guest/Image \
-	--cmdline "console=ttyAMA0 loglevel=4 root=/dev/vda2 rw LINK_ROLE=send LINK_ME=10.0.3.2 LINK_PEER=10.0.3.1 ROOT_TOKEN=$QROOT_TOKEN" </dev/null
-  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "qroot| $l"; done &
-i=0
-while [ "$(ps | grep -c '[r]oot.toml')" -gt 0 ]; do
-	sleep 1; i=$((i + 1))
-	# Far past what the two VMs need (about a minute): say where everything waits, and end
-	# them so that the rest runs and the checks name what is missing.
-	if [ $i = 600 ]; then hang_report root-qroot; pkill -f 'root.toml'; fi
-done
+root_pair
 # The images go back to the host (the outbox disk) to be read there.
 insmod /virtio_blk.ko
 i=0; while [ ! -b /dev/vda ] && [ $i -lt 60 ]; do sleep 0.5; i=$((i + 1)); done

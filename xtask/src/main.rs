@@ -83,7 +83,11 @@ enum Cmd {
         kill: bool,
     },
     /// Boot guests with splitvirt on KVM inside the board (the project's kernel and Debian's).
-    Kvmboot,
+    Kvmboot {
+        /// Only the two root-disk VMs, this many times (to chase a rare hang).
+        #[arg(long)]
+        root_rounds: Option<u32>,
+    },
     /// Boot the guest kernel on QEMU's virt machine with our DTB (and the negative boots).
     Realboot,
     /// Build (or find in the cache) a guest kernel for a role.
@@ -122,7 +126,10 @@ fn run(cli: Cli) -> Result<()> {
             anyhow::ensure!(!r.timed_out, "the board timed out");
             Ok(())
         }
-        Cmd::Kvmboot => kvmboot::boot_on_kvm(),
+        Cmd::Kvmboot { root_rounds: None } => kvmboot::boot_on_kvm(),
+        Cmd::Kvmboot {
+            root_rounds: Some(n),
+        } => kvmboot::root_rounds(n),
         Cmd::Kvmconn => kvmconn::connect_two_vms(),
         Cmd::Kvmdevvm { kill: false } => devvm::driver_served_by_a_device_vm(),
         Cmd::Kvmdevvm { kill: true } => devvm::with_the_device_vm_killed(),
