@@ -4,7 +4,8 @@
 # VM, whose [backend] device_vm is the first port's socket, boots with its root file system on
 # the device VM's first disk, writes and reads it and sends 4 MiB over TCP. With KILL=1, when it
 # says so, the device VM's splitvirt is killed mid-I/O and a second device VM takes the sockets
-# over; the driver VM carries on with it. A second driver VM is served by the device VM of the
+# over; the driver VM (from an initramfs then, its file system on the disk mounted only before
+# the kill) carries on with it. A second driver VM is served by the device VM of the
 # moment through its second port, from its second disk, at the same time as the first: each
 # says when it waits, and both get a line once both wait. The device VM's backends end with
 # their connections and it powers off. Each splitvirt logs to a file of its own, read once it
@@ -46,7 +47,13 @@ driver_vm() { # NAME CMDLINE SPLITVIRT-RUN-ARGUMENTS...
 # The fifos stay open here, so that no driver VM sees its console end.
 mkfifo /tmp/driver-in /tmp/driver2-in
 exec 3<>/tmp/driver-in 4<>/tmp/driver2-in
-driver_vm driver "root=/dev/vda2 rw TOKEN=$TOKEN KILL=$KILL" --config /guest/driver.toml &
+# Its root file system is the device VM's disk, unless the device VM is to die under it: then
+# it runs from an initramfs and mounts that file system for a while.
+if [ "$KILL" = 1 ]; then
+	driver_vm driver "TOKEN=$TOKEN KILL=1" --config /guest/driver.toml --initrd /guest/dvm-driver.cpio &
+else
+	driver_vm driver "root=/dev/vda2 rw TOKEN=$TOKEN KILL=0" --config /guest/driver.toml &
+fi
 driver=$!
 if [ "$KILL" = 1 ]; then
 	# The driver VM writes without pause now (and the device VM has hashed what came over
@@ -71,7 +78,11 @@ echo go >&4
 n=0
 while { kill -0 "$driver" || kill -0 "$driver2"; } 2>/dev/null && [ $n -lt 600 ]; do
 	sleep 0.5; n=$((n + 1))
-	[ $n = 600 ] && { hang_report devvm; pkill -9 -f 'splitvirt'; }
+	if [ $n = 600 ]; then
+		hang_report devvm
+		for f in /tmp/*-sv.log; do sed "s|^|hang $f: |" "$f"; done
+		pkill -9 -f 'splitvirt'
+	fi
 done
 wait "$serving"
 sed 's/^/device-sv| /' /tmp/device-sv.log

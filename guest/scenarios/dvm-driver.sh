@@ -1,26 +1,33 @@
-# Inside the driver VM, booted with root=/dev/vda2: its root file system is on the virtio-blk a
-# device VM serves from the device VM's own disk. It writes a file there (the board finds it in
-# the device VM's disk image), a token at the start of /dev/vda1 (sector 2048 of the disk),
-# 8 MiB into a file of the root file system (flushed, dropped from the page cache, read back),
-# then 4 MiB over TCP to the device VM. With KILL=1: writes to /dev/vda1 without pause until
-# one fails (the board kills the device VM meanwhile), and again until one succeeds (a new
-# device VM took over), 4 MiB at 4 MiB into /dev/vda1 read back. Then it waits for the board's
-# line, which comes once the second driver VM waits too, and both write and read 2 MiB at once.
-# /tmp in memory: a device VM killed under the driver's writes leaves the root file system be.
+# Inside the driver VM, whose disk a device VM serves from the device VM's own disk: an MBR disk
+# whose partition 2 is a root file system and partition 1 8 MiB for raw writes. Booted with
+# root=/dev/vda2, that file system is the root; with KILL=1 (the device VM dies under this VM,
+# which must outlive it) the VM runs from an initramfs and mounts it at /mnt until the kill.
+# It writes a file there (the board finds it in the device VM's disk image), a token at the
+# start of /dev/vda1 (sector 2048 of the disk), 8 MiB into a file (flushed, dropped from the
+# page cache, read back), then 4 MiB over TCP to the device VM. With KILL=1: writes to
+# /dev/vda1 without pause until one fails (the board kills the device VM meanwhile), and again
+# until one succeeds (a new device VM took over), 4 MiB at 4 MiB into /dev/vda1 read back. Then
+# it waits for the board's line, which comes once the second driver VM waits too, and both
+# write and read 2 MiB at once.
 mount -t tmpfs tmpfs /tmp
+fs=
+if [ "$KILL" = 1 ]; then
+	check mount_vda2 mount /dev/vda2 /mnt
+	fs=/mnt
+fi
 value root_dev "$(awk '$5 == "/" {print $3; exit}' /proc/self/mountinfo)"
 value vda2_dev "$(cat /sys/class/block/vda2/dev 2>/dev/null)"
-value from_board "$(cat /from-board.txt 2>/dev/null)"
-echo "$TOKEN" | dd of=/from-driver.txt conv=fsync 2>/dev/null
-check root_write test "$(cat /from-driver.txt)" = "$TOKEN"
+value from_board "$(cat $fs/from-board.txt 2>/dev/null)"
+echo "$TOKEN" | dd of=$fs/from-driver.txt conv=fsync 2>/dev/null
+check root_write test "$(cat $fs/from-driver.txt)" = "$TOKEN"
 printf 'splitvirt-device-vm %s\n' "$TOKEN" >/tmp/token
 check token_write dd if=/tmp/token of=/dev/vda1 bs=512 conv=sync,fsync
 dd if=/dev/urandom of=/tmp/r bs=1M count=8 2>/dev/null
 value written_sha "$(sha256sum </tmp/r | cut -d' ' -f1)"
-check bulk_write dd if=/tmp/r of=/bulk.bin bs=1M conv=fsync
+check bulk_write dd if=/tmp/r of=$fs/bulk.bin bs=1M conv=fsync
 echo 3 >/proc/sys/vm/drop_caches
-value read_sha "$(sha256sum </bulk.bin | cut -d' ' -f1)"
-rm -f /bulk.bin
+value read_sha "$(sha256sum <$fs/bulk.bin | cut -d' ' -f1)"
+rm -f $fs/bulk.bin
 value token_read "$(dd if=/dev/vda1 bs=512 count=1 2>/dev/null | head -n 1)"
 # 4 MiB over TCP to the device VM, through the virtio-net it serves from its own TAP.
 ip addr add 10.0.5.2/24 dev eth0
@@ -32,6 +39,7 @@ until nc 10.0.5.1 5000 </tmp/tx || [ $n -ge 60 ]; do sleep 1; n=$((n + 1)); done
 value tcp_tries "$n"
 sync
 if [ "$KILL" = 1 ]; then
+	check umount_vda2 umount /mnt
 	# Where the disk's requests stand, every 20 s while this runs (for a hang's report).
 	( while sleep 20; do
 		echo "diag: inflight $(cat /sys/block/vda/inflight) irqs $(grep -i virtio /proc/interrupts | tr -s ' ' | tr '\n' '|')"

@@ -320,6 +320,12 @@ impl<D: VirtioDevice> VirtioPci<D> {
                     })?;
                 q.set_next_avail(used.0);
                 q.set_next_used(used.0);
+                let avail = q.avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire);
+                log::info!(
+                    "queue {i} resumes at used index {} (the driver's avail index: {:?})",
+                    used.0,
+                    avail.map(|a| a.0)
+                );
             }
             // The device gets its own copy; ours keeps answering the driver's register reads.
             let copy = Queue::try_from(q.state()).map_err(|e| DeviceError::Queue {

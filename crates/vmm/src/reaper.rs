@@ -54,7 +54,15 @@ impl Reaper {
         let (mut next, mut heads) = match *reaped_to {
             Some(n) => (n, Vec::new()),
             None => match region.journal(self.dev) {
-                Some((n, h)) => (n, h),
+                Some((n, h)) => {
+                    log::info!(
+                        "virtio-blk at slot {}: the dead backend's journal says it took the \
+                         driver's requests up to avail index {n}, {} of them in flight",
+                        self.dev,
+                        h.len()
+                    );
+                    (n, h)
+                }
                 None => return,
             },
         };
@@ -85,8 +93,13 @@ impl Reaper {
             let waiting = avail_idx.wrapping_sub(next).min(q.size);
             for _ in 0..waiting {
                 let slot = u64::from(next % q.size);
+                // A head the journal has in flight is the same request (a driver reuses a
+                // head only once it is used): the backend died between marking it taken and
+                // storing its next avail index. It is failed once.
                 if let Some(h) = read16(q.avail.wrapping_add(4 + 2 * slot)) {
-                    heads.push(h);
+                    if !heads.contains(&h) {
+                        heads.push(h);
+                    }
                 }
                 next = next.wrapping_add(1);
             }
@@ -122,6 +135,10 @@ impl Reaper {
         if done == 0 {
             return;
         }
+        log::debug!(
+            "virtio-blk at slot {}: reaped to avail index {next}, used index now {used_idx}",
+            self.dev
+        );
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         let _ = self
             .mem
@@ -253,6 +270,30 @@ mod tests {
                 "landed: {landed}"
             );
         }
+    }
+
+    /// A backend that died between marking a head taken and storing its next avail index: the
+    /// journal has the head in flight and the avail entry after its next index too. One request,
+    /// failed once: a second completion would put the used index past the avail index, and the
+    /// next backend (which resumes at the used index) would refuse the queue.
+    #[test]
+    fn a_head_both_in_flight_and_available_is_failed_once() {
+        let (mem, mut sh) = driven();
+        let base = 0x5000_0000u64;
+        mem.write_obj(4u16, GuestAddress(base + 0x1004)).unwrap();
+        mem.write_obj(9u16, GuestAddress(base + 0x1006)).unwrap();
+        mem.write_obj(2u16, GuestAddress(base + 0x1002)).unwrap();
+        let region = Region::create().unwrap();
+        region.journal_reset(1, 0);
+        // Head 4 marked taken; the next avail index still says 0.
+        region.journal_popped(1, 4, 0);
+        Reaper::new(1, mem.clone(), Arc::new(Quiet)).fail_all(&mut sh, &region);
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(base + 0x2002)).unwrap(), 2);
+        let used = |i: u64| {
+            mem.read_obj::<u32>(GuestAddress(base + 0x2004 + 8 * i))
+                .unwrap()
+        };
+        assert_eq!([used(0), used(1)], [4, 9]);
     }
 
     /// With VIRTIO_F_EVENT_IDX the driver notifies only when its avail index passes the
