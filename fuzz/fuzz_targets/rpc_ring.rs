@@ -26,6 +26,7 @@ impl PciFunction for Cfg {
         data.fill(0x11)
     }
     fn bar_write(&mut self, _: usize, _: u64, _: &[u8]) {}
+    fn resume(&mut self) {}
 }
 
 fuzz_target!(|data: &[u8]| {

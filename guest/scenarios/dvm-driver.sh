@@ -6,7 +6,8 @@
 # start of /dev/vda1 (sector 2048 of the disk), 8 MiB into a file (flushed, dropped from the
 # page cache, read back), then 4 MiB over TCP to the device VM. With KILL=1: writes to
 # /dev/vda1 without pause until one fails (the board kills the device VM meanwhile), and again
-# until one succeeds (a new device VM took over), 4 MiB at 4 MiB into /dev/vda1 read back. Then
+# until one succeeds (a new device VM took over), 4 MiB at 4 MiB into /dev/vda1 read back, and
+# the same 4 MiB over TCP to the new device VM. Then
 # it waits for the board's line, which comes once the second driver VM waits too, and both
 # write and read 2 MiB at once.
 mount -t tmpfs tmpfs /tmp
@@ -59,6 +60,10 @@ if [ "$KILL" = 1 ]; then
 	value failed_tries "$n"
 	echo 3 >/proc/sys/vm/drop_caches
 	value after_read_sha "$(dd if=/dev/vda1 bs=1M skip=4 count=4 2>/dev/null | sha256sum | cut -d' ' -f1)"
+	# The network too, where the first device VM left it: 4 MiB over TCP to the second.
+	n=0
+	until nc 10.0.5.1 5000 </tmp/tx || [ $n -ge 60 ]; do sleep 1; n=$((n + 1)); done
+	value tcp_after_tries "$n"
 fi
 # Both driver VMs at once, each on its own disk of the device VM.
 wait_for_board both

@@ -542,5 +542,23 @@ fn kill_checks(
         r.part("driver-sv").log.contains("backend reached again"),
         "the driver VM's splitvirt did not reach the second device VM (log: {log})"
     );
+    // Every device carried on where the first device VM left it: the network too (its queues
+    // resumed, not started from 0), and the second device VM's backends found nothing wrong.
+    let device2 = r.part("device2");
+    ensure!(
+        device2.value("tcp_rx_sha") == driver.value("tcp_tx_sha"),
+        "4 MiB over TCP through the second device VM: sent {:?}, received {:?} (log: {log})",
+        driver.value("tcp_tx_sha"),
+        device2.value("tcp_rx_sha")
+    );
+    let errors: Vec<&str> = device2
+        .log
+        .lines()
+        .filter(|l| l.contains("splitvirt-backend: error"))
+        .collect();
+    ensure!(
+        errors.is_empty(),
+        "the second device VM's backends: {errors:?} (log: {log})"
+    );
     Ok(())
 }

@@ -336,6 +336,8 @@ impl PciFunction for Connector {
             _ => {}
         }
     }
+    /// Served by splitvirt itself, never taken over: nothing to resume.
+    fn resume(&mut self) {}
 }
 
 #[cfg(test)]

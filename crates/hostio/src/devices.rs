@@ -42,6 +42,9 @@ impl<F: PciFunction> PciFunction for SharedFunction<F> {
     fn bar_write(&mut self, bar: usize, off: u64, data: &[u8]) {
         self.with(|f| f.bar_write(bar, off, data))
     }
+    fn resume(&mut self) {
+        self.with(|f| f.resume())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -340,4 +343,38 @@ pub fn build(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Resumed(bool);
+    impl PciFunction for Resumed {
+        fn config_read(&mut self, _: u64, data: &mut [u8]) {
+            data.fill(0)
+        }
+        fn config_write(&mut self, _: u64, _: &[u8]) {}
+        fn bar_address(&self, _: usize) -> Option<(u64, u64)> {
+            None
+        }
+        fn bar_read(&mut self, _: usize, _: u64, data: &mut [u8]) {
+            data.fill(0)
+        }
+        fn bar_write(&mut self, _: usize, _: u64, _: &[u8]) {}
+        fn resume(&mut self) {
+            self.0 = true;
+        }
+    }
+
+    /// A shared device taken over by a new backend resumes where its queues stood: the wrapper
+    /// passes the resume on (it once dropped it, and virtio-net started its queues from 0).
+    #[test]
+    fn a_shared_function_passes_resume_on() {
+        let inner = Arc::new(Mutex::new(Resumed::default()));
+        let mut shared: Box<dyn PciFunction> = Box::new(SharedFunction(inner.clone()));
+        shared.resume();
+        assert!(inner.lock().unwrap().0);
+    }
 }

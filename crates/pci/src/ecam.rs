@@ -17,8 +17,10 @@ pub trait PciFunction: Send {
     fn bar_write(&mut self, bar: usize, off: u64, data: &[u8]);
     /// The writes that follow restore the state a previous instance of this function was
     /// left in (its process died): a function that keeps state in guest memory takes it from
-    /// there when that state comes to life (a virtio device: each queue's position).
-    fn resume(&mut self) {}
+    /// there when that state comes to life (a virtio device: each queue's position). No
+    /// default: a wrapper that forgot to pass it on made a taken-over virtio-net start its
+    /// queues from 0.
+    fn resume(&mut self);
 }
 
 /// The host bridge at 00:00.0: identity only (Red Hat's generic PCIe host bridge ID, as QEMU's
@@ -45,6 +47,8 @@ impl PciFunction for HostBridge {
         data.fill(0);
     }
     fn bar_write(&mut self, _: usize, _: u64, _: &[u8]) {}
+    /// Identity only: nothing to take over.
+    fn resume(&mut self) {}
 }
 
 /// Device and function on bus 0 packed as ECAM does: dev << 3 | func.
@@ -228,6 +232,7 @@ mod tests {
                 }
             }
         }
+        fn resume(&mut self) {}
     }
 
     fn ecam() -> Ecam {

@@ -47,6 +47,9 @@ impl PciFunction for BarWatch {
     fn bar_write(&mut self, bar: usize, off: u64, data: &[u8]) {
         self.inner.bar_write(bar, off, data)
     }
+    fn resume(&mut self) {
+        self.inner.resume()
+    }
 }
 
 #[cfg(test)]
@@ -68,6 +71,7 @@ mod tests {
         }
         fn bar_read(&mut self, _: usize, _: u64, _: &mut [u8]) {}
         fn bar_write(&mut self, _: usize, _: u64, _: &[u8]) {}
+        fn resume(&mut self) {}
     }
 
     #[test]

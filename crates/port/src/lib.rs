@@ -180,6 +180,8 @@ impl PciFunction for Port {
             _ => {}
         }
     }
+    /// Its state is the device VM's own splitvirt's, never taken over.
+    fn resume(&mut self) {}
 }
 
 #[cfg(test)]

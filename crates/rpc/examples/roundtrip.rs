@@ -105,6 +105,7 @@ impl pci::PciFunction for Nop {
         d.fill(7)
     }
     fn bar_write(&mut self, _: usize, _: u64, _: &[u8]) {}
+    fn resume(&mut self) {}
 }
 
 fn nop_device() -> (Registration, Box<dyn pci::PciFunction>) {

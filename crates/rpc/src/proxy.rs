@@ -680,4 +680,7 @@ impl PciFunction for RemoteFunction {
     fn bar_write(&mut self, bar: usize, off: u64, data: &[u8]) {
         self.write(bar as u8 + 1, off, data);
     }
+    fn resume(&mut self) {
+        self.link.get().resume(self.dev);
+    }
 }

@@ -152,4 +152,7 @@ impl PciFunction for Watched {
         }
         self.inner.bar_write(0, off, data)
     }
+    fn resume(&mut self) {
+        self.inner.resume()
+    }
 }
