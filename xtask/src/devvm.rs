@@ -72,11 +72,8 @@ pub fn driver_served_by_a_device_vm() -> Result<()> {
     run(false)
 }
 
-/// `cargo xtask kvmdevvm --kill`: the same with the device VM killed under the driver VM's
-/// writes and a second one taking over. Not in `cargo xtask test` yet: in 2 of 5 runs the
-/// driver VM's I/O stalled after the takeover (both guests idle, the second device VM's
-/// backend serving): a lost wake-up not found yet (docs/BENCHMARKS.md has none; the issue's
-/// note has the hang report).
+/// `cargo xtask kvmdevvm --kill`, part of `cargo xtask test`: the same with the device VM
+/// killed under the driver VM's writes and a second one taking over.
 pub fn with_the_device_vm_killed() -> Result<()> {
     run(true)
 }

@@ -94,8 +94,12 @@ pub fn all() -> Result<()> {
         crate::kvmconn::connect_two_vms,
     );
     s.step(
-        "board: a driver VM's disk served by a device VM",
+        "board: a driver VM's root file system served by a device VM",
         crate::devvm::driver_served_by_a_device_vm,
+    );
+    s.step(
+        "board: the device VM killed under a driver VM's I/O, another takes over",
+        crate::devvm::with_the_device_vm_killed,
     );
 
     println!("\nxtask test steps:");
