@@ -834,6 +834,15 @@ mod tests {
         );
         assert!(!hung_up(&ours));
         drop(theirs);
+        // Another test's fork may hold a copy of `theirs` until its exec: wait for the hangup
+        // itself rather than assume it came with the close.
+        let mut p = libc::pollfd {
+            fd: ours.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: poll on one pollfd of ours.
+        assert_eq!(unsafe { libc::poll(&mut p, 1, 60_000) }, 1);
         assert!(hung_up(&ours));
     }
 
