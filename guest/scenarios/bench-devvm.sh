@@ -1,15 +1,20 @@
 # The three places a driver VM's disk can be served from, side by side (`cargo xtask bench
 # devvm`): in splitvirt's process ("in"), in the backend process ("be"), and by a device VM
-# from its own disk ("dvm"), the same raw file each time; ROUNDS rounds, the order rotating.
+# from its own disk ("dvm"), the same raw file each time, and its virtio-net likewise (a TAP of
+# the board's, or of the device VM's); ROUNDS rounds, the order rotating.
 # Consoles "PLACEMENT-ROUND| ", the device VMs' "device-ROUND| ".
 check kvm_device test -c /dev/kvm
 truncate -s 256M /tmp/bench.raw
+# TCP: to the board's TAP network (in-process and backend), or to the device VM (its own TAP,
+# 10.0.5.1, where dvm-device.sh listens on port 5000).
+insmod /tun.ko
+tap_network
 # A driver VM. Its splitvirt's counters (`wakes`), and its device VM's (pid in
 # /tmp/device.pid) if it has one, are read at the guest's marks around its random reads:
 # "wakes_NAME_MARK_WHO".
-vm() { # NAME CONFIG
+vm() { # NAME CONFIG [GUEST-SETTINGS]
 	( /splitvirt --log-file "/tmp/$1-sv.log" run --config "/guest/$2.toml" --kernel /guest/Image \
-		--initrd /guest/initrd.cpio --cmdline "console=ttyAMA0 loglevel=4 MODE=disk" </dev/null &
+		--initrd /guest/initrd.cpio --cmdline "console=ttyAMA0 loglevel=4 MODE=single $3" </dev/null &
 	  echo $! >/tmp/driver.pid
 	  wait $! ) 2>&1 |
 		while IFS= read -r l; do
@@ -35,7 +40,7 @@ dvm() { # ROUND
 		done ) &
 	device=$!
 	n=0; while [ ! -e "/tmp/device-$1-ready" ] && [ $n -lt 600 ]; do sleep 0.5; n=$((n + 1)); done
-	vm "dvm-$1" driver
+	vm "dvm-$1" driver "TCP_ME=10.0.5.2 TCP_PEER=10.0.5.1"
 	wait "$device"
 	rm -f /tmp/device.pid
 }

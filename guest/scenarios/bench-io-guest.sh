@@ -26,8 +26,9 @@ else
 	[ "$MODE" = full ] && /iobench rand-write /dev/vda "$IOB_SECONDS"
 	# MODE=disk: the disk alone (a VM without the board's network).
 	[ "$MODE" = disk ] && return 0
-	ip addr add 10.0.2.15/24 dev eth0
+	# The board's TAP network, or TCP_ME and TCP_PEER where another VM serves the network.
+	ip addr add "${TCP_ME:-10.0.2.15}/24" dev eth0
 	ip link set eth0 up
-	/iobench tcp-send 10.0.2.1 5000 "$IOB_MIB"
+	/iobench tcp-send "${TCP_PEER:-10.0.2.1}" 5000 "$IOB_MIB"
 	[ "$MODE" = full ] && /iobench tcp-rr 10.0.2.1 5001 "$IOB_SECONDS"
 fi

@@ -316,11 +316,13 @@ const BENCH_ROUNDS: usize = 3;
 pub fn bench() -> Result<()> {
     let dk = kernel::build(kernel::Role::Device)?;
     let bench_driver = "vcpus = 1\n[backend]\ndevice_vm = \"/tmp/port.sock\"\n\
-                        [[device]]\nkind = \"virtio-blk\"\nimage = \"/dev/vda\"\n";
+                        [[device]]\nkind = \"virtio-blk\"\nimage = \"/dev/vda\"\n\
+                        [[device]]\nkind = \"virtio-net\"\nbackend = \"tap0\"\n";
     let device_initrd = device_initramfs(&dk, bench_driver)?;
     let blk = |placement: &str| {
         format!(
-            "vcpus = 1\n[[device]]\nkind = \"virtio-blk\"\nimage = \"/tmp/bench.raw\"\nplacement = \"{placement}\"\n"
+            "vcpus = 1\n[[device]]\nkind = \"virtio-blk\"\nimage = \"/tmp/bench.raw\"\nplacement = \"{placement}\"\n\
+             [[device]]\nkind = \"virtio-net\"\nbackend = \"tap0\"\nplacement = \"{placement}\"\n"
         )
         .into_bytes()
     };
@@ -358,6 +360,7 @@ pub fn bench() -> Result<()> {
         ("seq_write_mbps", "seq write MB/s"),
         ("seq_read_mbps", "seq read MB/s"),
         ("rand_read_iops", "4K rand read IOPS"),
+        ("tcp_mbps", "TCP MB/s"),
     ];
     println!(
         "\na driver VM's virtio-blk in three places, on KVM inside the board ({} MiB sequential, {} s random, QD1; {BENCH_ROUNDS} rounds)",
