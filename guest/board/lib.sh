@@ -16,6 +16,15 @@ hang_report() {
 		sed 's/^/@@ HANG   /' "$t/stack" 2>/dev/null | head -12
 	done
 }
+# Kills (SIGKILL) every process whose command line holds PATTERN: the board's busybox has no
+# pkill.
+kill_matching() {
+	for c in /proc/[0-9]*/cmdline; do
+		p=${c#/proc/}; p=${p%/cmdline}
+		[ "$p" = $$ ] && continue
+		case "$(tr '\0' ' ' <"$c" 2>/dev/null)" in *"$1"*) kill -9 "$p" 2>/dev/null ;; esac
+	done
+}
 # The process that serves a VM's backend devices: a "splitvirt backend" in a PID namespace of
 # its own (two pids on its NSpid line; its keeper outside the jail has one). Unjailed, the
 # backend process itself.

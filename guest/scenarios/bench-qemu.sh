@@ -27,7 +27,7 @@ qemu() { # qemu CMDLINE INITRD [QEMU ARGS...]
 }
 sv() { # sv CONFIG CMDLINE INITRD
 	# A VM that has not ended in 10 minutes hangs: say where each splitvirt thread waits, end it.
-	( sleep 600; hang_report "$1"; pkill -9 -f 'splitvirt run' ) &
+	( sleep 600; hang_report "$1"; kill_matching 'splitvirt run' ) &
 	watchdog=$!
 	/stamp '@@ INIT started' /splitvirt run --stats --config "/guest/$1.toml" --kernel /guest/Image \
 		--initrd "$3" --cmdline "$2" </dev/null

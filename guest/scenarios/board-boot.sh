@@ -17,7 +17,7 @@ root_pair() {
 		sleep 1; i=$((i + 1))
 		# Far past what the two VMs need (about a minute): say where everything waits, and end
 		# them so that the rest runs and the checks name what is missing.
-		if [ $i = "${ROOT_WATCHDOG:-600}" ]; then hang_report root-qroot; pkill -f 'root.toml'; fi
+		if [ $i = "${ROOT_WATCHDOG:-600}" ]; then hang_report root-qroot; kill_matching 'root.toml'; fi
 	done
 	# Their consoles' last lines too.
 	wait $pair

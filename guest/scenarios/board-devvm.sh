@@ -81,7 +81,7 @@ while { kill -0 "$driver" || kill -0 "$driver2"; } 2>/dev/null && [ $n -lt 600 ]
 	if [ $n = 600 ]; then
 		hang_report devvm
 		for f in /tmp/*-sv.log; do sed "s|^|hang $f: |" "$f"; done
-		pkill -9 -f 'splitvirt'
+		kill_matching 'splitvirt '
 	fi
 done
 wait "$serving"
