@@ -10,7 +10,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::RwLock;
 
 pub const SECTOR: u64 = 512;
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
@@ -249,11 +249,10 @@ fn write_zeros_by_hand(d: &dyn Disk, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// qcow2 through imago, one request at a time: with requests in parallel, a VM's qcow2 disk
-/// hung about once in 20 boots in the board, an I/O thread blocked on one of imago's internal
-/// locks with no other thread in imago (docs/BENCHMARKS.md, "The qcow2 hang").
+/// qcow2 through imago. Reads, writes and zeroing share the image; discard changes mappings and
+/// takes it alone (imago asks for `&mut` there).
 pub struct Qcow2Disk {
-    image: Mutex<FormatAccess<ImagoFile>>,
+    image: RwLock<FormatAccess<ImagoFile>>,
     size: u64,
 }
 
@@ -289,13 +288,13 @@ impl Qcow2Disk {
             )));
         }
         Ok(Qcow2Disk {
-            image: Mutex::new(access),
+            image: RwLock::new(access),
             size,
         })
     }
 
-    fn shared(&self) -> std::sync::MutexGuard<'_, FormatAccess<ImagoFile>> {
-        self.image.lock().unwrap_or_else(|e| e.into_inner())
+    fn shared(&self) -> std::sync::RwLockReadGuard<'_, FormatAccess<ImagoFile>> {
+        self.image.read().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -316,7 +315,7 @@ impl Disk for Qcow2Disk {
         img.sync()
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mut img = self.shared();
+        let mut img = self.image.write().unwrap_or_else(|e| e.into_inner());
         // Unaligned heads and tails stay allocated: a discard is only a hint.
         let _ = img.discard_to_any(offset, len);
         Ok(())
