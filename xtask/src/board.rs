@@ -53,6 +53,23 @@ pub fn run(
 /// and writes a tar archive to, for the host to read after the board is gone.
 pub const OUTBOX_SIZE: u64 = 128 << 20;
 
+/// What the board of run `r` wrote to its outbox at `outbox` (a tar archive, after the
+/// scenario's `check outbox`), unpacked into `into` (emptied first).
+pub fn unpack_outbox(
+    r: &qemu::Run,
+    outbox: &std::path::Path,
+    into: &std::path::Path,
+) -> Result<()> {
+    anyhow::ensure!(
+        r.outer().passed("outbox"),
+        "the board could not write the outbox (log: {})",
+        r.log_path.display()
+    );
+    let _ = std::fs::remove_dir_all(into);
+    std::fs::create_dir_all(into)?;
+    env::run(cmd("tar").arg("-xf").arg(outbox).arg("-C").arg(into))
+}
+
 /// `run` with an outbox disk at `outbox` (made empty here).
 pub fn run_with(
     scenario: &str,

@@ -189,20 +189,8 @@ fn run(kill: bool) -> Result<()> {
             "failed"
         }
     );
-    ensure!(
-        outer.passed("outbox"),
-        "the board could not write the outbox (log: {log})"
-    );
     let back = dir.join("devvm-outbox");
-    let _ = std::fs::remove_dir_all(&back);
-    std::fs::create_dir_all(&back)?;
-    crate::env::run(
-        crate::env::cmd("tar")
-            .arg("-xf")
-            .arg(&outbox)
-            .arg("-C")
-            .arg(&back),
-    )?;
+    board::unpack_outbox(&r, &outbox, &back)?;
     let found = guest::read_from_p2(&back.join("dvm-disk.img"), "from-driver.txt")?;
     ensure!(
         found.trim() == token,

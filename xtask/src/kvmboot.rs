@@ -371,20 +371,8 @@ fn boot_on_kvm_with(root_rounds: Option<u32>) -> Result<()> {
         rt.value("link_rx_sha")
     );
     // The host finds what each root VM wrote, in the raw image and in the qcow2 image.
-    ensure!(
-        r.outer().passed("outbox"),
-        "the board could not write the outbox"
-    );
     let back = dir.join("outbox");
-    let _ = std::fs::remove_dir_all(&back);
-    std::fs::create_dir_all(&back)?;
-    crate::env::run(
-        crate::env::cmd("tar")
-            .arg("-xf")
-            .arg(&outbox)
-            .arg("-C")
-            .arg(&back),
-    )?;
+    board::unpack_outbox(&r, &outbox, &back)?;
     let raw_found = guest::read_from_p2(&back.join("root.img"), "from-guest.txt")?;
     ensure!(
         raw_found.trim() == root_token,
