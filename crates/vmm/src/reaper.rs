@@ -238,6 +238,17 @@ mod tests {
         (mem, sh)
     }
 
+    /// The driver makes `heads` available in its avail ring (at 0x5000_1000), from slot 0.
+    fn make_available(mem: &GuestMemoryMmap<()>, heads: &[u16]) {
+        let ring = 0x5000_1000u64;
+        for (slot, h) in (0u64..).zip(heads) {
+            mem.write_obj(*h, GuestAddress(ring + 4 + 2 * slot))
+                .unwrap();
+        }
+        mem.write_obj(heads.len() as u16, GuestAddress(ring + 2))
+            .unwrap();
+    }
+
     /// A backend that died after it began a completion but before the used index moved past
     /// it: that request is failed with the others, once; one whose completion landed is not.
     #[test]
@@ -247,9 +258,7 @@ mod tests {
             let base = 0x5000_0000u64;
             // The guest made heads 4 and 9 available; the backend took both and began
             // completing 4 at used index 0.
-            mem.write_obj(4u16, GuestAddress(base + 0x1004)).unwrap();
-            mem.write_obj(9u16, GuestAddress(base + 0x1006)).unwrap();
-            mem.write_obj(2u16, GuestAddress(base + 0x1002)).unwrap();
+            make_available(&mem, &[4, 9]);
             let region = Region::create().unwrap();
             region.journal_reset(1, 0);
             region.journal_popped(1, 4, 1);
@@ -280,9 +289,7 @@ mod tests {
     fn a_head_both_in_flight_and_available_is_failed_once() {
         let (mem, mut sh) = driven();
         let base = 0x5000_0000u64;
-        mem.write_obj(4u16, GuestAddress(base + 0x1004)).unwrap();
-        mem.write_obj(9u16, GuestAddress(base + 0x1006)).unwrap();
-        mem.write_obj(2u16, GuestAddress(base + 0x1002)).unwrap();
+        make_available(&mem, &[4, 9]);
         let region = Region::create().unwrap();
         region.journal_reset(1, 0);
         // Head 4 marked taken; the next avail index still says 0.
@@ -305,9 +312,7 @@ mod tests {
         let base = 0x5000_0000u64;
         let avail_event = GuestAddress(base + 0x2000 + 4 + 8 * 16);
         // The dead backend had asked to be notified at 0, and the driver made two requests.
-        mem.write_obj(3u16, GuestAddress(base + 0x1004)).unwrap();
-        mem.write_obj(7u16, GuestAddress(base + 0x1006)).unwrap();
-        mem.write_obj(2u16, GuestAddress(base + 0x1002)).unwrap();
+        make_available(&mem, &[3, 7]);
         let region = Region::create().unwrap();
         region.journal_reset(1, 0);
         let r = Reaper::new(1, mem.clone(), Arc::new(Quiet));
@@ -318,8 +323,7 @@ mod tests {
             new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
         };
         assert!(need_event(mem.read_obj(avail_event).unwrap(), 3, 2));
-        mem.write_obj(5u16, GuestAddress(base + 0x1008)).unwrap();
-        mem.write_obj(3u16, GuestAddress(base + 0x1002)).unwrap();
+        make_available(&mem, &[3, 7, 5]);
         r.fail_all(&mut sh, &region);
         assert_eq!(mem.read_obj::<u16>(GuestAddress(base + 0x2002)).unwrap(), 3);
         assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), 3);
@@ -327,7 +331,7 @@ mod tests {
         assert_eq!([status(3), status(7), status(5)], [S_IOERR; 3]);
         // Without the feature the used ring ends at its last element: nothing is written past it.
         let (mem, mut sh) = driven();
-        mem.write_obj(1u16, GuestAddress(base + 0x1002)).unwrap();
+        make_available(&mem, &[0]);
         mem.write_obj(0xaaaau16, avail_event).unwrap();
         Reaper::new(1, mem.clone(), Arc::new(Quiet)).fail_all(&mut sh, &region);
         assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), 0xaaaa);
