@@ -10,8 +10,4 @@ echo 3 >/proc/sys/vm/drop_caches
 value token_read "$(dd if=/dev/vda bs=512 skip=2048 count=1 2>/dev/null | head -n 1)"
 # Both driver VMs at once, each on its own disk of the device VM.
 wait_for_board both
-dd if=/dev/urandom of=/tmp/c bs=1M count=2 2>/dev/null
-value both_sha "$(sha256sum </tmp/c | cut -d' ' -f1)"
-check both_write dd if=/tmp/c of=/dev/vda bs=1M seek=8 conv=fsync
-echo 3 >/proc/sys/vm/drop_caches
-value both_read_sha "$(dd if=/dev/vda bs=1M skip=8 count=2 2>/dev/null | sha256sum | cut -d' ' -f1)"
+write_read_back both /dev/vda 8 2
