@@ -91,6 +91,11 @@ impl Regs {
         unsafe { self.0.add(off as usize).cast::<u32>().write_volatile(v) }
     }
 
+    /// Rings the port's doorbell `i`.
+    fn ring(&self, i: u64) {
+        self.write32(port::REG_DOORBELLS + 4 * i, 1);
+    }
+
     /// (connections so far, the setup words) once a driver VM is connected.
     fn connected(&self) -> (u32, [u64; port::SETUP_WORDS]) {
         loop {
@@ -190,7 +195,7 @@ pub fn serve_port(l: &Layout, port: &str) -> Result<(), ServeError> {
     // driver VM's eventfd: its events, its replies, then each device's vectors in slot order.
     let bell = |i: u64| PortBell {
         regs: regs.clone(),
-        at: port::REG_DOORBELLS + 4 * i,
+        i,
     };
     let mut vectors = Vec::new();
     let mut next = 2u64;
@@ -229,12 +234,12 @@ pub fn serve_port(l: &Layout, port: &str) -> Result<(), ServeError> {
 /// One of the port's doorbells, rung by a store to its register.
 struct PortBell {
     regs: Arc<Regs>,
-    at: u64,
+    i: u64,
 }
 
 impl Bell for PortBell {
     fn ring(&self) {
-        self.regs.write32(self.at, 1);
+        self.regs.ring(self.i);
     }
 }
 
@@ -253,8 +258,7 @@ impl Vectors for PortVectors {
         else {
             return false;
         };
-        self.regs
-            .write32(port::REG_DOORBELLS + 4 * (first + u64::from(vector)), 1);
+        self.regs.ring(first + u64::from(vector));
         true
     }
 }
