@@ -14,6 +14,16 @@ hang_report() {
 		# The call it waits in (number and arguments) and its kernel stack.
 		echo "@@ HANG   syscall $(cat "$t/syscall" 2>/dev/null)"
 		sed 's/^/@@ HANG   /' "$t/stack" 2>/dev/null | head -12
+		# A wait on one of the C library's own locks (FUTEX_WAIT_PRIVATE; Rust's locks use
+		# FUTEX_WAIT_BITSET): 16 KiB of the user stack from its SP and the page of the
+		# lock; xtask's board::print_user_stacks symbolizes the stack.
+		set -- $(cat "$t/syscall" 2>/dev/null)
+		if [ "$1" = 98 ] && [ "$3" = 0x80 ]; then
+			dd if="/proc/$p/mem" bs=16 skip=$(($8 / 16)) count=1024 2>/dev/null | od -An -tx8 -v |
+				sed "s/^/@@ STACK ${t##*/} $8 /"
+			dd if="/proc/$p/mem" bs=16 skip=$(($2 / 4096 * 256)) count=256 2>/dev/null | od -An -tx8 -v |
+				sed "s/^/@@ LOCK ${t##*/} /"
+		fi
 	done
 }
 # Kills (SIGKILL) every process whose command line holds PATTERN: the board's busybox has no

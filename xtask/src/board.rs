@@ -282,3 +282,101 @@ pub fn module(rel: &str) -> Result<Vec<u8>> {
     anyhow::ensure!(o.status.success(), "xz -dc {} failed", path.display());
     Ok(o.stdout)
 }
+
+/// The user stacks a hang report dumped (`@@ STACK TID SP WORD WORD` lines, guest/board/lib.sh
+/// `hang_report`), symbolized with the board's splitvirt (the last aarch64 build): the chain of
+/// frame records (x29, x30) from the innermost one of the longest chain, which passes through signal frames
+/// (the kernel puts a record in each), after the code addresses above that first record (the
+/// innermost calls, whose frames may keep no record).
+pub fn print_user_stacks(log: &str) {
+    let bin = root()
+        .join("target/aarch64")
+        .join(cross::TARGET)
+        .join("release/splitvirt");
+    let mut stacks: Vec<(String, u64, Vec<u64>)> = Vec::new();
+    for l in log.lines() {
+        let Some(rest) = l.split("@@ STACK ").nth(1) else {
+            continue;
+        };
+        let mut f = rest.split_whitespace();
+        let (Some(tid), Some(sp)) = (f.next(), f.next()) else {
+            continue;
+        };
+        let Some(sp) = sp
+            .strip_prefix("0x")
+            .and_then(|s| u64::from_str_radix(s, 16).ok())
+        else {
+            continue;
+        };
+        if stacks.last().map(|(t, _, _)| t.as_str()) != Some(tid) {
+            stacks.push((tid.to_owned(), sp, Vec::new()));
+        }
+        let words = &mut stacks.last_mut().expect("pushed above").2;
+        words.extend(f.filter_map(|w| u64::from_str_radix(w, 16).ok()));
+    }
+    // The static binary is linked at 0x400000 and is far smaller than 256 MiB.
+    let code = |w: u64| (0x40_0000..0x1000_0000).contains(&w);
+    for (tid, sp, words) in stacks {
+        let end = sp + 8 * words.len() as u64;
+        let word = |a: u64| words[((a - sp) / 8) as usize];
+        let record = |a: u64| {
+            (a >= sp && a + 16 <= end && a.is_multiple_of(16) && code(word(a + 8)))
+                .then(|| (word(a), word(a + 8)))
+        };
+        let chain_len = |mut a: u64| {
+            let mut n = 0;
+            while let Some((fp, _)) = record(a) {
+                n += 1;
+                if fp <= a {
+                    break;
+                }
+                a = fp;
+            }
+            n
+        };
+        // Stale records lie about too: the longest chain is the live one.
+        let first = (sp..end)
+            .step_by(16)
+            .filter(|&a| chain_len(a) > 1)
+            .max_by_key(|&a| (chain_len(a), std::cmp::Reverse(a)));
+        let mut calls: Vec<(u64, u64)> = Vec::new();
+        let top = first.unwrap_or(end);
+        for a in (sp..top).step_by(8) {
+            if code(word(a)) {
+                calls.push((a - sp, word(a)));
+            }
+        }
+        let mut at = first;
+        while let Some(a) = at {
+            let Some((fp, lr)) = record(a) else { break };
+            calls.push((a - sp, lr));
+            at = (fp > a).then_some(fp);
+        }
+        println!("user stack of thread {tid} (offset from SP, call site):");
+        // The call before each return address.
+        let sites: Vec<String> = calls.iter().map(|(_, r)| format!("{:#x}", r - 4)).collect();
+        let out = std::process::Command::new("aarch64-linux-gnu-addr2line")
+            .args(["-f", "-C", "-e"])
+            .arg(&bin)
+            .args(&sites)
+            .output();
+        let Ok(out) = out else {
+            println!("  (aarch64-linux-gnu-addr2line did not run)");
+            continue;
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        for ((off, _), pair) in calls.iter().zip(lines.chunks(2)) {
+            if let [func, at] = pair {
+                if *func != "??" {
+                    let mark = if first.is_some_and(|f| *off >= f - sp) {
+                        ""
+                    } else {
+                        "?"
+                    };
+                    println!("  +{off:#06x}{mark} {func} ({at})");
+                }
+            }
+        }
+    }
+}

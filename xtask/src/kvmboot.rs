@@ -506,6 +506,9 @@ fn check_root_rounds(r: &crate::qemu::Run, n: u32) -> Result<()> {
         .lines()
         .filter(|l| l.contains("@@ HANG root-qroot"))
         .count();
+    if hangs > 0 {
+        board::print_user_stacks(&r.log);
+    }
     let mut unclean = 0;
     for who in ["root", "qroot"] {
         let exits = r.part(who).values("splitvirt_exit").len();

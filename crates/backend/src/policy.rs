@@ -1,7 +1,8 @@
 //! The backend's system call policy (seccomp-bpf, built with rust-vmm's `seccompiler`): the
 //! calls its serving loop, its device models and the Rust runtime make, for the device set it
 //! serves, and nothing else. A call outside it ends the process: a SIGSYS handler writes which
-//! call it was to stderr (splitvirt logs it) and exits with `jail::EXIT_SIGSYS`.
+//! call it was to stderr (splitvirt logs it) and exits with `jail::EXIT_SIGSYS`. Opening a
+//! path is answered with EACCES instead (`REFUSED`: the C library opens files of its own).
 //!
 //! No call opens a path, creates a socket or a process, maps a descriptor, makes memory
 //! executable, or changes ids, namespaces or limits: what the backend reaches is what it held
@@ -38,80 +39,93 @@ const ARCH: TargetArch = TargetArch::x86_64;
 const ARCH: TargetArch = TargetArch::aarch64;
 
 /// (name, number) of every call allowed whatever the devices: memory, threads, time, the
-/// doorbells (eventfd reads and writes, poll), the setup socket, logging.
-fn base() -> Vec<(&'static str, i64)> {
-    #[allow(unused_mut)] // only x86_64 adds to it
-    let mut v = vec![
-        ("read", libc::SYS_read),
-        ("write", libc::SYS_write),
-        ("readv", libc::SYS_readv),
-        ("writev", libc::SYS_writev),
-        ("close", libc::SYS_close),
-        ("ppoll", libc::SYS_ppoll),
-        ("recvfrom", libc::SYS_recvfrom),
-        ("sendto", libc::SYS_sendto),
-        ("munmap", libc::SYS_munmap),
-        ("madvise", libc::SYS_madvise),
-        ("mremap", libc::SYS_mremap),
-        ("brk", libc::SYS_brk),
-        ("futex", libc::SYS_futex),
-        ("sched_yield", libc::SYS_sched_yield),
-        ("nanosleep", libc::SYS_nanosleep),
-        ("clock_nanosleep", libc::SYS_clock_nanosleep),
-        ("clock_gettime", libc::SYS_clock_gettime),
-        ("gettid", libc::SYS_gettid),
-        ("getpid", libc::SYS_getpid),
-        ("getrandom", libc::SYS_getrandom),
-        ("rt_sigprocmask", libc::SYS_rt_sigprocmask),
-        // The C library installs its thread-cancellation handler at the first new thread.
-        ("rt_sigaction", libc::SYS_rt_sigaction),
-        ("rt_sigreturn", libc::SYS_rt_sigreturn),
-        ("sigaltstack", libc::SYS_sigaltstack),
-        ("set_robust_list", libc::SYS_set_robust_list),
-        ("rseq", libc::SYS_rseq),
-        ("exit", libc::SYS_exit),
-        ("exit_group", libc::SYS_exit_group),
-        ("sched_getaffinity", libc::SYS_sched_getaffinity),
-    ];
-    #[cfg(target_arch = "x86_64")]
-    v.push(("poll", libc::SYS_poll));
-    v
-}
+/// doorbells (eventfd reads and writes, poll), the setup socket, logging. Constant tables, not
+/// built at run time: the SIGSYS handler looks names up in them and must not allocate.
+const BASE: &[(&str, i64)] = &[
+    ("read", libc::SYS_read),
+    ("write", libc::SYS_write),
+    ("readv", libc::SYS_readv),
+    ("writev", libc::SYS_writev),
+    ("close", libc::SYS_close),
+    ("ppoll", libc::SYS_ppoll),
+    ("recvfrom", libc::SYS_recvfrom),
+    ("sendto", libc::SYS_sendto),
+    ("munmap", libc::SYS_munmap),
+    ("madvise", libc::SYS_madvise),
+    ("mremap", libc::SYS_mremap),
+    ("brk", libc::SYS_brk),
+    ("futex", libc::SYS_futex),
+    ("sched_yield", libc::SYS_sched_yield),
+    ("nanosleep", libc::SYS_nanosleep),
+    ("clock_nanosleep", libc::SYS_clock_nanosleep),
+    ("clock_gettime", libc::SYS_clock_gettime),
+    ("gettid", libc::SYS_gettid),
+    ("getpid", libc::SYS_getpid),
+    ("getrandom", libc::SYS_getrandom),
+    ("rt_sigprocmask", libc::SYS_rt_sigprocmask),
+    // The C library installs its thread-cancellation handler at the first new thread.
+    ("rt_sigaction", libc::SYS_rt_sigaction),
+    ("rt_sigreturn", libc::SYS_rt_sigreturn),
+    ("sigaltstack", libc::SYS_sigaltstack),
+    ("set_robust_list", libc::SYS_set_robust_list),
+    ("rseq", libc::SYS_rseq),
+    ("exit", libc::SYS_exit),
+    ("exit_group", libc::SYS_exit_group),
+    ("sched_getaffinity", libc::SYS_sched_getaffinity),
+];
 
-fn disk() -> Vec<(&'static str, i64)> {
-    vec![
-        ("pread64", libc::SYS_pread64),
-        ("pwrite64", libc::SYS_pwrite64),
-        ("preadv", libc::SYS_preadv),
-        ("pwritev", libc::SYS_pwritev),
-        ("lseek", libc::SYS_lseek),
-        ("fsync", libc::SYS_fsync),
-        ("fdatasync", libc::SYS_fdatasync),
-        ("fallocate", libc::SYS_fallocate),
-        // A qcow2 image grows as clusters are allocated. The pool and the control region
-        // are sealed at their size: this cannot change them.
-        ("ftruncate", libc::SYS_ftruncate),
-        ("statx", libc::SYS_statx),
-        ("fstat", libc::SYS_fstat),
-        ("newfstatat", libc::SYS_newfstatat),
-        // imago asks the image's file system for its block size.
-        ("fstatfs", libc::SYS_fstatfs),
-    ]
-}
+#[cfg(target_arch = "x86_64")]
+const BASE_ARCH: &[(&str, i64)] = &[("poll", libc::SYS_poll)];
+#[cfg(target_arch = "aarch64")]
+const BASE_ARCH: &[(&str, i64)] = &[];
+
+const DISK: &[(&str, i64)] = &[
+    ("pread64", libc::SYS_pread64),
+    ("pwrite64", libc::SYS_pwrite64),
+    ("preadv", libc::SYS_preadv),
+    ("pwritev", libc::SYS_pwritev),
+    ("lseek", libc::SYS_lseek),
+    ("fsync", libc::SYS_fsync),
+    ("fdatasync", libc::SYS_fdatasync),
+    ("fallocate", libc::SYS_fallocate),
+    // A qcow2 image grows as clusters are allocated. The pool and the control region
+    // are sealed at their size: this cannot change them.
+    ("ftruncate", libc::SYS_ftruncate),
+    ("statx", libc::SYS_statx),
+    ("fstat", libc::SYS_fstat),
+    ("newfstatat", libc::SYS_newfstatat),
+    // imago asks the image's file system for its block size.
+    ("fstatfs", libc::SYS_fstatfs),
+];
+
+const SOCKET_CONSOLE: &[(&str, i64)] = &[
+    ("accept4", libc::SYS_accept4),
+    ("shutdown", libc::SYS_shutdown),
+];
+
+/// Calls answered with EACCES rather than SIGSYS. The C library opens files of its own from
+/// deep inside other calls, holding its locks: glibc's malloc reads
+/// /proc/sys/vm/overcommit_memory the first time a thread's heap shrinks, inside `free`. It
+/// copes with a failed open; a SIGSYS there ended a backend in the middle of a request. No
+/// path opens either way (the jail's root is empty besides).
+#[cfg(target_arch = "x86_64")]
+const REFUSED: &[(&str, i64)] = &[("openat", libc::SYS_openat), ("open", libc::SYS_open)];
+#[cfg(target_arch = "aarch64")]
+const REFUSED: &[(&str, i64)] = &[("openat", libc::SYS_openat)];
 
 /// Every call allowed whatever its arguments, for `needs`.
-fn plain(needs: Needs) -> Vec<(&'static str, i64)> {
-    let mut v = base();
-    if needs.disk {
-        v.extend(disk());
-    }
-    if needs.socket_console {
-        v.extend([
-            ("accept4", libc::SYS_accept4),
-            ("shutdown", libc::SYS_shutdown),
-        ]);
-    }
-    v
+fn plain(needs: Needs) -> impl Iterator<Item = (&'static str, i64)> {
+    let disk: &[(&str, i64)] = if needs.disk { DISK } else { &[] };
+    let console: &[(&str, i64)] = if needs.socket_console {
+        SOCKET_CONSOLE
+    } else {
+        &[]
+    };
+    BASE.iter()
+        .chain(BASE_ARCH)
+        .chain(disk)
+        .chain(console)
+        .copied()
 }
 
 fn cond(arg: u8, op: Op, value: u64) -> SeccompCondition {
@@ -179,7 +193,7 @@ fn conditional() -> Vec<(&'static str, i64, Vec<SeccompRule>)> {
 
 /// The calls the policy allows for `needs`, by name, sorted (docs/SECURITY.md counts them).
 pub fn allowed(needs: Needs) -> Vec<&'static str> {
-    let mut v: Vec<&str> = plain(needs).into_iter().map(|(n, _)| n).collect();
+    let mut v: Vec<&str> = plain(needs).map(|(n, _)| n).collect();
     v.extend(conditional().into_iter().map(|(n, _, _)| n));
     v.push("clone3");
     v.sort_unstable();
@@ -187,11 +201,13 @@ pub fn allowed(needs: Needs) -> Vec<&'static str> {
     v
 }
 
-/// The two filters: the allowlist (anything else traps), and clone3 answered with ENOSYS so
-/// that the C library falls back to clone, whose flags a filter can see.
-fn filters(needs: Needs) -> Result<[BpfProgram; 2], PolicyError> {
+/// The filters: the allowlist (anything else traps), clone3 answered with ENOSYS so that the
+/// C library falls back to clone, whose flags a filter can see, and the `REFUSED` calls
+/// answered with EACCES. Where filters disagree the kernel takes the strictest answer, so the
+/// last two pass everything else and the allowlist lets their calls through to them.
+fn filters(needs: Needs) -> Result<[BpfProgram; 3], PolicyError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for (_, nr) in plain(needs) {
+    for (_, nr) in plain(needs).chain(REFUSED.iter().copied()) {
         rules.insert(nr, Vec::new());
     }
     for (_, nr, r) in conditional() {
@@ -199,13 +215,23 @@ fn filters(needs: Needs) -> Result<[BpfProgram; 2], PolicyError> {
     }
     rules.insert(libc::SYS_clone3, Vec::new());
     let allow = SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, ARCH)?;
-    let clone3 = SeccompFilter::new(
+    let answer = |calls: BTreeMap<i64, Vec<SeccompRule>>, errno: i32| {
+        SeccompFilter::new(
+            calls,
+            SeccompAction::Allow,
+            SeccompAction::Errno(errno as u32),
+            ARCH,
+        )
+    };
+    let clone3 = answer(
         BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        ARCH,
+        libc::ENOSYS,
     )?;
-    Ok([allow.try_into()?, clone3.try_into()?])
+    let refused = answer(
+        REFUSED.iter().map(|&(_, nr)| (nr, Vec::new())).collect(),
+        libc::EACCES,
+    )?;
+    Ok([allow.try_into()?, clone3.try_into()?, refused.try_into()?])
 }
 
 /// Installs the policy for `needs` on the calling thread, which must be the process's only
@@ -324,7 +350,6 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
 fn name_of(nr: i32) -> &'static str {
     let nr = i64::from(nr);
     let known: &[(&str, i64)] = &[
-        ("openat", libc::SYS_openat),
         ("socket", libc::SYS_socket),
         ("connect", libc::SYS_connect),
         ("execve", libc::SYS_execve),
@@ -351,9 +376,10 @@ fn name_of(nr: i32) -> &'static str {
     });
     known
         .iter()
-        .chain(all.iter())
+        .copied()
+        .chain(all)
         .find(|(_, n)| *n == nr)
-        .map_or("see ausyscall", |(name, _)| *name)
+        .map_or("see ausyscall", |(name, _)| name)
 }
 
 fn install_sigsys_handler() -> Result<(), PolicyError> {
@@ -466,5 +492,8 @@ mod tests {
         // Calls with argument rules are checked by the program; clone3 is refused.
         assert_eq!(const_allow(&progs[0], libc::SYS_mmap as u32), None);
         assert_eq!(const_allow(&progs[1], libc::SYS_clone3 as u32), Some(false));
+        // Opening a path: passed by the allowlist, refused (EACCES) by the last filter.
+        assert_eq!(const_allow(&progs[0], libc::SYS_openat as u32), Some(true));
+        assert_eq!(const_allow(&progs[2], libc::SYS_openat as u32), Some(false));
     }
 }

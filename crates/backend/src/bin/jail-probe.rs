@@ -3,7 +3,48 @@
 //!
 //! `jail-probe [--no-policy] WHAT PARENT_PID UNIX_SOCKET`, with the pool memfd (sealed) on fd 3.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The system allocator, with two tricks for `trap-in-alloc`: when `TRAP` is set, the next
+/// allocation makes a call outside the policy from inside the allocator, as the C library's
+/// malloc does with its arena locked; and an allocation that starts while another is under
+/// way (the SIGSYS handler allocating) ends the process with status 99 instead of the
+/// deadlock it would be with the C library's own lock.
+struct Guarded;
+
+static TRAP: AtomicBool = AtomicBool::new(false);
+static INSIDE: AtomicBool = AtomicBool::new(false);
+
+// SAFETY: forwards to the system allocator; the extra work allocates nothing.
+unsafe impl GlobalAlloc for Guarded {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if INSIDE.swap(true, Ordering::SeqCst) {
+            let msg = b"jail-probe: the allocator was entered again from inside itself\n";
+            // SAFETY: a write of a static buffer, then ending the process.
+            unsafe {
+                libc::write(2, msg.as_ptr().cast(), msg.len());
+                libc::_exit(99);
+            }
+        }
+        if TRAP.swap(false, Ordering::SeqCst) {
+            // SAFETY: a system call the policy traps; it returns only without the policy.
+            unsafe { libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0) };
+        }
+        // SAFETY: the caller's layout, as GlobalAlloc requires.
+        let p = unsafe { System.alloc(layout) };
+        INSIDE.store(false, Ordering::SeqCst);
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: a pointer this allocator returned, with its layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Guarded = Guarded;
 
 fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
@@ -163,6 +204,11 @@ fn main() {
                 report(libc::ioctl(0, libc::TIOCSTI, &ch).into())
             }
             "unshare" => report(libc::unshare(libc::CLONE_NEWUSER).into()),
+            "trap-in-alloc" => {
+                TRAP.store(true, Ordering::SeqCst);
+                let v = std::hint::black_box(vec![0u8; 64]);
+                report(v.len() as i64)
+            }
             _ => {
                 println!("unknown escape {what}");
                 std::process::exit(2);
