@@ -6,8 +6,14 @@ use anyhow::{bail, Context, Result};
 use std::time::Instant;
 
 /// What `cargo test` needs from Debian: dtc for the device tree tests, cpio to list archives,
-/// qemu-img to make and check qcow2 images.
-pub const APT_PACKAGES: &[&str] = &["device-tree-compiler", "cpio", "qemu-utils"];
+/// qemu-img to make and check qcow2 images, qemu-storage-daemon (in qemu-system-common) as a
+/// third-party vhost-user-blk backend.
+pub const APT_PACKAGES: &[&str] = &[
+    "device-tree-compiler",
+    "cpio",
+    "qemu-utils",
+    "qemu-system-common",
+];
 
 struct Steps {
     passed: Vec<String>,

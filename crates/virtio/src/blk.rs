@@ -395,7 +395,12 @@ impl VirtioDevice for Block {
         }
         crate::read_config_bytes(&cfg, offset, data);
     }
-    fn activate(&mut self, mem: Memory, mut queues: Vec<Queue>, interrupt: Arc<dyn Interrupt>) {
+    fn activate(
+        &mut self,
+        mem: Memory,
+        mut queues: Vec<Queue>,
+        interrupt: Arc<dyn Interrupt>,
+    ) -> Result<(), DeviceError> {
         if let Some(q) = queues.pop() {
             if let Some(j) = &self.journal {
                 j.reset(q.next_avail());
@@ -410,6 +415,7 @@ impl VirtioDevice for Block {
                 journal: self.journal.clone(),
             }));
         }
+        Ok(())
     }
     fn notify(&mut self, _index: u16) -> Result<(), DeviceError> {
         self.process()

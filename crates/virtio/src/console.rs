@@ -140,8 +140,14 @@ impl VirtioDevice for Console {
         let cfg = [80u8, 0, 25, 0, 1, 0, 0, 0, 0, 0, 0, 0];
         crate::read_config_bytes(&cfg, offset, data);
     }
-    fn activate(&mut self, mem: Memory, queues: Vec<Queue>, interrupt: Arc<dyn Interrupt>) {
+    fn activate(
+        &mut self,
+        mem: Memory,
+        queues: Vec<Queue>,
+        interrupt: Arc<dyn Interrupt>,
+    ) -> Result<(), DeviceError> {
         self.active = Some((mem, queues, interrupt));
+        Ok(())
     }
     fn notify(&mut self, index: u16) -> Result<(), DeviceError> {
         match index {

@@ -74,8 +74,16 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> &[u16];
     fn read_config(&self, offset: u64, data: &mut [u8]);
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    /// The driver set DRIVER_OK: the device may now use these queues and memory.
-    fn activate(&mut self, mem: Memory, queues: Vec<Queue>, interrupt: Arc<dyn Interrupt>);
+    /// The features the driver accepted (FEATURES_OK), before `activate`.
+    fn ack_features(&mut self, _features: u64) {}
+    /// The driver set DRIVER_OK: the device may now use these queues and memory. An error
+    /// sets DEVICE_NEEDS_RESET.
+    fn activate(
+        &mut self,
+        mem: Memory,
+        queues: Vec<Queue>,
+        interrupt: Arc<dyn Interrupt>,
+    ) -> Result<(), DeviceError>;
     /// The driver notified queue `index`.
     fn notify(&mut self, index: u16) -> Result<(), DeviceError>;
     /// Device reset: drop queues and memory.

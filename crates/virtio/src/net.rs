@@ -193,8 +193,14 @@ impl VirtioDevice for Net {
         cfg[8] = 1;
         crate::read_config_bytes(&cfg, offset, data);
     }
-    fn activate(&mut self, mem: Memory, queues: Vec<Queue>, interrupt: Arc<dyn Interrupt>) {
+    fn activate(
+        &mut self,
+        mem: Memory,
+        queues: Vec<Queue>,
+        interrupt: Arc<dyn Interrupt>,
+    ) -> Result<(), DeviceError> {
         self.active = Some((mem, queues, interrupt));
+        Ok(())
     }
     fn notify(&mut self, index: u16) -> Result<(), DeviceError> {
         match index {

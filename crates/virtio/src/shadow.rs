@@ -59,7 +59,14 @@ impl VirtioDevice for Absent {
     fn read_config(&self, _: u64, data: &mut [u8]) {
         data.fill(0)
     }
-    fn activate(&mut self, _: Memory, _: Vec<Queue>, _: Arc<dyn Interrupt>) {}
+    fn activate(
+        &mut self,
+        _: Memory,
+        _: Vec<Queue>,
+        _: Arc<dyn Interrupt>,
+    ) -> Result<(), DeviceError> {
+        Ok(())
+    }
     fn notify(&mut self, _: u16) -> Result<(), DeviceError> {
         Ok(())
     }

@@ -322,9 +322,9 @@ impl<D: VirtioDevice> VirtioPci<D> {
                 q.set_next_used(used.0);
                 let avail = q.avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire);
                 log::info!(
-                    "queue {i} resumes at used index {} (the driver's avail index: {:?})",
+                    "queue {i} resumes at used index {} (the driver's avail index: {})",
                     used.0,
-                    avail.map(|a| a.0)
+                    avail.map_or_else(|e| format!("unreadable: {e}"), |a| a.0.to_string())
                 );
             }
             // The device gets its own copy; ours keeps answering the driver's register reads.
@@ -335,9 +335,9 @@ impl<D: VirtioDevice> VirtioPci<D> {
             ready.push(copy);
         }
         self.resume = false;
+        self.device.ack_features(self.driver_features);
         self.device
-            .activate(self.mem.clone(), ready, Arc::new(Irq(self.shared.clone())));
-        Ok(())
+            .activate(self.mem.clone(), ready, Arc::new(Irq(self.shared.clone())))
     }
 
     fn common_read(&self, off: u64) -> u64 {

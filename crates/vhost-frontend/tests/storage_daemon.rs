@@ -1,0 +1,272 @@
+//! The frontend against a real third-party backend: Debian's qemu-storage-daemon exporting a
+//! raw image as vhost-user-blk. The test is the driver: it lays a virtqueue out in a sealed
+//! pool memfd, activates the device as the transport would, and reads and writes the image
+//! through the daemon. The daemon is handed the pool and nothing else.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::FromRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use vhost_frontend::VhostUserDevice;
+use virtio::{Interrupt, Memory, VirtioDevice};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+
+const POOL_BASE: u64 = 0x5000_0000;
+const POOL_SIZE: usize = 1 << 20;
+const QSIZE: u16 = 16;
+const DESC: u64 = POOL_BASE;
+const AVAIL: u64 = POOL_BASE + 0x1000;
+const USED: u64 = POOL_BASE + 0x2000;
+const HEADER: u64 = POOL_BASE + 0x3000;
+const DATA: u64 = POOL_BASE + 0x4000;
+const STATUS: u64 = POOL_BASE + 0x5000;
+const IMAGE_SIZE: u64 = 1 << 20;
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+    image: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// qemu-storage-daemon serving a 1 MiB raw image whose first sector is 0xa5 bytes, once its
+/// pid file says its export is listening.
+fn daemon() -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    let mut f = File::create(&image).unwrap();
+    f.write_all(&[0xa5; 512]).unwrap();
+    f.set_len(IMAGE_SIZE).unwrap();
+    let socket = dir.path().join("vhost.sock");
+    let pidfile = dir.path().join("qsd.pid");
+    let child = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=f,filename={}",
+            image.display()
+        ))
+        .args(["--blockdev", "driver=raw,node-name=d,file=f"])
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path={},writable=on",
+            socket.display()
+        ))
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .spawn()
+        .expect("qemu-storage-daemon (Debian's qemu-system-common; cargo xtask deps installs it)");
+    let mut d = Daemon {
+        child,
+        socket,
+        _dir: dir,
+        image,
+    };
+    // The daemon writes its pid file once its exports are set up.
+    for _ in 0..600 {
+        if pidfile.exists() {
+            return d;
+        }
+        if let Ok(Some(status)) = d.child.try_wait() {
+            panic!("qemu-storage-daemon ended: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = d.child.kill();
+    panic!("qemu-storage-daemon wrote no pid file in 30 s");
+}
+
+/// A sealed memfd mapped as the pool, as splitvirt gives devices.
+fn pool() -> Memory {
+    // SAFETY: memfd_create, ftruncate and fcntl on a descriptor we own.
+    let file = unsafe {
+        let fd = libc::memfd_create(
+            c"splitvirt-pool".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        );
+        assert!(fd >= 0);
+        assert_eq!(libc::ftruncate(fd, POOL_SIZE as i64), 0);
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        assert_eq!(libc::fcntl(fd, libc::F_ADD_SEALS, seals), 0);
+        File::from_raw_fd(fd)
+    };
+    GuestMemoryMmap::from_ranges_with_files([(
+        GuestAddress(POOL_BASE),
+        POOL_SIZE,
+        Some(FileOffset::new(file, 0)),
+    )])
+    .unwrap()
+}
+
+struct Irq(Mutex<Sender<u16>>);
+impl Interrupt for Irq {
+    fn queue(&self, index: u16) {
+        let _ = self.0.lock().unwrap().send(index);
+    }
+    fn config(&self) {}
+}
+
+fn queue(desc: u64) -> Queue {
+    let mut q = Queue::new(QSIZE).unwrap();
+    q.set_size(QSIZE);
+    q.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
+    q.set_avail_ring_address(Some(AVAIL as u32), Some((AVAIL >> 32) as u32));
+    q.set_used_ring_address(Some(USED as u32), Some((USED >> 32) as u32));
+    q.set_ready(true);
+    q
+}
+
+fn started(mem: &Memory, dev: &mut VhostUserDevice) -> Receiver<u16> {
+    let (tx, rx) = channel();
+    dev.ack_features(virtio::F_VERSION_1 | virtio::F_ACCESS_PLATFORM);
+    dev.activate(
+        mem.clone(),
+        vec![queue(DESC)],
+        Arc::new(Irq(Mutex::new(tx))),
+    )
+    .expect("activates");
+    rx
+}
+
+/// Puts request `n` (the driver's n-th, 0-based) on the ring: a header for `kind` at
+/// `sector`, 512 bytes of data (device-writable for reads), the status byte; kicks, and waits
+/// for the used ring to hold it. Returns the status.
+fn request(
+    mem: &Memory,
+    dev: &mut VhostUserDevice,
+    irq: &Receiver<u16>,
+    n: u16,
+    kind: u32,
+    sector: u64,
+) -> u8 {
+    let d = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+        let at = GuestAddress(DESC + 16 * i);
+        mem.write_obj(addr, at).unwrap();
+        mem.write_obj(len, at.unchecked_add(8)).unwrap();
+        mem.write_obj(flags, at.unchecked_add(12)).unwrap();
+        mem.write_obj(next, at.unchecked_add(14)).unwrap();
+    };
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+    mem.write_obj(kind, GuestAddress(HEADER)).unwrap();
+    mem.write_obj(sector, GuestAddress(HEADER + 8)).unwrap();
+    mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    if kind == 4 {
+        // FLUSH: header and status only.
+        d(0, HEADER, 16, NEXT, 2);
+    } else {
+        d(0, HEADER, 16, NEXT, 1);
+        d(1, DATA, 512, NEXT | if kind == 0 { WRITE } else { 0 }, 2);
+    }
+    d(2, STATUS, 1, WRITE, 0);
+    mem.write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * u64::from(n % QSIZE)))
+        .unwrap();
+    mem.write_obj(n + 1, GuestAddress(AVAIL + 2)).unwrap();
+    dev.notify(0).unwrap();
+    // The backend's call reaches us through the device's interrupt thread.
+    loop {
+        assert_eq!(
+            irq.recv_timeout(Duration::from_secs(30)),
+            Ok(0),
+            "an interrupt"
+        );
+        if mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() == n + 1 {
+            return mem.read_obj(GuestAddress(STATUS)).unwrap();
+        }
+    }
+}
+
+fn mapped_memfds(pid: u32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("/memfd:"))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn image_bytes(path: &Path, at: u64) -> Vec<u8> {
+    let mut b = vec![0u8; 512];
+    File::open(path).unwrap().read_exact_at(&mut b, at).unwrap();
+    b
+}
+
+#[test]
+fn a_disk_served_by_qemu_storage_daemon_that_sees_only_the_pool() {
+    let qsd = daemon();
+    let mem = pool();
+    let mut dev = VhostUserDevice::connect(&qsd.socket, 2, 1, QSIZE).unwrap();
+    let mut capacity = [0u8; 8];
+    dev.read_config(0, &mut capacity);
+    assert_eq!(
+        u64::from_le_bytes(capacity),
+        IMAGE_SIZE / 512,
+        "config space"
+    );
+    assert_eq!(
+        dev.features() & virtio::F_ACCESS_PLATFORM,
+        0,
+        "the transport adds it"
+    );
+    let irq = started(&mem, &mut dev);
+
+    assert_eq!(request(&mem, &mut dev, &irq, 0, 0, 0), 0, "read status");
+    let mut got = [0u8; 512];
+    mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+    assert_eq!(got, [0xa5; 512], "sector 0 as the image holds it");
+
+    mem.write_slice(&[0x5a; 512], GuestAddress(DATA)).unwrap();
+    assert_eq!(request(&mem, &mut dev, &irq, 1, 1, 1), 0, "write status");
+    assert_eq!(request(&mem, &mut dev, &irq, 2, 4, 0), 0, "flush status");
+    assert_eq!(
+        image_bytes(&qsd.image, 512),
+        vec![0x5a; 512],
+        "in the image"
+    );
+
+    // The daemon's memory table: the pool, and no other memory of ours.
+    let maps = mapped_memfds(qsd.child.id());
+    assert!(
+        !maps.is_empty() && maps.iter().all(|l| l.contains("/memfd:splitvirt-pool")),
+        "the daemon maps the pool alone: {maps:#?}"
+    );
+}
+
+/// A ring outside the pool fails the device before the backend hears of it; after a reset
+/// the same device and backend serve a driver that behaves.
+#[test]
+fn a_ring_outside_the_pool_fails_the_device_and_the_backend_is_told_nothing() {
+    let qsd = daemon();
+    let mem = pool();
+    let mut dev = VhostUserDevice::connect(&qsd.socket, 2, 1, QSIZE).unwrap();
+    let (tx, _rx) = channel();
+    dev.ack_features(virtio::F_VERSION_1 | virtio::F_ACCESS_PLATFORM);
+    let outside = POOL_BASE - 0x10_0000;
+    let err = dev
+        .activate(
+            mem.clone(),
+            vec![queue(outside)],
+            Arc::new(Irq(Mutex::new(tx))),
+        )
+        .expect_err("refused");
+    assert!(err.to_string().contains("outside the pool"), "{err}");
+    assert!(
+        mapped_memfds(qsd.child.id()).is_empty(),
+        "no memory table was sent"
+    );
+    dev.reset();
+    let irq = started(&mem, &mut dev);
+    assert_eq!(request(&mem, &mut dev, &irq, 0, 0, 0), 0, "read status");
+}
