@@ -284,7 +284,8 @@ fn pci_device_nodes(w: &mut FdtWriter, l: &Layout) -> FdtWriterResult<()> {
         let name = match d.kind {
             DeviceKind::VirtioBlk { .. }
             | DeviceKind::VirtioNet { .. }
-            | DeviceKind::VirtioConsole { .. } => "virtio",
+            | DeviceKind::VirtioConsole { .. }
+            | DeviceKind::VhostUser { .. } => "virtio",
             DeviceKind::Connector { .. } => "connector",
             // It reaches no memory of this VM's but what KVM maps into its BARs: no pool.
             DeviceKind::RpcPort { .. } => continue,

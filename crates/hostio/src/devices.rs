@@ -55,6 +55,8 @@ pub enum OpenError {
     Tap(#[from] crate::tap::TapError),
     #[error(transparent)]
     Endpoint(#[from] crate::endpoint::EndpointError),
+    #[error(transparent)]
+    VhostUser(#[from] vhost_frontend::VhostUserError),
     #[error(
         "the host end of the device at slot {slot}: cannot duplicate descriptor {fd}: {source}"
     )]
@@ -142,6 +144,12 @@ pub fn virtio_shape(kind: &DeviceKind) -> Option<(u32, Vec<u16>)> {
         DeviceKind::VirtioBlk { .. } => (2, blk::QUEUES, blk::QUEUE_SIZE),
         DeviceKind::VirtioNet { .. } => (1, net::QUEUES, net::QUEUE_SIZE),
         DeviceKind::VirtioConsole { .. } => (3, console::QUEUES, console::QUEUE_SIZE),
+        DeviceKind::VhostUser {
+            device_type,
+            queues,
+            queue_size,
+            ..
+        } => (*device_type, usize::from(*queues), *queue_size),
         DeviceKind::Connector { .. } | DeviceKind::RpcPort { .. } => return None,
     };
     Some((ty, vec![size; queues]))
@@ -337,6 +345,23 @@ pub fn build(
                     }
                 };
                 out.functions.push((at, Box::new(SharedFunction(f))));
+            }
+            // Served by another program; splitvirt is its vhost-user frontend (never placed
+            // in the backend process: the program is already apart, and sees the pool alone).
+            DeviceKind::VhostUser {
+                socket,
+                device_type,
+                queues,
+                queue_size,
+            } => {
+                let dev = vhost_frontend::VhostUserDevice::connect(
+                    socket,
+                    *device_type,
+                    *queues,
+                    *queue_size,
+                )?;
+                out.functions
+                    .push((at, Box::new(virtio_pci(d, &mem, signal, dev))));
             }
             // splitvirt's own (the VMM builds them: vmm::connect, vmm::port).
             DeviceKind::Connector { .. } | DeviceKind::RpcPort { .. } => {}

@@ -60,7 +60,9 @@ impl HostEnds {
                         End::Held(master)
                     }
                 },
-                DeviceKind::Connector { .. } | DeviceKind::RpcPort { .. } => continue,
+                DeviceKind::Connector { .. }
+                | DeviceKind::RpcPort { .. }
+                | DeviceKind::VhostUser { .. } => continue,
             };
             out.ends.push((slot, end));
         }

@@ -209,6 +209,14 @@ pub struct DeviceDesc {
     /// The driver VM's restricted DMA pool size, which the port's BAR 4 holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool_size: Option<ByteSize>,
+    // vhost-user (and `socket`: where its backend listens)
+    /// The virtio device its backend serves: `blk`, `fs` or `console`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_size: Option<u16>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -138,6 +138,15 @@ pub enum DeviceKind {
         socket: PathBuf,
         pool_size: u64,
     },
+    /// A virtio device that another program serves over vhost-user at `socket`, splitvirt
+    /// being the frontend; the program is handed the pool alone.
+    VhostUser {
+        socket: PathBuf,
+        /// The virtio device ID (2 = block, 3 = console, 26 = file system).
+        device_type: u32,
+        queues: u16,
+        queue_size: u16,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,6 +184,7 @@ impl DeviceKind {
             DeviceKind::VirtioConsole { .. } => "virtio-console",
             DeviceKind::Connector { .. } => "connector",
             DeviceKind::RpcPort { .. } => "rpc-port",
+            DeviceKind::VhostUser { .. } => "vhost-user",
         }
     }
 
@@ -187,6 +197,7 @@ impl DeviceKind {
             DeviceKind::VirtioConsole { .. } => (0x1af4, 0x1043),
             DeviceKind::Connector { .. } => (0x1af4, 0xa111),
             DeviceKind::RpcPort { .. } => (0x1af4, 0xa112),
+            DeviceKind::VhostUser { device_type, .. } => (0x1af4, 0x1040 + *device_type as u16),
         }
     }
 }

@@ -585,6 +585,13 @@ fn device_kind(i: usize, d: &DeviceDesc, p: &mut Vec<Problem>) -> Option<DeviceK
             }
         }
     };
+    if d.kind != "vhost-user" {
+        stray(&[
+            ("device", d.device.is_some()),
+            ("queues", d.queues.is_some()),
+            ("queue_size", d.queue_size.is_some()),
+        ]);
+    }
     let kind = match d.kind.as_str() {
         "virtio-blk" => {
             stray(&[
@@ -803,16 +810,90 @@ fn device_kind(i: usize, d: &DeviceDesc, p: &mut Vec<Problem>) -> Option<DeviceK
                 pool_size: size,
             }
         }
+        "vhost-user" => {
+            stray(&[
+                ("image", d.image.is_some()),
+                ("read_only", d.read_only.is_some()),
+                ("format", d.format.is_some()),
+                ("backend", d.backend.is_some()),
+                ("mac", d.mac.is_some()),
+                ("name", d.name.is_some()),
+                ("dataport_size", d.dataport_size.is_some()),
+                ("peer", d.peer.is_some()),
+                ("pool_size", d.pool_size.is_some()),
+                ("placement", d.placement.is_some()),
+            ]);
+            return vhost_user_kind(&at, d, p);
+        }
         other => {
             p.push(Problem::error(
                 Rule::Device,
                 format!("device[{i}]: unknown kind `{other}`"),
-                "use one of virtio-blk, virtio-net, virtio-console, connector, rpc-port",
+                "use one of virtio-blk, virtio-net, virtio-console, connector, rpc-port, vhost-user",
             ));
             return None;
         }
     };
     Some(kind)
+}
+
+/// A vhost-user device: its backend's socket, the virtio device it serves, its queues.
+fn vhost_user_kind(at: &str, d: &DeviceDesc, p: &mut Vec<Problem>) -> Option<DeviceKind> {
+    let mut bad = |what: String, fix: &str| {
+        p.push(Problem::error(Rule::Device, format!("{at}: {what}"), fix));
+    };
+    let socket = match &d.socket {
+        Some(s) if !s.as_os_str().is_empty() && s.as_os_str().len() <= 107 => s.clone(),
+        _ => {
+            bad(
+                "needs `socket`, the Unix socket path (at most 107 bytes) its backend listens on"
+                    .into(),
+                "write socket = \"/run/vhost/disk.sock\" (qemu-storage-daemon --export \
+                 type=vhost-user-blk,addr.type=unix,addr.path=/run/vhost/disk.sock,...)",
+            );
+            return None;
+        }
+    };
+    // (device ID, queues it has unless told)
+    let (device_type, default_queues) = match d.device.as_deref() {
+        Some("blk") => (2, 1),
+        // The high-priority queue and one request queue.
+        Some("fs") => (26, 2),
+        // Receive and transmit of port 0 (no multiport).
+        Some("console") => (3, 2),
+        other => {
+            bad(
+                format!(
+                    "device {} is not one splitvirt can be the vhost-user frontend of",
+                    other.map_or("(none)".into(), |o| format!("`{o}`"))
+                ),
+                "write device = \"blk\", \"fs\" or \"console\"",
+            );
+            return None;
+        }
+    };
+    let queues = d.queues.unwrap_or(default_queues);
+    if queues == 0 || queues > 64 || (device_type != 2 && queues != default_queues) {
+        bad(
+            format!("queues = {queues} is not a queue count this device can have"),
+            "leave queues out, or for blk give 1 to 64",
+        );
+        return None;
+    }
+    let queue_size = d.queue_size.unwrap_or(128);
+    if !queue_size.is_power_of_two() || queue_size < 2 {
+        bad(
+            format!("queue_size = {queue_size} is not a power of two from 2 to 32768"),
+            "leave queue_size out (128), or write 256, 1024, ...",
+        );
+        return None;
+    }
+    Some(DeviceKind::VhostUser {
+        socket,
+        device_type,
+        queues,
+        queue_size,
+    })
 }
 
 /// Locally administered, unicast, distinct per device.
@@ -843,6 +924,7 @@ fn default_msi_vectors(k: &DeviceKind) -> u32 {
         DeviceKind::Connector { .. } => 1,
         // One vector for every doorbell of the driver VM (its backend looks at everything).
         DeviceKind::RpcPort { .. } => 1,
+        DeviceKind::VhostUser { queues, .. } => 1 + u32::from(*queues),
     }
 }
 
@@ -947,7 +1029,12 @@ fn place_devices(l: &Layout, descs: &[DeviceDesc], p: &mut Vec<Problem>) -> Vec<
             (first, msi_vectors)
         });
         let placement = match (d.placement.as_deref(), &kind) {
-            (_, DeviceKind::Connector { .. } | DeviceKind::RpcPort { .. })
+            (
+                _,
+                DeviceKind::Connector { .. }
+                | DeviceKind::RpcPort { .. }
+                | DeviceKind::VhostUser { .. },
+            )
             | (Some("in-process"), _) => Placement::InProcess,
             (None | Some("backend"), _) => Placement::Backend,
             (Some(other), _) => {

@@ -722,3 +722,69 @@ fn a_device_vms_port_and_a_driver_vm_that_names_it() {
         layout::problem::render(&ps)
     );
 }
+
+#[test]
+fn a_vhost_user_device_and_what_it_must_name() {
+    let blk =
+        "[[device]]\nkind = \"vhost-user\"\nsocket = \"/run/vhost/disk.sock\"\ndevice = \"blk\"\n";
+    let l = resolve(&Description::parse(blk, "t").unwrap())
+        .unwrap()
+        .layout;
+    let d = &l.devices[0];
+    assert_eq!(
+        d.kind.pci_id(),
+        (0x1af4, 0x1042),
+        "a virtio-blk to the guest"
+    );
+    assert_eq!(
+        d.placement,
+        layout::Placement::InProcess,
+        "splitvirt is the frontend"
+    );
+    assert_eq!(d.msi_vectors, 2, "its queue and the configuration");
+    assert_eq!(
+        d.kind,
+        layout::DeviceKind::VhostUser {
+            socket: "/run/vhost/disk.sock".into(),
+            device_type: 2,
+            queues: 1,
+            queue_size: 128,
+        }
+    );
+    let fs = "[[device]]\nkind = \"vhost-user\"\nsocket = \"fs.sock\"\ndevice = \"fs\"\n";
+    let l = resolve(&Description::parse(fs, "t").unwrap())
+        .unwrap()
+        .layout;
+    assert_eq!(l.devices[0].kind.pci_id(), (0x1af4, 0x105a));
+    assert_eq!(l.devices[0].msi_vectors, 3);
+    rejects(
+        "[[device]]\nkind = \"vhost-user\"\ndevice = \"blk\"\n",
+        Rule::Device,
+        &["vhost-user", "socket"],
+    );
+    rejects(
+        "[[device]]\nkind = \"vhost-user\"\nsocket = \"s\"\ndevice = \"gpu\"\n",
+        Rule::Device,
+        &["device `gpu`"],
+    );
+    rejects(
+        "[[device]]\nkind = \"vhost-user\"\nsocket = \"s\"\ndevice = \"blk\"\nqueue_size = 100\n",
+        Rule::Device,
+        &["queue_size = 100"],
+    );
+    rejects(
+        "[[device]]\nkind = \"vhost-user\"\nsocket = \"s\"\ndevice = \"fs\"\nqueues = 5\n",
+        Rule::Device,
+        &["queues = 5"],
+    );
+    rejects(
+        "[[device]]\nkind = \"vhost-user\"\nsocket = \"s\"\ndevice = \"blk\"\nplacement = \"backend\"\n",
+        Rule::Device,
+        &["`placement` is not a field of a vhost-user device"],
+    );
+    rejects(
+        "[[device]]\nkind = \"virtio-blk\"\nimage = \"d.img\"\nqueues = 2\n",
+        Rule::Device,
+        &["`queues` is not a field of a virtio-blk device"],
+    );
+}
