@@ -1,18 +1,30 @@
 # Inside a benchmark VM. MODE=ab: two disks in one VM, vda in splitvirt's process and vdb in
 # the backend process, read in alternation (same guest, same minutes: the fairest comparison
-# this noisy machine allows). Otherwise: sequential and random I/O on /dev/vda, then TCP to
-# the board (MODE=full: random writes and TCP round trips too; MODE=disk: the disk alone).
-if [ "$MODE" = ab ]; then
-	value vda_sectors "$(cat /sys/block/vda/size)"
-	value vdb_sectors "$(cat /sys/block/vdb/size)"
-	for d in vda vdb; do /iobench seq-write /dev/$d "$IOB_MIB" >/dev/null; done
-	# Five rounds; which disk goes first alternates, so neither always runs on a warmer cache.
-	for order in "vda vdb" "vdb vda" "vda vdb" "vdb vda" "vda vdb"; do
+# this noisy machine allows); MODE=abc: a third, vdc, served over vhost-user. Otherwise:
+# sequential and random I/O on /dev/vda, then TCP to the board (MODE=full: random writes and
+# TCP round trips too; MODE=disk: the disk alone).
+# Every disk of each order in turn, a sequential and a random read each.
+read_rounds() { # "ORDER"...
+	for order in "$@"; do
 		for d in $order; do
 			/iobench seq-read /dev/$d "$IOB_MIB" | sed "s/@@ VALUE /@@ VALUE $d /"
 			/iobench rand-read /dev/$d 5 | sed "s/@@ VALUE /@@ VALUE $d /"
 		done
 	done
+}
+if [ "$MODE" = ab ]; then
+	value vda_sectors "$(cat /sys/block/vda/size)"
+	value vdb_sectors "$(cat /sys/block/vdb/size)"
+	for d in vda vdb; do /iobench seq-write /dev/$d "$IOB_MIB" >/dev/null; done
+	# Five rounds; which disk goes first alternates, so neither always runs on a warmer cache.
+	read_rounds "vda vdb" "vdb vda" "vda vdb" "vdb vda" "vda vdb"
+elif [ "$MODE" = abc ]; then
+	# Three disks (`bench vhost`): the order rotates, so each goes first, second and last.
+	for d in vda vdb vdc; do
+		value "${d}_sectors" "$(cat /sys/block/$d/size)"
+		/iobench seq-write /dev/$d "$IOB_MIB" >/dev/null
+	done
+	read_rounds "vda vdb vdc" "vdb vdc vda" "vdc vda vdb" "vda vdb vdc" "vdb vdc vda"
 else
 	/iobench seq-write /dev/vda "$IOB_MIB"
 	/iobench seq-read /dev/vda "$IOB_MIB"

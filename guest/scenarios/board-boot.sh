@@ -85,9 +85,7 @@ exec 3>&-
 value disk_reset "$(grep -c 'the guest reset; starting it again' /tmp/disk-sv.log)"
 root_pair
 # The images go back to the host (the outbox disk) to be read there.
-insmod /virtio_blk.ko
-i=0; while [ ! -b /dev/vda ] && [ $i -lt 60 ]; do sleep 0.5; i=$((i + 1)); done
-check outbox tar -cf /dev/vda -C /guest root.img root.qcow2
+outbox /guest root.img root.qcow2
 # The backend killed mid-I/O: splitvirt stays up and says so; the guest's UART still works.
 truncate -s 8M /tmp/kill.img
 mkfifo /tmp/kill-in

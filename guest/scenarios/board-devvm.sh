@@ -96,6 +96,4 @@ sed 's/^/driver2-sv| /' /tmp/driver2-sv.log
 value disk_token "$(dd if=/tmp/dvm-disk.img bs=512 skip=2048 count=1 2>/dev/null | head -n 1)"
 value disk2_token "$(dd if=/tmp/dvm-disk2.img bs=512 skip=2048 count=1 2>/dev/null | head -n 1)"
 value disk_after_sha "$(dd if=/tmp/dvm-disk.img bs=1M skip=5 count=4 2>/dev/null | sha256sum | cut -d' ' -f1)"
-insmod /virtio_blk.ko
-n=0; while [ ! -b /dev/vda ] && [ $n -lt 60 ]; do sleep 0.5; n=$((n + 1)); done
-check outbox tar -cf /dev/vda -C /tmp dvm-disk.img
+outbox /tmp dvm-disk.img

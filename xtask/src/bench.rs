@@ -219,14 +219,11 @@ pub fn io() -> Result<()> {
             )
         })
         .collect();
-    // The A/B VM: one disk in each place, of different sizes so that the guest's vda and vdb
-    // can be told apart.
+    // The A/B VM: one disk in each place (`AB_DISKS`).
     files.push((
         "guest/bench-ab.toml".to_owned(),
-        b"[[device]]\nkind = \"virtio-blk\"\nimage = \"/tmp/ab-in.raw\"\nplacement = \"in-process\"\n\
-          [[device]]\nkind = \"virtio-blk\"\nimage = \"/tmp/ab-backend.raw\"\nplacement = \"backend\"\n\
-          [[device]]\nkind = \"virtio-console\"\nplacement = \"in-process\"\n"
-            .to_vec(),
+        format!("{AB_DISKS}[[device]]\nkind = \"virtio-console\"\nplacement = \"in-process\"\n")
+            .into_bytes(),
     ));
     files.push(("tmp/bench.qcow2".to_owned(), std::fs::read(&qcow2)?));
     files.extend(io_files()?);
@@ -297,6 +294,12 @@ pub fn io() -> Result<()> {
 /// Rounds of the A/B run (guest/scenarios/bench-io-guest.sh runs as many).
 const AB_ROUNDS: usize = 5;
 
+/// The A/B VM's disks: one in splitvirt's process, one in the backend, of different sizes
+/// (96 and 128 MiB) so that the guest's vda and vdb can be told apart.
+const AB_DISKS: &str = "[[device]]\nkind = \"virtio-blk\"\nimage = \"/tmp/ab-in.raw\"\n\
+    placement = \"in-process\"\n[[device]]\nkind = \"virtio-blk\"\nimage = \"/tmp/ab-backend.raw\"\n\
+    placement = \"backend\"\n";
+
 /// The A/B run: in-process (vda) and backend (vdb) disks of one VM, read in alternation.
 fn ab_table(p: &crate::qemu::Run, log: &std::path::Path) -> Result<()> {
     let log = log.display();
@@ -307,27 +310,89 @@ fn ab_table(p: &crate::qemu::Run, log: &std::path::Path) -> Result<()> {
         p.value("vda_sectors"),
         p.value("vdb_sectors")
     );
+    println!("\nA/B in one VM: raw disks, in-process (vda) and backend (vdb), read in alternation");
+    disk_pair_rows(p, "vda", "vdb", &log)
+}
+
+/// Sequential and random reads of disks `left` and `right` of one VM, round by round: each
+/// round's disks ran seconds apart, so they are compared within rounds.
+fn disk_pair_rows(
+    p: &crate::qemu::Run,
+    left: &str,
+    right: &str,
+    log: &dyn std::fmt::Display,
+) -> Result<()> {
     let nums =
         |k: &str| -> Vec<f64> { p.values(k).iter().filter_map(|v| v.parse().ok()).collect() };
-    println!("\nA/B in one VM: raw disks, in-process (vda) and backend (vdb), read in alternation");
     println!(
         "{:>16} {:>34} {:>34} {:>34} {:>8}",
-        "", "in-process rounds", "backend rounds", "backend/in per round", "median"
+        "",
+        format!("{left} rounds"),
+        format!("{right} rounds"),
+        format!("{right}/{left} per round"),
+        "median"
     );
     for (what, key) in [
         ("seq read MB/s", "seq_read_mbps"),
         ("4K rand IOPS", "rand_read_iops"),
     ] {
-        let (a, b) = (nums(&format!("vda {key}")), nums(&format!("vdb {key}")));
+        let (a, b) = (
+            nums(&format!("{left} {key}")),
+            nums(&format!("{right} {key}")),
+        );
         ensure!(
             a.len() == AB_ROUNDS && b.len() == AB_ROUNDS && a.iter().all(|x| *x > 0.0),
-            "A/B run: {} and {} rounds of {key}, want {AB_ROUNDS} each (log: {log})",
+            "{} and {} rounds of {key}, want {AB_ROUNDS} each (log: {log})",
             a.len(),
             b.len()
         );
-        // Each round's two disks ran seconds apart: compare within rounds.
         let ratios: Vec<f64> = a.iter().zip(&b).map(|(x, y)| y / x).collect();
         paired_row(what, 34, &a, &b, ratios);
+    }
+    Ok(())
+}
+
+/// `cargo xtask bench vhost`: one VM whose three raw disks its guest reads in rotation (five
+/// rounds): vda in splitvirt's process, vdb in the backend process, vdc served by Debian's
+/// qemu-storage-daemon over vhost-user; per-round ratios and medians of each pair.
+pub fn vhost() -> Result<()> {
+    let mut files = io_files()?;
+    files.push((
+        "guest/bench-abc.toml".to_owned(),
+        format!(
+            "{AB_DISKS}[[device]]\nkind = \"vhost-user\"\nsocket = \"/tmp/vhost-abc.sock\"\n\
+             device = \"blk\"\n"
+        )
+        .into_bytes(),
+    ));
+    files.extend(crate::kvmvhost::qsd_files()?);
+    let r = board::run("bench-vhost", &[], files, Duration::from_secs(3000))?;
+    let log = r.log_path.display();
+    ensure!(!r.timed_out, "the board timed out (log: {log})");
+    ensure!(
+        r.outer().passed("qsd_started"),
+        "qemu-storage-daemon did not start (log: {log})"
+    );
+    let p = r.part("abc");
+    // Told apart by their sizes: 96, 128 and 160 MiB.
+    for (disk, sectors) in [("vda", "196608"), ("vdb", "262144"), ("vdc", "327680")] {
+        ensure!(
+            p.value(&format!("{disk}_sectors")) == Some(sectors),
+            "{disk} has {:?} sectors, want {sectors} (log: {log})",
+            p.value(&format!("{disk}_sectors"))
+        );
+    }
+    for (title, left, right) in [
+        ("backend (vdb) / in-process (vda)", "vda", "vdb"),
+        (
+            "vhost-user, qemu-storage-daemon (vdc) / in-process (vda)",
+            "vda",
+            "vdc",
+        ),
+        ("vhost-user (vdc) / backend (vdb)", "vdb", "vdc"),
+    ] {
+        println!("\n{title}, raw disks of one VM read in rotation");
+        disk_pair_rows(&p, left, right, &log)?;
     }
     Ok(())
 }

@@ -29,7 +29,7 @@ pub fn run(shell: bool) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let disk = dir.join("root.img");
     // 32 MiB of ext4: the board carries the image in its initramfs.
-    guest::root_disk("demo-guest", &[], &disk, 65536)?;
+    guest::root_disk::<&str>("demo-guest", &[], &disk, 65536)?;
     let files = vec![
         ("guest/Image".to_owned(), std::fs::read(&k.image)?),
         ("guest/root.img".to_owned(), std::fs::read(&disk)?),

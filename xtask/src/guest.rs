@@ -177,18 +177,19 @@ pub fn disk(files: &[(&str, &str)], out: &Path, p2_sectors: u64) -> Result<()> {
 }
 
 /// A disk whose partition 2 is a bootable root file system: busybox, our init as /sbin/init,
-/// and the scenario, for `root=/dev/vda2` boots.
-pub fn root_disk(
+/// the scenario and `files` (text or programs, which the scenario makes executable), for
+/// `root=/dev/vda2` boots.
+pub fn root_disk<B: AsRef<[u8]>>(
     scenario: &str,
-    files: &[(&str, &str)],
+    files: &[(&str, B)],
     out: &Path,
     p2_sectors: u64,
 ) -> Result<()> {
     disk_with(files, Some(scenario), out, p2_sectors)
 }
 
-fn disk_with(
-    files: &[(&str, &str)],
+fn disk_with<B: AsRef<[u8]>>(
+    files: &[(&str, B)],
     root_scenario: Option<&str>,
     out: &Path,
     p2_sectors: u64,
@@ -253,6 +254,23 @@ fn disk_with(
         ]))?;
     std::fs::remove_dir_all(&work)?;
     Ok(())
+}
+
+/// Reads a file from partition 2 of a qcow2 image (made from a [`disk`]), after `qemu-img
+/// check` finds it sound: converted to a raw image beside it first.
+pub fn read_from_qcow2_p2(image: &Path, name: &str) -> Result<String> {
+    let check = env::output(cmd("qemu-img").arg("check").arg(image))?;
+    anyhow::ensure!(
+        check.contains("No errors"),
+        "qemu-img check {}: {check}",
+        image.display()
+    );
+    let raw = image.with_extension("raw");
+    run(cmd("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(image)
+        .arg(&raw))?;
+    read_from_p2(&raw, name)
 }
 
 /// Reads a file from partition 2 of a disk image made by [`disk`] (after the guest wrote it).

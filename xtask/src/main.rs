@@ -1,6 +1,7 @@
 //! `cargo xtask demo` runs the main job; `cargo xtask test` runs every test, installing what
 //! the tests need first (idempotently, cached by input).
 
+mod arm64pkg;
 mod bench;
 mod board;
 mod cpio;
@@ -14,6 +15,7 @@ mod guest;
 mod kernel;
 mod kvmboot;
 mod kvmconn;
+mod kvmvhost;
 mod qemu;
 mod realboot;
 mod schema;
@@ -63,9 +65,10 @@ enum Cmd {
     /// `conn` (cross-VM connector event round trip and guest-to-guest bandwidth vs memcpy),
     /// `qemu` (splitvirt against Debian's QEMU/KVM in the same board run: boot, block I/O, TCP,
     /// memory), `devvm` (a driver VM's disk in-process, in the backend process and served by a
-    /// device VM, side by side).
+    /// device VM, side by side), `vhost` (disks in-process, in the backend process and served
+    /// by qemu-storage-daemon over vhost-user, read in rotation by one guest).
     Bench {
-        #[arg(value_parser = ["boot", "io", "rpc", "conn", "jail", "syscall", "qemu", "devvm"])]
+        #[arg(value_parser = ["boot", "io", "rpc", "conn", "jail", "syscall", "qemu", "devvm", "vhost"])]
         what: String,
     },
     /// Run the cargo-fuzz targets (virtqueue, blk_request, ecam) for a while each.
@@ -82,6 +85,8 @@ enum Cmd {
         #[arg(long)]
         kill: bool,
     },
+    /// vhost-user devices served by Debian's qemu-storage-daemon, on KVM in the board.
+    Kvmvhost,
     /// Boot guests with splitvirt on KVM inside the board (the project's kernel and Debian's).
     Kvmboot {
         /// Only the two root-disk VMs, this many times (to chase a rare hang).
@@ -131,6 +136,7 @@ fn run(cli: Cli) -> Result<()> {
             root_rounds: Some(n),
         } => kvmboot::root_rounds(n),
         Cmd::Kvmconn => kvmconn::connect_two_vms(),
+        Cmd::Kvmvhost => kvmvhost::vhost_user_devices(),
         Cmd::Kvmdevvm { kill: false } => devvm::driver_served_by_a_device_vm(),
         Cmd::Kvmdevvm { kill: true } => devvm::with_the_device_vm_killed(),
         Cmd::Fuzz { seconds } => fuzz::run_all(seconds),
@@ -140,6 +146,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { what } if what == "syscall" => bench::syscalls(),
         Cmd::Bench { what } if what == "conn" => kvmconn::bench(),
         Cmd::Bench { what } if what == "devvm" => devvm::bench(),
+        Cmd::Bench { what } if what == "vhost" => bench::vhost(),
         Cmd::Bench { what } if what == "qemu" => versus::run(),
         Cmd::Bench { .. } => bench::boot(),
         Cmd::Realboot => {

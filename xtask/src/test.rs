@@ -107,6 +107,10 @@ pub fn all() -> Result<()> {
         "board: the device VM killed under a driver VM's I/O, another takes over",
         crate::devvm::with_the_device_vm_killed,
     );
+    s.step(
+        "board: vhost-user disks served by qemu-storage-daemon, handed the pool alone",
+        crate::kvmvhost::vhost_user_devices,
+    );
 
     println!("\nxtask test steps:");
     for p in &s.passed {

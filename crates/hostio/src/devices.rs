@@ -183,8 +183,9 @@ fn virtio_pci<D: virtio::VirtioDevice>(
 /// backend process those placed in the backend. `mem` is what devices may reach (the pool).
 /// A disk image, TAP or socket that cannot be opened is an error here, before any vCPU runs.
 /// `handed` holds the host ends splitvirt opened for the backend (`hostends`), by slot: the
-/// backend's devices take theirs from there and open nothing by name; in-process devices,
-/// with nothing handed, open their own.
+/// backend's devices take theirs from there and open nothing by name; in-process devices open
+/// their own, and a single-queue vhost-user device gets the hypervisor's notification eventfd
+/// to use as its queue's kick.
 pub fn build(
     l: &Layout,
     mem: virtio::Memory,
@@ -354,12 +355,16 @@ pub fn build(
                 queues,
                 queue_size,
             } => {
-                let dev = vhost_frontend::VhostUserDevice::connect(
+                let mut dev = vhost_frontend::VhostUserDevice::connect(
                     socket,
                     *device_type,
                     *queues,
                     *queue_size,
                 )?;
+                // Handed in splitvirt: the hypervisor's notification eventfd, the kick itself.
+                if let Some(i) = handed.iter().position(|(s, _)| *s == slot) {
+                    dev.use_kick(0, handed.swap_remove(i).1);
+                }
                 out.functions
                     .push((at, Box::new(virtio_pci(d, &mem, signal, dev))));
             }

@@ -9,7 +9,7 @@
 //! kicks the backend's eventfd, and the backend's call eventfds are waited on by one thread
 //! that raises the queue's interrupt.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -202,6 +202,16 @@ impl VhostUserDevice {
             kicks,
             running: None,
         })
+    }
+
+    /// Makes `kick` queue `queue`'s kick: the hypervisor's eventfd for the queue's notify
+    /// address (a KVM ioeventfd), so that a notification wakes the backend with no thread of
+    /// splitvirt in between. Before the driver starts the device.
+    pub fn use_kick(&mut self, queue: usize, kick: OwnedFd) {
+        if let Some(k) = self.kicks.get_mut(queue) {
+            // SAFETY: an eventfd handed over whole; EventFd owns it from here.
+            *k = unsafe { EventFd::from_raw_fd(kick.into_raw_fd()) };
+        }
     }
 
     /// Tells the backend where everything is and lets it start: the pool as its one memory

@@ -67,7 +67,8 @@ pub struct Built {
 }
 
 /// Builds the description's in-process devices: the virtio ones as `hostio` builds them
-/// (opening their host ends here), and the connectors.
+/// (opening their host ends here), and the connectors. `kicks`: by slot, the hypervisor's
+/// notification eventfd of each vhost-user device that takes it as its queue's kick.
 pub fn build(
     l: &Layout,
     mem: virtio::Memory,
@@ -75,6 +76,7 @@ pub fn build(
     stdout: Box<dyn Write + Send>,
     journal: &dyn Fn(&layout::Device) -> Option<Arc<dyn virtio::blk::Journal>>,
     hv: &dyn Fn() -> crate::connect::Hv,
+    kicks: Vec<(u8, std::os::fd::OwnedFd)>,
 ) -> Result<Built, OpenError> {
     let b = hostio::devices::build(
         l,
@@ -83,7 +85,7 @@ pub fn build(
         stdout,
         layout::Placement::InProcess,
         journal,
-        Vec::new(),
+        kicks,
     )?;
     let mut out = Built {
         functions: b.functions,

@@ -127,7 +127,30 @@ pub fn build(p: Parts<'_>, hv: &dyn Hypervisor) -> Result<Machine, crate::Error>
         irqfds: Some(hv.irqfds()),
         ioeventfds: Some(hv.ioeventfds()),
     };
-    let built = crate::devices::build(l, p.dev_mem, &signal, p.stdout, &|_| None, &connector_hv)?;
+    // In-process virtio devices' queue notifications: caught by the hypervisor too. A
+    // single-queue vhost-user device takes its eventfd as the queue's kick: a notification
+    // wakes its backend program with no thread of splitvirt in between.
+    let local = hv.notifiers(l, layout::Placement::InProcess)?;
+    let direct: Vec<(u8, OwnedFd)> = local
+        .fds()
+        .into_iter()
+        .filter(|(dev, _)| {
+            l.devices.iter().any(|d| {
+                d.slot as u8 == *dev
+                    && matches!(d.kind, layout::DeviceKind::VhostUser { queues: 1, .. })
+            })
+        })
+        .collect();
+    let direct_slots: Vec<u8> = direct.iter().map(|(dev, _)| *dev).collect();
+    let built = crate::devices::build(
+        l,
+        p.dev_mem,
+        &signal,
+        p.stdout,
+        &|_| None,
+        &connector_hv,
+        direct,
+    )?;
     for s in &built.skipped {
         log::warn!("{s}");
     }
@@ -167,10 +190,9 @@ pub fn build(p: Parts<'_>, hv: &dyn Hypervisor) -> Result<Machine, crate::Error>
             reattached: Some(Box::new(move || back_on.attach_all(true))),
         },
     )?;
-    // In-process virtio devices' queue notifications: caught by the hypervisor too, each
-    // device's replayed onto the bus by a thread of its own, so that a vCPU never waits while
-    // a device works (a packet written to a TAP, a disk request) and does not exit at all.
-    let local = hv.notifiers(l, layout::Placement::InProcess)?;
+    // The others' replayed onto the bus by a thread of each device's own, so that a vCPU never
+    // waits while a device works (a packet written to a TAP, a disk request) and does not
+    // exit at all.
     local.attach_all(true);
     let mut starters = built.starters;
     let mut bar0s: HashMap<u8, Arc<Mutex<Option<u64>>>> = HashMap::new();
@@ -185,6 +207,9 @@ pub fn build(p: Parts<'_>, hv: &dyn Hypervisor) -> Result<Machine, crate::Error>
         };
         let at: Arc<Mutex<Option<u64>>> = Arc::default();
         bar0s.insert(dev, at.clone());
+        if direct_slots.contains(&dev) {
+            continue;
+        }
         let bus = bus_cell.clone();
         starters.push(Box::new(move || {
             std::thread::Builder::new()
