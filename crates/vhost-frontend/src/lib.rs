@@ -6,8 +6,9 @@
 //! backend cannot be told of any other address.
 //!
 //! The device knows nothing of PCI or of the hypervisor: the transport calls `notify`, which
-//! kicks the backend's eventfd, and the backend's call eventfds are waited on by one thread
-//! that raises the queue's interrupt.
+//! kicks the backend's eventfd (or the hypervisor's eventfd is the kick, `use_kick`), and the
+//! backend's call eventfds are waited on by one thread that raises the queue's interrupt and
+//! fails the device if the backend hangs up.
 
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -88,6 +89,8 @@ pub struct VhostUserDevice {
     config: Vec<u8>,
     kicks: Vec<EventFd>,
     running: Option<Calls>,
+    /// The connection, watched for the backend hanging up while the device runs.
+    watch: Option<UnixStream>,
 }
 
 /// The thread that turns the backend's call eventfds into interrupts, and how to stop it.
@@ -121,6 +124,7 @@ impl VhostUserDevice {
         // A backend that stops answering fails the device instead of holding a vCPU.
         let _ = sock.set_read_timeout(Some(REPLY_TIMEOUT));
         let _ = sock.set_write_timeout(Some(REPLY_TIMEOUT));
+        let watch = sock.try_clone().ok();
         let mut frontend = Frontend::from_stream(sock, u64::from(queues));
         let proto = |what: &'static str| {
             let path = path.to_owned();
@@ -201,6 +205,7 @@ impl VhostUserDevice {
             config,
             kicks,
             running: None,
+            watch,
         })
     }
 
@@ -297,9 +302,20 @@ impl VhostUserDevice {
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?);
         let thread = {
             let stop = stop.clone();
+            let watch = self.watch.as_ref().and_then(|w| w.try_clone().ok());
+            let path = self.path.clone();
             std::thread::Builder::new()
                 .name("vhost-calls".into())
-                .spawn(move || forward_calls(&calls, &stop, &*interrupt))
+                .spawn(move || {
+                    let hung_up = forward_calls(&calls, watch.as_ref(), &stop, &*interrupt);
+                    if hung_up {
+                        log::error!(
+                            "vhost-user backend at {} hung up: its device needs a reset",
+                            path.display()
+                        );
+                        interrupt.failed();
+                    }
+                })
                 .map_err(|e| format!("cannot start its interrupt thread: {e}"))?
         };
         self.running = Some(Calls {
@@ -310,18 +326,31 @@ impl VhostUserDevice {
     }
 }
 
-/// Waits on the backend's call eventfds and raises each queue's interrupt, until `stop`.
-fn forward_calls(calls: &[(u16, EventFd)], stop: &EventFd, interrupt: &dyn Interrupt) {
+/// Waits on the backend's call eventfds and raises each queue's interrupt, until `stop` or
+/// until the backend hangs up `watch` (its connection): returns whether it did.
+fn forward_calls(
+    calls: &[(u16, EventFd)],
+    watch: Option<&UnixStream>,
+    stop: &EventFd,
+    interrupt: &dyn Interrupt,
+) -> bool {
+    let poll_in = |fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     let mut fds: Vec<libc::pollfd> = calls
         .iter()
-        .map(|(_, e)| e.as_raw_fd())
-        .chain([stop.as_raw_fd()])
-        .map(|fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
+        .map(|(_, e)| poll_in(e.as_raw_fd()))
+        .chain([poll_in(stop.as_raw_fd())])
         .collect();
+    // Not POLLIN: replies are the frontend's to read. A hang-up is reported whatever is asked.
+    fds.extend(watch.map(|w| libc::pollfd {
+        fd: w.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    }));
+    let stop_at = calls.len();
     loop {
         // SAFETY: poll over our own array of descriptors we hold open.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
@@ -329,10 +358,13 @@ fn forward_calls(calls: &[(u16, EventFd)], stop: &EventFd, interrupt: &dyn Inter
             if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            return;
+            return false;
         }
-        if fds.last().is_some_and(|p| p.revents != 0) {
-            return;
+        if fds[stop_at].revents != 0 {
+            return false;
+        }
+        if fds.get(stop_at + 1).is_some_and(|p| p.revents != 0) {
+            return true;
         }
         for ((queue, call), p) in calls.iter().zip(&fds) {
             if p.revents & libc::POLLIN != 0 && call.read().is_ok() {

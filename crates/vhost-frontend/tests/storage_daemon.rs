@@ -111,12 +111,18 @@ fn pool() -> Memory {
 }
 
 struct Irq(Mutex<Sender<u16>>);
+/// What the device raised, on a channel: queue indices, and `FAILED`.
 impl Interrupt for Irq {
     fn queue(&self, index: u16) {
         let _ = self.0.lock().unwrap().send(index);
     }
     fn config(&self) {}
+    fn failed(&self) {
+        let _ = self.0.lock().unwrap().send(FAILED);
+    }
 }
+
+const FAILED: u16 = u16::MAX;
 
 fn queue(desc: u64) -> Queue {
     let mut q = Queue::new(QSIZE).unwrap();
@@ -269,4 +275,36 @@ fn a_ring_outside_the_pool_fails_the_device_and_the_backend_is_told_nothing() {
     dev.reset();
     let irq = started(&mem, &mut dev);
     assert_eq!(request(&mem, &mut dev, &irq, 0, 0, 0), 0, "read status");
+}
+
+/// The daemon dies under a running device: the device fails (the transport then answers
+/// DEVICE_NEEDS_RESET) rather than leave the driver waiting on a queue no one serves.
+#[test]
+fn a_backend_that_hangs_up_fails_its_device() {
+    let mut qsd = daemon();
+    let mem = pool();
+    let mut dev = VhostUserDevice::connect(&qsd.socket, 2, 1, QSIZE).unwrap();
+    let irq = started(&mem, &mut dev);
+    assert_eq!(request(&mem, &mut dev, &irq, 0, 0, 0), 0, "read status");
+    qsd.child.kill().unwrap();
+    qsd.child.wait().unwrap();
+    // Queue interrupts the daemon raised before it died may come first.
+    loop {
+        match irq.recv_timeout(Duration::from_secs(30)) {
+            Ok(FAILED) => break,
+            Ok(_) => continue,
+            Err(e) => panic!("the device did not say it failed: {e}"),
+        }
+    }
+    // Its reset does not wait on the dead connection for long, and the device stays usable
+    // as an object (a new driver start fails cleanly).
+    dev.reset();
+    let (tx, _rx) = channel();
+    assert!(dev
+        .activate(
+            mem.clone(),
+            vec![queue(DESC)],
+            Arc::new(Irq(Mutex::new(tx)))
+        )
+        .is_err());
 }

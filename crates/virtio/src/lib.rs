@@ -56,6 +56,9 @@ pub const F_EVENT_IDX: u64 = 1 << 29;
 pub trait Interrupt: Send + Sync {
     fn queue(&self, index: u16);
     fn config(&self);
+    /// The device cannot go on, whatever the driver does (what serves it went away): the
+    /// transport answers DEVICE_NEEDS_RESET until the driver resets it, and tells the driver.
+    fn failed(&self) {}
 }
 
 /// Something the device could not do with what the guest gave it: the transport answers with

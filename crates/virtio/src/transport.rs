@@ -54,6 +54,8 @@ struct Shared {
     config_vector: u16,
     queue_vectors: Vec<u16>,
     signal: Arc<dyn Signal>,
+    /// The device said it cannot go on (`Interrupt::failed`), from a thread of its own.
+    failed: bool,
 }
 
 impl Shared {
@@ -87,6 +89,14 @@ impl Interrupt for Irq {
         let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let v = s.config_vector;
         s.raise(v, 2);
+    }
+    fn failed(&self) {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !s.failed {
+            s.failed = true;
+            let v = s.config_vector;
+            s.raise(v, 2);
+        }
     }
 }
 
@@ -155,6 +165,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
             config_vector: NO_VECTOR,
             queue_vectors: vec![NO_VECTOR; queues.len()],
             signal,
+            failed: false,
         };
         VirtioPci {
             device,
@@ -219,8 +230,17 @@ impl<D: VirtioDevice> VirtioPci<D> {
         self.driver_features
     }
 
+    /// The device status as the driver reads it: NEEDS_RESET too once the device failed.
     pub fn status(&self) -> u8 {
-        self.status
+        self.status_with(&self.shared())
+    }
+
+    fn status_with(&self, s: &Shared) -> u8 {
+        if self.status & STATUS_DRIVER_OK != 0 && s.failed {
+            self.status | STATUS_NEEDS_RESET
+        } else {
+            self.status
+        }
     }
 
     fn offered(&self) -> u64 {
@@ -238,6 +258,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
 
     fn reset(&mut self) {
         self.device.reset();
+        self.shared().failed = false;
         self.status = 0;
         self.driver_features = 0;
         self.device_feature_select = 0;
@@ -274,6 +295,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
             self.reset();
             return;
         }
+        self.status = self.status();
         let mut v = v;
         if v & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
             // Only what we offered, and the two features isolation depends on.
@@ -358,7 +380,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
             },
             0x10 => u64::from(s.config_vector),
             0x12 => self.queues.len() as u64,
-            0x14 => u64::from(self.status),
+            0x14 => u64::from(self.status_with(&s)),
             0x15 => u64::from(self.config_generation),
             0x16 => u64::from(self.queue_select),
             0x18 => q.map_or(0, |q| u64::from(q.size())),
@@ -544,7 +566,8 @@ impl<D: VirtioDevice> PciFunction for VirtioPci<D> {
             DEVICE_CFG..NOTIFY => self.device.write_config(off - DEVICE_CFG, data),
             NOTIFY..MSIX_TABLE => {
                 let q = ((off - NOTIFY) / u64::from(NOTIFY_MULTIPLIER)) as u16;
-                if self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_NEEDS_RESET == 0 {
+                let s = self.status();
+                if s & STATUS_DRIVER_OK != 0 && s & STATUS_NEEDS_RESET == 0 {
                     if let Err(e) = self.device.notify(q) {
                         self.needs_reset(&e);
                     }

@@ -186,3 +186,71 @@ fn hostile_register_traffic_never_panics() {
     let mut b = [0u8; 8];
     g.dev.bar_read(0, u64::MAX, &mut b);
 }
+
+/// A device whose interrupt handle the test keeps, to fail it from outside as a device whose
+/// backend went away does; it counts the notifications that reach it.
+struct Failing {
+    irq: std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<dyn virtio::Interrupt>>>>,
+    notified: u32,
+}
+
+impl virtio::VirtioDevice for Failing {
+    fn device_type(&self) -> u32 {
+        2
+    }
+    fn features(&self) -> u64 {
+        0
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QSIZE, QSIZE]
+    }
+    fn read_config(&self, _: u64, data: &mut [u8]) {
+        data.fill(0)
+    }
+    fn activate(
+        &mut self,
+        _: virtio::Memory,
+        _: Vec<virtio_queue::Queue>,
+        interrupt: std::sync::Arc<dyn virtio::Interrupt>,
+    ) -> Result<(), virtio::DeviceError> {
+        *self.irq.lock().unwrap() = Some(interrupt);
+        Ok(())
+    }
+    fn notify(&mut self, _: u16) -> Result<(), virtio::DeviceError> {
+        self.notified += 1;
+        Ok(())
+    }
+    fn reset(&mut self) {}
+}
+
+#[test]
+fn a_device_that_fails_on_its_own_needs_a_reset_and_says_so() {
+    let irq = std::sync::Arc::default();
+    let mut g = Driver::new(Failing {
+        irq: std::sync::Arc::clone(&irq),
+        notified: 0,
+    });
+    g.start(1, 0);
+    g.post(1, &[(BUF, 4, false)]);
+    assert_eq!(g.dev.device().notified, 1);
+    assert_eq!(g.status() & STATUS_NEEDS_RESET, 0);
+    let handle = irq.lock().unwrap().clone().expect("activated");
+    std::thread::spawn(move || {
+        handle.failed();
+        handle.failed();
+    })
+    .join()
+    .unwrap();
+    assert_eq!(g.status(), 0xf | STATUS_NEEDS_RESET);
+    // Told once, by a configuration interrupt (INTx here: ISR bit 1).
+    assert_eq!(*g.sig.intx.lock().unwrap(), vec![true]);
+    assert_eq!(g.r(ISR, 1) & 2, 2, "ISR says configuration");
+    // What the driver writes meanwhile does not undo it, and notifications stop.
+    g.w(0x14, 0xf, 1);
+    assert_ne!(g.status() & STATUS_NEEDS_RESET, 0);
+    g.post(1, &[(BUF, 4, false)]);
+    assert_eq!(g.dev.device().notified, 1);
+    // A reset clears it.
+    g.w(0x14, 0, 1);
+    assert_eq!(g.status(), 0);
+}
