@@ -167,7 +167,13 @@ impl VhostUserDevice {
             )));
         }
         let size = config_size(device_type);
-        let config = if protocol.contains(VhostUserProtocolFeatures::CONFIG) && size > 0 {
+        if size > 0 && !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            // The driver would read zeros: a disk of no sectors, a file system with no tag.
+            return Err(refused(format!(
+                "it does not give its configuration space (no CONFIG protocol feature), which                  a device of type {device_type} needs; use a backend that does (for virtiofsd,                  a version with --tag)"
+            )));
+        }
+        let config = if size > 0 {
             let (_, payload) = frontend
                 .get_config(
                     0,
