@@ -227,7 +227,10 @@ pub fn serve_parts(
         &signal,
         Box::new(std::io::stdout()),
         Placement::Backend,
-        &journal,
+        hostio::devices::Extras {
+            journal: &journal,
+            vhost: &|_| hostio::devices::VhostFds::default(),
+        },
         p.hosts,
     )?;
     for s in &built.skipped {

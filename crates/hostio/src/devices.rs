@@ -179,22 +179,40 @@ fn virtio_pci<D: virtio::VirtioDevice>(
     VirtioPci::new(dev, mem.clone(), bar, d.intx_pin as u8, signal(d))
 }
 
+/// What the caller of [`build`] adds to each device it builds.
+pub struct Extras<'a> {
+    /// A virtio-blk device's journal (the backend's, for the VMM to reap from).
+    pub journal: &'a dyn Fn(&layout::Device) -> Option<Arc<dyn virtio::blk::Journal>>,
+    /// The hypervisor's eventfds a vhost-user device hands its backend program.
+    pub vhost: &'a dyn Fn(&layout::Device) -> VhostFds,
+}
+
+/// The hypervisor's eventfds for a vhost-user device, which its backend program gets so that
+/// splitvirt stays out of its data path.
+#[derive(Default)]
+pub struct VhostFds {
+    /// Caught at the notify address of its one queue (an ioeventfd): the queue's kick.
+    pub kick: Option<OwnedFd>,
+    /// One per MSI-X vector, each routed to what the driver programs into it (irqfds).
+    pub calls: Vec<OwnedFd>,
+}
+
 /// Builds the description's devices placed `here`: the VMM builds the in-process ones, the
 /// backend process those placed in the backend. `mem` is what devices may reach (the pool).
 /// A disk image, TAP or socket that cannot be opened is an error here, before any vCPU runs.
 /// `handed` holds the host ends splitvirt opened for the backend (`hostends`), by slot: the
 /// backend's devices take theirs from there and open nothing by name; in-process devices open
-/// their own, and a single-queue vhost-user device gets the hypervisor's notification eventfd
-/// to use as its queue's kick.
+/// their own. `extras`: what the caller adds to each device.
 pub fn build(
     l: &Layout,
     mem: virtio::Memory,
     signal: &dyn Fn(&layout::Device) -> Arc<dyn Signal>,
     stdout: Box<dyn Write + Send>,
     here: layout::Placement,
-    journal: &dyn Fn(&layout::Device) -> Option<Arc<dyn virtio::blk::Journal>>,
+    extras: Extras<'_>,
     mut handed: Vec<(u8, OwnedFd)>,
 ) -> Result<Built, OpenError> {
+    let Extras { journal, vhost } = extras;
     let mut out = Built {
         functions: Vec::new(),
         console: None,
@@ -361,10 +379,11 @@ pub fn build(
                     *queues,
                     *queue_size,
                 )?;
-                // Handed in splitvirt: the hypervisor's notification eventfd, the kick itself.
-                if let Some(i) = handed.iter().position(|(s, _)| *s == slot) {
-                    dev.use_kick(0, handed.swap_remove(i).1);
+                let fds = vhost(d);
+                if let Some(kick) = fds.kick {
+                    dev.use_kick(0, kick);
                 }
+                dev.use_vector_calls(fds.calls);
                 out.functions
                     .push((at, Box::new(virtio_pci(d, &mem, signal, dev))));
             }

@@ -6,9 +6,10 @@
 //! backend cannot be told of any other address.
 //!
 //! The device knows nothing of PCI or of the hypervisor: the transport calls `notify`, which
-//! kicks the backend's eventfd (or the hypervisor's eventfd is the kick, `use_kick`), and the
-//! backend's call eventfds are waited on by one thread that raises the queue's interrupt and
-//! fails the device if the backend hangs up.
+//! kicks the backend's eventfd (or the hypervisor's eventfd is the kick, `use_kick`); a queue
+//! whose MSI-X vector has an eventfd of the hypervisor's (`use_vector_calls`) has the backend
+//! signal that, and the other queues' calls are waited on by one thread that raises their
+//! interrupt. That thread also fails the device if the backend hangs up.
 
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -88,6 +89,9 @@ pub struct VhostUserDevice {
     queue_sizes: Vec<u16>,
     config: Vec<u8>,
     kicks: Vec<EventFd>,
+    /// By MSI-X vector: eventfds the hypervisor turns into the interrupt the driver programmed
+    /// into that vector (irqfds); a queue whose vector has one takes it as its call.
+    vector_calls: Vec<EventFd>,
     running: Option<Calls>,
     /// The connection, watched for the backend hanging up while the device runs.
     watch: Option<UnixStream>,
@@ -210,6 +214,7 @@ impl VhostUserDevice {
             queue_sizes: vec![queue_size; usize::from(queues)],
             config,
             kicks,
+            vector_calls: Vec::new(),
             running: None,
             watch,
         })
@@ -223,6 +228,18 @@ impl VhostUserDevice {
             // SAFETY: an eventfd handed over whole; EventFd owns it from here.
             *k = unsafe { EventFd::from_raw_fd(kick.into_raw_fd()) };
         }
+    }
+
+    /// Gives the device one eventfd per MSI-X vector, each routed by the hypervisor to what the
+    /// driver programs into that vector: a queue whose driver chose a vector takes its eventfd
+    /// as the backend's call, and the backend's completions raise the interrupt with no thread
+    /// of splitvirt in between. Before the driver starts the device.
+    pub fn use_vector_calls(&mut self, fds: Vec<OwnedFd>) {
+        // SAFETY: eventfds handed over whole; each EventFd owns its own from here.
+        self.vector_calls = fds
+            .into_iter()
+            .map(|fd| unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) })
+            .collect();
     }
 
     /// Tells the backend where everything is and lets it start: the pool as its one memory
@@ -282,7 +299,6 @@ impl VhostUserDevice {
             .map_err(e("SET_MEM_TABLE"))?;
         let mut calls = Vec::new();
         for (i, size, next_avail, ring) in rings {
-            let call = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
             self.frontend
                 .set_vring_num(i, size)
                 .map_err(e("SET_VRING_NUM"))?;
@@ -292,9 +308,26 @@ impl VhostUserDevice {
             self.frontend
                 .set_vring_base(i, next_avail)
                 .map_err(e("SET_VRING_BASE"))?;
-            self.frontend
-                .set_vring_call(i, &call)
-                .map_err(e("SET_VRING_CALL"))?;
+            // Through the queue's MSI-X vector's own route where it has one, else through
+            // the interrupt thread (INTx, or no vector).
+            let routed = interrupt
+                .queue_vector(i as u16)
+                .and_then(|v| self.vector_calls.get(usize::from(v)));
+            let own = match routed {
+                Some(fd) => {
+                    self.frontend
+                        .set_vring_call(i, fd)
+                        .map_err(e("SET_VRING_CALL"))?;
+                    None
+                }
+                None => {
+                    let call = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+                    self.frontend
+                        .set_vring_call(i, &call)
+                        .map_err(e("SET_VRING_CALL"))?;
+                    Some(call)
+                }
+            };
             self.frontend
                 .set_vring_kick(i, self.kicks.get(i).ok_or("a queue past the device's")?)
                 .map_err(e("SET_VRING_KICK"))?;
@@ -303,7 +336,7 @@ impl VhostUserDevice {
                     .set_vring_enable(i, true)
                     .map_err(e("SET_VRING_ENABLE"))?;
             }
-            calls.push((i as u16, call));
+            calls.extend(own.map(|call| (i as u16, call)));
         }
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?);
         let thread = {

@@ -59,6 +59,11 @@ pub trait Interrupt: Send + Sync {
     /// The device cannot go on, whatever the driver does (what serves it went away): the
     /// transport answers DEVICE_NEEDS_RESET until the driver resets it, and tells the driver.
     fn failed(&self) {}
+    /// The MSI-X vector the driver gave queue `index`, while MSI-X is on: an interrupt raised
+    /// through that vector's own route (an irqfd) needs no call here. None with INTx.
+    fn queue_vector(&self, _index: u16) -> Option<u16> {
+        None
+    }
 }
 
 /// Something the device could not do with what the guest gave it: the transport answers with

@@ -90,6 +90,11 @@ impl Interrupt for Irq {
         let v = s.config_vector;
         s.raise(v, 2);
     }
+    fn queue_vector(&self, index: u16) -> Option<u16> {
+        let s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let v = *s.queue_vectors.get(usize::from(index))?;
+        (s.msix.enabled() && v != NO_VECTOR).then_some(v)
+    }
     fn failed(&self) {
         let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if !s.failed {

@@ -67,8 +67,8 @@ pub struct Built {
 }
 
 /// Builds the description's in-process devices: the virtio ones as `hostio` builds them
-/// (opening their host ends here), and the connectors. `kicks`: by slot, the hypervisor's
-/// notification eventfd of each vhost-user device that takes it as its queue's kick.
+/// (opening their host ends here), and the connectors. `vhost`: the hypervisor's eventfds a
+/// vhost-user device hands its backend program.
 pub fn build(
     l: &Layout,
     mem: virtio::Memory,
@@ -76,7 +76,7 @@ pub fn build(
     stdout: Box<dyn Write + Send>,
     journal: &dyn Fn(&layout::Device) -> Option<Arc<dyn virtio::blk::Journal>>,
     hv: &dyn Fn() -> crate::connect::Hv,
-    kicks: Vec<(u8, std::os::fd::OwnedFd)>,
+    vhost: &dyn Fn(&layout::Device) -> hostio::devices::VhostFds,
 ) -> Result<Built, OpenError> {
     let b = hostio::devices::build(
         l,
@@ -84,8 +84,8 @@ pub fn build(
         signal,
         stdout,
         layout::Placement::InProcess,
-        journal,
-        kicks,
+        hostio::devices::Extras { journal, vhost },
+        Vec::new(),
     )?;
     let mut out = Built {
         functions: b.functions,

@@ -131,15 +131,10 @@ impl PciFunction for Watched {
         shadow.bar_write(0, off, data);
         if let Some(routes) = &self.kept.routes {
             // The vectors this write touched follow their entries.
-            let table = MSIX_TABLE..MSIX_TABLE + 16 * u64::from(shadow.vectors());
-            let last = off.saturating_add(data.len().max(1) as u64 - 1);
-            if off < table.end && last >= table.start {
-                let first = (off.max(table.start) - table.start) / 16;
-                let end = (last.min(table.end - 1) - table.start) / 16;
-                for v in first..=end {
-                    if let Some(m) = shadow.msix_entry(v as u16) {
-                        routes.program(self.kept.dev, v as u16, m);
-                    }
+            let vectors = shadow.vectors();
+            for v in crate::msiroute::touched_vectors(off, data.len(), vectors) {
+                if let Some(m) = shadow.msix_entry(v) {
+                    routes.program(self.kept.dev, v, m);
                 }
             }
         }

@@ -131,17 +131,38 @@ pub fn build(p: Parts<'_>, hv: &dyn Hypervisor) -> Result<Machine, crate::Error>
     // single-queue vhost-user device takes its eventfd as the queue's kick: a notification
     // wakes its backend program with no thread of splitvirt in between.
     let local = hv.notifiers(l, layout::Placement::InProcess)?;
-    let direct: Vec<(u8, OwnedFd)> = local
-        .fds()
-        .into_iter()
-        .filter(|(dev, _)| {
-            l.devices.iter().any(|d| {
-                d.slot as u8 == *dev
-                    && matches!(d.kind, layout::DeviceKind::VhostUser { queues: 1, .. })
+    let kicks: Mutex<HashMap<u8, OwnedFd>> = Mutex::new(
+        local
+            .fds()
+            .into_iter()
+            .filter(|(dev, _)| {
+                l.devices.iter().any(|d| {
+                    d.slot as u8 == *dev
+                        && matches!(d.kind, layout::DeviceKind::VhostUser { queues: 1, .. })
+                })
             })
-        })
+            .collect(),
+    );
+    let direct_slots: Vec<u8> = kicks
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .keys()
+        .copied()
         .collect();
-    let direct_slots: Vec<u8> = direct.iter().map(|(dev, _)| *dev).collect();
+    // The MSI-X vectors of the backend's devices and of vhost-user devices: eventfds the
+    // hypervisor routes to what the guest programs into each (irqfds).
+    let msi = crate::msiroute::MsiRoutes::new(l, hv.irqfds())
+        .map_err(|e| crate::Error::Io(format!("cannot make the MSI eventfds: {e}")))?
+        .map(Arc::new);
+    let vhost = |d: &layout::Device| hostio::devices::VhostFds {
+        kick: kicks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(d.slot as u8)),
+        calls: msi
+            .as_ref()
+            .map_or(Vec::new(), |m| m.vhost_fds(d.slot as u8)),
+    };
     let built = crate::devices::build(
         l,
         p.dev_mem,
@@ -149,7 +170,7 @@ pub fn build(p: Parts<'_>, hv: &dyn Hypervisor) -> Result<Machine, crate::Error>
         p.stdout,
         &|_| None,
         &connector_hv,
-        direct,
+        &vhost,
     )?;
     for s in &built.skipped {
         log::warn!("{s}");
@@ -173,9 +194,7 @@ pub fn build(p: Parts<'_>, hv: &dyn Hypervisor) -> Result<Machine, crate::Error>
         // The notifications go to splitvirt (and the reaper) until a new backend serves them.
         rpc::Event::Dead(_) => dead_notifiers.attach_all(false),
     });
-    let msi = crate::msiroute::MsiRoutes::new(l, hv.irqfds())
-        .map_err(|e| crate::Error::Io(format!("cannot make the MSI eventfds: {e}")))?
-        .map(Arc::new);
+    let routes = msi.clone();
     let back_on = notifiers.clone();
     let mut remote = crate::backend::start(
         l,
@@ -220,6 +239,22 @@ pub fn build(p: Parts<'_>, hv: &dyn Hypervisor) -> Result<Machine, crate::Error>
         }));
     }
     for (df, f) in built.functions {
+        // A vhost-user device's vectors follow what the guest writes into its MSI-X table.
+        let vhost_vectors = l.devices.iter().find_map(|d| match d.kind {
+            layout::DeviceKind::VhostUser { queues, .. } if d.slot as u8 == df >> 3 => {
+                Some(queues + 1)
+            }
+            _ => None,
+        });
+        let f: Box<dyn pci::PciFunction> = match (&routes, vhost_vectors) {
+            (Some(routes), Some(vectors)) => Box::new(crate::msiroute::Routed {
+                inner: f,
+                routes: routes.clone(),
+                dev: df >> 3,
+                vectors,
+            }),
+            _ => f,
+        };
         // A connector's memory is in the guest wherever the guest puts its BARs, each a
         // memslot of its own moved with its BAR: the dataport at BAR 1 (no exit per access),
         // the event page at BAR 0 read-only (reads of any kind at memory speed, writes exit).

@@ -111,7 +111,7 @@ fn a_broken_device_and_a_bar_over_ram_leave_the_others_working() {
         Box::new(out.clone()),
         &|_| None,
         &vmm::connect::Hv::none,
-        Vec::new(),
+        &|_| hostio::devices::VhostFds::default(),
     )
     .unwrap();
     let (ecam, regions) = vmm::pci_bus::host(&l);
