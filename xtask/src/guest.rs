@@ -309,6 +309,9 @@ pub fn kernel_module(k: &crate::kernel::Kernel, name: &str) -> Result<Vec<u8>> {
         let e = e?;
         std::fs::copy(e.path(), work.join(e.file_name()))?;
     }
+    // The build tree's Makefile includes the source tree's: a cached kernel whose source tree
+    // is gone (a cache cleaned in part, or seeded with kernels alone) gets it back first.
+    crate::kernel::source()?;
     // The kernel was built without `make modules`: vmlinux.symvers has what modpost needs.
     run(cmd("make")
         .arg("-s")

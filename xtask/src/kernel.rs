@@ -61,7 +61,7 @@ pub fn hash_inputs(parts: &[&[u8]]) -> String {
 }
 
 /// The unpacked source tree, shared by both roles (builds go to their own O= directory).
-fn source() -> Result<PathBuf> {
+pub(crate) fn source() -> Result<PathBuf> {
     let version = env::deb_version(SOURCE_PKG)?;
     let dir = cache().join("linux").join(&version);
     std::fs::create_dir_all(cache().join("linux"))?;
