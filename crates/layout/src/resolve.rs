@@ -780,17 +780,14 @@ fn device_kind(i: usize, d: &DeviceDesc, p: &mut Vec<Problem>) -> Option<DeviceK
                 ("peer", d.peer.is_some()),
                 ("placement", d.placement.is_some()),
             ]);
-            let socket = match &d.socket {
-                Some(s) if !s.as_os_str().is_empty() && s.as_os_str().len() <= 107 => s.clone(),
-                _ => {
-                    p.push(Problem::error(
-                        Rule::Device,
-                        format!("{at}: needs `socket`, a Unix socket path of at most 107 bytes"),
-                        "write socket = \"/run/splitvirt/driver-a.sock\" (the driver VM's \
+            let Some(socket) = unix_socket(d) else {
+                p.push(Problem::error(
+                    Rule::Device,
+                    format!("{at}: needs `socket`, a Unix socket path of at most 107 bytes"),
+                    "write socket = \"/run/splitvirt/driver-a.sock\" (the driver VM's \
                          [backend] device_vm names the same path)",
-                    ));
-                    return None;
-                }
+                ));
+                return None;
             };
             let size = d.pool_size.map_or(0, |s| s.0);
             if size < 64 * KIB || !size.is_multiple_of(4 * KIB) || size > 1 << 40 {
@@ -837,22 +834,27 @@ fn device_kind(i: usize, d: &DeviceDesc, p: &mut Vec<Problem>) -> Option<DeviceK
     Some(kind)
 }
 
+/// The device's `socket`, if it is a path a Unix socket can have (sun_path holds 108 bytes
+/// with the NUL).
+fn unix_socket(d: &DeviceDesc) -> Option<PathBuf> {
+    d.socket
+        .clone()
+        .filter(|s| !s.as_os_str().is_empty() && s.as_os_str().len() <= 107)
+}
+
 /// A vhost-user device: its backend's socket, the virtio device it serves, its queues.
 fn vhost_user_kind(at: &str, d: &DeviceDesc, p: &mut Vec<Problem>) -> Option<DeviceKind> {
     let mut bad = |what: String, fix: &str| {
         p.push(Problem::error(Rule::Device, format!("{at}: {what}"), fix));
     };
-    let socket = match &d.socket {
-        Some(s) if !s.as_os_str().is_empty() && s.as_os_str().len() <= 107 => s.clone(),
-        _ => {
-            bad(
-                "needs `socket`, the Unix socket path (at most 107 bytes) its backend listens on"
-                    .into(),
-                "write socket = \"/run/vhost/disk.sock\" (qemu-storage-daemon --export \
+    let Some(socket) = unix_socket(d) else {
+        bad(
+            "needs `socket`, the Unix socket path (at most 107 bytes) its backend listens on"
+                .into(),
+            "write socket = \"/run/vhost/disk.sock\" (qemu-storage-daemon --export \
                  type=vhost-user-blk,addr.type=unix,addr.path=/run/vhost/disk.sock,...)",
-            );
-            return None;
-        }
+        );
+        return None;
     };
     // (device ID, queues it has unless told)
     let (device_type, default_queues) = match d.device.as_deref() {
