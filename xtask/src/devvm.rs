@@ -172,8 +172,7 @@ fn run(kill: bool) -> Result<()> {
     // board put there; what the driver VM wrote into it is in the disk image once both VMs are
     // off.
     ensure!(
-        kill || (driver.value("root_dev").is_some()
-            && driver.value("root_dev") == driver.value("vda2_dev")),
+        kill || driver.root_is_vda2(),
         "the driver VM's root is {:?}, not /dev/vda2 ({:?}) (log: {log})",
         driver.value("root_dev"),
         driver.value("vda2_dev")

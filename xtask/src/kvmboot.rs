@@ -326,9 +326,7 @@ fn boot_on_kvm_with(root_rounds: Option<u32>) -> Result<()> {
 
     let rt = r.part("root");
     ensure!(
-        rt.value("vda2_dev").is_some_and(|v| !v.is_empty())
-            && rt.value("root_dev") == rt.value("vda2_dev")
-            && rt.value("root_type") == Some("ext4"),
+        rt.root_is_vda2() && rt.value("root_type") == Some("ext4"),
         "root=/dev/vda2 boot: root is device {:?} ({:?}), vda2 is {:?} (log: {log})",
         rt.value("root_dev"),
         rt.value("root_type"),
@@ -341,9 +339,7 @@ fn boot_on_kvm_with(root_rounds: Option<u32>) -> Result<()> {
     );
     let q = r.part("qroot");
     ensure!(
-        q.value("vda2_dev").is_some_and(|v| !v.is_empty())
-            && q.value("root_dev") == q.value("vda2_dev")
-            && q.value("splitvirt_exit") == Some("0"),
+        q.root_is_vda2() && q.value("splitvirt_exit") == Some("0"),
         "root=/dev/vda2 from qcow2: root is {:?}, vda2 is {:?}, exit {:?} (log: {log})",
         q.value("root_dev"),
         q.value("vda2_dev"),

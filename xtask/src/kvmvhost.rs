@@ -77,9 +77,7 @@ pub fn vhost_user_devices() -> Result<()> {
         g.value("splitvirt_exit")
     );
     ensure!(
-        g.value("vda2_dev").is_some_and(|v| !v.is_empty())
-            && g.value("root_dev") == g.value("vda2_dev")
-            && g.value("root_type") == Some("ext4"),
+        g.root_is_vda2() && g.value("root_type") == Some("ext4"),
         "root=/dev/vda2 over vhost-user: root is device {:?} ({:?}), vda2 is {:?} (log: {log})",
         g.value("root_dev"),
         g.value("root_type"),

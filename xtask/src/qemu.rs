@@ -86,6 +86,12 @@ impl Run {
         }
     }
 
+    /// The guest's root file system is /dev/vda2 (the device numbers it printed match).
+    pub fn root_is_vda2(&self) -> bool {
+        self.value("vda2_dev").is_some_and(|v| !v.is_empty())
+            && self.value("root_dev") == self.value("vda2_dev")
+    }
+
     pub fn passed(&self, name: &str) -> bool {
         self.results()
             .iter()
