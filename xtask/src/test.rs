@@ -17,7 +17,9 @@ pub const APT_PACKAGES: &[&str] = &[
 
 struct Steps {
     passed: Vec<String>,
-    failed: Vec<String>,
+    /// Each failed step with its error, repeated in the summary: CI may keep only the end of
+    /// the output, and a board's log is gone with the machine.
+    failed: Vec<(String, String)>,
 }
 
 impl Steps {
@@ -30,8 +32,9 @@ impl Steps {
                 self.passed.push(name.into());
             }
             Err(e) => {
-                println!("<== {name}: FAILED: {e:#}");
-                self.failed.push(name.into());
+                let why = format!("{e:#}");
+                println!("<== {name}: FAILED: {why}");
+                self.failed.push((name.into(), why));
             }
         }
     }
@@ -116,8 +119,9 @@ pub fn all() -> Result<()> {
     for p in &s.passed {
         println!("  ok      {p}");
     }
-    for f in &s.failed {
+    for (f, why) in &s.failed {
         println!("  FAILED  {f}");
+        println!("{}", failure_summary(why));
     }
     println!(
         "xtask: {} passed, {} failed",
@@ -128,6 +132,54 @@ pub fn all() -> Result<()> {
         bail!("{} step(s) failed", s.failed.len());
     }
     Ok(())
+}
+
+/// A failed step's error for the summary, cut to a few lines, and the lines of the log it
+/// names (`(log: PATH)`) that say what went wrong.
+fn failure_summary(why: &str) -> String {
+    const MAX_CHARS: usize = 1200;
+    const MAX_LOG_LINES: usize = 16;
+    let mut out: String = why.chars().take(MAX_CHARS).collect();
+    if why.chars().count() > MAX_CHARS {
+        out.push_str(" [...]");
+    }
+    let out = out
+        .lines()
+        .map(|l| format!("          {l}"))
+        .collect::<Vec<_>>();
+    let log = why
+        .rsplit_once("(log: ")
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .and_then(|(path, _)| std::fs::read(path).ok());
+    let mut lines = out;
+    if let Some(log) = log {
+        let log = String::from_utf8_lossy(&log);
+        let telling: Vec<&str> = log.lines().filter(|l| telling_line(l)).collect();
+        let skip = telling.len().saturating_sub(MAX_LOG_LINES);
+        lines.extend(
+            telling[skip..]
+                .iter()
+                .map(|l| format!("          | {}", l.chars().take(200).collect::<String>())),
+        );
+    }
+    lines.join("\n")
+}
+
+/// A log line that says something failed: a failed check, an error, a guest's oops, a hang.
+fn telling_line(l: &str) -> bool {
+    const MARKS: &[&str] = &[
+        " FAIL",
+        "error",
+        "Error",
+        "panic",
+        "Oops",
+        "BUG:",
+        "stopped",
+        "HANG",
+        "timed out",
+        "Killed",
+    ];
+    MARKS.iter().any(|m| l.contains(m))
 }
 
 /// Every description in tests/dt-validate gives a DTB that the kernel's bindings accept with
@@ -219,4 +271,39 @@ fn doctor_on_boots() -> Result<()> {
         println!("  {log}: {}", out.lines().last().unwrap_or(""));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_summary_quotes_the_error_and_the_telling_lines_of_its_log() {
+        let dir = std::env::temp_dir().join(format!("xtask-summary-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("board.log");
+        std::fs::write(
+            &log,
+            "driver| @@ VALUE root_dev 254:2\ndriver| @@ RESULT root_write FAIL \n\
+             device| splitvirt-backend: error: queue 0 refused\nall fine here\n",
+        )
+        .unwrap();
+        let s = failure_summary(&format!("the root is wrong (log: {})", log.display()));
+        std::fs::remove_dir_all(&dir).unwrap();
+        let lines: Vec<&str> = s.lines().map(str::trim).collect();
+        assert_eq!(
+            lines,
+            [
+                format!("the root is wrong (log: {})", log.display()).as_str(),
+                "| driver| @@ RESULT root_write FAIL",
+                "| device| splitvirt-backend: error: queue 0 refused",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_long_error_is_cut() {
+        let s = failure_summary(&"x".repeat(5000));
+        assert!(s.len() < 1300 && s.ends_with("[...]"), "{s}");
+    }
 }
