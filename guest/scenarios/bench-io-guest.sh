@@ -1,6 +1,7 @@
 # Inside a benchmark VM. MODE=ab: two disks in one VM, vda in splitvirt's process and vdb in
 # the backend process, read in alternation (same guest, same minutes: the fairest comparison
-# this noisy machine allows); MODE=abc: a third, vdc, served over vhost-user. Otherwise:
+# this noisy machine allows); MODE=abc: a third, vdc, served over vhost-user, then one file read
+# from ext4 on a fourth (vdd, vhost-user) and from virtio-fs in alternation. Otherwise:
 # sequential and random I/O on /dev/vda, then TCP to the board (MODE=full: random writes and
 # TCP round trips too; MODE=disk: the disk alone).
 # Every disk of each order in turn, a sequential and a random read each.
@@ -25,6 +26,19 @@ elif [ "$MODE" = abc ]; then
 		/iobench seq-write /dev/$d "$IOB_MIB" >/dev/null
 	done
 	read_rounds "vda vdb vdc" "vdb vdc vda" "vdc vda vdb" "vda vdb vdc" "vdb vdc vda"
+	# The same 64 MiB file from ext4 on vdd (qemu-storage-daemon's vhost-user-blk) and from
+	# virtio-fs (virtiofsd), in alternation, the page cache emptied before each read.
+	mkdir -p /mnt/blk /mnt/fs
+	check fs_bench_mounts sh -c 'mount -o ro /dev/vdd2 /mnt/blk && mount -t virtiofs share /mnt/fs'
+	# Two unmeasured reads of each first: the first rounds ran far slower than the rest
+	# (the guest's memory touched for the first time costs most under nested KVM).
+	for m in blk fs blk fs; do /iobench file-read /mnt/$m/big.bin >/dev/null; done
+	for order in "blk fs" "fs blk" "blk fs" "fs blk" "blk fs"; do
+		for m in $order; do
+			/iobench file-read /mnt/$m/big.bin | sed "s/@@ VALUE /@@ VALUE $m /"
+		done
+	done
+	umount /mnt/blk /mnt/fs
 else
 	/iobench seq-write /dev/vda "$IOB_MIB"
 	/iobench seq-read /dev/vda "$IOB_MIB"

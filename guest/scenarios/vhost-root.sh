@@ -7,6 +7,34 @@ value vda2_dev "$(cat /sys/class/block/vda2/dev 2>/dev/null)"
 value root_type "$(awk '$2 == "/" && $1 != "rootfs" {print $3; exit}' /proc/mounts)"
 value host_file "$(cat /from-host.txt 2>/dev/null)"
 value vdb_text "$(head -c 64 /dev/vdb | tr -d '\0')"
+# virtio-fs from virtiofsd: a file of the host's read, one written that the host finds.
+mkdir -p /share
+check fs_mount mount -t virtiofs share /share
+value fs_host_file "$(cat /share/from-host.txt 2>/dev/null)"
+[ -n "$FS_TOKEN" ] && echo "$FS_TOKEN-from-guest" >/share/from-guest.txt
+umount /share
+# vsock through vhost-device-vsock: the board sends 4 MiB to port 1234, echoed back.
+chmod +x /vsockecho
+/vsockecho listen 1234
+# vdc's daemon is killed and started again while this writes to it without pause, 4 KiB
+# direct writes one at a time: none fails (the one waiting meanwhile goes to the new daemon),
+# and what was written reads back.
+mount -t tmpfs tmpfs /tmp
+dd if=/dev/urandom of=/tmp/re bs=64k count=16 2>/dev/null
+( n=0 bad=0
+  while [ ! -e /tmp/re-stop ]; do
+	dd if=/tmp/re of=/dev/vdc bs=4k oflag=direct conv=fsync 2>/dev/null || bad=$((bad + 1))
+	n=$((n + 1))
+  done
+  value re_writes "$n"
+  value re_failed "$bad" ) &
+writer=$!
+wait_for_board restarted
+touch /tmp/re-stop
+wait "$writer"
+echo 3 >/proc/sys/vm/drop_caches
+value re_sha "$(sha256sum </tmp/re | cut -d' ' -f1)"
+value re_read_sha "$(dd if=/dev/vdc bs=64k count=16 2>/dev/null | sha256sum | cut -d' ' -f1)"
 # The PCI function under vdb's virtio device: away from its driver, to the hostile one.
 dev=$(basename "$(dirname "$(readlink -f /sys/block/vdb/device)")")
 value vdb_function "$dev"

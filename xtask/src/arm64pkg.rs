@@ -3,6 +3,7 @@
 //! (resolved from the binaries' DT_NEEDED), at the paths a Debian system has them.
 
 use crate::env::{self, cmd};
+use crate::guest::AptSource;
 use crate::{board, guest};
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeSet, VecDeque};
@@ -40,8 +41,8 @@ fn inside(root: &Path, rel: &str) -> Option<PathBuf> {
 }
 
 /// The arm64 library packages a package depends on (its direct Depends).
-fn lib_depends(pkg: &str) -> Result<Vec<String>> {
-    let out = env::output(cmd("apt-cache").args(["depends", pkg]))?;
+fn lib_depends(source: AptSource, pkg: &str) -> Result<Vec<String>> {
+    let out = env::output(source.apt("apt-cache")?.args(["depends", pkg]))?;
     Ok(out
         .lines()
         .filter_map(|l| l.trim().strip_prefix("Depends: "))
@@ -58,12 +59,25 @@ fn lib_depends(pkg: &str) -> Result<Vec<String>> {
 /// Packages are fetched as they are needed: first the program's own, then the libraries its
 /// packages depend on, level by level, until every DT_NEEDED is found.
 pub fn program_files(package: &str, exe: &str) -> Result<board::Files> {
+    program_files_from(AptSource::System, "", package, exe)
+}
+
+/// `program_files` from another source, every path under `prefix` (`opt/trixie/`, say: a
+/// program of another release brings its own C library, which must not take the place of the
+/// board's). Such a program is run through its own loader:
+/// `/PREFIX/lib/ld-linux-aarch64.so.1 --library-path /PREFIX/lib/aarch64-linux-gnu /PREFIX/EXE`.
+pub fn program_files_from(
+    source: AptSource,
+    prefix: &str,
+    package: &str,
+    exe: &str,
+) -> Result<board::Files> {
     env::ensure_apt(&["binutils-aarch64-linux-gnu"])?;
-    let mut roots = vec![guest::deb(package)?];
+    let mut roots = vec![guest::deb_from(source, package)?];
     let mut fetched: BTreeSet<String> = [package.to_owned()].into();
     let mut frontier = vec![package.to_owned()];
     let exe_path = inside(&roots[0], exe).with_context(|| format!("{package} has no /{exe}"))?;
-    let mut files: board::Files = vec![(exe.to_owned(), std::fs::read(&exe_path)?)];
+    let mut files: board::Files = vec![(format!("{prefix}{exe}"), std::fs::read(&exe_path)?)];
     let mut want: VecDeque<String> = needed(&exe_path)?.into();
     let mut placed: BTreeSet<String> = BTreeSet::new();
     while let Some(soname) = want.pop_front() {
@@ -78,9 +92,9 @@ pub fn program_files(package: &str, exe: &str) -> Result<board::Files> {
             // Not in what is unpacked: take the next level of library packages.
             let mut next = Vec::new();
             for pkg in std::mem::take(&mut frontier) {
-                for dep in lib_depends(&pkg)? {
+                for dep in lib_depends(source, &pkg)? {
                     if fetched.insert(dep.clone()) {
-                        roots.push(guest::deb(&dep)?);
+                        roots.push(guest::deb_from(source, &dep)?);
                         next.push(dep);
                     }
                 }
@@ -102,9 +116,9 @@ pub fn program_files(package: &str, exe: &str) -> Result<board::Files> {
             std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
         if soname == "ld-linux-aarch64.so.1" {
             // The loader also where the programs' PT_INTERP names it.
-            files.push(("lib/ld-linux-aarch64.so.1".to_owned(), data.clone()));
+            files.push((format!("{prefix}lib/ld-linux-aarch64.so.1"), data.clone()));
         }
-        files.push((format!("{}/{soname}", LIB_DIRS[0]), data));
+        files.push((format!("{prefix}{}/{soname}", LIB_DIRS[0]), data));
         placed.insert(soname);
     }
     Ok(files)

@@ -322,6 +322,26 @@ fn disk_pair_rows(
     right: &str,
     log: &dyn std::fmt::Display,
 ) -> Result<()> {
+    pair_rows(
+        p,
+        left,
+        right,
+        &[
+            ("seq read MB/s", "seq_read_mbps"),
+            ("4K rand IOPS", "rand_read_iops"),
+        ],
+        log,
+    )
+}
+
+/// Rows of `measures` (title, value key) for the paired rounds of `left` and `right`.
+fn pair_rows(
+    p: &crate::qemu::Run,
+    left: &str,
+    right: &str,
+    measures: &[(&str, &str)],
+    log: &dyn std::fmt::Display,
+) -> Result<()> {
     let nums =
         |k: &str| -> Vec<f64> { p.values(k).iter().filter_map(|v| v.parse().ok()).collect() };
     println!(
@@ -332,10 +352,7 @@ fn disk_pair_rows(
         format!("{right}/{left} per round"),
         "median"
     );
-    for (what, key) in [
-        ("seq read MB/s", "seq_read_mbps"),
-        ("4K rand IOPS", "rand_read_iops"),
-    ] {
+    for &(what, key) in measures {
         let (a, b) = (
             nums(&format!("{left} {key}")),
             nums(&format!("{right} {key}")),
@@ -361,11 +378,32 @@ pub fn vhost() -> Result<()> {
         "guest/bench-abc.toml".to_owned(),
         format!(
             "{AB_DISKS}[[device]]\nkind = \"vhost-user\"\nsocket = \"/tmp/vhost-abc.sock\"\n\
-             device = \"blk\"\n"
+             device = \"blk\"\n\
+             [[device]]\nkind = \"vhost-user\"\nsocket = \"/tmp/vhost-fsblk.sock\"\n\
+             device = \"blk\"\n\
+             [[device]]\nkind = \"vhost-user\"\nsocket = \"/tmp/vhost-fs.sock\"\n\
+             device = \"fs\"\n"
         )
         .into_bytes(),
     ));
+    // One 64 MiB file of random bytes: shared by virtiofsd, and in an ext4 partition.
+    let big: Vec<u8> = {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..FILE_MIB << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    let img = root().join("target/board/bench-fs.img");
+    guest::disk(&[("big.bin", big.as_slice())], &img, 2 * (FILE_MIB << 11))?;
+    files.push(("guest/bench-fs.img".to_owned(), std::fs::read(&img)?));
+    files.push(("guest/big.bin".to_owned(), big));
     files.extend(crate::kvmvhost::qsd_files()?);
+    files.extend(crate::kvmvhost::virtiofsd_files()?);
     let r = board::run("bench-vhost", &[], files, Duration::from_secs(3000))?;
     let log = r.log_path.display();
     ensure!(!r.timed_out, "the board timed out (log: {log})");
@@ -394,8 +432,29 @@ pub fn vhost() -> Result<()> {
         println!("\n{title}, raw disks of one VM read in rotation");
         disk_pair_rows(&p, left, right, &log)?;
     }
+    ensure!(
+        p.passed("fs_bench_mounts"),
+        "the guest could not mount vdd2 and the virtio-fs share (log: {log})"
+    );
+    let sums: std::collections::BTreeSet<&str> = ["blk", "fs"]
+        .iter()
+        .flat_map(|m| p.values(&format!("{m} file_read_sum")))
+        .collect();
+    ensure!(
+        sums.len() == 1 && p.values("fs file_read_sum").len() == AB_ROUNDS,
+        "the file read over virtio-fs and from ext4 on virtio-blk differs or is missing: \
+         {sums:?} (log: {log})"
+    );
+    println!(
+        "\nvirtio-fs (virtiofsd) / ext4 on vhost-user-blk (qemu-storage-daemon), \
+         a {FILE_MIB} MiB file, page cache emptied, in alternation"
+    );
+    pair_rows(&p, "blk", "fs", &[("file MB/s", "file_read_mbps")], &log)?;
     Ok(())
 }
+
+/// The file `bench vhost` reads over virtio-fs and from ext4 on virtio-blk, in MiB.
+const FILE_MIB: u64 = 64;
 
 /// Jailed and unjailed rounds of `bench jail`, in alternation.
 const JAIL_ROUNDS: usize = 4;

@@ -73,3 +73,47 @@ fn build(package: &str, what: &[&str], output: &str) -> Result<PathBuf> {
     )?;
     Ok(root().join("target/aarch64").join(TARGET).join(output))
 }
+
+/// A program published on crates.io, built for the target (static) at `version` with the
+/// lock file it was published with, and cached by name and version: third-party vhost-user
+/// backends for the board (none of their code is ours).
+pub fn crates_io_program(krate: &str, version: &str) -> Result<PathBuf> {
+    let dir = env::cache()
+        .join("crates")
+        .join(format!("{krate}-{version}-{TARGET}"));
+    let exe = dir.join("bin").join(krate);
+    if exe.exists() {
+        println!(
+            "==> {krate} {version} for {TARGET} cached: {}",
+            exe.display()
+        );
+        return Ok(exe);
+    }
+    crate::guest::ensure_arm64_arch()?;
+    env::ensure_apt(APT)?;
+    println!("==> building {krate} {version} from crates.io for {TARGET} (static)");
+    let flags = "-C target-feature=+crt-static";
+    env::run_with_progress(
+        cargo()
+            .env("RUSTC", "/usr/bin/rustc")
+            .env(
+                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
+                "aarch64-linux-gnu-gcc",
+            )
+            .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS", flags)
+            .args([
+                "install",
+                "--quiet",
+                "--locked",
+                krate,
+                "--version",
+                version,
+            ])
+            .args(["--target", TARGET, "--root"])
+            .arg(&dir)
+            .arg("--target-dir")
+            .arg(env::cache().join("crates").join("target")),
+        &|| format!("cargo install {krate} {version} for {TARGET}"),
+    )?;
+    Ok(exe)
+}

@@ -20,11 +20,69 @@ pub fn ensure_arm64_arch() -> Result<()> {
     Ok(())
 }
 
+/// Where Debian packages come from: this machine's apt sources, or another Debian release's
+/// arm64 archive (for a program the machine's release does not have, virtiofsd say), read by
+/// an apt of its own whose lists and downloads live in the cache. apt checks the release's
+/// signature with the machine's Debian keyring either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AptSource {
+    System,
+    Release(&'static str),
+}
+
+impl AptSource {
+    /// `apt-get` or `apt-cache` reading this archive.
+    pub fn apt(self, program: &str) -> Result<std::process::Command> {
+        let mut c = cmd(program);
+        // Downloads land in the cache, which apt's sandbox user cannot write (and warns).
+        c.args(["-o", "APT::Sandbox::User=root"]);
+        if let AptSource::Release(release) = self {
+            let dir = cache().join(format!("apt-{release}"));
+            let (lists, archives) = (dir.join("lists"), dir.join("cache"));
+            std::fs::create_dir_all(lists.join("partial"))?;
+            std::fs::create_dir_all(archives.join("archives/partial"))?;
+            let sources = dir.join("sources.list");
+            std::fs::write(
+                &sources,
+                format!("deb [arch=arm64] http://deb.debian.org/debian {release} main\n"),
+            )?;
+            let opt = |k: &str, v: &Path| format!("{k}={}", v.display());
+            for o in [
+                opt("Dir::Etc::SourceList", &sources),
+                opt("Dir::Etc::SourceParts", &dir.join("none")),
+                opt("Dir::State::Lists", &lists),
+                opt("Dir::Cache", &archives),
+            ] {
+                c.args(["-o", &o]);
+            }
+        }
+        Ok(c)
+    }
+
+    /// Where its packages are kept (apart: two releases have files of the same names).
+    fn debs(self) -> PathBuf {
+        match self {
+            AptSource::System => cache().join("debs"),
+            AptSource::Release(r) => cache().join(format!("debs-{r}")),
+        }
+    }
+
+    /// Reads the archive's index anew.
+    fn update(self) -> Result<()> {
+        run(self.apt("apt-get")?.args(["update", "-qq"]))
+    }
+}
+
 /// Downloads a Debian package (any architecture) into the cache and unpacks it; returns the
 /// unpacked root. Keyed by the package file name, which carries the version.
 pub fn deb(pkg: &str) -> Result<PathBuf> {
+    deb_from(AptSource::System, pkg)
+}
+
+/// `deb` from the archive given.
+pub fn deb_from(archive: AptSource, pkg: &str) -> Result<PathBuf> {
     ensure_arm64_arch()?;
-    let dir = cache().join("debs");
+    let dir = archive.debs();
     std::fs::create_dir_all(&dir)?;
     let stem = pkg.split(':').next().unwrap_or(pkg);
     let find = || -> Option<PathBuf> {
@@ -43,16 +101,16 @@ pub fn deb(pkg: &str) -> Result<PathBuf> {
     let file = match find() {
         Some(f) => f,
         None => {
-            println!("==> downloading {pkg}");
-            if run(cmd("apt-get")
-                .args(["download", "-q", pkg])
-                .current_dir(&dir))
-            .is_err()
-            {
-                run(cmd("apt-get").args(["update", "-qq"]))?;
-                run(cmd("apt-get")
+            println!("==> downloading {pkg} ({archive:?})");
+            let download = || -> Result<()> {
+                run(archive
+                    .apt("apt-get")?
                     .args(["download", "-q", pkg])
-                    .current_dir(&dir))?;
+                    .current_dir(&dir))
+            };
+            if download().is_err() {
+                archive.update()?;
+                download()?;
             }
             find().with_context(|| {
                 format!("apt-get download {pkg} left no .deb in {}", dir.display())
@@ -172,7 +230,7 @@ pub const P2_SECTORS: u64 = 98304;
 
 /// An MBR disk: partition 1 (8 MiB, empty) and partition 2 (`p2_sectors` of ext4 holding
 /// `files`); 60 MiB in all with the default P2_SECTORS.
-pub fn disk(files: &[(&str, &str)], out: &Path, p2_sectors: u64) -> Result<()> {
+pub fn disk<B: AsRef<[u8]>>(files: &[(&str, B)], out: &Path, p2_sectors: u64) -> Result<()> {
     disk_with(files, None, out, p2_sectors)
 }
 

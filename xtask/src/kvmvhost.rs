@@ -1,11 +1,16 @@
-//! `cargo xtask kvmvhost`: vhost-user devices on KVM in the board, served by a third-party
-//! backend (Debian's arm64 qemu-storage-daemon, unpacked with its libraries): the guest's root
-//! file system on a qcow2 image the daemon exports, a second disk read, then that disk's
-//! device given rings outside the pool by a hostile driver; the daemon's memory maps, read
-//! from outside while the VM runs, hold the pool and nothing else of the guest.
+//! `cargo xtask kvmvhost`: vhost-user devices on KVM in the board, served by third-party
+//! backends: Debian's arm64 qemu-storage-daemon (unpacked with its libraries) exports the
+//! guest's root file system (a qcow2 image) and a second disk, whose device is then given
+//! rings outside the pool by a hostile driver; Debian trixie's virtiofsd shares a directory
+//! (the guest reads a file of the board's and writes one the board finds); vhost-device-vsock,
+//! built from crates.io, carries a 4 MiB echo between the board and the guest; a disk's own
+//! qemu-storage-daemon is killed and started again while the guest writes to it. Each
+//! backend's memory maps, read from outside while the VM runs, hold the pool and nothing else
+//! of the guest.
 
 use crate::env::{self, cmd, root, run};
-use crate::{arm64pkg, board, guest, kernel, realboot};
+use crate::guest::AptSource;
+use crate::{arm64pkg, board, cross, guest, kernel, realboot};
 use anyhow::{ensure, Result};
 use std::time::Duration;
 
@@ -17,21 +22,40 @@ pub fn qsd_files() -> Result<board::Files> {
     arm64pkg::program_files(QSD_PACKAGE, "usr/bin/qemu-storage-daemon")
 }
 
+/// virtiofsd is not in Debian 12: trixie's, with trixie's C library, under /opt/trixie.
+pub fn virtiofsd_files() -> Result<board::Files> {
+    arm64pkg::program_files_from(
+        AptSource::Release("trixie"),
+        "opt/trixie/",
+        "virtiofsd:arm64",
+        "usr/libexec/virtiofsd",
+    )
+}
+
+/// The vsock backend of rust-vmm's vhost-device family, at a version whose published lock
+/// file builds with Debian's rustc.
+pub fn vsock_backend() -> Result<std::path::PathBuf> {
+    cross::crates_io_program("vhost-device-vsock", "0.3.0")
+}
+
 pub fn vhost_user_devices() -> Result<()> {
     let k = kernel::build(kernel::Role::Driver)?;
     let dir = root().join("target/board");
     std::fs::create_dir_all(&dir)?;
-    let (root_token, host_token, two_token) = (
+    let (root_token, host_token, two_token, fs_token) = (
         realboot::token("vhost-root"),
         realboot::token("vhost-host"),
         realboot::token("vhost-two"),
+        realboot::token("vhost-fs"),
     );
+    let vsockecho = guest::tool("vsockecho")?;
     let raw = dir.join("vhost-root.raw");
     guest::root_disk(
         "vhost-root",
         &[
             ("from-host.txt", host_token.as_bytes().to_vec()),
             ("vqpoke", guest::tool("vqpoke")?),
+            ("vsockecho", vsockecho.clone()),
         ],
         &raw,
         16384,
@@ -44,20 +68,29 @@ pub fn vhost_user_devices() -> Result<()> {
         .arg(&qcow2))?;
     let mut two = two_token.as_bytes().to_vec();
     two.resize(1 << 20, 0);
-    // Two vhost-user disks and nothing else: the console is the UART.
+    // vhost-user devices and nothing else: the console is the UART.
     let vm = "[[device]]\nkind = \"vhost-user\"\nsocket = \"/tmp/vhost-root.sock\"\ndevice = \"blk\"\n\
-              [[device]]\nkind = \"vhost-user\"\nsocket = \"/tmp/vhost-two.sock\"\ndevice = \"blk\"\n";
+              [[device]]\nkind = \"vhost-user\"\nsocket = \"/tmp/vhost-two.sock\"\ndevice = \"blk\"\n\
+              [[device]]\nkind = \"vhost-user\"\nsocket = \"/tmp/vhost-fs.sock\"\ndevice = \"fs\"\n\
+              [[device]]\nkind = \"vhost-user\"\nsocket = \"/tmp/vhost-vsock.sock\"\ndevice = \"vsock\"\n\
+              [[device]]\nkind = \"vhost-user\"\nsocket = \"/tmp/vhost-re.sock\"\ndevice = \"blk\"\n";
     let mut files: board::Files = vec![
         ("guest/Image".to_owned(), std::fs::read(&k.image)?),
         ("guest/vhost-root.qcow2".to_owned(), std::fs::read(&qcow2)?),
         ("guest/vhost-two.img".to_owned(), two),
         ("guest/vhost.toml".to_owned(), vm.as_bytes().to_vec()),
+        ("guest/vsockecho".to_owned(), vsockecho),
+        (
+            "usr/local/bin/vhost-device-vsock".to_owned(),
+            std::fs::read(vsock_backend()?)?,
+        ),
     ];
     files.extend(qsd_files()?);
+    files.extend(virtiofsd_files()?);
     let outbox = dir.join("board-vhost.outbox");
     let r = board::run_with(
         "board-vhost",
-        &[("ROOT_TOKEN", &root_token)],
+        &[("ROOT_TOKEN", &root_token), ("FS_TOKEN", &fs_token)],
         files,
         Duration::from_secs(1200),
         Some(&outbox),
@@ -67,8 +100,14 @@ pub fn vhost_user_devices() -> Result<()> {
     let o = r.outer();
     ensure!(o.passed("kvm_device"), "no /dev/kvm in the board");
     ensure!(
+        o.passed("qsd_started")
+            && o.passed("virtiofsd_started")
+            && o.passed("vsock_backend_started"),
+        "a backend did not start: qemu-storage-daemon {}, virtiofsd {}, vhost-device-vsock {} \
+         (log: {log})",
         o.passed("qsd_started"),
-        "qemu-storage-daemon did not start (log: {log})"
+        o.passed("virtiofsd_started"),
+        o.passed("vsock_backend_started")
     );
     let g = r.part("vhost");
     ensure!(
@@ -93,30 +132,34 @@ pub fn vhost_user_devices() -> Result<()> {
         "the second vhost-user disk read {:?}, it holds {two_token}",
         g.value("vdb_text")
     );
-    // What the daemon was handed: the pool's memfd alone, within the pool's size.
-    let names = o.value("qsd_memfd_names").unwrap_or_default().trim();
-    ensure!(
-        names == "/memfd:splitvirt-pool",
-        "qemu-storage-daemon maps memfds {names:?}, want the pool's alone (log: {log})"
-    );
-    // The default VM's pool (64 MiB at 0x5000_0000, as kvmboot reads it in the guest's DT).
-    let pool = 64u64 << 20;
-    for range in o
-        .value("qsd_memfd_ranges")
-        .unwrap_or_default()
-        .split_whitespace()
-    {
-        let size = range
-            .split_once('-')
-            .and_then(|(a, b)| {
-                Some(u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?)
-            })
-            .unwrap_or(u64::MAX);
-        ensure!(
-            size <= pool,
-            "qemu-storage-daemon maps {range} of a memfd, more than the {pool:#x}-byte pool"
-        );
+    // What each backend was handed: the pool's memfd alone, within the pool's size.
+    for (name, who) in [
+        ("qsd", "qemu-storage-daemon"),
+        ("virtiofsd", "virtiofsd"),
+        ("vsock", "vhost-device-vsock"),
+    ] {
+        pool_alone(&o, name, who)?;
     }
+    ensure!(
+        g.passed("fs_mount") && g.value("fs_host_file") == Some(fs_token.as_str()),
+        "virtio-fs from virtiofsd: mounted {}, the board's file read {:?}, want {fs_token} \
+         (log: {log})",
+        g.passed("fs_mount"),
+        g.value("fs_host_file")
+    );
+    let want = format!("{fs_token}-from-guest");
+    ensure!(
+        o.value("fs_from_guest") == Some(want.as_str()),
+        "the file the guest wrote over virtio-fs reads {:?} on the board, want {want} (log: {log})",
+        o.value("fs_from_guest")
+    );
+    ensure!(
+        o.value("vsock_echo") == Some("ok 4194304") && g.value("vsock_echoed") == Some("4194304"),
+        "4 MiB over vsock through vhost-device-vsock: the board's end says {:?}, the guest \
+         echoed {:?} bytes (log: {log})",
+        o.value("vsock_echo"),
+        g.value("vsock_echoed")
+    );
     // The hostile driver's rings: the device needs a reset, splitvirt said so once, the root
     // disk carried on (the file below).
     let status = g
@@ -126,6 +169,25 @@ pub fn vhost_user_devices() -> Result<()> {
         status.is_some_and(|s| s & 0x40 != 0),
         "rings outside the pool: device status {:?}, want DEVICE_NEEDS_RESET (0x40) (log: {log})",
         g.value("vq_status")
+    );
+    // vdc's daemon killed and started again under the guest's writes.
+    ensure!(
+        o.passed("qsd2_started") && o.passed("qsd2_killed") && o.passed("qsd2_restarted"),
+        "vdc's daemon was not started, killed and started again (log: {log})"
+    );
+    ensure!(
+        o.value("reconnected_lines") == Some("1")
+            && g.value("re_failed") == Some("0")
+            && g.value("re_writes").is_some_and(|n| n != "0")
+            && g.value("re_sha").is_some()
+            && g.value("re_read_sha") == g.value("re_sha"),
+        "vdc across its daemon's restart: splitvirt connected again {:?} times, the guest's \
+         writes {:?} of which {:?} failed, read back {:?} for {:?} (log: {log})",
+        o.value("reconnected_lines"),
+        g.value("re_writes"),
+        g.value("re_failed"),
+        g.value("re_read_sha"),
+        g.value("re_sha")
     );
     ensure!(
         o.value("needs_reset_lines") == Some("1"),
@@ -140,8 +202,44 @@ pub fn vhost_user_devices() -> Result<()> {
         "the qcow2 root image holds {found:?}, the guest wrote {root_token}"
     );
     println!(
-        "vhost-user: root file system over qemu-storage-daemon, its maps hold the pool alone, \
-         a hostile ring address failed only its device"
+        "vhost-user: root file system over qemu-storage-daemon, a directory over virtiofsd, an \
+         echo over vhost-device-vsock; each backend's maps hold the pool alone; a disk's daemon \
+         restarted under the guest's writes, none failed; a hostile ring address failed only \
+         its device"
     );
+    Ok(())
+}
+
+/// The backend `who` (values `NAME_memfd_names` and `NAME_memfd_ranges`, read from its
+/// /proc/PID/maps while the VM ran) maps the pool's memfd and no other, none of it past the
+/// pool's size.
+fn pool_alone(o: &crate::qemu::Run, name: &str, who: &str) -> Result<()> {
+    let log = o.log_path.display();
+    let names = o
+        .value(&format!("{name}_memfd_names"))
+        .unwrap_or_default()
+        .trim();
+    ensure!(
+        names == "/memfd:splitvirt-pool",
+        "{who} maps memfds {names:?}, want the pool's alone (log: {log})"
+    );
+    // The default VM's pool (64 MiB at 0x5000_0000, as kvmboot reads it in the guest's DT).
+    let pool = 64u64 << 20;
+    for range in o
+        .value(&format!("{name}_memfd_ranges"))
+        .unwrap_or_default()
+        .split_whitespace()
+    {
+        let size = range
+            .split_once('-')
+            .and_then(|(a, b)| {
+                Some(u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?)
+            })
+            .unwrap_or(u64::MAX);
+        ensure!(
+            size <= pool,
+            "{who} maps {range} of a memfd, more than the {pool:#x}-byte pool (log: {log})"
+        );
+    }
     Ok(())
 }

@@ -142,7 +142,7 @@ pub enum DeviceKind {
     /// being the frontend; the program is handed the pool alone.
     VhostUser {
         socket: PathBuf,
-        /// The virtio device ID (2 = block, 3 = console, 26 = file system).
+        /// The virtio device ID (2 = block, 3 = console, 19 = vsock, 26 = file system).
         device_type: u32,
         queues: u16,
         queue_size: u16,

@@ -863,13 +863,15 @@ fn vhost_user_kind(at: &str, d: &DeviceDesc, p: &mut Vec<Problem>) -> Option<Dev
         Some("fs") => (26, 2),
         // Receive and transmit of port 0 (no multiport).
         Some("console") => (3, 2),
+        // Receive, transmit and events.
+        Some("vsock") => (19, 3),
         other => {
             bad(
                 format!(
                     "device {} is not one splitvirt can be the vhost-user frontend of",
                     other.map_or("(none)".into(), |o| format!("`{o}`"))
                 ),
-                "write device = \"blk\", \"fs\" or \"console\"",
+                "write device = \"blk\", \"fs\", \"vsock\" or \"console\"",
             );
             return None;
         }

@@ -757,6 +757,15 @@ fn a_vhost_user_device_and_what_it_must_name() {
         .layout;
     assert_eq!(l.devices[0].kind.pci_id(), (0x1af4, 0x105a));
     assert_eq!(l.devices[0].msi_vectors, 3);
+    let vsock = "[[device]]\nkind = \"vhost-user\"\nsocket = \"v.sock\"\ndevice = \"vsock\"\n";
+    let l = resolve(&Description::parse(vsock, "t").unwrap())
+        .unwrap()
+        .layout;
+    assert_eq!(l.devices[0].kind.pci_id(), (0x1af4, 0x1053));
+    assert_eq!(
+        l.devices[0].msi_vectors, 4,
+        "receive, transmit, events, configuration"
+    );
     rejects(
         "[[device]]\nkind = \"vhost-user\"\ndevice = \"blk\"\n",
         Rule::Device,

@@ -51,8 +51,19 @@ fn daemon() -> Daemon {
     f.write_all(&[0xa5; 512]).unwrap();
     f.set_len(IMAGE_SIZE).unwrap();
     let socket = dir.path().join("vhost.sock");
-    let pidfile = dir.path().join("qsd.pid");
-    let child = Command::new("qemu-storage-daemon")
+    let child = spawn(&image, &socket, &dir.path().join("qsd.pid"));
+    Daemon {
+        child,
+        socket,
+        _dir: dir,
+        image,
+    }
+}
+
+/// qemu-storage-daemon exporting `image` at `socket`, once it says it listens (its pid file).
+fn spawn(image: &Path, socket: &Path, pidfile: &Path) -> Child {
+    let _ = std::fs::remove_file(pidfile);
+    let mut child = Command::new("qemu-storage-daemon")
         .arg("--blockdev")
         .arg(format!(
             "driver=file,node-name=f,filename={}",
@@ -65,26 +76,20 @@ fn daemon() -> Daemon {
             socket.display()
         ))
         .arg("--pidfile")
-        .arg(&pidfile)
+        .arg(pidfile)
         .spawn()
         .expect("qemu-storage-daemon (Debian's qemu-system-common; cargo xtask deps installs it)");
-    let mut d = Daemon {
-        child,
-        socket,
-        _dir: dir,
-        image,
-    };
     // The daemon writes its pid file once its exports are set up.
     for _ in 0..600 {
         if pidfile.exists() {
-            return d;
+            return child;
         }
-        if let Ok(Some(status)) = d.child.try_wait() {
+        if let Ok(Some(status)) = child.try_wait() {
             panic!("qemu-storage-daemon ended: {status}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = d.child.kill();
+    let _ = child.kill();
     panic!("qemu-storage-daemon wrote no pid file in 30 s");
 }
 
@@ -282,13 +287,15 @@ fn a_ring_outside_the_pool_fails_the_device_and_the_backend_is_told_nothing() {
     assert_eq!(request(&mem, &mut dev, &irq, 0, 0, 0), 0, "read status");
 }
 
-/// The daemon dies under a running device: the device fails (the transport then answers
-/// DEVICE_NEEDS_RESET) rather than leave the driver waiting on a queue no one serves.
+/// The daemon dies under a running device and no other comes (here: none is waited for):
+/// the device fails (the transport then answers DEVICE_NEEDS_RESET) rather than leave the
+/// driver waiting on a queue no one serves.
 #[test]
-fn a_backend_that_hangs_up_fails_its_device() {
+fn a_backend_that_hangs_up_for_good_fails_its_device() {
     let mut qsd = daemon();
     let mem = pool();
     let mut dev = VhostUserDevice::connect(&qsd.socket, 2, 1, QSIZE).unwrap();
+    dev.set_reconnect_window(Duration::ZERO);
     let irq = started(&mem, &mut dev);
     assert_eq!(request(&mem, &mut dev, &irq, 0, 0, 0), 0, "read status");
     qsd.child.kill().unwrap();
@@ -312,6 +319,47 @@ fn a_backend_that_hangs_up_fails_its_device() {
             Arc::new(Irq(Mutex::new(tx)))
         )
         .is_err());
+}
+
+/// The daemon is killed under a running device and a new one starts on the same socket: the
+/// device connects to it again, tells it everything anew, and a request the driver made while
+/// no backend was there completes (its kick was not lost), its write in the image.
+#[test]
+fn a_backend_restarted_on_its_socket_takes_the_queue_over() {
+    let mut qsd = daemon();
+    let mem = pool();
+    let mut dev = VhostUserDevice::connect(&qsd.socket, 2, 1, QSIZE).unwrap();
+    let irq = started(&mem, &mut dev);
+    assert_eq!(request(&mem, &mut dev, &irq, 0, 0, 0), 0, "read status");
+    qsd.child.kill().unwrap();
+    qsd.child.wait().unwrap();
+    // A write while no backend serves the queue: kicked, not yet done.
+    mem.write_slice(&[0x3c; 512], GuestAddress(DATA)).unwrap();
+    put_request(&mem, 1, 1, 2);
+    dev.notify(0).unwrap();
+    let pidfile = qsd.socket.with_file_name("qsd2.pid");
+    qsd.child = spawn(&qsd.image, &qsd.socket, &pidfile);
+    loop {
+        match irq.recv_timeout(Duration::from_secs(60)) {
+            Ok(0) if mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() == 2 => break,
+            Ok(FAILED) => panic!("the device failed instead of connecting again"),
+            Ok(_) => continue,
+            Err(e) => panic!("the write made while the backend was away did not complete: {e}"),
+        }
+    }
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+    assert_eq!(
+        image_bytes(&qsd.image, 1024),
+        vec![0x3c; 512],
+        "in the image"
+    );
+    // And the queue goes on with the new daemon.
+    assert_eq!(request(&mem, &mut dev, &irq, 2, 0, 0), 0, "read status");
+    let maps = mapped_memfds(qsd.child.id());
+    assert!(
+        !maps.is_empty() && maps.iter().all(|l| l.contains("/memfd:splitvirt-pool")),
+        "the new daemon maps the pool alone: {maps:#?}"
+    );
 }
 
 /// Queue interrupts through the vector's own route: the driver gave queue 0 vector 1, whose
@@ -374,4 +422,144 @@ fn completions_signal_the_queues_vector_directly() {
         rx.try_recv().is_err(),
         "nothing through the interrupt thread"
     );
+}
+
+/// A backend of the test's own (qemu-storage-daemon tracks no requests in flight) that offers
+/// INFLIGHT_SHMFD: the region the first one gave is handed to the second after the first hangs
+/// up, and the second starts the queue where its used ring stands. Each message it receives
+/// is sent to the test: (connection, request, its first 8 payload bytes, its fd's inode).
+#[test]
+fn a_backend_that_tracks_requests_in_flight_hands_its_region_to_the_next() {
+    use std::os::unix::net::UnixListener;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    const GET_FEATURES: u32 = 1;
+    const GET_PROTOCOL_FEATURES: u32 = 15;
+    const SET_VRING_BASE: u32 = 10;
+    const SET_VRING_ENABLE: u32 = 18;
+    const GET_INFLIGHT_FD: u32 = 31;
+    const SET_INFLIGHT_FD: u32 = 32;
+    const REPLY: u32 = 0x5;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fake.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let (seen_tx, seen) = channel::<(usize, u32, u64, Option<u64>)>();
+    let (hang_up, hang_up_rx) = channel::<()>();
+    let inode = |f: &File| {
+        // SAFETY: fstat into a zeroed stat of our own.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::fstat(f.as_raw_fd(), &mut st) }, 0);
+        st.st_ino
+    };
+    let backend = std::thread::spawn(move || {
+        for conn in 0..2 {
+            let (s, _) = listener.accept().unwrap();
+            loop {
+                let mut hdr = [0u8; 12];
+                let (n, fd) = s.recv_with_fd(&mut hdr).unwrap();
+                if n == 0 {
+                    break;
+                }
+                assert_eq!(n, 12, "a whole header");
+                let word = |i: usize| u32::from_le_bytes(hdr[4 * i..4 * i + 4].try_into().unwrap());
+                let (req, size) = (word(0), word(2) as usize);
+                let mut body = vec![0u8; size];
+                std::io::Read::read_exact(&mut &s, &mut body).unwrap();
+                let first = body
+                    .get(..8)
+                    .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap()));
+                seen_tx
+                    .send((conn, req, first, fd.as_ref().map(&inode)))
+                    .unwrap();
+                let reply = |payload: &[u8], fd: Option<&File>| {
+                    let mut m = Vec::new();
+                    for w in [req, REPLY, payload.len() as u32] {
+                        m.extend_from_slice(&w.to_le_bytes());
+                    }
+                    m.extend_from_slice(payload);
+                    match fd {
+                        Some(f) => s.send_with_fd(&m[..], f.as_raw_fd()).unwrap(),
+                        None => std::io::Write::write(&mut &s, &m).unwrap(),
+                    };
+                };
+                match req {
+                    // VERSION_1 and PROTOCOL_FEATURES; INFLIGHT_SHMFD.
+                    GET_FEATURES => reply(&(1u64 << 32 | 1 << 30).to_le_bytes(), None),
+                    GET_PROTOCOL_FEATURES => reply(&(1u64 << 12).to_le_bytes(), None),
+                    GET_INFLIGHT_FD => {
+                        let region = memfd(4096);
+                        // Size, offset, and the queues and their size as asked.
+                        let mut p = 4096u64.to_le_bytes().to_vec();
+                        p.extend_from_slice(&[0; 8]);
+                        p.extend_from_slice(&body[16..24]);
+                        reply(&p, Some(&region));
+                        seen_tx
+                            .send((conn, u32::MAX, 0, Some(inode(&region))))
+                            .unwrap();
+                    }
+                    SET_VRING_ENABLE => {
+                        // The first: the test moves the used ring, then it hangs up.
+                        if conn == 0 {
+                            hang_up_rx.recv().unwrap();
+                        }
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    });
+    let mem = pool();
+    let mut dev = VhostUserDevice::connect(&path, 4, 1, QSIZE).unwrap();
+    let _irq = started(&mem, &mut dev);
+    let mut got = Vec::new();
+    let next = |got: &mut Vec<(usize, u32, u64, Option<u64>)>| {
+        let m = seen
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a message");
+        got.push(m);
+        m
+    };
+    while next(&mut got).1 != SET_VRING_ENABLE {}
+    // Seven requests done meanwhile: the next backend starts there.
+    mem.write_obj(7u16, GuestAddress(USED + 2)).unwrap();
+    hang_up.send(()).unwrap();
+    while !matches!(next(&mut got), (1, SET_VRING_ENABLE, _, _)) {}
+    backend.join().unwrap();
+    let region = got
+        .iter()
+        .find(|m| m.0 == 0 && m.1 == u32::MAX)
+        .and_then(|m| m.3)
+        .expect("the first backend made a region");
+    let find = |conn, req| got.iter().find(|m| m.0 == conn && m.1 == req).copied();
+    assert_eq!(
+        find(1, SET_INFLIGHT_FD).and_then(|m| m.3),
+        Some(region),
+        "the second backend is handed the first one's region: {got:?}"
+    );
+    assert!(
+        find(1, GET_INFLIGHT_FD).is_none(),
+        "and asked for none of its own"
+    );
+    // SET_VRING_BASE's payload: the queue index (u32), then the base (u32).
+    assert_eq!(
+        find(0, SET_VRING_BASE).map(|m| m.2 >> 32),
+        Some(0),
+        "first at avail 0"
+    );
+    assert_eq!(
+        find(1, SET_VRING_BASE).map(|m| m.2 >> 32),
+        Some(7),
+        "then at used 7"
+    );
+}
+
+/// A memfd of `size` bytes.
+fn memfd(size: i64) -> File {
+    // SAFETY: memfd_create and ftruncate on a descriptor we own.
+    unsafe {
+        let fd = libc::memfd_create(c"inflight".as_ptr(), libc::MFD_CLOEXEC);
+        assert!(fd >= 0);
+        assert_eq!(libc::ftruncate(fd, size), 0);
+        File::from_raw_fd(fd)
+    }
 }
