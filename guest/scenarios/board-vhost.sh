@@ -12,7 +12,8 @@
 check kvm_device test -c /dev/kvm
 # The board's files come without modes.
 chmod 755 /lib/ld-linux-aarch64.so.1 /usr/bin/qemu-storage-daemon /opt/trixie/lib/ld-linux-aarch64.so.1 \
-	/opt/trixie/usr/libexec/virtiofsd /usr/local/bin/vhost-device-vsock /guest/vsockecho
+	/opt/trixie/usr/libexec/virtiofsd /usr/local/bin/vhost-device-vsock /guest/vsockecho \
+	/usr/local/bin/vhost-device-console
 mkdir -p /tmp/share
 echo "$FS_TOKEN" >/tmp/share/from-host.txt
 /opt/trixie/lib/ld-linux-aarch64.so.1 --library-path /opt/trixie/lib/aarch64-linux-gnu \
@@ -22,6 +23,12 @@ virtiofsd=$!
 /usr/local/bin/vhost-device-vsock --vm guest-cid=3,socket=/tmp/vhost-vsock.sock,uds-path=/tmp/vm3.vsock \
 	>/tmp/vsock.log 2>&1 &
 vsockd=$!
+# vhost-device-console's network backend: the guest's hvc0 is a TCP connection to port 12345
+# (taken while the VM boots), where the guest's line arrives.
+ip link set lo up
+/usr/local/bin/vhost-device-console --socket-path=/tmp/vhost-console.sock --socket-count=1 \
+	--backend=network --tcp-port=12345 >/tmp/console.log 2>&1 &
+consoled=$!
 truncate -s 16M /tmp/vhost-re.img
 restart_daemon() { # the daemon of vdc, its pid in $qsd2
 	rm -f /tmp/qsd2.pid
@@ -45,11 +52,13 @@ restart_daemon
 	--pidfile /tmp/qsd.pid >/tmp/qsd.log 2>&1 &
 # The daemon writes its pid file once its exports listen.
 i=0
-while { [ ! -s /tmp/qsd.pid ] || [ ! -S /tmp/vhost-fs.sock ] || [ ! -S /tmp/vhost-vsock.sock ]; } &&
-	[ "$i" -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+while { [ ! -s /tmp/qsd.pid ] || [ ! -S /tmp/vhost-fs.sock ] || [ ! -S /tmp/vhost-vsock.sock ] ||
+	[ ! -S /tmp/vhost-console.sock0 ]; } && [ "$i" -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
 check qsd_started test -s /tmp/qsd.pid
 check virtiofsd_started test -S /tmp/vhost-fs.sock
 check vsock_backend_started test -S /tmp/vhost-vsock.sock
+check console_backend_started test -S /tmp/vhost-console.sock0
+sleep 1200 | nc 127.0.0.1 12345 >/tmp/console-out 2>/dev/null &
 check qsd2_started test -s /tmp/qsd2.pid
 sed 's/^/qsd| /' /tmp/qsd.log
 qsd=$(cat /tmp/qsd.pid)
@@ -57,7 +66,7 @@ qsd=$(cat /tmp/qsd.pid)
 mkfifo /tmp/vhost-in
 exec 3<>/tmp/vhost-in
 ( /splitvirt --log-file /tmp/vhost-sv.log run --config /guest/vhost.toml --kernel /guest/Image \
-	--cmdline "console=ttyAMA0 loglevel=4 root=/dev/vda2 rw ROOT_TOKEN=$ROOT_TOKEN FS_TOKEN=$FS_TOKEN" </tmp/vhost-in
+	--cmdline "console=ttyAMA0 loglevel=4 root=/dev/vda2 rw ROOT_TOKEN=$ROOT_TOKEN FS_TOKEN=$FS_TOKEN CONSOLE_TOKEN=$CONSOLE_TOKEN" </tmp/vhost-in
   echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do
 	echo "vhost| $l"
 	case "$l" in
@@ -78,6 +87,7 @@ maps() { # NAME PID: the memfds the backend maps, and their ranges
 }
 maps qsd "$qsd"
 maps vsock "$vsockd"
+maps console "$consoled"
 # virtiofsd: the youngest process running it (a sandbox may fork; read in the shell, so that
 # no process of this search has the name in its own command line).
 fsd=$virtiofsd
@@ -87,6 +97,15 @@ for c in /proc/[0-9]*/cmdline; do
 	esac
 done
 maps virtiofsd "$fsd"
+# Every queue's kick is KVM's (an ioeventfd per queue): splitvirt has no thread that replays
+# notifications (notifyN) for these devices, which are all it has.
+for c in /proc/[0-9]*/cmdline; do
+	case "$(tr '\0' ' ' <"$c" 2>/dev/null)" in
+	*"run --config /guest/vhost.toml"*) p=${c#/proc/}; sv=${p%%/*} ;;
+	esac
+done
+value sv_threads "$(cat /proc/"$sv"/task/*/comm 2>/dev/null | sort | uniq -c | tr -s ' ' | tr '\n' ',')"
+value notify_threads "$(cat /proc/"$sv"/task/*/comm 2>/dev/null | grep -c '^notify')"
 # vdc's daemon killed under the guest's writes, and started again on its socket.
 i=0
 while [ ! -e /tmp/restart-now ] && [ "$(ps | grep -c '[v]host.toml')" -gt 0 ] &&
@@ -104,11 +123,16 @@ done
 wait $vm
 value needs_reset_lines "$(grep -c 'needs reset' /tmp/vhost-sv.log)"
 value reconnected_lines "$(grep -c 'vhost-re.sock: connected again' /tmp/vhost-sv.log)"
+value uncaught_lines "$(grep -c 'will not catch' /tmp/vhost-sv.log)"
 sed 's/^/vhost-sv| /' /tmp/vhost-sv.log
 value fs_from_guest "$(cat /tmp/share/from-guest.txt 2>/dev/null)"
+value console_out "$(tr -d '\r' </tmp/console-out | grep -m 1 from-guest)"
+sed 's/^/consoled| /' /tmp/console.log
 sed 's/^/virtiofsd| /' /tmp/virtiofsd.log
 sed 's/^/vsockd| /' /tmp/vsock.log
-kill "$qsd" "$qsd2" "$vsockd" "$virtiofsd" 2>/dev/null
+kill "$qsd" "$qsd2" "$vsockd" "$virtiofsd" "$consoled" 2>/dev/null
+kill_matching 'nc 127.0.0.1 12345'
+kill_matching 'sleep 1200'
 i=0
 while [ -e "/proc/$qsd" ] && [ "$i" -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
 outbox /guest vhost-root.qcow2

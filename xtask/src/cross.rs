@@ -115,5 +115,7 @@ pub fn crates_io_program(krate: &str, version: &str) -> Result<PathBuf> {
             .arg(env::cache().join("crates").join("target")),
         &|| format!("cargo install {krate} {version} for {TARGET}"),
     )?;
+    // The build's intermediate files are hundreds of MiB the cached program no longer needs.
+    let _ = std::fs::remove_dir_all(env::cache().join("crates").join("target"));
     Ok(exe)
 }

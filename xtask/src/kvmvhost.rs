@@ -3,7 +3,9 @@
 //! guest's root file system (a qcow2 image) and a second disk, whose device is then given
 //! rings outside the pool by a hostile driver; Debian trixie's virtiofsd shares a directory
 //! (the guest reads a file of the board's and writes one the board finds); vhost-device-vsock,
-//! built from crates.io, carries a 4 MiB echo between the board and the guest; a disk's own
+//! built from crates.io, carries a 4 MiB echo between the board and the guest, and
+//! vhost-device-console (crates.io too) a line from the guest's /dev/hvc0 to a TCP
+//! connection in the board; a disk's own
 //! qemu-storage-daemon is killed and started again while the guest writes to it. Each
 //! backend's memory maps, read from outside while the VM runs, hold the pool and nothing else
 //! of the guest.
@@ -38,15 +40,21 @@ pub fn vsock_backend() -> Result<std::path::PathBuf> {
     cross::crates_io_program("vhost-device-vsock", "0.3.0")
 }
 
+/// The console backend of the same family (multiport, one port; its network backend).
+pub fn console_backend() -> Result<std::path::PathBuf> {
+    cross::crates_io_program("vhost-device-console", "0.1.0")
+}
+
 pub fn vhost_user_devices() -> Result<()> {
     let k = kernel::build(kernel::Role::Driver)?;
     let dir = root().join("target/board");
     std::fs::create_dir_all(&dir)?;
-    let (root_token, host_token, two_token, fs_token) = (
+    let (root_token, host_token, two_token, fs_token, console_token) = (
         realboot::token("vhost-root"),
         realboot::token("vhost-host"),
         realboot::token("vhost-two"),
         realboot::token("vhost-fs"),
+        realboot::token("vhost-console"),
     );
     let vsockecho = guest::tool("vsockecho")?;
     let raw = dir.join("vhost-root.raw");
@@ -73,7 +81,8 @@ pub fn vhost_user_devices() -> Result<()> {
               [[device]]\nkind = \"vhost-user\"\nsocket = \"/tmp/vhost-two.sock\"\ndevice = \"blk\"\n\
               [[device]]\nkind = \"vhost-user\"\nsocket = \"/tmp/vhost-fs.sock\"\ndevice = \"fs\"\n\
               [[device]]\nkind = \"vhost-user\"\nsocket = \"/tmp/vhost-vsock.sock\"\ndevice = \"vsock\"\n\
-              [[device]]\nkind = \"vhost-user\"\nsocket = \"/tmp/vhost-re.sock\"\ndevice = \"blk\"\n";
+              [[device]]\nkind = \"vhost-user\"\nsocket = \"/tmp/vhost-re.sock\"\ndevice = \"blk\"\n\
+              [[device]]\nkind = \"vhost-user\"\nsocket = \"/tmp/vhost-console.sock0\"\ndevice = \"console\"\nqueues = 4\n";
     let mut files: board::Files = vec![
         ("guest/Image".to_owned(), std::fs::read(&k.image)?),
         ("guest/vhost-root.qcow2".to_owned(), std::fs::read(&qcow2)?),
@@ -84,13 +93,21 @@ pub fn vhost_user_devices() -> Result<()> {
             "usr/local/bin/vhost-device-vsock".to_owned(),
             std::fs::read(vsock_backend()?)?,
         ),
+        (
+            "usr/local/bin/vhost-device-console".to_owned(),
+            std::fs::read(console_backend()?)?,
+        ),
     ];
     files.extend(qsd_files()?);
     files.extend(virtiofsd_files()?);
     let outbox = dir.join("board-vhost.outbox");
     let r = board::run_with(
         "board-vhost",
-        &[("ROOT_TOKEN", &root_token), ("FS_TOKEN", &fs_token)],
+        &[
+            ("ROOT_TOKEN", &root_token),
+            ("FS_TOKEN", &fs_token),
+            ("CONSOLE_TOKEN", &console_token),
+        ],
         files,
         Duration::from_secs(1200),
         Some(&outbox),
@@ -137,6 +154,7 @@ pub fn vhost_user_devices() -> Result<()> {
         ("qsd", "qemu-storage-daemon"),
         ("virtiofsd", "virtiofsd"),
         ("vsock", "vhost-device-vsock"),
+        ("console", "vhost-device-console"),
     ] {
         pool_alone(&o, name, who)?;
     }
@@ -169,6 +187,29 @@ pub fn vhost_user_devices() -> Result<()> {
         status.is_some_and(|s| s & 0x40 != 0),
         "rings outside the pool: device status {:?}, want DEVICE_NEEDS_RESET (0x40) (log: {log})",
         g.value("vq_status")
+    );
+    // virtio-console over vhost-device-console: the guest's line on the board's connection.
+    let out = format!("{console_token}-from-guest");
+    ensure!(
+        o.passed("console_backend_started")
+            && g.passed("console_hvc0")
+            && o.value("console_out") == Some(out.as_str()),
+        "virtio-console over vhost-device-console: the guest has /dev/hvc0: {}; the board read \
+         {:?}, want {out} (log: {log})",
+        g.passed("console_hvc0"),
+        o.value("console_out")
+    );
+    // Each queue's kick an ioeventfd of KVM's: no thread of splitvirt's replays them.
+    ensure!(
+        o.value("notify_threads") == Some("0")
+            && o.value("sv_threads").is_some_and(|t| t.contains("vcpu"))
+            && o.value("uncaught_lines") == Some("0"),
+        "splitvirt's threads ({:?}) include {:?} that replay notifications, or KVM caught not \
+         every queue's ({:?} lines say so); each vhost-user queue's kick should be KVM's \
+         (log: {log})",
+        o.value("sv_threads"),
+        o.value("notify_threads"),
+        o.value("uncaught_lines")
     );
     // vdc's daemon killed and started again under the guest's writes.
     ensure!(
@@ -203,9 +244,9 @@ pub fn vhost_user_devices() -> Result<()> {
     );
     println!(
         "vhost-user: root file system over qemu-storage-daemon, a directory over virtiofsd, an \
-         echo over vhost-device-vsock; each backend's maps hold the pool alone; a disk's daemon \
-         restarted under the guest's writes, none failed; a hostile ring address failed only \
-         its device"
+         echo over vhost-device-vsock, a line over vhost-device-console; each backend's maps \
+         hold the pool alone; a disk's daemon restarted under the guest's writes, none failed; \
+         a hostile ring address failed only its device"
     );
     Ok(())
 }

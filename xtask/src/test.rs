@@ -139,7 +139,7 @@ pub fn all() -> Result<()> {
         crate::devvm::with_the_device_vm_killed,
     );
     s.board_step(
-        "board: vhost-user devices (qemu-storage-daemon, virtiofsd, vhost-device-vsock) handed the pool alone",
+        "board: vhost-user devices (qemu-storage-daemon, virtiofsd, vhost-device-vsock/-console) handed the pool alone",
         crate::kvmvhost::vhost_user_devices,
     );
 

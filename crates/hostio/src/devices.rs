@@ -191,8 +191,8 @@ pub struct Extras<'a> {
 /// splitvirt stays out of its data path.
 #[derive(Default)]
 pub struct VhostFds {
-    /// Caught at the notify address of its one queue (an ioeventfd): the queue's kick.
-    pub kick: Option<OwnedFd>,
+    /// One per queue, each caught at that queue's notify address (an ioeventfd): its kick.
+    pub kicks: Vec<OwnedFd>,
     /// One per MSI-X vector, each routed to what the driver programs into it (irqfds).
     pub calls: Vec<OwnedFd>,
 }
@@ -380,8 +380,8 @@ pub fn build(
                     *queue_size,
                 )?;
                 let fds = vhost(d);
-                if let Some(kick) = fds.kick {
-                    dev.use_kick(0, kick);
+                for (queue, kick) in fds.kicks.into_iter().enumerate() {
+                    dev.use_kick(queue, kick);
                 }
                 dev.use_vector_calls(fds.calls);
                 out.functions

@@ -877,10 +877,17 @@ fn vhost_user_kind(at: &str, d: &DeviceDesc, p: &mut Vec<Problem>) -> Option<Dev
         }
     };
     let queues = d.queues.unwrap_or(default_queues);
-    if queues == 0 || queues > 64 || (device_type != 2 && queues != default_queues) {
+    // blk: 1 to 64 request queues; console: port 0's two, or with its control queues
+    // (VIRTIO_CONSOLE_F_MULTIPORT, one port) four.
+    let allowed = match device_type {
+        2 => (1..=64).contains(&queues),
+        3 => queues == 2 || queues == 4,
+        _ => queues == default_queues,
+    };
+    if !allowed {
         bad(
             format!("queues = {queues} is not a queue count this device can have"),
-            "leave queues out, or for blk give 1 to 64",
+            "leave queues out, or give 1 to 64 for blk, 2 or 4 (multiport) for console",
         );
         return None;
     }

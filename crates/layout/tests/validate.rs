@@ -781,6 +781,19 @@ fn a_vhost_user_device_and_what_it_must_name() {
         Rule::Device,
         &["queue_size = 100"],
     );
+    let console4 = "[[device]]\nkind = \"vhost-user\"\nsocket = \"c.sock\"\ndevice = \"console\"\nqueues = 4\n";
+    let l = resolve(&Description::parse(console4, "t").unwrap())
+        .unwrap()
+        .layout;
+    assert_eq!(
+        l.devices[0].msi_vectors, 5,
+        "multiport: two data and two control queues"
+    );
+    rejects(
+        "[[device]]\nkind = \"vhost-user\"\nsocket = \"s\"\ndevice = \"console\"\nqueues = 3\n",
+        Rule::Device,
+        &["queues = 3"],
+    );
     rejects(
         "[[device]]\nkind = \"vhost-user\"\nsocket = \"s\"\ndevice = \"fs\"\nqueues = 5\n",
         Rule::Device,

@@ -40,6 +40,8 @@ const RING_FEATURES: u64 = (1 << 28) | virtio::F_EVENT_IDX;
 /// virtio-blk's multiqueue bit: offered only when the description gives the device more
 /// than one queue (the driver would otherwise ask for queues the transport does not have).
 const BLK_F_MQ: u64 = 1 << 12;
+/// virtio-console's multiport bit: its control queues (2 and 3) come with it.
+const CONSOLE_F_MULTIPORT: u64 = 1 << 1;
 /// How long one message may take before the backend is deemed gone: a vCPU waits on it.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The protocol extensions asked for, where offered.
@@ -238,6 +240,10 @@ impl VhostUserDevice {
         let mut offered = features & (0xff_ffff | RING_FEATURES);
         if device_type == 2 && queues == 1 {
             offered &= !BLK_F_MQ;
+        }
+        // Multiport needs the control queues: only with four.
+        if device_type == 3 && queues < 4 {
+            offered &= !CONSOLE_F_MULTIPORT;
         }
         let kicks = (0..queues)
             .map(|_| EventFd::new(EFD_NONBLOCK))

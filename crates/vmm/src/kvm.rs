@@ -93,7 +93,9 @@ struct Notifiers {
 }
 
 struct Notifier {
-    fd: vmm_sys_util::eventfd::EventFd,
+    /// One for all queues, or one per queue (`per_queue`: a vhost-user device's kicks).
+    fds: Vec<vmm_sys_util::eventfd::EventFd>,
+    per_queue: bool,
     writes: Vec<(u64, u16)>,
     /// Where BAR 0 decodes, and whether KVM catches the writes there now.
     at: Option<u64>,
@@ -103,6 +105,19 @@ struct Notifier {
 impl crate::machine::QueueNotify for Notifiers {
     fn fds(&self) -> Vec<(u8, std::os::fd::OwnedFd)> {
         Notifiers::fds(self)
+    }
+    fn queue_fds(&self) -> Vec<(u8, Vec<std::os::fd::OwnedFd>)> {
+        let d = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        d.iter()
+            .filter(|(_, n)| n.per_queue)
+            .map(|(dev, n)| {
+                let fds = n
+                    .fds
+                    .iter()
+                    .filter_map(|f| Some(owned(f.try_clone().ok()?)));
+                (*dev, fds.collect())
+            })
+            .collect()
     }
     fn place(&self, dev: u8, at: Option<u64>) {
         Notifiers::place(self, dev, at)
@@ -119,11 +134,15 @@ impl Notifiers {
             let Some(writes) = crate::devices::notify_writes(&d.kind) else {
                 continue;
             };
-            let fd = eventfd("make an eventfd for queue notifications")?;
+            let per_queue = matches!(d.kind, layout::DeviceKind::VhostUser { .. });
+            let fds = (0..if per_queue { writes.len() } else { 1 })
+                .map(|_| eventfd("make an eventfd for queue notifications"))
+                .collect::<Result<Vec<_>, _>>()?;
             devices.insert(
                 d.slot as u8,
                 Notifier {
-                    fd,
+                    fds,
+                    per_queue,
                     writes,
                     at: None,
                     attached: false,
@@ -141,7 +160,8 @@ impl Notifiers {
     fn fds(&self) -> Vec<(u8, std::os::fd::OwnedFd)> {
         let d = self.devices.lock().unwrap_or_else(|e| e.into_inner());
         d.iter()
-            .filter_map(|(dev, n)| Some((*dev, owned(n.fd.try_clone().ok()?))))
+            .filter(|(_, n)| !n.per_queue)
+            .filter_map(|(dev, n)| Some((*dev, owned(n.fds.first()?.try_clone().ok()?))))
             .collect()
     }
 
@@ -162,10 +182,13 @@ impl Notifiers {
         if n.attached == on {
             return;
         }
-        for (off, q) in &n.writes {
+        for (i, (off, q)) in n.writes.iter().enumerate() {
+            let Some(fd) = n.fds.get(if n.per_queue { i } else { 0 }) else {
+                continue;
+            };
             if !on {
-                let _ = self.vm.unregister_ioevent(&n.fd, &Mmio(base + off), *q);
-            } else if let Err(e) = self.vm.register_ioevent(&n.fd, &Mmio(base + off), *q) {
+                let _ = self.vm.unregister_ioevent(fd, &Mmio(base + off), *q);
+            } else if let Err(e) = self.vm.register_ioevent(fd, &Mmio(base + off), *q) {
                 // Not fatal: the notification then exits to splitvirt as before.
                 log::warn!("KVM will not catch device {dev}'s notifications: {e}");
             }

@@ -44,8 +44,11 @@ pub trait Hypervisor {
 /// Queue notifications caught by the hypervisor (ioeventfds), one eventfd per backend device,
 /// attached at each queue's notify address wherever the guest puts BAR 0.
 pub trait QueueNotify: Send + Sync {
-    /// (device, eventfd) for the backend.
+    /// (device, eventfd) for the backend: one for all of a device's queues.
     fn fds(&self) -> Vec<(u8, OwnedFd)>;
+    /// (device, an eventfd per queue) for the devices whose queues are each another
+    /// program's (vhost-user): each queue's kick.
+    fn queue_fds(&self) -> Vec<(u8, Vec<OwnedFd>)>;
     /// Device `dev`'s BAR 0 now decodes at `at` (None: nowhere).
     fn place(&self, dev: u8, at: Option<u64>);
     /// Caught (`on`: a backend serves them) or let through to splitvirt (the reaper).
@@ -128,37 +131,22 @@ pub fn build(p: Parts<'_>, hv: &dyn Hypervisor) -> Result<Machine, crate::Error>
         ioeventfds: Some(hv.ioeventfds()),
     };
     // In-process virtio devices' queue notifications: caught by the hypervisor too. A
-    // single-queue vhost-user device takes its eventfd as the queue's kick: a notification
-    // wakes its backend program with no thread of splitvirt in between.
+    // vhost-user device takes an eventfd per queue as that queue's kick: a notification wakes
+    // its backend program with no thread of splitvirt in between.
     let local = hv.notifiers(l, layout::Placement::InProcess)?;
-    let kicks: Mutex<HashMap<u8, OwnedFd>> = Mutex::new(
-        local
-            .fds()
-            .into_iter()
-            .filter(|(dev, _)| {
-                l.devices.iter().any(|d| {
-                    d.slot as u8 == *dev
-                        && matches!(d.kind, layout::DeviceKind::VhostUser { queues: 1, .. })
-                })
-            })
-            .collect(),
-    );
-    let direct_slots: Vec<u8> = kicks
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .keys()
-        .copied()
-        .collect();
+    let kicks: Mutex<HashMap<u8, Vec<OwnedFd>>> =
+        Mutex::new(local.queue_fds().into_iter().collect());
     // The MSI-X vectors of the backend's devices and of vhost-user devices: eventfds the
     // hypervisor routes to what the guest programs into each (irqfds).
     let msi = crate::msiroute::MsiRoutes::new(l, hv.irqfds())
         .map_err(|e| crate::Error::Io(format!("cannot make the MSI eventfds: {e}")))?
         .map(Arc::new);
     let vhost = |d: &layout::Device| hostio::devices::VhostFds {
-        kick: kicks
+        kicks: kicks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&(d.slot as u8)),
+            .remove(&(d.slot as u8))
+            .unwrap_or_default(),
         calls: msi
             .as_ref()
             .map_or(Vec::new(), |m| m.vhost_fds(d.slot as u8)),
@@ -214,21 +202,24 @@ pub fn build(p: Parts<'_>, hv: &dyn Hypervisor) -> Result<Machine, crate::Error>
     // exit at all.
     local.attach_all(true);
     let mut starters = built.starters;
-    let mut bar0s: HashMap<u8, Arc<Mutex<Option<u64>>>> = HashMap::new();
+    // Where each in-process device's BAR 0 decodes, for its notifications.
+    let bar0s: HashMap<u8, Arc<Mutex<Option<u64>>>> = l
+        .devices
+        .iter()
+        .filter(|d| d.placement == layout::Placement::InProcess)
+        .filter(|d| crate::devices::notify_writes(&d.kind).is_some())
+        .map(|d| (d.slot as u8, Arc::default()))
+        .collect();
     for (dev, fd) in local.fds() {
-        let Some(writes) = l
-            .devices
-            .iter()
-            .find(|d| d.slot as u8 == dev)
-            .and_then(|d| crate::devices::notify_writes(&d.kind))
-        else {
+        let (Some(writes), Some(at)) = (
+            l.devices
+                .iter()
+                .find(|d| d.slot as u8 == dev)
+                .and_then(|d| crate::devices::notify_writes(&d.kind)),
+            bar0s.get(&dev).cloned(),
+        ) else {
             continue;
         };
-        let at: Arc<Mutex<Option<u64>>> = Arc::default();
-        bar0s.insert(dev, at.clone());
-        if direct_slots.contains(&dev) {
-            continue;
-        }
         let bus = bus_cell.clone();
         starters.push(Box::new(move || {
             std::thread::Builder::new()
@@ -467,6 +458,9 @@ mod tests {
     struct NoNotify;
     impl QueueNotify for NoNotify {
         fn fds(&self) -> Vec<(u8, OwnedFd)> {
+            Vec::new()
+        }
+        fn queue_fds(&self) -> Vec<(u8, Vec<OwnedFd>)> {
             Vec::new()
         }
         fn place(&self, _: u8, _: Option<u64>) {}
