@@ -113,11 +113,12 @@ pub fn run(args: &[String], log: &Path, timeout: Duration) -> Result<Run> {
         .spawn()
         .context("cannot start qemu-system-aarch64")?;
     let mut timed_out = false;
+    let mut watch = Lockup::default();
     loop {
         if child.try_wait()?.is_some() {
             break;
         }
-        if t.elapsed() > timeout {
+        if t.elapsed() > timeout || watch.seen(log) {
             let _ = child.kill();
             let _ = child.wait();
             timed_out = true;
@@ -126,6 +127,43 @@ pub fn run(args: &[String], log: &Path, timeout: Duration) -> Result<Run> {
         std::thread::sleep(Duration::from_millis(100));
     }
     finished(log, timed_out, t)
+}
+
+/// What the emulated machine's kernel prints when one of its CPUs stopped taking interrupts
+/// (seen once in a board whose CPU 0 then never came back, RCU stalls every minute after):
+/// such a run can only time out, so it ends at once, as timed out.
+const LOCKUP: &str = "Watchdog detected hard LOCKUP";
+
+/// Reads a growing console log for `LOCKUP`, a few times a second at most.
+#[derive(Default)]
+struct Lockup {
+    read: u64,
+    checks: u32,
+}
+
+impl Lockup {
+    fn seen(&mut self, log: &Path) -> bool {
+        use std::io::{Read, Seek};
+        self.checks += 1;
+        if !self.checks.is_multiple_of(20) {
+            return false;
+        }
+        let Ok(mut f) = std::fs::File::open(log) else {
+            return false;
+        };
+        // Back a little, so that a line split between two reads is still found.
+        let from = self.read.saturating_sub(LOCKUP.len() as u64);
+        let mut new = Vec::new();
+        if f.seek(std::io::SeekFrom::Start(from)).is_err() || f.read_to_end(&mut new).is_err() {
+            return false;
+        }
+        self.read = from + new.len() as u64;
+        let found = String::from_utf8_lossy(&new).contains(LOCKUP);
+        if found {
+            println!("  the board's kernel reports a hard lockup of a CPU: ending it now");
+        }
+        found
+    }
 }
 
 /// The run whose console is in `log`, started at `t`.
@@ -188,7 +226,14 @@ pub fn run_streaming(
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(line) => {
                 file.write_all(&line)?;
-                on_line(String::from_utf8_lossy(&line).trim_end());
+                let text = String::from_utf8_lossy(&line);
+                on_line(text.trim_end());
+                if text.contains(LOCKUP) {
+                    println!("  the board's kernel reports a hard lockup of a CPU: ending it now");
+                    let _ = child.kill();
+                    timed_out = true;
+                    break;
+                }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
@@ -219,4 +264,35 @@ pub fn run_interactive(args: &[String]) -> Result<Run> {
         timed_out: false,
         seconds: t.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hard_lockup_in_a_growing_log_is_seen_even_split_between_reads() {
+        use std::io::Write;
+        let dir = std::env::temp_dir().join(format!("xtask-lockup-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("console.log");
+        let mut f = std::fs::File::create(&log).unwrap();
+        let mut w = Lockup::default();
+        let seen_after = |f: &mut std::fs::File, text: &str, w: &mut Lockup| {
+            f.write_all(text.as_bytes()).unwrap();
+            (0..20).any(|_| w.seen(&log))
+        };
+        assert!(!seen_after(
+            &mut f,
+            "[ 31.5] rcu: INFO: rcu_sched detected stalls\n",
+            &mut w
+        ));
+        assert!(!seen_after(
+            &mut f,
+            "[ 44.3] watchdog: Watchdog detec",
+            &mut w
+        ));
+        assert!(seen_after(&mut f, "ted hard LOCKUP on cpu 0\n", &mut w));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -210,6 +210,7 @@ fn telling_line(l: &str) -> bool {
         "HANG",
         "timed out",
         "Killed",
+        "LOCKUP",
     ];
     MARKS.iter().any(|m| l.contains(m))
 }
