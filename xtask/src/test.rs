@@ -17,12 +17,12 @@ pub const APT_PACKAGES: &[&str] = &[
 
 struct Steps {
     passed: Vec<String>,
-    /// Each failed step with its error, repeated in the summary: CI may keep only the end of
-    /// the output, and a board's log is gone with the machine.
+    /// Each failed step with its error and the log lines it names (`failure_summary`, taken
+    /// when it failed: a later run may write the same log), repeated in the summary: CI may
+    /// keep only the end of the output, and a board's log is gone with the machine.
     failed: Vec<(String, String)>,
-    /// Board steps that failed once and passed when run again, with the first error: reported
-    /// as such, never silently (the emulated board is slow and shared by nothing else, but a
-    /// rare failure still says something to look into).
+    /// Board steps that failed once and passed when run again, with the first run's summary:
+    /// reported as such, never silently (a rare failure still says something to look into).
     flaky: Vec<(String, String)>,
 }
 
@@ -42,6 +42,7 @@ impl Steps {
             Err(e) => {
                 let first = format!("{e:#}");
                 println!("<== {name}: FAILED once, running it again: {first}");
+                let first = failure_summary(&first);
                 let t = Instant::now();
                 let again = f();
                 if again.is_ok() {
@@ -61,7 +62,7 @@ impl Steps {
             Err(e) => {
                 let why = format!("{e:#}");
                 println!("<== {name}: FAILED: {why}");
-                self.failed.push((name.into(), why));
+                self.failed.push((name.into(), failure_summary(&why)));
             }
         }
     }
@@ -149,11 +150,11 @@ pub fn all() -> Result<()> {
     }
     for (f, why) in &s.flaky {
         println!("  FLAKY   {f}: failed once, then passed; the first run:");
-        println!("{}", failure_summary(why));
+        println!("{why}");
     }
     for (f, why) in &s.failed {
         println!("  FAILED  {f}");
-        println!("{}", failure_summary(why));
+        println!("{why}");
     }
     println!(
         "xtask: {} passed, {} failed",
@@ -166,11 +167,13 @@ pub fn all() -> Result<()> {
     Ok(())
 }
 
-/// A failed step's error for the summary, cut to a few lines, and the lines of the log it
-/// names (`(log: PATH)`) that say what went wrong.
+/// A failed step's error for the summary, cut to a few lines, then from the log it names
+/// (`(log: PATH)`) the last lines that say what went wrong and, after `...`, its last lines
+/// (where a run that hung stopped).
 fn failure_summary(why: &str) -> String {
     const MAX_CHARS: usize = 1200;
-    const MAX_LOG_LINES: usize = 16;
+    const MAX_LOG_LINES: usize = 12;
+    const TAIL_LINES: usize = 4;
     let mut out: String = why.chars().take(MAX_CHARS).collect();
     if why.chars().count() > MAX_CHARS {
         out.push_str(" [...]");
@@ -186,12 +189,19 @@ fn failure_summary(why: &str) -> String {
     let mut lines = out;
     if let Some(log) = log {
         let log = String::from_utf8_lossy(&log);
-        let telling: Vec<&str> = log.lines().filter(|l| telling_line(l)).collect();
-        let skip = telling.len().saturating_sub(MAX_LOG_LINES);
+        let all: Vec<&str> = log.lines().collect();
+        let telling: Vec<&str> = all.iter().copied().filter(|l| telling_line(l)).collect();
+        let quote = |l: &&str| format!("          | {}", l.chars().take(200).collect::<String>());
         lines.extend(
-            telling[skip..]
+            telling[telling.len().saturating_sub(MAX_LOG_LINES)..]
                 .iter()
-                .map(|l| format!("          | {}", l.chars().take(200).collect::<String>())),
+                .map(quote),
+        );
+        lines.push("          | ...".into());
+        lines.extend(
+            all[all.len().saturating_sub(TAIL_LINES)..]
+                .iter()
+                .map(quote),
         );
     }
     lines.join("\n")
@@ -201,8 +211,8 @@ fn failure_summary(why: &str) -> String {
 fn telling_line(l: &str) -> bool {
     const MARKS: &[&str] = &[
         " FAIL",
-        "error",
-        "Error",
+        "error:",
+        "I/O error",
         "panic",
         "Oops",
         "BUG:",
@@ -211,6 +221,7 @@ fn telling_line(l: &str) -> bool {
         "timed out",
         "Killed",
         "LOCKUP",
+        "rcu: INFO",
     ];
     MARKS.iter().any(|m| l.contains(m))
 }
@@ -330,6 +341,11 @@ mod tests {
                 format!("the root is wrong (log: {})", log.display()).as_str(),
                 "| driver| @@ RESULT root_write FAIL",
                 "| device| splitvirt-backend: error: queue 0 refused",
+                "| ...",
+                "| driver| @@ VALUE root_dev 254:2",
+                "| driver| @@ RESULT root_write FAIL",
+                "| device| splitvirt-backend: error: queue 0 refused",
+                "| all fine here",
             ]
         );
     }
