@@ -34,14 +34,29 @@ outbox() { # DIR FILES...
 	dir=$1; shift
 	check outbox tar -cf /dev/vda -C "$dir" "$@"
 }
-# Kills (SIGKILL) every process whose command line holds PATTERN: the board's busybox has no
-# pkill.
-kill_matching() {
+# The pids of every process but this shell whose command line holds PATTERN, one a line (the
+# board's busybox has no pgrep). Read in the shell, so that no process of the search has the
+# pattern in its own command line.
+pids_matching() {
 	for c in /proc/[0-9]*/cmdline; do
 		p=${c#/proc/}; p=${p%/cmdline}
 		[ "$p" = $$ ] && continue
-		case "$(tr '\0' ' ' <"$c" 2>/dev/null)" in *"$1"*) kill -9 "$p" 2>/dev/null ;; esac
+		case "$(tr '\0' ' ' <"$c" 2>/dev/null)" in *"$1"*) echo "$p" ;; esac
 	done
+}
+# Kills (SIGKILL) every process whose command line holds PATTERN: no pkill either.
+kill_matching() {
+	for p in $(pids_matching "$1"); do kill -9 "$p" 2>/dev/null; done
+}
+# Debian trixie's virtiofsd (bookworm has none), under /opt/trixie with its own C library,
+# sharing DIR at the vhost-user socket SOCKET with the tag "share"; its pid in $virtiofsd.
+# --sandbox=chroot: the board's root is an initramfs, where pivot_root cannot work.
+start_virtiofsd() { # DIR SOCKET
+	chmod 755 /opt/trixie/lib/ld-linux-aarch64.so.1 /opt/trixie/usr/libexec/virtiofsd
+	/opt/trixie/lib/ld-linux-aarch64.so.1 --library-path /opt/trixie/lib/aarch64-linux-gnu \
+		/opt/trixie/usr/libexec/virtiofsd --socket-path="$2" --shared-dir="$1" \
+		--tag=share --sandbox=chroot >/tmp/virtiofsd.log 2>&1 &
+	virtiofsd=$!
 }
 # The process that serves a VM's backend devices: a "splitvirt backend" in a PID namespace of
 # its own (two pids on its NSpid line; its keeper outside the jail has one). Unjailed, the

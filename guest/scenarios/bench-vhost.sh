@@ -5,14 +5,10 @@
 # alternation. Console "abc| ".
 check kvm_device test -c /dev/kvm
 # The board's files come without modes.
-chmod 755 /lib/ld-linux-aarch64.so.1 /usr/bin/qemu-storage-daemon /opt/trixie/lib/ld-linux-aarch64.so.1 \
-	/opt/trixie/usr/libexec/virtiofsd
+chmod 755 /lib/ld-linux-aarch64.so.1 /usr/bin/qemu-storage-daemon
 mkdir -p /tmp/share
 mv /guest/big.bin /tmp/share/big.bin
-/opt/trixie/lib/ld-linux-aarch64.so.1 --library-path /opt/trixie/lib/aarch64-linux-gnu \
-	/opt/trixie/usr/libexec/virtiofsd --socket-path=/tmp/vhost-fs.sock --shared-dir=/tmp/share \
-	--tag=share --sandbox=chroot >/tmp/virtiofsd.log 2>&1 &
-virtiofsd=$!
+start_virtiofsd /tmp/share /tmp/vhost-fs.sock
 truncate -s 96M /tmp/ab-in.raw
 truncate -s 128M /tmp/ab-backend.raw
 truncate -s 160M /tmp/abc-vhost.raw

@@ -11,15 +11,11 @@
 # ended) is "vhost-sv| "; the root image goes back to the host (the outbox).
 check kvm_device test -c /dev/kvm
 # The board's files come without modes.
-chmod 755 /lib/ld-linux-aarch64.so.1 /usr/bin/qemu-storage-daemon /opt/trixie/lib/ld-linux-aarch64.so.1 \
-	/opt/trixie/usr/libexec/virtiofsd /usr/local/bin/vhost-device-vsock /guest/vsockecho \
-	/usr/local/bin/vhost-device-console
+chmod 755 /lib/ld-linux-aarch64.so.1 /usr/bin/qemu-storage-daemon /usr/local/bin/vhost-device-vsock \
+	/guest/vsockecho /usr/local/bin/vhost-device-console
 mkdir -p /tmp/share
 echo "$FS_TOKEN" >/tmp/share/from-host.txt
-/opt/trixie/lib/ld-linux-aarch64.so.1 --library-path /opt/trixie/lib/aarch64-linux-gnu \
-	/opt/trixie/usr/libexec/virtiofsd --socket-path=/tmp/vhost-fs.sock --shared-dir=/tmp/share \
-	--tag=share --sandbox=chroot >/tmp/virtiofsd.log 2>&1 &
-virtiofsd=$!
+start_virtiofsd /tmp/share /tmp/vhost-fs.sock
 /usr/local/bin/vhost-device-vsock --vm guest-cid=3,socket=/tmp/vhost-vsock.sock,uds-path=/tmp/vm3.vsock \
 	>/tmp/vsock.log 2>&1 &
 vsockd=$!
@@ -88,22 +84,12 @@ maps() { # NAME PID: the memfds the backend maps, and their ranges
 maps qsd "$qsd"
 maps vsock "$vsockd"
 maps console "$consoled"
-# virtiofsd: the youngest process running it (a sandbox may fork; read in the shell, so that
-# no process of this search has the name in its own command line).
-fsd=$virtiofsd
-for c in /proc/[0-9]*/cmdline; do
-	case "$(tr '\0' ' ' <"$c" 2>/dev/null)" in
-	*libexec/virtiofsd*) p=${c#/proc/}; p=${p%%/*}; [ "$p" -gt "$fsd" ] && fsd=$p ;;
-	esac
-done
-maps virtiofsd "$fsd"
+# virtiofsd: the youngest process running it (a sandbox may fork).
+fsd=$(pids_matching libexec/virtiofsd | sort -n | tail -n 1)
+maps virtiofsd "${fsd:-$virtiofsd}"
 # Every queue's kick is KVM's (an ioeventfd per queue): splitvirt has no thread that replays
 # notifications (notifyN) for these devices, which are all it has.
-for c in /proc/[0-9]*/cmdline; do
-	case "$(tr '\0' ' ' <"$c" 2>/dev/null)" in
-	*"run --config /guest/vhost.toml"*) p=${c#/proc/}; sv=${p%%/*} ;;
-	esac
-done
+sv=$(pids_matching "run --config /guest/vhost.toml" | tail -n 1)
 value sv_threads "$(cat /proc/"$sv"/task/*/comm 2>/dev/null | sort | uniq -c | tr -s ' ' | tr '\n' ',')"
 value notify_threads "$(cat /proc/"$sv"/task/*/comm 2>/dev/null | grep -c '^notify')"
 # vdc's daemon killed under the guest's writes, and started again on its socket.
