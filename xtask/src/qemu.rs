@@ -134,6 +134,10 @@ pub fn run(args: &[String], log: &Path, timeout: Duration) -> Result<Run> {
 /// such a run can only time out, so it ends at once, as timed out.
 const LOCKUP: &str = "Watchdog detected hard LOCKUP";
 
+fn said_lockup() {
+    println!("  the board's kernel reports a hard lockup of a CPU: ending it now");
+}
+
 /// Reads a growing console log for `LOCKUP`, a few times a second at most.
 #[derive(Default)]
 struct Lockup {
@@ -160,7 +164,7 @@ impl Lockup {
         self.read = from + new.len() as u64;
         let found = String::from_utf8_lossy(&new).contains(LOCKUP);
         if found {
-            println!("  the board's kernel reports a hard lockup of a CPU: ending it now");
+            said_lockup();
         }
         found
     }
@@ -229,7 +233,7 @@ pub fn run_streaming(
                 let text = String::from_utf8_lossy(&line);
                 on_line(text.trim_end());
                 if text.contains(LOCKUP) {
-                    println!("  the board's kernel reports a hard lockup of a CPU: ending it now");
+                    said_lockup();
                     let _ = child.kill();
                     timed_out = true;
                     break;

@@ -178,15 +178,11 @@ fn failure_summary(why: &str) -> String {
     if why.chars().count() > MAX_CHARS {
         out.push_str(" [...]");
     }
-    let out = out
-        .lines()
-        .map(|l| format!("          {l}"))
-        .collect::<Vec<_>>();
+    let mut lines: Vec<String> = out.lines().map(|l| format!("          {l}")).collect();
     let log = why
         .rsplit_once("(log: ")
         .and_then(|(_, rest)| rest.split_once(')'))
         .and_then(|(path, _)| std::fs::read(path).ok());
-    let mut lines = out;
     if let Some(log) = log {
         let log = String::from_utf8_lossy(&log);
         let all: Vec<&str> = log.lines().collect();
