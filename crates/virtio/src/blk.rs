@@ -2,7 +2,8 @@
 //! (stable storage before the request completes), GET_ID, DISCARD, WRITE_ZEROES and a read-only
 //! mode. A notify parses and checks every request on the notifying thread (a bad chain is the
 //! driver's fault and needs a reset); the I/O itself runs on a few worker threads, so several
-//! requests are in flight at once and a slow disk never stalls a vCPU. Completions may come back
+//! requests are in flight at once and a slow disk never stalls a vCPU, or, for a request that
+//! finds the device idle, on the notifying thread when it accepts work (`crate::defer`). Completions may come back
 //! in any order, which virtio-blk allows.
 
 use crate::disk::{self, Disk, Format, SECTOR};
@@ -270,8 +271,20 @@ impl Block {
                 ready.push(req);
             }
         }
-        for req in ready {
+        // A request that finds the device idle, on a thread that accepts work (`defer`), is
+        // done by that thread after the notify: no hand-off. Others go to the workers, the
+        // batch's last request staying here so the rest start first.
+        let idle = *active.inflight.lock().unwrap_or_else(|e| e.into_inner()) == 0;
+        let last = ready.len();
+        for (i, req) in ready.into_iter().enumerate() {
             *active.inflight.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+            if idle && i + 1 == last && crate::defer::accepting() {
+                let (a, disk, id) = (active.clone(), self.disk.clone(), self.id);
+                crate::defer::offer(Box::new(move || {
+                    INLINE_BUF.with(|b| complete(&a, &*disk, &id, req, &mut b.borrow_mut()))
+                }));
+                continue;
+            }
             if let Err(e) = self.jobs().send((active.clone(), req)) {
                 // No worker left (they never exit while we hold the sender): do it here.
                 let (a, r) = e.0;
@@ -280,6 +293,11 @@ impl Block {
         }
         Ok(())
     }
+}
+
+thread_local! {
+    /// The buffer of requests a notifying thread does itself.
+    static INLINE_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn worker(rx: &Mutex<Receiver<Job>>, disk: &dyn Disk, id: &[u8; ID_LEN]) {

@@ -6,6 +6,7 @@
 
 pub mod blk;
 pub mod console;
+pub mod defer;
 pub mod disk;
 pub mod net;
 pub mod shadow;

@@ -172,6 +172,23 @@ impl Shadow {
         self.t.bar_write(bar, off, data)
     }
 
+    /// Answers a BAR 0 read the shadow knows as the device does, and says whether it did:
+    /// registers that hold only what the driver wrote, by the transport's rules, or what the
+    /// device's shape fixes (selectors, the driver's features, vectors, the queue count, each
+    /// queue's size, layout, enable and notify offset, the MSI-X table). What only the device
+    /// knows is left to it: the features it offers, its status (it sets NEEDS_RESET, and a
+    /// reset is done only when it says so), the generation, the ISR, its own config, the PBA.
+    pub fn known_read(&mut self, off: u64, data: &mut [u8]) -> bool {
+        let table = MSIX_TABLE..MSIX_TABLE + 16 * u64::from(self.vectors());
+        let known = [0x00..0x04, 0x08..0x14, 0x16..0x38, table];
+        let end = off.saturating_add(data.len() as u64);
+        if !known.iter().any(|r| r.start <= off && end <= r.end) {
+            return false;
+        }
+        self.t.bar_read(0, off, data);
+        true
+    }
+
     fn read(&mut self, off: u64, len: usize) -> u64 {
         let mut b = [0u8; 8];
         self.t.bar_read(0, off, &mut b[..len]);

@@ -225,10 +225,12 @@ fn post(d: &mut Driver<Block>, q: u16, chain: &[(u64, u32, bool)]) {
     d.settle();
 }
 
-/// A disk whose reads wait at a gate the test opens; it counts reads waiting at once.
+/// A disk whose reads wait at a gate the test opens; it counts reads waiting at once and
+/// notes the thread each read ran on.
 struct Gated {
     state: std::sync::Mutex<(bool, usize, usize)>, // open, waiting now, most waiting at once
     cv: std::sync::Condvar,
+    threads: std::sync::Mutex<Vec<std::thread::ThreadId>>,
 }
 impl Gated {
     fn open(&self) {
@@ -241,6 +243,10 @@ impl virtio::disk::Disk for Gated {
         1 << 20
     }
     fn read_at(&self, buf: &mut [u8], _: u64) -> std::io::Result<()> {
+        self.threads
+            .lock()
+            .unwrap()
+            .push(std::thread::current().id());
         let mut s = self.state.lock().unwrap();
         s.1 += 1;
         s.2 = s.2.max(s.1);
@@ -271,6 +277,7 @@ fn gated() -> std::sync::Arc<Gated> {
     std::sync::Arc::new(Gated {
         state: std::sync::Mutex::new((false, 0, 0)),
         cv: std::sync::Condvar::new(),
+        threads: std::sync::Mutex::default(),
     })
 }
 
@@ -401,4 +408,44 @@ fn qcow2_images_made_and_checked_by_qemu_img() {
     let bytes = std::fs::read(&raw).unwrap();
     assert!(bytes[1 << 20..(1 << 20) + 4096].iter().all(|&b| b == 0xc3));
     assert!(bytes[..1 << 20].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn a_request_that_finds_the_device_idle_is_done_by_the_thread_that_accepts_work() {
+    let disk = gated();
+    disk.open();
+    let mut d = Driver::new(Block::with_disk(disk.clone(), "here", true));
+    d.start(0, 0);
+    let chain = read_request(&d, 0);
+    virtio::defer::accept(|| d.post(0, &chain));
+    // Done when the accepting call returns: no worker, no waiting.
+    assert_eq!(d.used_idx(), 1);
+    assert_eq!(*disk.threads.lock().unwrap(), [std::thread::current().id()]);
+    let b: u8 = d.mem.read_obj(GuestAddress(DATA)).unwrap();
+    assert_eq!(b, 0x5a);
+    // A thread that does not accept work hands it to a worker.
+    let chain = read_request(&d, 1);
+    post(&mut d, 0, &chain);
+    assert_eq!(d.used_idx(), 2);
+    assert_ne!(disk.threads.lock().unwrap()[1], std::thread::current().id());
+}
+
+#[test]
+fn a_request_behind_one_at_the_disk_goes_to_a_worker_even_where_work_is_accepted() {
+    let g = gated();
+    let mut d = Driver::new(Block::with_disk(g.clone(), "slow", true));
+    d.start(0, 0);
+    let first = read_request(&d, 0);
+    d.post(0, &first);
+    assert!(reads_waiting(&g, 1));
+    // The device is busy: the accepting thread is not held up by the second read's disk.
+    let second = read_request(&d, 1);
+    virtio::defer::accept(|| d.post(0, &second));
+    assert!(
+        reads_waiting(&g, 2),
+        "both reads should be at the disk at once"
+    );
+    g.open();
+    d.settle();
+    assert_eq!(d.used_idx(), 2);
 }

@@ -206,4 +206,49 @@ proptest::proptest! {
             proptest::prop_assert_eq!(dev, shadow, "config space at {:#x}", off);
         }
     }
+
+    /// Whatever a driver writes, every BAR 0 register the shadow answers for reads as the
+    /// device's (the VMM answers those reads of a backend device from its shadow).
+    #[test]
+    fn any_driver_writes_leave_the_registers_the_shadow_answers_the_devices(
+        writes in proptest::collection::vec(write_strategy(), 1..60)
+    ) {
+        let (mut a, _) = console_with_shadow();
+        drive(&mut a, writes);
+        let common = (0..0x40u64).flat_map(|off| [1usize, 2, 4, 8].map(|len| (off, len)));
+        let table = (MSIX_TABLE..MSIX_TABLE + 64).step_by(4).map(|off| (off, 4));
+        let mut answered = 0;
+        for (off, len) in common.chain(table) {
+            let (mut dev, mut shadow) = ([0u8; 8], [0u8; 8]);
+            if a.tap.as_mut().unwrap().known_read(off, &mut shadow[..len]) {
+                a.dev.bar_read(0, off, &mut dev[..len]);
+                proptest::prop_assert_eq!(dev, shadow, "BAR 0 at {:#x}, {} bytes", off, len);
+                answered += 1;
+            }
+        }
+        proptest::prop_assert!(answered > 100);
+    }
+}
+
+#[test]
+fn what_only_the_device_knows_is_left_to_it() {
+    let (mut a, _) = console_with_shadow();
+    a.start(1, 0);
+    let shadow = a.tap.as_mut().unwrap();
+    let mut b = [0u8; 4];
+    for (off, len, what) in [
+        (0x04, 4, "the features it offers"),
+        (0x14, 1, "its status"),
+        (0x12, 4, "status and generation, read with the queue count"),
+        (0x15, 1, "the config generation"),
+        (ISR, 1, "the ISR"),
+        (DEVICE_CFG, 4, "its config"),
+        (NOTIFY, 2, "the notify area"),
+        (MSIX_TABLE + 48, 4, "past the table"),
+        (MSIX_PBA, 4, "the PBA"),
+    ] {
+        assert!(!shadow.known_read(off, &mut b[..len]), "{what}");
+    }
+    assert!(shadow.known_read(0x18, &mut b[..2]));
+    assert_eq!(u16::from_le_bytes([b[0], b[1]]), QSIZE);
 }

@@ -593,7 +593,9 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
     let kvm = Kvm::new().map_err(|e| Error::NoKvm(e.to_string()))?;
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
     let undecodable = Arc::new(Undecodable::enable(&vm));
+    crate::stats::phase("vm");
     let ram = crate::memory::guest_ram(l).map_err(|e| Error::Memory(e.0))?;
+    crate::stats::phase("ram");
     let mem = ram.mem.clone();
     // Guest RAM outside the pool (anonymous memory), which --stats leaves out of our own.
     let guest_ranges: Vec<(u64, u64)> = mem
@@ -603,6 +605,7 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
         .collect();
     let dev_mem = crate::memory::device_memory(l, &ram).map_err(|e| Error::Memory(e.0))?;
     load(&mem, &p)?;
+    crate::stats::phase("loaded");
     // The kernel and initrd are in guest memory now: their copies here would stay resident
     // for the VM's life (megabytes of splitvirt's own memory).
     let placement = p.placement.clone();
@@ -644,6 +647,7 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
         .map_err(kvm_err("set PSTATE"))?;
 
     let _gic = create_vgic(&vm, l.gic_dist.base, l.gic_cpu.base, l.gic_irqs)?;
+    crate::stats::phase("vcpus");
 
     let console =
         crate::stats::TimedConsole::new(std::io::stdout(), start, crate::stats::INIT_MARKER);
@@ -663,6 +667,7 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
     for start in std::mem::take(&mut machine.starters) {
         start();
     }
+    crate::stats::phase("devices");
     let bus = machine.bus.clone();
 
     let term = crate::terminal::RawTerminal::enter();
@@ -704,12 +709,13 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
         );
         eprintln!(
             "splitvirt-stats: first_run_ms={} first_console_ms={} init_ms={} end_ms={} \
-             own_rss_kib={}",
+             own_rss_kib={} start_ms={}",
             ms(crate::stats::until_first_run()),
             ms(t.first_byte),
             ms(t.marker),
             start.elapsed().as_millis(),
-            rss.map_or("-".to_owned(), |r| r.to_string())
+            rss.map_or("-".to_owned(), |r| r.to_string()),
+            crate::stats::phases()
         );
     }
     // The backend lives as long as the VM: until the process ends right after this returns.

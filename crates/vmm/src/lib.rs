@@ -184,7 +184,9 @@ pub fn prepare(spec: &RunSpec) -> Result<Prepared, Error> {
 
 /// Boots the prepared guest and returns when it powers off or resets.
 pub fn run(spec: &RunSpec) -> Result<Exit, Error> {
+    stats::phase("described");
     let prepared = prepare(spec)?;
+    stats::phase("prepared");
     #[cfg(target_arch = "aarch64")]
     {
         kvm::run(spec, prepared)

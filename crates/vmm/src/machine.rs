@@ -342,9 +342,13 @@ fn replay_notifications(
         }
         let base = *at.lock().unwrap_or_else(|e| e.into_inner());
         if let (Some(base), Some(bus)) = (base, bus.get()) {
-            for (off, q) in writes {
-                bus.write(base + off, &q.to_le_bytes());
-            }
+            // This thread is the device's own: it does a request's work itself, after the
+            // write has let go of the bus (virtio::defer), rather than wake a worker.
+            virtio::defer::accept(|| {
+                for (off, q) in writes {
+                    bus.write(base + off, &q.to_le_bytes());
+                }
+            });
         }
     }
 }

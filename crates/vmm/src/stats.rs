@@ -22,6 +22,29 @@ pub fn first_run() {
     FIRST_RUN.get_or_init(|| process_start().elapsed());
 }
 
+/// Start-up steps as they end, each with its time since the process's start.
+static PHASES: std::sync::Mutex<Vec<(&'static str, Duration)>> = std::sync::Mutex::new(Vec::new());
+
+/// Start-up step `name` just ended (a few per boot: where the time to the first `KVM_RUN`
+/// goes).
+pub fn phase(name: &'static str) {
+    let at = process_start().elapsed();
+    PHASES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((name, at));
+}
+
+/// The steps so far as `name:ms,name:ms`, in order.
+pub fn phases() -> String {
+    let p = PHASES.lock().unwrap_or_else(|e| e.into_inner());
+    let parts: Vec<String> = p
+        .iter()
+        .map(|(n, d)| format!("{n}:{}", d.as_millis()))
+        .collect();
+    parts.join(",")
+}
+
 /// From the process's start to the guest's first instruction (None before it).
 pub fn until_first_run() -> Option<Duration> {
     FIRST_RUN.get().copied()
@@ -124,6 +147,20 @@ mod tests {
         c.write_all(b"nit as init process\n").unwrap();
         assert!(t.lock().unwrap().marker.is_some());
         assert!(c.tail.len() < 9);
+    }
+
+    #[test]
+    fn phases_come_out_in_order_with_their_times() {
+        phase("first-step");
+        phase("second-step");
+        let p = phases();
+        let (a, b) = (
+            p.find("first-step:").unwrap(),
+            p.find("second-step:").unwrap(),
+        );
+        assert!(a < b, "{p}");
+        let ms = |at: usize| p[at..].split([':', ',']).nth(1).unwrap().parse::<u64>();
+        assert!(ms(a).unwrap() <= ms(b).unwrap(), "{p}");
     }
 
     #[test]
