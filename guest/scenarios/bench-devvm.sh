@@ -1,8 +1,9 @@
-# The three places a driver VM's disk can be served from, side by side (`cargo xtask bench
-# devvm`): in splitvirt's process ("in"), in the backend process ("be"), and by a device VM
-# from its own disk ("dvm"), the same raw file each time, and its virtio-net likewise (a TAP of
-# the board's, or of the device VM's); ROUNDS rounds, the order rotating.
-# Consoles "PLACEMENT-ROUND| ", the device VMs' "device-ROUND| ".
+# The places a driver VM's disk can be served from, side by side (`cargo xtask bench devvm`):
+# in splitvirt's process ("in"), in the backend process ("be"), and by a device VM from its
+# own virtio-blk ("dvm") or from its own virtio-pmem image ("pmem"), the same raw file each
+# time, and its virtio-net likewise (a TAP of the board's, or of the device VM's); ROUNDS
+# rounds, the order rotating.
+# Consoles "PLACEMENT-ROUND| ", the device VMs' "device-PLACEMENT-ROUND| ".
 check kvm_device test -c /dev/kvm
 truncate -s 256M /tmp/bench.raw
 # TCP: to the board's TAP network (in-process and backend), or to the device VM (its own TAP,
@@ -27,11 +28,11 @@ vm() { # NAME CONFIG [GUEST-SETTINGS]
 			esac
 		done
 }
-dvm() { # ROUND
+dvm() { # NAME DEVICE-CONFIG DRIVER-CONFIG-IN-THE-DEVICE-VM
 	rm -f "/tmp/device-$1-ready"
-	( ( /splitvirt --log-file "/tmp/device-$1-sv.log" run --config /guest/device.toml \
+	( ( /splitvirt --log-file "/tmp/device-$1-sv.log" run --config "/guest/$2.toml" \
 		--kernel /guest/device-Image --initrd /guest/dvm-device.cpio \
-		--cmdline "console=ttyAMA0 loglevel=4 CONNECTIONS=1" </dev/null &
+		--cmdline "console=ttyAMA0 loglevel=4 CONNECTIONS=1 A_CONFIG=$3" </dev/null &
 	    echo $! >/tmp/device.pid
 	    wait $! ) 2>&1 |
 		while IFS= read -r l; do
@@ -40,21 +41,23 @@ dvm() { # ROUND
 		done ) &
 	device=$!
 	n=0; while [ ! -e "/tmp/device-$1-ready" ] && [ $n -lt 600 ]; do sleep 0.5; n=$((n + 1)); done
-	vm "dvm-$1" driver "TCP_ME=10.0.5.2 TCP_PEER=10.0.5.1"
+	vm "$1" driver "TCP_ME=10.0.5.2 TCP_PEER=10.0.5.1"
 	wait "$device"
 	rm -f /tmp/device.pid
 }
 i=0
 while [ "$i" -lt "$ROUNDS" ]; do
 	i=$((i + 1))
-	case $((i % 3)) in
-	1) order="in be dvm" ;;
-	2) order="be dvm in" ;;
-	0) order="dvm in be" ;;
+	case $((i % 4)) in
+	1) order="in be dvm pmem" ;;
+	2) order="be dvm pmem in" ;;
+	3) order="dvm pmem in be" ;;
+	0) order="pmem in be dvm" ;;
 	esac
 	for p in $order; do
 		case $p in
-		dvm) dvm "$i" ;;
+		dvm) dvm "dvm-$i" device /driver.toml ;;
+		pmem) dvm "pmem-$i" device-pmem /driver-pmem.toml ;;
 		*) vm "$p-$i" "$p" ;;
 		esac
 	done

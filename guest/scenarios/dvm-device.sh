@@ -1,6 +1,7 @@
 # Inside the device VM: the connection module gives each rpc-port as a UIO device. Per port, a
 # backend serves the driver VM described in /driver.toml (the port at 00:02.0) or
-# /driver2.toml (00:03.0) from this VM's own disks (/dev/vda, /dev/vdb) and network (tap0,
+# /driver2.toml (00:03.0) from this VM's own disks (/dev/vda; /dev/pmem0, a virtio-pmem image
+# where there is one) and network (tap0,
 # made by the backend: it gets 10.0.5.1 here), once per connection of that driver VM's
 # splitvirt, CONNECTIONS times; the VM powers off when every port has been served so. The
 # 4 MiB a driver VM sends to port 5000 are hashed.
@@ -10,6 +11,7 @@ ports=$(for d in /sys/class/uio/uio*; do
 done | sort | tr '\n' ' ')
 value ports "$ports"
 value port_maps "$(cat /sys/class/uio/uio0/maps/map*/size 2>/dev/null | tr '\n' ' ')"
+[ -e /sys/block/pmem0/size ] && value pmem0_bytes "$(($(cat /sys/block/pmem0/size) * 512))"
 ( while :; do
 	if [ -e /sys/class/net/tap0 ] && ! ip addr show dev tap0 | grep -q 10.0.5.1; then
 		ip addr add 10.0.5.1/24 dev tap0 && ip link set tap0 up
@@ -34,7 +36,7 @@ serve() { # NAME PORT DESCRIPTION
 pids=
 for p in $ports; do
 	case "$p" in
-	*:02.0) serve a "$p" /driver.toml & ;;
+	*:02.0) serve a "$p" "${A_CONFIG:-/driver.toml}" & ;;
 	*) serve b "$p" /driver2.toml & ;;
 	esac
 	pids="$pids $!"

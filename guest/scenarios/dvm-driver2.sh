@@ -1,4 +1,5 @@
-# Inside the second driver VM, served by the same device VM from another disk of its own: what
+# Inside the second driver VM, served by the same device VM from another disk of its own (a
+# virtio-pmem image, /dev/pmem0 in the device VM): what
 # it finds at sector 2048 before writing ("x" and nothing: not the first driver VM's token,
 # which is on the other disk), then its own token written and read back. Then it waits for the
 # board's line, which comes once the first driver VM waits too, and both write and read 2 MiB

@@ -20,12 +20,14 @@ const DRIVER: &str = "vcpus = 1\n\
                       [backend]\ndevice_vm = \"/tmp/port.sock\"\n\
                       [[device]]\nkind = \"virtio-blk\"\nimage = \"/dev/vda\"\n\
                       [[device]]\nkind = \"virtio-net\"\nbackend = \"tap0\"\n";
-/// A second driver VM, served by the same device VM from its second disk.
+/// A second driver VM, served by the same device VM from its second disk, a virtio-pmem
+/// region (/dev/pmem0 in it).
 const DRIVER2: &str = "vcpus = 1\n\
                        [backend]\ndevice_vm = \"/tmp/port2.sock\"\n\
-                       [[device]]\nkind = \"virtio-blk\"\nimage = \"/dev/vdb\"\n";
-/// The device VM: a port for each driver VM's pool, and two disks of its own (vda and vdb in
-/// it), which its splitvirt serves.
+                       [[device]]\nkind = \"virtio-blk\"\nimage = \"/dev/pmem0\"\n";
+/// The device VM: a port for each driver VM's pool, and two disks of its own, which its
+/// splitvirt serves: a virtio-blk (vda in it) and a virtio-pmem image mapped into its memory
+/// (pmem0).
 const DEVICE: &str = "vcpus = 1\n\
                       [[device]]\nkind = \"virtio-blk\"\nimage = \"/tmp/dvm-disk.img\"\n\
                       placement = \"in-process\"\nslot = 1\n\
@@ -33,17 +35,12 @@ const DEVICE: &str = "vcpus = 1\n\
                       pool_size = \"64M\"\nslot = 2\n\
                       [[device]]\nkind = \"rpc-port\"\nsocket = \"/tmp/port2.sock\"\n\
                       pool_size = \"64M\"\nslot = 3\n\
-                      [[device]]\nkind = \"virtio-blk\"\nimage = \"/tmp/dvm-disk2.img\"\n\
-                      placement = \"in-process\"\nslot = 4\n";
+                      [[device]]\nkind = \"virtio-pmem\"\nimage = \"/tmp/dvm-disk2.img\"\n\
+                      slot = 4\n";
 
 /// The device VM's initramfs: the `connection` module for its kernel `dk`, the static
-/// splitvirt, and the description of the driver VM it serves.
-fn device_initramfs(dk: &kernel::Kernel, driver: &str) -> Result<std::path::PathBuf> {
-    device_initramfs_for(dk, &[("driver.toml", driver)])
-}
-
-/// The same, with each description under its name (`driver.toml` for the port at 00:02.0,
-/// `driver2.toml` for 00:03.0).
+/// splitvirt, and the descriptions of the driver VMs it serves, each under its name
+/// (`driver.toml` for the port at 00:02.0, `driver2.toml` for 00:03.0).
 fn device_initramfs_for(
     dk: &kernel::Kernel,
     drivers: &[(&str, &str)],
@@ -235,6 +232,13 @@ fn run(kill: bool) -> Result<()> {
             last.value(&k)
         );
     }
+    // Its second disk is a virtio-pmem image: its whole 64 MiB a block device in the device
+    // VM, read and written as memory (what the second driver VM writes is in the file).
+    ensure!(
+        device.value("pmem0_bytes") == Some("67108864"),
+        "the device VM's /dev/pmem0 holds {:?} bytes, its virtio-pmem image 67108864 (log: {log})",
+        device.value("pmem0_bytes")
+    );
     // Two driver VMs, one device VM: the second sees its own disk, not the first's token.
     let (driver2, want2) = (r.part("driver2"), format!("splitvirt-device-vm-2 {token2}"));
     ensure!(
@@ -305,7 +309,15 @@ pub fn bench() -> Result<()> {
     let bench_driver = "vcpus = 1\n[backend]\ndevice_vm = \"/tmp/port.sock\"\n\
                         [[device]]\nkind = \"virtio-blk\"\nimage = \"/dev/vda\"\n\
                         [[device]]\nkind = \"virtio-net\"\nbackend = \"tap0\"\n";
-    let device_initrd = device_initramfs(&dk, bench_driver)?;
+    // The same, served from the device VM's virtio-pmem image of the bench file.
+    let pmem_driver = bench_driver.replace("/dev/vda", "/dev/pmem0");
+    let device_initrd = device_initramfs_for(
+        &dk,
+        &[
+            ("driver.toml", bench_driver),
+            ("driver-pmem.toml", &pmem_driver),
+        ],
+    )?;
     let blk = |placement: &str| {
         format!(
             "vcpus = 1\n[[device]]\nkind = \"virtio-blk\"\nimage = \"/tmp/bench.raw\"\nplacement = \"{placement}\"\n\
@@ -320,6 +332,11 @@ pub fn bench() -> Result<()> {
                   [[device]]\nkind = \"rpc-port\"\nsocket = \"/tmp/port.sock\"\n\
                   pool_size = \"64M\"\nslot = 2\n"
         .to_owned();
+    let device_pmem = device.replace(
+        "kind = \"virtio-blk\"\nimage = \"/tmp/bench.raw\"\nplacement = \"in-process\"",
+        "kind = \"virtio-pmem\"\nimage = \"/tmp/bench.raw\"",
+    );
+    ensure!(device_pmem != device, "the pmem device VM's description");
     let mut files = crate::bench::io_files()?;
     files.extend([
         ("guest/in.toml".to_owned(), blk("in-process")),
@@ -329,6 +346,10 @@ pub fn bench() -> Result<()> {
             bench_driver.as_bytes().to_vec(),
         ),
         ("guest/device.toml".to_owned(), device.into_bytes()),
+        (
+            "guest/device-pmem.toml".to_owned(),
+            device_pmem.into_bytes(),
+        ),
         ("guest/device-Image".to_owned(), std::fs::read(&dk.image)?),
         (
             "guest/dvm-device.cpio".to_owned(),
@@ -350,15 +371,15 @@ pub fn bench() -> Result<()> {
         ("tcp_mbps", "TCP MB/s"),
     ];
     println!(
-        "\na driver VM's virtio-blk in three places, on KVM inside the board ({} MiB sequential, {} s random, QD1; {BENCH_ROUNDS} rounds)",
+        "\na driver VM's virtio-blk in four places, on KVM inside the board ({} MiB sequential, {} s random, QD1; {BENCH_ROUNDS} rounds): the device VM serves it from its own virtio-blk, or from its own virtio-pmem image",
         crate::bench::IO_MIB,
         crate::bench::IO_SECONDS
     );
     println!(
-        "| round | measure | in-process | backend process | device VM | device VM / backend |"
+        "| round | measure | in-process | backend process | device VM (virtio-blk) | device VM (pmem) | device VM / backend | device VM (pmem) / backend |"
     );
-    println!("|---|---|---:|---:|---:|---:|");
-    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); keys.len()];
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    let mut ratios: Vec<Vec<(f64, f64)>> = vec![Vec::new(); keys.len()];
     for round in 1..=BENCH_ROUNDS {
         let get = |p: &str, k: &str| -> Result<f64> {
             r.part(&format!("{p}-{round}"))
@@ -367,18 +388,22 @@ pub fn bench() -> Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("no {k} for {p} in round {round} (log: {log})"))
         };
         for (i, (k, what)) in keys.iter().enumerate() {
-            let (a, b, c) = (get("in", k)?, get("be", k)?, get("dvm", k)?);
-            ratios[i].push(c / b);
+            let (a, b) = (get("in", k)?, get("be", k)?);
+            let (c, d) = (get("dvm", k)?, get("pmem", k)?);
+            ratios[i].push((c / b, d / b));
             println!(
-                "| {round} | {what} | {a:.1} | {b:.1} | {c:.1} | {:.2}x |",
-                c / b
+                "| {round} | {what} | {a:.1} | {b:.1} | {c:.1} | {d:.1} | {:.2}x | {:.2}x |",
+                c / b,
+                d / b
             );
         }
     }
     for (i, (_, what)) in keys.iter().enumerate() {
+        let (blk, pmem): (Vec<f64>, Vec<f64>) = ratios[i].iter().copied().unzip();
         println!(
-            "| median | {what} | | | | **{:.2}x** |",
-            crate::bench::median(ratios[i].clone())
+            "| median | {what} | | | | | **{:.2}x** | **{:.2}x** |",
+            crate::bench::median(blk),
+            crate::bench::median(pmem)
         );
     }
     wakes_table(&r)
@@ -469,7 +494,7 @@ fn wakes_table(r: &crate::qemu::Run) -> Result<()> {
     );
     println!("|---|---|---:|---:|---:|---|---:|---:|---|");
     for round in 1..=BENCH_ROUNDS {
-        for p in ["in", "be", "dvm"] {
+        for p in ["in", "be", "dvm", "pmem"] {
             let name = format!("{p}-{round}");
             let delta = |who: &str| -> Option<Wakes> {
                 let at = |m: &str| {

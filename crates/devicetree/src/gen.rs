@@ -285,7 +285,8 @@ fn pci_device_nodes(w: &mut FdtWriter, l: &Layout) -> FdtWriterResult<()> {
             DeviceKind::VirtioBlk { .. }
             | DeviceKind::VirtioNet { .. }
             | DeviceKind::VirtioConsole { .. }
-            | DeviceKind::VhostUser { .. } => "virtio",
+            | DeviceKind::VhostUser { .. }
+            | DeviceKind::VirtioPmem { .. } => "virtio",
             DeviceKind::Connector { .. } => "connector",
             // It reaches no memory of this VM's but what KVM maps into its BARs: no pool.
             DeviceKind::RpcPort { .. } => continue,

@@ -57,6 +57,8 @@ pub enum OpenError {
     Endpoint(#[from] crate::endpoint::EndpointError),
     #[error(transparent)]
     VhostUser(#[from] vhost_frontend::VhostUserError),
+    #[error(transparent)]
+    Pmem(#[from] virtio::pmem::OpenError),
     #[error(
         "the host end of the device at slot {slot}: cannot duplicate descriptor {fd}: {source}"
     )]
@@ -150,6 +152,7 @@ pub fn virtio_shape(kind: &DeviceKind) -> Option<(u32, Vec<u16>)> {
             queue_size,
             ..
         } => (*device_type, usize::from(*queues), *queue_size),
+        DeviceKind::VirtioPmem { .. } => (virtio::pmem::DEVICE_TYPE, 1, virtio::pmem::QUEUE_SIZE),
         DeviceKind::Connector { .. } | DeviceKind::RpcPort { .. } => return None,
     };
     Some((ty, vec![size; queues]))
@@ -387,8 +390,11 @@ pub fn build(
                 out.functions
                     .push((at, Box::new(virtio_pci(d, &mem, signal, dev))));
             }
-            // splitvirt's own (the VMM builds them: vmm::connect, vmm::port).
-            DeviceKind::Connector { .. } | DeviceKind::RpcPort { .. } => {}
+            // splitvirt's own (the VMM builds them: vmm::connect, vmm::port, and
+            // vmm::devices for virtio-pmem, whose region is a memslot).
+            DeviceKind::Connector { .. }
+            | DeviceKind::RpcPort { .. }
+            | DeviceKind::VirtioPmem { .. } => {}
         }
     }
     Ok(out)

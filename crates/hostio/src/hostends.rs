@@ -62,7 +62,8 @@ impl HostEnds {
                 },
                 DeviceKind::Connector { .. }
                 | DeviceKind::RpcPort { .. }
-                | DeviceKind::VhostUser { .. } => continue,
+                | DeviceKind::VhostUser { .. }
+                | DeviceKind::VirtioPmem { .. } => continue,
             };
             out.ends.push((slot, end));
         }

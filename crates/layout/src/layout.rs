@@ -45,6 +45,15 @@ pub const PORT_REGS_SIZE: u64 = 0x1000;
 /// The rpc-port's BAR 2: the driver VM's RPC control region (0xb000 bytes) rounded up to a
 /// power of two.
 pub const PORT_CONTROL_BAR: u64 = 0x10000;
+/// Where virtio-pmem regions go: windows of `PMEM_WINDOW` from here, one per device, above the
+/// PCI windows and below `IPA_LIMIT`, outside RAM and every BAR (the guest maps a region by
+/// the address its device's config gives).
+pub const PMEM_BASE: u64 = 0xc0_0000_0000;
+pub const PMEM_WINDOW: u64 = 1 << 36;
+/// virtio-pmem devices a VM can have (their windows fill the space up to `IPA_LIMIT`).
+pub const PMEM_MAX: u64 = (IPA_LIMIT - PMEM_BASE) / PMEM_WINDOW;
+/// A pmem region's size is a multiple of this: Linux maps it in 2 MiB sections.
+pub const PMEM_ALIGN: u64 = 2 << 20;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Layout {
@@ -138,6 +147,12 @@ pub enum DeviceKind {
         socket: PathBuf,
         pool_size: u64,
     },
+    /// A virtio-pmem device (type 27): the file `image` mapped into the guest at `window` (no
+    /// exit per access), flushed to stable storage when the driver asks.
+    VirtioPmem {
+        image: PathBuf,
+        window: u64,
+    },
     /// A virtio device that another program serves over vhost-user at `socket`, splitvirt
     /// being the frontend; the program is handed the pool alone.
     VhostUser {
@@ -185,6 +200,7 @@ impl DeviceKind {
             DeviceKind::Connector { .. } => "connector",
             DeviceKind::RpcPort { .. } => "rpc-port",
             DeviceKind::VhostUser { .. } => "vhost-user",
+            DeviceKind::VirtioPmem { .. } => "virtio-pmem",
         }
     }
 
@@ -198,6 +214,7 @@ impl DeviceKind {
             DeviceKind::Connector { .. } => (0x1af4, 0xa111),
             DeviceKind::RpcPort { .. } => (0x1af4, 0xa112),
             DeviceKind::VhostUser { device_type, .. } => (0x1af4, 0x1040 + *device_type as u16),
+            DeviceKind::VirtioPmem { .. } => (0x1af4, 0x1040 + 27),
         }
     }
 }

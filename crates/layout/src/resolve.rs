@@ -574,74 +574,73 @@ fn gic_irqs(l: &Layout) -> u32 {
 /// A device after its kind-specific fields are checked.
 fn device_kind(i: usize, d: &DeviceDesc, p: &mut Vec<Problem>) -> Option<DeviceKind> {
     let at = format!("device[{i}] ({})", d.kind);
-    let mut stray = |fields: &[(&str, bool)]| {
-        for (name, present) in fields {
-            if *present {
-                p.push(Problem::error(
-                    Rule::Device,
-                    format!("{at}: `{name}` is not a field of a {} device", d.kind),
-                    format!("remove `{name}` from this [[device]]"),
-                ));
-            }
-        }
+    // The fields each kind takes; any other kind-specific field given is a mistake.
+    let takes: &[&str] = match d.kind.as_str() {
+        "virtio-blk" => &["image", "read_only", "format", "placement"],
+        "virtio-net" => &["backend", "mac", "placement"],
+        "virtio-console" => &["backend", "placement"],
+        "connector" => &["name", "dataport_size", "peer", "placement"],
+        "rpc-port" => &["socket", "pool_size"],
+        "virtio-pmem" => &["image"],
+        "vhost-user" => &["socket", "device", "queues", "queue_size"],
+        _ => &[],
     };
-    if d.kind != "vhost-user" {
-        stray(&[
-            ("device", d.device.is_some()),
-            ("queues", d.queues.is_some()),
-            ("queue_size", d.queue_size.is_some()),
-        ]);
+    let given = [
+        ("image", d.image.is_some()),
+        ("read_only", d.read_only.is_some()),
+        ("format", d.format.is_some()),
+        ("backend", d.backend.is_some()),
+        ("mac", d.mac.is_some()),
+        ("name", d.name.is_some()),
+        ("dataport_size", d.dataport_size.is_some()),
+        ("peer", d.peer.is_some()),
+        ("socket", d.socket.is_some()),
+        ("pool_size", d.pool_size.is_some()),
+        ("placement", d.placement.is_some()),
+        ("device", d.device.is_some()),
+        ("queues", d.queues.is_some()),
+        ("queue_size", d.queue_size.is_some()),
+    ];
+    // An unknown kind (takes nothing) is said below, once.
+    let stray = given
+        .iter()
+        .filter(|(n, present)| *present && !takes.is_empty() && !takes.contains(n));
+    for (name, _) in stray {
+        p.push(Problem::error(
+            Rule::Device,
+            format!("{at}: `{name}` is not a field of a {} device", d.kind),
+            format!("remove `{name}` from this [[device]]"),
+        ));
     }
     let kind = match d.kind.as_str() {
-        "virtio-blk" => {
-            stray(&[
-                ("backend", d.backend.is_some()),
-                ("mac", d.mac.is_some()),
-                ("name", d.name.is_some()),
-                ("dataport_size", d.dataport_size.is_some()),
-                ("peer", d.peer.is_some()),
-                ("socket", d.socket.is_some()),
-                ("pool_size", d.pool_size.is_some()),
-            ]);
-            match &d.image {
-                Some(img) if !img.as_os_str().is_empty() => DeviceKind::VirtioBlk {
-                    image: img.clone(),
-                    read_only: d.read_only.unwrap_or(false),
-                    format: match d.format.as_deref() {
-                        None => None,
-                        Some("raw") => Some(DiskFormat::Raw),
-                        Some("qcow2") => Some(DiskFormat::Qcow2),
-                        Some(other) => {
-                            p.push(Problem::error(
+        "virtio-blk" => match &d.image {
+            Some(img) if !img.as_os_str().is_empty() => DeviceKind::VirtioBlk {
+                image: img.clone(),
+                read_only: d.read_only.unwrap_or(false),
+                format: match d.format.as_deref() {
+                    None => None,
+                    Some("raw") => Some(DiskFormat::Raw),
+                    Some("qcow2") => Some(DiskFormat::Qcow2),
+                    Some(other) => {
+                        p.push(Problem::error(
                                 Rule::Device,
                                 format!("{at}: format `{other}` is not one splitvirt reads"),
                                 "use format = \"raw\" or format = \"qcow2\" (qemu-img convert -O qcow2 makes one)",
                             ));
-                            return None;
-                        }
-                    },
+                        return None;
+                    }
                 },
-                _ => {
-                    p.push(Problem::error(
-                        Rule::Device,
-                        format!("{at} has no image"),
-                        "add image = \"path/to/disk.img\"",
-                    ));
-                    return None;
-                }
+            },
+            _ => {
+                p.push(Problem::error(
+                    Rule::Device,
+                    format!("{at} has no image"),
+                    "add image = \"path/to/disk.img\"",
+                ));
+                return None;
             }
-        }
+        },
         "virtio-net" => {
-            stray(&[
-                ("image", d.image.is_some()),
-                ("read_only", d.read_only.is_some()),
-                ("format", d.format.is_some()),
-                ("name", d.name.is_some()),
-                ("dataport_size", d.dataport_size.is_some()),
-                ("peer", d.peer.is_some()),
-                ("socket", d.socket.is_some()),
-                ("pool_size", d.pool_size.is_some()),
-            ]);
             let text = d.backend.clone().unwrap_or_default();
             let backend = if let Some(path) = text.strip_prefix("socket:") {
                 NetBackend::Socket(PathBuf::from(path))
@@ -695,17 +694,6 @@ fn device_kind(i: usize, d: &DeviceDesc, p: &mut Vec<Problem>) -> Option<DeviceK
             DeviceKind::VirtioNet { backend, mac }
         }
         "virtio-console" => {
-            stray(&[
-                ("image", d.image.is_some()),
-                ("read_only", d.read_only.is_some()),
-                ("format", d.format.is_some()),
-                ("mac", d.mac.is_some()),
-                ("name", d.name.is_some()),
-                ("dataport_size", d.dataport_size.is_some()),
-                ("peer", d.peer.is_some()),
-                ("socket", d.socket.is_some()),
-                ("pool_size", d.pool_size.is_some()),
-            ]);
             let text = d.backend.as_deref().unwrap_or("stdio");
             let backend = match text {
                 "stdio" => ConsoleBackend::Stdio,
@@ -727,15 +715,6 @@ fn device_kind(i: usize, d: &DeviceDesc, p: &mut Vec<Problem>) -> Option<DeviceK
             DeviceKind::VirtioConsole { backend }
         }
         "connector" => {
-            stray(&[
-                ("socket", d.socket.is_some()),
-                ("pool_size", d.pool_size.is_some()),
-                ("image", d.image.is_some()),
-                ("read_only", d.read_only.is_some()),
-                ("format", d.format.is_some()),
-                ("backend", d.backend.is_some()),
-                ("mac", d.mac.is_some()),
-            ]);
             let name = d.name.clone().unwrap_or_default();
             if name.is_empty() || name.len() > CONNECTOR_NAME_MAX || name.contains('\0') {
                 p.push(Problem::error(
@@ -769,17 +748,6 @@ fn device_kind(i: usize, d: &DeviceDesc, p: &mut Vec<Problem>) -> Option<DeviceK
             }
         }
         "rpc-port" => {
-            stray(&[
-                ("image", d.image.is_some()),
-                ("read_only", d.read_only.is_some()),
-                ("format", d.format.is_some()),
-                ("backend", d.backend.is_some()),
-                ("mac", d.mac.is_some()),
-                ("name", d.name.is_some()),
-                ("dataport_size", d.dataport_size.is_some()),
-                ("peer", d.peer.is_some()),
-                ("placement", d.placement.is_some()),
-            ]);
             let Some(socket) = unix_socket(d) else {
                 p.push(Problem::error(
                     Rule::Device,
@@ -807,26 +775,31 @@ fn device_kind(i: usize, d: &DeviceDesc, p: &mut Vec<Problem>) -> Option<DeviceK
                 pool_size: size,
             }
         }
+        "virtio-pmem" => {
+            match &d.image {
+                // The window is given when the devices are placed.
+                Some(img) if !img.as_os_str().is_empty() => DeviceKind::VirtioPmem {
+                    image: img.clone(),
+                    window: 0,
+                },
+                _ => {
+                    p.push(Problem::error(
+                        Rule::Device,
+                        format!("{at} has no image"),
+                        "add image = \"path/to/disk.img\" (a file whose size is a multiple of 2 MiB)",
+                    ));
+                    return None;
+                }
+            }
+        }
         "vhost-user" => {
-            stray(&[
-                ("image", d.image.is_some()),
-                ("read_only", d.read_only.is_some()),
-                ("format", d.format.is_some()),
-                ("backend", d.backend.is_some()),
-                ("mac", d.mac.is_some()),
-                ("name", d.name.is_some()),
-                ("dataport_size", d.dataport_size.is_some()),
-                ("peer", d.peer.is_some()),
-                ("pool_size", d.pool_size.is_some()),
-                ("placement", d.placement.is_some()),
-            ]);
             return vhost_user_kind(&at, d, p);
         }
         other => {
             p.push(Problem::error(
                 Rule::Device,
                 format!("device[{i}]: unknown kind `{other}`"),
-                "use one of virtio-blk, virtio-net, virtio-console, connector, rpc-port, vhost-user",
+                "use one of virtio-blk, virtio-net, virtio-console, virtio-pmem, connector, rpc-port, vhost-user",
             ));
             return None;
         }
@@ -936,6 +909,8 @@ fn default_msi_vectors(k: &DeviceKind) -> u32 {
         // One vector for every doorbell of the driver VM (its backend looks at everything).
         DeviceKind::RpcPort { .. } => 1,
         DeviceKind::VhostUser { queues, .. } => 1 + u32::from(*queues),
+        // Its one queue (flushes) and configuration changes.
+        DeviceKind::VirtioPmem { .. } => 2,
     }
 }
 
@@ -1044,7 +1019,8 @@ fn place_devices(l: &Layout, descs: &[DeviceDesc], p: &mut Vec<Problem>) -> Vec<
                 _,
                 DeviceKind::Connector { .. }
                 | DeviceKind::RpcPort { .. }
-                | DeviceKind::VhostUser { .. },
+                | DeviceKind::VhostUser { .. }
+                | DeviceKind::VirtioPmem { .. },
             )
             | (Some("in-process"), _) => Placement::InProcess,
             (None | Some("backend"), _) => Placement::Backend,
@@ -1118,8 +1094,42 @@ fn place_devices(l: &Layout, descs: &[DeviceDesc], p: &mut Vec<Problem>) -> Vec<
         }
     }
     out.sort_by_key(|d| d.slot);
+    place_pmem(l, &mut out, p);
     check_intx_sharing(l, &out, p);
     out
+}
+
+/// Gives each virtio-pmem device its window, in slot order, clear of every region of the map.
+fn place_pmem(l: &Layout, devices: &mut [Device], p: &mut Vec<Problem>) {
+    let regions = l.regions();
+    let mut n = 0;
+    for d in devices.iter_mut() {
+        let DeviceKind::VirtioPmem { window, .. } = &mut d.kind else {
+            continue;
+        };
+        if n == PMEM_MAX {
+            p.push(Problem::error(
+                Rule::Device,
+                format!("slot {}: more than {PMEM_MAX} virtio-pmem devices", d.slot),
+                format!("a VM has room for {PMEM_MAX} regions of up to 64 GiB: remove some"),
+            ));
+            return;
+        }
+        let r = Region::new(
+            "virtio-pmem window",
+            PMEM_BASE + n * PMEM_WINDOW,
+            PMEM_WINDOW,
+        );
+        if let Some(o) = regions.iter().find(|o| o.overlaps(&r)) {
+            p.push(Problem::error(
+                Rule::Overlap,
+                format!("slot {}: the virtio-pmem device's {r} overlaps {o}", d.slot),
+                format!("keep the {} below {PMEM_BASE:#x}", o.name),
+            ));
+        }
+        *window = r.base;
+        n += 1;
+    }
 }
 
 /// A backend holds its devices' INTx levels; on a line shared with an in-process device it

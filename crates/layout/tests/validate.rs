@@ -810,3 +810,41 @@ fn a_vhost_user_device_and_what_it_must_name() {
         &["`queues` is not a field of a virtio-blk device"],
     );
 }
+
+#[test]
+fn virtio_pmem_devices_get_windows_of_their_own_above_the_pci_windows() {
+    let two = "[[device]]\nkind = \"virtio-pmem\"\nimage = \"a.img\"\n\
+               [[device]]\nkind = \"virtio-pmem\"\nimage = \"b.img\"\n";
+    let l = resolve(&Description::parse(two, "t").unwrap())
+        .unwrap()
+        .layout;
+    let windows: Vec<u64> = l
+        .devices
+        .iter()
+        .map(|d| match d.kind {
+            layout::DeviceKind::VirtioPmem { window, .. } => window,
+            _ => panic!("{:?}", d.kind),
+        })
+        .collect();
+    let (base, size) = (layout::layout::PMEM_BASE, layout::layout::PMEM_WINDOW);
+    assert_eq!(windows, [base, base + size]);
+    let d = &l.devices[0];
+    assert_eq!(d.kind.pci_id(), (0x1af4, 0x105b));
+    assert_eq!(d.placement, layout::Placement::InProcess);
+    assert_eq!(d.msi_vectors, 2);
+    for r in l.regions() {
+        assert!(r.end().unwrap() <= base, "{r} reaches the pmem windows");
+    }
+    rejects(
+        "[[device]]\nkind = \"virtio-pmem\"\n",
+        Rule::Device,
+        &["virtio-pmem", "has no image"],
+    );
+    rejects(
+        "[[device]]\nkind = \"virtio-pmem\"\nimage = \"a.img\"\nplacement = \"backend\"\n",
+        Rule::Device,
+        &["`placement` is not a field of a virtio-pmem device"],
+    );
+    let five = "[[device]]\nkind = \"virtio-pmem\"\nimage = \"a.img\"\n".repeat(5);
+    rejects(&five, Rule::Device, &["more than 4 virtio-pmem devices"]);
+}

@@ -9,6 +9,7 @@ pub mod console;
 pub mod defer;
 pub mod disk;
 pub mod net;
+pub mod pmem;
 pub mod shadow;
 pub mod transport;
 

@@ -106,8 +106,19 @@ impl FileDataport {
     }
 
     fn map(file: File, size: u64, path: &Path) -> Result<FileDataport, EndpointError> {
+        Self::map_shared(file, size, path, "connector dataport")
+    }
+
+    /// `file`'s first `size` bytes mapped shared, for a guest to reach as memory (`what` and
+    /// `path` name it in errors).
+    pub fn map_shared(
+        file: File,
+        size: u64,
+        path: &Path,
+        what: &'static str,
+    ) -> Result<FileDataport, EndpointError> {
         let err = |why: String| EndpointError {
-            what: "connector dataport",
+            what,
             path: path.display().to_string(),
             why,
         };

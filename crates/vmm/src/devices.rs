@@ -64,6 +64,17 @@ pub struct Built {
     pub skipped: Vec<String>,
     /// Connector dataports, to map into the guest at their function's BAR 1.
     pub connectors: Vec<(DevFn, crate::connect::ConnectorMemory)>,
+    /// virtio-pmem regions: each image's mapping here, to map into the guest at its window.
+    pub pmem: Vec<Pmem>,
+}
+
+/// A virtio-pmem device's image as the guest reaches it.
+pub struct Pmem {
+    /// The guest physical address its device's config gives.
+    pub window: u64,
+    pub host: crate::connect::HostMemory,
+    /// Kept for the VM's life.
+    pub mapping: crate::connect::FileDataport,
 }
 
 /// Builds the description's in-process devices: the virtio ones as `hostio` builds them
@@ -80,7 +91,7 @@ pub fn build(
 ) -> Result<Built, OpenError> {
     let b = hostio::devices::build(
         l,
-        mem,
+        mem.clone(),
         signal,
         stdout,
         layout::Placement::InProcess,
@@ -93,7 +104,37 @@ pub fn build(
         starters: b.starters,
         skipped: b.skipped,
         connectors: Vec::new(),
+        pmem: Vec::new(),
     };
+    for d in l.devices.iter() {
+        let DeviceKind::VirtioPmem { image, window } = &d.kind else {
+            continue;
+        };
+        let (file, size) = virtio::pmem::open(image, layout::layout::PMEM_WINDOW)?;
+        let dup = file
+            .try_clone()
+            .map_err(|source| virtio::pmem::OpenError::Io {
+                path: image.display().to_string(),
+                source,
+            })?;
+        let mapping =
+            crate::connect::FileDataport::map_shared(dup, size, image, "virtio-pmem image")?;
+        let host = crate::connect::HostMemory {
+            addr: mapping.host_address(),
+            size,
+            read_only: false,
+        };
+        let bar = d.bars.first().map_or(0, |b| b.base);
+        let dev = virtio::pmem::Pmem::new(file, *window, size);
+        let f =
+            virtio::transport::VirtioPci::new(dev, mem.clone(), bar, d.intx_pin as u8, signal(d));
+        out.functions.push((devfn(d.slot as u8, 0), Box::new(f)));
+        out.pmem.push(Pmem {
+            window: *window,
+            host,
+            mapping,
+        });
+    }
     for d in l.devices.iter() {
         let DeviceKind::Connector {
             name,

@@ -60,6 +60,9 @@ pub const DATAPORT_SLOTS: u32 = 16;
 /// Memslots of connector event pages: this plus the function's devfn.
 pub const EVENT_PAGE_SLOTS: u32 = DATAPORT_SLOTS + 256;
 
+/// Memslots of virtio-pmem regions: this plus the device's number among them.
+pub const PMEM_SLOTS: u32 = crate::port::PORT_SLOTS + 512;
+
 /// What the machine is built from, beside the layout and the hypervisor.
 pub struct Parts<'a> {
     pub layout: &'a Layout,
@@ -85,6 +88,8 @@ pub struct Machine {
     pub stdin: Deliver,
     /// Threads that feed in-process devices from their host ends, to start with the vCPUs.
     pub starters: Vec<crate::devices::Starter>,
+    /// The virtio-pmem images' mappings, which the guest's memslots point into.
+    _pmem: Vec<crate::devices::Pmem>,
 }
 
 /// Builds the machine: the bus and every device on it, the backend started and its devices
@@ -312,6 +317,11 @@ pub fn build(p: Parts<'_>, hv: &dyn Hypervisor) -> Result<Machine, crate::Error>
             ecam.add(df, Box::new(pci::BarWatch::new(f, 0, Box::new(moved))));
         }
     }
+    // Each virtio-pmem image in the guest at the window its device's config gives: memory, so
+    // the guest's reads and writes of it never exit.
+    for (n, p) in built.pmem.iter().enumerate() {
+        hv.memslot(PMEM_SLOTS + n as u32, p.host)(Some(p.window));
+    }
     let bus = Arc::new(bus);
     let _ = bus_cell.set(bus.clone());
     let stdin = stdin_target(l, built.console, remote.as_ref(), uart);
@@ -320,6 +330,7 @@ pub fn build(p: Parts<'_>, hv: &dyn Hypervisor) -> Result<Machine, crate::Error>
         remote,
         stdin,
         starters,
+        _pmem: built.pmem,
     })
 }
 
@@ -431,6 +442,8 @@ mod tests {
     struct Fake {
         levels: Arc<Mutex<Vec<(u32, bool)>>>,
         slots: Moves,
+        /// What each memslot holds, as it was asked for.
+        hosts: Arc<Mutex<Vec<(u32, HostMemory)>>>,
     }
     struct Line(Fake, u32);
     impl IrqLine for Line {
@@ -491,6 +504,7 @@ mod tests {
             Ok(Arc::new(NoNotify))
         }
         fn memslot(&self, slot: u32, host: HostMemory) -> Box<dyn FnMut(Option<u64>) + Send> {
+            self.hosts.lock().unwrap().push((slot, host));
             let slots = self.slots.clone();
             Box::new(move |at| slots.lock().unwrap().push((slot, at, host.read_only)))
         }
@@ -568,6 +582,42 @@ mod tests {
                 (page, None, true)
             ]
         );
+    }
+
+    /// A virtio-pmem image is memory of the guest at its window: the file itself, shared (what
+    /// the guest writes there is in the file), and its device's config says where.
+    #[test]
+    fn a_pmem_image_is_a_memslot_of_the_file_at_the_window_its_config_gives() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("pmem.img");
+        let mut bytes = vec![0u8; 2 << 20];
+        bytes[..5].copy_from_slice(b"hello");
+        std::fs::write(&img, &bytes).unwrap();
+        let (l, m, fake) = machine(&format!(
+            "[[device]]\nkind = \"virtio-pmem\"\nimage = \"{}\"\nslot = 2\n",
+            img.display()
+        ));
+        let base = layout::layout::PMEM_BASE;
+        assert_eq!(
+            *fake.slots.lock().unwrap(),
+            [(PMEM_SLOTS, Some(base), false)]
+        );
+        let host = fake.hosts.lock().unwrap()[0].1;
+        assert_eq!(host.size, 2 << 20);
+        // SAFETY: the machine keeps the mapping (`_pmem`) while `m` lives.
+        let mapped = unsafe { std::slice::from_raw_parts_mut(host.addr as *mut u8, 5) };
+        assert_eq!(mapped, b"hello");
+        mapped.copy_from_slice(b"HELLO");
+        assert_eq!(&std::fs::read(&img).unwrap()[..5], b"HELLO");
+        let d = &l.devices[0];
+        let ecam_fn = l.pci.ecam.base + (u64::from(d.slot) << 15);
+        m.bus.write(ecam_fn + 4, &2u16.to_le_bytes());
+        let mut cfg = [0u8; 16];
+        m.bus
+            .read(d.bars[0].base + virtio::transport::DEVICE_CFG, &mut cfg);
+        assert_eq!(cfg[..8], base.to_le_bytes());
+        assert_eq!(cfg[8..], (2u64 << 20).to_le_bytes());
+        drop(m);
     }
 
     /// The UART's interrupt is the layout's SPI, raised through the hypervisor's line when
