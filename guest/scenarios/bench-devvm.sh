@@ -5,7 +5,12 @@
 # rounds, the order rotating.
 # Consoles "PLACEMENT-ROUND| ", the device VMs' "device-PLACEMENT-ROUND| ".
 check kvm_device test -c /dev/kvm
-truncate -s 256M /tmp/bench.raw
+# The disk: 256 MiB of data (a disk's blocks are allocated; reading a hole costs a file
+# nothing but a virtio-pmem mapping a fresh page), on a tmpfs that gives it huge pages where it
+# can (so a virtio-pmem mapping of it is mapped 2 MiB at a time, as guest RAM is).
+mkdir -p /disk
+mount -t tmpfs -o huge=within_size tmpfs /disk
+dd if=/dev/urandom of=/disk/bench.raw bs=1M count=256 2>/dev/null
 # TCP: to the board's TAP network (in-process and backend), or to the device VM (its own TAP,
 # 10.0.5.1, where dvm-device.sh listens on port 5000).
 insmod /tun.ko
@@ -14,6 +19,10 @@ tap_network
 # /tmp/device.pid) if it has one, are read at the guest's marks around its random reads:
 # "wakes_NAME_MARK_WHO".
 vm() { # NAME CONFIG [GUEST-SETTINGS]
+	# A driver VM that has not ended in 8 minutes hangs: say where every splitvirt thread
+	# waits (the device VM's own report comes on its console, DIAG), and end them.
+	( sleep 480; hang_report "$1"; kill_matching 'splitvirt run' ) &
+	watchdog=$!
 	( /splitvirt --log-file "/tmp/$1-sv.log" run --config "/guest/$2.toml" --kernel /guest/Image \
 		--initrd /guest/initrd.cpio --cmdline "console=ttyAMA0 loglevel=4 MODE=single $3" </dev/null &
 	  echo $! >/tmp/driver.pid
@@ -27,12 +36,13 @@ vm() { # NAME CONFIG [GUEST-SETTINGS]
 				[ -e /tmp/device.pid ] && value "wakes_$1_${at}_device" "$(wakes "$(cat /tmp/device.pid)")" ;;
 			esac
 		done
+	kill "$watchdog" 2>/dev/null
 }
 dvm() { # NAME DEVICE-CONFIG DRIVER-CONFIG-IN-THE-DEVICE-VM
 	rm -f "/tmp/device-$1-ready"
 	( ( /splitvirt --log-file "/tmp/device-$1-sv.log" run --config "/guest/$2.toml" \
 		--kernel /guest/device-Image --initrd /guest/dvm-device.cpio \
-		--cmdline "console=ttyAMA0 loglevel=4 CONNECTIONS=1 A_CONFIG=$3" </dev/null &
+		--cmdline "console=ttyAMA0 loglevel=4 CONNECTIONS=1 A_CONFIG=$3 DIAG=1" </dev/null &
 	    echo $! >/tmp/device.pid
 	    wait $! ) 2>&1 |
 		while IFS= read -r l; do

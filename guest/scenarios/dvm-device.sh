@@ -45,5 +45,14 @@ done
 [ "$KILL" = 1 ] && ( while sleep 20; do
 	echo "diag: $(grep -i rpc-port /proc/interrupts | tr -s ' ' | tr '\n' '|')"
   done ) &
+# With DIAG=1, after 5 minutes and every 30 s then, what this VM's threads wait on (a hang's
+# report from inside).
+[ "$DIAG" = 1 ] && ( sleep 300; while :; do
+	for t in /proc/[0-9]*/task/*; do
+		echo "diag: $(cat "$t/comm" 2>/dev/null) $(cut -d' ' -f3 "$t/stat" 2>/dev/null) $(cat "$t/wchan" 2>/dev/null)"
+	done | grep -v " I \| S do_sys_poll\| S worker_thread"
+	dmesg | tail -5 | sed 's/^/diag: /'
+	sleep 30
+  done ) &
 echo "@@ PORT READY"
 for p in $pids; do wait "$p"; done

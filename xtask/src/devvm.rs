@@ -320,21 +320,21 @@ pub fn bench() -> Result<()> {
     )?;
     let blk = |placement: &str| {
         format!(
-            "vcpus = 1\n[[device]]\nkind = \"virtio-blk\"\nimage = \"/tmp/bench.raw\"\nplacement = \"{placement}\"\n\
+            "vcpus = 1\n[[device]]\nkind = \"virtio-blk\"\nimage = \"/disk/bench.raw\"\nplacement = \"{placement}\"\n\
              [[device]]\nkind = \"virtio-net\"\nbackend = \"tap0\"\nplacement = \"{placement}\"\n"
         )
         .into_bytes()
     };
     // One port, and the bench file as the device VM's disk.
     let device = "vcpus = 1\n\
-                  [[device]]\nkind = \"virtio-blk\"\nimage = \"/tmp/bench.raw\"\n\
+                  [[device]]\nkind = \"virtio-blk\"\nimage = \"/disk/bench.raw\"\n\
                   placement = \"in-process\"\nslot = 1\n\
                   [[device]]\nkind = \"rpc-port\"\nsocket = \"/tmp/port.sock\"\n\
                   pool_size = \"64M\"\nslot = 2\n"
         .to_owned();
     let device_pmem = device.replace(
-        "kind = \"virtio-blk\"\nimage = \"/tmp/bench.raw\"\nplacement = \"in-process\"",
-        "kind = \"virtio-pmem\"\nimage = \"/tmp/bench.raw\"",
+        "kind = \"virtio-blk\"\nimage = \"/disk/bench.raw\"\nplacement = \"in-process\"",
+        "kind = \"virtio-pmem\"\nimage = \"/disk/bench.raw\"",
     );
     ensure!(device_pmem != device, "the pmem device VM's description");
     let mut files = crate::bench::io_files()?;

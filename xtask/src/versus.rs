@@ -149,6 +149,7 @@ pub fn run() -> Result<()> {
             ("VMM RSS KiB", "vmm_rss_kib"),
         ],
     )?;
+    start_phases(&r)?;
     header("verbose console, one virtio-blk (splitvirt: in the backend)");
     compare(
         "verbose",
@@ -189,6 +190,51 @@ pub fn run() -> Result<()> {
     println!(
         "\nsplitvirt's RSS outside guest RAM, median {:.0} KiB (the issue's goal: ≤ 5120 KiB)",
         median(rss)
+    );
+    Ok(())
+}
+
+/// Where splitvirt's own start goes in the quiet boots: the medians of its `--stats` phases
+/// (ms from `main`, each phase's end), and of its first `KVM_RUN`.
+fn start_phases(r: &crate::qemu::Run) -> Result<()> {
+    let mut phases: Vec<(String, Vec<f64>)> = Vec::new();
+    for i in 1..=ROUNDS {
+        let part = r.part(&format!("quiet-svbe{i}"));
+        let stats = part
+            .log
+            .lines()
+            .find(|l| l.contains("splitvirt-stats:"))
+            .with_context(|| {
+                format!(
+                    "quiet round {i}: no stats line (log: {})",
+                    r.log_path.display()
+                )
+            })?;
+        let word = |key: &str| {
+            stats
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+                .unwrap_or_default()
+        };
+        let listed = word("start_ms")
+            .split(',')
+            .filter_map(|p| p.split_once(':'));
+        for (name, ms) in listed.chain([("first KVM_RUN", word("first_run_ms"))]) {
+            let ms: f64 = ms.parse().unwrap_or(f64::NAN);
+            match phases.iter_mut().find(|(n, _)| n == name) {
+                Some((_, v)) => v.push(ms),
+                None => phases.push((name.to_owned(), vec![ms])),
+            }
+        }
+    }
+    let cells: Vec<String> = phases
+        .into_iter()
+        .map(|(n, v)| format!("{n} {:.0}", median(v)))
+        .collect();
+    println!(
+        "
+splitvirt's own start, quiet boots (ms from main at each step's end, medians): {}",
+        cells.join(" · ")
     );
     Ok(())
 }
