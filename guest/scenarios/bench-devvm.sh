@@ -37,6 +37,7 @@ vm() { # NAME CONFIG [GUEST-SETTINGS]
 			esac
 		done
 	kill "$watchdog" 2>/dev/null
+	sed "s/^/$1-sv| /" "/tmp/$1-sv.log" 2>/dev/null
 }
 dvm() { # NAME DEVICE-CONFIG DRIVER-CONFIG-IN-THE-DEVICE-VM
 	rm -f "/tmp/device-$1-ready"
@@ -53,6 +54,7 @@ dvm() { # NAME DEVICE-CONFIG DRIVER-CONFIG-IN-THE-DEVICE-VM
 	n=0; while [ ! -e "/tmp/device-$1-ready" ] && [ $n -lt 600 ]; do sleep 0.5; n=$((n + 1)); done
 	vm "$1" driver "TCP_ME=10.0.5.2 TCP_PEER=10.0.5.1"
 	wait "$device"
+	sed "s/^/device-$1-sv| /" "/tmp/device-$1-sv.log" 2>/dev/null
 	rm -f /tmp/device.pid
 }
 i=0
