@@ -351,14 +351,19 @@ fn a_read_behind_a_full_request_ring_waits_for_room() {
     late.join().unwrap();
 }
 
-#[test]
-fn a_kick_replays_its_writes_after_the_requests_before_it() {
+/// `pair`'s backend replaced by one whose device 2 has a kick: a notification the hypervisor
+/// caught, standing for writes of 0x0201 at 8 and 0x0403 at 10. Returns the proxy, the kick's
+/// bell (to ring it), and the new backend's stop flag and thread.
+fn pair_with_a_kick() -> (
+    Arc<Proxy>,
+    Doorbell,
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
     let p = pair(Wait::Block);
     p.proxy.registrations(Duration::from_secs(5)).unwrap();
     p.stop.store(true, Ordering::Release);
     p.backend.join().unwrap();
-    // A backend whose device 2 has a kick: a notification the hypervisor caught, standing for
-    // writes of 0x0201 at 8 and 0x0403 at 10.
     let bell = Doorbell::new().unwrap();
     let ring_it = Doorbell::from_fd(bell.fd().try_clone().unwrap());
     let kicks = vec![Kick {
@@ -375,13 +380,19 @@ fn a_kick_replays_its_writes_after_the_requests_before_it() {
         Wait::Block,
         kicks,
     );
+    (p.proxy, ring_it, stop, b)
+}
+
+#[test]
+fn a_kick_replays_its_writes_after_the_requests_before_it() {
+    let (proxy, ring_it, stop, b) = pair_with_a_kick();
     for round in 0..50u64 {
         // A write posted before the notification lands first, whatever wakes the backend.
-        p.proxy.write(2, 1, 8, 4, 0xaaaa_aaaa ^ round);
+        proxy.write(2, 1, 8, 4, 0xaaaa_aaaa ^ round);
         ring_it.ring();
         // A bound against a hang only: a loaded machine may take its time.
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while p.proxy.read(2, 1, 8, 4) != 0x0403_0201 {
+        while proxy.read(2, 1, 8, 4) != 0x0403_0201 {
             assert!(
                 std::time::Instant::now() < deadline,
                 "round {round}: kick not served"
@@ -390,7 +401,23 @@ fn a_kick_replays_its_writes_after_the_requests_before_it() {
         }
     }
     // Device 1 has no kick: its registers are untouched.
-    assert_eq!(p.proxy.read(1, 1, 8, 4), 0);
+    assert_eq!(proxy.read(1, 1, 8, 4), 0);
+    stop.store(true, Ordering::Release);
+    b.join().unwrap();
+}
+
+/// A notification that never arrives (a kick the hypervisors lost) does not leave the queue
+/// waiting for ever: after a sleep with nothing, the backend looks at every kicked queue.
+#[test]
+fn a_queue_whose_kick_was_lost_is_looked_at_anyway() {
+    let (proxy, _never_rung, stop, b) = pair_with_a_kick();
+    // The bell is never rung; the writes land all the same. The deadline only bounds a hang.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while proxy.read(2, 1, 8, 4) != 0x0403_0201 {
+        assert!(std::time::Instant::now() < deadline, "never looked at");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(proxy.read(1, 1, 8, 4), 0, "device 1 has no kick");
     stop.store(true, Ordering::Release);
     b.join().unwrap();
 }
