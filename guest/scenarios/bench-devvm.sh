@@ -23,7 +23,7 @@ vm() { # NAME CONFIG [GUEST-SETTINGS]
 	# waits (the device VM's own report comes on its console, DIAG), and end them.
 	( sleep 480; hang_report "$1"; kill_matching 'splitvirt run' ) &
 	watchdog=$!
-	( /splitvirt --log-file "/tmp/$1-sv.log" run --config "/guest/$2.toml" --kernel /guest/Image \
+	( /splitvirt --log-file "/tmp/$1-sv.log" run --stats --config "/guest/$2.toml" --kernel /guest/Image \
 		--initrd /guest/initrd.cpio --cmdline "console=ttyAMA0 loglevel=4 MODE=single $3" </dev/null &
 	  echo $! >/tmp/driver.pid
 	  wait $! ) 2>&1 |

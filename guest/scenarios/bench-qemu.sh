@@ -64,7 +64,7 @@ while [ "$i" -lt "$ROUNDS" ]; do
 	2) order="svbe qemu qemuvh svin" ;;
 	0) order="svin svbe qemuvh qemu" ;;
 	esac
-	for test in quiet verbose io ioq; do
+	for test in ${TESTS:-quiet verbose io ioq}; do
 		for vmm in $order; do
 			# The quiet and verbose boots have no in-process devices to tell apart; vhost-net
 			# is measured once, with the raw disk.

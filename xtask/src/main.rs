@@ -64,11 +64,11 @@ enum Cmd {
     /// proxy-backend round trip against eventfd and spin floors, natively and in the board),
     /// `conn` (cross-VM connector event round trip and guest-to-guest bandwidth vs memcpy),
     /// `qemu` (splitvirt against Debian's QEMU/KVM in the same board run: boot, block I/O, TCP,
-    /// memory), `devvm` (a driver VM's disk in-process, in the backend process and served by a
+    /// memory; `qemu-boot`: its boots alone), `devvm` (a driver VM's disk in-process, in the backend process and served by a
     /// device VM, side by side), `vhost` (disks in-process, in the backend process and served
     /// by qemu-storage-daemon over vhost-user, read in rotation by one guest).
     Bench {
-        #[arg(value_parser = ["boot", "io", "rpc", "conn", "jail", "syscall", "qemu", "devvm", "vhost"])]
+        #[arg(value_parser = ["boot", "io", "rpc", "conn", "jail", "syscall", "qemu", "qemu-boot", "devvm", "vhost"])]
         what: String,
     },
     /// Run the cargo-fuzz targets (virtqueue, blk_request, ecam) for a while each.
@@ -147,7 +147,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { what } if what == "conn" => kvmconn::bench(),
         Cmd::Bench { what } if what == "devvm" => devvm::bench(),
         Cmd::Bench { what } if what == "vhost" => bench::vhost(),
-        Cmd::Bench { what } if what == "qemu" => versus::run(),
+        Cmd::Bench { what } if what == "qemu" => versus::run(false),
+        Cmd::Bench { what } if what == "qemu-boot" => versus::run(true),
         Cmd::Bench { .. } => bench::boot(),
         Cmd::Realboot => {
             realboot::good_boot()?;

@@ -69,7 +69,14 @@ fn qemu_dtb() -> Result<Vec<u8>> {
     Ok(std::fs::read(&out)?)
 }
 
-pub fn run() -> Result<()> {
+/// `cargo xtask bench qemu`: every test. `boot_only` (`bench qemu-boot`): the quiet and
+/// verbose boots alone, a fraction of the time.
+pub fn run(boot_only: bool) -> Result<()> {
+    let tests = if boot_only {
+        "quiet verbose"
+    } else {
+        "quiet verbose io ioq"
+    };
     let dir = root().join("target/board");
     std::fs::create_dir_all(&dir)?;
     let boot = dir.join("vs-boot.cpio");
@@ -97,7 +104,7 @@ pub fn run() -> Result<()> {
     cross::splitvirt()?;
     let r = board::run(
         "bench-qemu",
-        &[("ROUNDS", &ROUNDS.to_string())],
+        &[("ROUNDS", &ROUNDS.to_string()), ("TESTS", tests)],
         files,
         Duration::from_secs(5400),
     )?;
@@ -161,6 +168,9 @@ pub fn run() -> Result<()> {
             ("uptime@init s", "up"),
         ],
     )?;
+    if boot_only {
+        return Ok(());
+    }
     let io_rows = [
         ("seq write MB/s", "seq_write_mbps"),
         ("seq read MB/s", "seq_read_mbps"),

@@ -48,10 +48,10 @@ pub enum PageSize {
     K64,
 }
 
-/// A kernel ready to copy into RAM.
+/// What an Image's header says about it (its bytes are the caller's: a file it reads straight
+/// into guest memory, or what [`Kernel::parse`] inflated).
 #[derive(Clone, Debug)]
 pub struct Kernel {
-    pub bytes: Vec<u8>,
     pub text_offset: u64,
     /// Bytes the kernel occupies from its load address, BSS included.
     pub image_size: u64,
@@ -64,41 +64,53 @@ fn le64(b: &[u8], off: usize) -> u64 {
 }
 
 impl Kernel {
-    /// Parses a raw or gzip-compressed arm64 Image. `what` names it in errors.
-    pub fn parse(file: &[u8], what: &str) -> Result<Kernel, ImageError> {
-        let was_gzip = file.starts_with(&[0x1f, 0x8b]);
-        let bytes = if was_gzip {
-            let mut out = Vec::new();
-            flate2::read::GzDecoder::new(file)
-                .take(MAX_IMAGE + 1)
-                .read_to_end(&mut out)
-                .map_err(|source| ImageError::Gzip {
-                    what: what.into(),
-                    source,
-                })?;
-            if out.len() as u64 > MAX_IMAGE {
-                return Err(ImageError::Inflated { what: what.into() });
-            }
-            out
-        } else {
-            file.to_vec()
-        };
-        if bytes.len() < HEADER_LEN {
+    /// Whether a file starting with `head` is gzip-compressed (an Image.gz).
+    pub fn is_gzip(head: &[u8]) -> bool {
+        head.starts_with(&[0x1f, 0x8b])
+    }
+
+    /// Parses a raw or gzip-compressed arm64 Image held in memory: what it is, and the
+    /// Image's bytes (inflated, if it was compressed). `what` names it in errors.
+    pub fn parse(file: &[u8], what: &str) -> Result<(Kernel, Vec<u8>), ImageError> {
+        if !Self::is_gzip(file) {
+            return Ok((
+                Self::from_header(file, file.len() as u64, what)?,
+                file.to_vec(),
+            ));
+        }
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(file)
+            .take(MAX_IMAGE + 1)
+            .read_to_end(&mut out)
+            .map_err(|source| ImageError::Gzip {
+                what: what.into(),
+                source,
+            })?;
+        if out.len() as u64 > MAX_IMAGE {
+            return Err(ImageError::Inflated { what: what.into() });
+        }
+        let mut k = Self::from_header(&out, out.len() as u64, what)?;
+        k.was_gzip = true;
+        Ok((k, out))
+    }
+
+    /// Checks a raw Image by its header: `head` is its start (64 bytes or more), `len` the
+    /// whole file's size. Nothing else of the file needs reading.
+    pub fn from_header(head: &[u8], len: u64, what: &str) -> Result<Kernel, ImageError> {
+        if head.len() < HEADER_LEN {
             return Err(ImageError::TooSmall {
                 what: what.into(),
-                len: bytes.len(),
+                len: head.len(),
             });
         }
-        let magic = u32::from_le_bytes(bytes[0x38..0x3c].try_into().expect("4 bytes"));
+        let magic = u32::from_le_bytes(head[0x38..0x3c].try_into().expect("4 bytes"));
         if magic != MAGIC {
             return Err(ImageError::BadMagic {
                 what: what.into(),
                 found: magic,
             });
         }
-        let (mut text_offset, image_size, flags) =
-            (le64(&bytes, 8), le64(&bytes, 16), le64(&bytes, 24));
-        let len = bytes.len() as u64;
+        let (mut text_offset, image_size, flags) = (le64(head, 8), le64(head, 16), le64(head, 24));
         let image_size = if image_size == 0 {
             text_offset = OLD_TEXT_OFFSET;
             // Old kernels do not say how much BSS follows: leave as much again.
@@ -126,11 +138,10 @@ impl Kernel {
             });
         }
         Ok(Kernel {
-            bytes,
             text_offset,
             image_size: image_size.max(len),
             page_size,
-            was_gzip,
+            was_gzip: false,
         })
     }
 }
@@ -254,7 +265,7 @@ mod tests {
 
     #[test]
     fn parses_a_modern_header() {
-        let k = Kernel::parse(&header(0, 8 << 20, 0b1010, 4 << 20), "Image").unwrap();
+        let (k, _) = Kernel::parse(&header(0, 8 << 20, 0b1010, 4 << 20), "Image").unwrap();
         assert_eq!(
             (k.text_offset, k.image_size, k.page_size, k.was_gzip),
             (0, 8 << 20, PageSize::K4, false)
@@ -263,7 +274,7 @@ mod tests {
 
     #[test]
     fn old_kernels_get_the_old_text_offset() {
-        let k = Kernel::parse(&header(0, 0, 0, 1 << 20), "old").unwrap();
+        let (k, _) = Kernel::parse(&header(0, 0, 0, 1 << 20), "old").unwrap();
         assert_eq!(k.text_offset, 0x80000);
         assert!(k.image_size >= 1 << 20);
     }
@@ -274,10 +285,23 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&raw).unwrap();
         let gz = gz.finish().unwrap();
-        let k = Kernel::parse(&gz, "Image.gz").unwrap();
-        assert!(k.was_gzip && k.bytes == raw);
+        let (k, bytes) = Kernel::parse(&gz, "Image.gz").unwrap();
+        assert!(k.was_gzip && bytes == raw);
         let e = Kernel::parse(&gz[..gz.len() / 2], "Image.gz").unwrap_err();
         assert!(matches!(e, ImageError::Gzip { .. }), "{e}");
+    }
+
+    /// A raw Image is checked from its first 64 bytes and the file's size: the same answers as
+    /// from the whole file.
+    #[test]
+    fn a_header_and_a_size_say_what_the_whole_file_says() {
+        let whole = header(0, 8 << 20, 0b1010, 4 << 20);
+        let k = Kernel::from_header(&whole[..64], whole.len() as u64, "Image").unwrap();
+        assert_eq!((k.text_offset, k.image_size), (0, 8 << 20));
+        let e = Kernel::from_header(&whole[..64], 4096, "cut").unwrap_err();
+        assert!(matches!(e, ImageError::Truncated { len: 4096, .. }), "{e}");
+        let e = Kernel::from_header(&whole[..40], 40, "short").unwrap_err();
+        assert!(matches!(e, ImageError::TooSmall { len: 40, .. }), "{e}");
     }
 
     #[test]

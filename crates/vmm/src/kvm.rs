@@ -376,15 +376,30 @@ impl SpiTrigger for Msi {
     }
 }
 
-fn load(mem: &GuestMemoryMmap<()>, p: &Prepared) -> Result<(), Error> {
+fn load(mem: &GuestMemoryMmap<()>, p: &mut Prepared) -> Result<(), Error> {
+    let at_err = |what: &str, at: u64, e: String| {
+        Error::Memory(format!("writing the {what} at {at:#x}: {e}"))
+    };
     let put = |what: &str, bytes: &[u8], at: u64| {
         mem.write_slice(bytes, GuestAddress(at))
-            .map_err(|e| Error::Memory(format!("writing the {what} at {at:#x}: {e}")))
+            .map_err(|e| at_err(what, at, e.to_string()))
     };
-    put("kernel", &p.kernel.bytes, p.placement.kernel)?;
+    // A file goes straight from the page cache into guest memory.
+    let put_payload = |payload: &mut crate::Payload, at: u64| match payload {
+        crate::Payload::Bytes(b) => put("boot file", b, at),
+        crate::Payload::File {
+            file,
+            len,
+            what,
+            path,
+        } => mem
+            .read_exact_volatile_from(GuestAddress(at), file, *len as usize)
+            .map_err(|e| at_err(what, at, format!("reading {}: {e}", path.display()))),
+    };
+    put_payload(&mut p.image, p.placement.kernel)?;
     put("device tree", &p.dtb, p.placement.dtb)?;
-    if let (Some(bytes), Some((start, _))) = (&p.initrd, p.placement.initrd) {
-        put("initrd", bytes, start)?;
+    if let (Some(initrd), Some((start, _))) = (&mut p.initrd, p.placement.initrd) {
+        put_payload(initrd, start)?;
     }
     Ok(())
 }
@@ -587,7 +602,7 @@ impl crate::machine::Hypervisor for KvmHypervisor {
 }
 
 /// Runs until the guest powers off or resets (the caller decides what a reset means).
-pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
+pub fn run(spec: &crate::RunSpec, mut p: Prepared) -> Result<Exit, Error> {
     let (l, stats) = (&spec.layout, spec.stats);
     let start = crate::stats::process_start();
     let kvm = Kvm::new().map_err(|e| Error::NoKvm(e.to_string()))?;
@@ -604,10 +619,10 @@ pub fn run(spec: &crate::RunSpec, p: Prepared) -> Result<Exit, Error> {
         .map(|r| (r.as_ptr() as u64, r.len()))
         .collect();
     let dev_mem = crate::memory::device_memory(l, &ram).map_err(|e| Error::Memory(e.0))?;
-    load(&mem, &p)?;
+    load(&mem, &mut p)?;
     crate::stats::phase("loaded");
-    // The kernel and initrd are in guest memory now: their copies here would stay resident
-    // for the VM's life (megabytes of splitvirt's own memory).
+    // The kernel and initrd are in guest memory now: their files (or an inflated Image) are
+    // not needed for the VM's life.
     let placement = p.placement.clone();
     drop(p);
     // One memslot per region: RAM below the pool, the pool (its own memfd), RAM above it.

@@ -23,7 +23,7 @@ pub mod terminal;
 pub mod undecoded;
 
 use layout::Layout;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// What a host check found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,17 +99,98 @@ pub struct RunSpec {
 #[derive(Debug)]
 pub struct Prepared {
     pub kernel: boot::Kernel,
+    /// The Image's bytes, as they go into guest memory.
+    pub image: Payload,
     pub placement: boot::Placement,
     pub dtb: Vec<u8>,
-    pub initrd: Option<Vec<u8>>,
+    pub initrd: Option<Payload>,
 }
 
-fn read(what: &'static str, path: &PathBuf) -> Result<Vec<u8>, Error> {
-    std::fs::read(path).map_err(|source| Error::Read {
-        what,
-        path: path.clone(),
-        source,
-    })
+/// A boot file's bytes: still in its file, to be read straight into guest memory (no copy in
+/// splitvirt's own memory, which under nested virtualization costs a page fault per 4 KiB), or
+/// in memory (an Image.gz, inflated).
+#[derive(Debug)]
+pub enum Payload {
+    File {
+        file: std::fs::File,
+        len: u64,
+        what: &'static str,
+        path: PathBuf,
+    },
+    Bytes(Vec<u8>),
+}
+
+impl Payload {
+    /// Opens `path`, whose size it learns (the file is read later, by `load`).
+    fn open(what: &'static str, path: &Path) -> Result<Payload, Error> {
+        let err = |source| Error::Read {
+            what,
+            path: path.to_owned(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(err)?;
+        let len = file.metadata().map_err(err)?.len();
+        Ok(Payload::File {
+            file,
+            len,
+            what,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn len(&self) -> u64 {
+        match self {
+            Payload::File { len, .. } => *len,
+            Payload::Bytes(b) => b.len() as u64,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Its first bytes, up to `n` (the file's read position is left at 0).
+    fn head(&mut self, n: usize) -> Result<Vec<u8>, Error> {
+        match self {
+            Payload::Bytes(b) => Ok(b[..n.min(b.len())].to_vec()),
+            Payload::File {
+                file, what, path, ..
+            } => {
+                use std::io::{Read, Seek};
+                let mut head = Vec::new();
+                let r = file
+                    .by_ref()
+                    .take(n as u64)
+                    .read_to_end(&mut head)
+                    .and_then(|_| file.rewind());
+                r.map_err(|source| Error::Read {
+                    what,
+                    path: path.clone(),
+                    source,
+                })?;
+                Ok(head)
+            }
+        }
+    }
+
+    /// The whole of it, in memory.
+    fn bytes(self) -> Result<Vec<u8>, Error> {
+        match self {
+            Payload::Bytes(b) => Ok(b),
+            Payload::File {
+                mut file,
+                what,
+                path,
+                ..
+            } => {
+                use std::io::Read;
+                let mut b = Vec::new();
+                file.read_to_end(&mut b)
+                    .map_err(|source| Error::Read { what, path, source })?;
+                Ok(b)
+            }
+        }
+    }
 }
 
 /// Reads the kernel and initrd, validates the Image, places everything and generates the DTB.
@@ -120,21 +201,24 @@ pub fn prepare(spec: &RunSpec) -> Result<Prepared, Error> {
         .as_ref()
         .or(spec.layout.kernel.as_ref())
         .ok_or(Error::NoKernel)?;
-    let kernel = boot::Kernel::parse(&read("kernel", path)?, &path.display().to_string())?;
+    // A raw Image is checked by its header and read into guest memory later, straight from
+    // its file; an Image.gz is inflated here.
+    let mut image = Payload::open("kernel", path)?;
+    let head = image.head(4096)?;
+    let name = path.display().to_string();
+    let (kernel, image) = if boot::Kernel::is_gzip(&head) {
+        let (k, bytes) = boot::Kernel::parse(&image.bytes()?, &name)?;
+        (k, Payload::Bytes(bytes))
+    } else {
+        (boot::Kernel::from_header(&head, image.len(), &name)?, image)
+    };
     let initrd_path = spec.initrd.as_ref().or(spec.layout.initrd.as_ref());
-    // The size decides the placement; a file that cannot fit is never read into memory.
-    let initrd_size = match initrd_path {
-        Some(p) => Some(
-            std::fs::metadata(p)
-                .map_err(|source| Error::Read {
-                    what: "initrd",
-                    path: p.clone(),
-                    source,
-                })?
-                .len(),
-        ),
+    // The size decides the placement; the file is read straight into guest memory, later.
+    let initrd = match initrd_path {
+        Some(p) => Some(Payload::open("initrd", p)?),
         None => None,
     };
+    let initrd_size = initrd.as_ref().map(Payload::len);
     let l = &spec.layout;
     // Disk images are opened again when the VM starts; a bad one is reported now. One the
     // jailed backend serves is only checked: its metadata is the backend's to parse.
@@ -158,10 +242,6 @@ pub fn prepare(spec: &RunSpec) -> Result<Prepared, Error> {
         boot::DTB_MAX,
         initrd_size,
     )?;
-    let initrd = match initrd_path {
-        Some(p) => Some(read("initrd", p)?),
-        None => None,
-    };
     let dtb = devicetree::generate(
         l,
         &devicetree::BootInfo {
@@ -176,6 +256,7 @@ pub fn prepare(spec: &RunSpec) -> Result<Prepared, Error> {
     }
     Ok(Prepared {
         kernel,
+        image,
         placement,
         dtb,
         initrd,
