@@ -45,6 +45,17 @@ pids_matching() {
 	done
 }
 # Kills (SIGKILL) every process whose command line holds PATTERN: no pkill either.
+# A watchdog: after SECONDS, say where every splitvirt thread waits (hang_report NAME) and end
+# the VMs. Its pid in $watchdog: `kill "$watchdog"` ends it, its sleep too (a sleep left
+# behind would hold the caller's output pipe open for its whole length).
+start_watchdog() { # SECONDS NAME
+	( trap 'kill $s 2>/dev/null; exit' TERM
+	  sleep "$1" & s=$!
+	  wait $s
+	  hang_report "$2"
+	  kill_matching 'splitvirt run' ) &
+	watchdog=$!
+}
 kill_matching() {
 	for p in $(pids_matching "$1"); do kill -9 "$p" 2>/dev/null; done
 }

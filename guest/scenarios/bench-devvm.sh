@@ -21,8 +21,7 @@ tap_network
 vm() { # NAME CONFIG [GUEST-SETTINGS]
 	# A driver VM that has not ended in 8 minutes hangs: say where every splitvirt thread
 	# waits (the device VM's own report comes on its console, DIAG), and end them.
-	( sleep 480; hang_report "$1"; kill_matching 'splitvirt run' ) &
-	watchdog=$!
+	start_watchdog 480 "$1"
 	( /splitvirt --log-file "/tmp/$1-sv.log" run --stats --config "/guest/$2.toml" --kernel /guest/Image \
 		--initrd /guest/initrd.cpio --cmdline "console=ttyAMA0 loglevel=4 MODE=single $3" </dev/null &
 	  echo $! >/tmp/driver.pid

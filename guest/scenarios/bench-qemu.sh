@@ -27,8 +27,7 @@ qemu() { # qemu CMDLINE INITRD [QEMU ARGS...]
 }
 sv() { # sv CONFIG CMDLINE INITRD
 	# A VM that has not ended in 10 minutes hangs: say where each splitvirt thread waits, end it.
-	( sleep 600; hang_report "$1"; kill_matching 'splitvirt run' ) &
-	watchdog=$!
+	start_watchdog 600 "$1"
 	/stamp '@@ INIT started' /splitvirt run --stats --config "/guest/$1.toml" --kernel /guest/Image \
 		--initrd "$3" --cmdline "$2" </dev/null
 	kill "$watchdog" 2>/dev/null
