@@ -52,8 +52,6 @@ pub const PMEM_BASE: u64 = 0xc0_0000_0000;
 pub const PMEM_WINDOW: u64 = 1 << 36;
 /// virtio-pmem devices a VM can have (their windows fill the space up to `IPA_LIMIT`).
 pub const PMEM_MAX: u64 = (IPA_LIMIT - PMEM_BASE) / PMEM_WINDOW;
-/// A pmem region's size is a multiple of this: Linux maps it in 2 MiB sections.
-pub const PMEM_ALIGN: u64 = 2 << 20;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Layout {

@@ -31,7 +31,7 @@ pub fn accepting() -> bool {
 }
 
 /// Leaves `job` to the accepting thread. Where none accepts it runs at once, under whatever
-/// locks the caller holds: a device offers only when [`accepting`] says so.
+/// locks the caller holds (a device with workers of its own asks [`accepting`] first).
 pub fn offer(job: Job) {
     let job = TAKEN.with(|t| match t.borrow_mut().as_mut() {
         Some(v) => {

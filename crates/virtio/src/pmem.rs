@@ -127,19 +127,22 @@ fn parse(mem: &Memory, chain: virtio_queue::DescriptorChain<&Memory>) -> Result<
     })
 }
 
-/// Does the requests and puts them on the used ring.
+/// Does the requests and puts them on the used ring. One sync answers every flush of the
+/// batch: each asks only for what was written before the driver posted it.
 fn complete(a: &Active, file: &File, reqs: Vec<Request>) {
+    let flush = match reqs
+        .iter()
+        .any(|r| r.kind == REQ_FLUSH)
+        .then(|| file.sync_data())
+    {
+        Some(Err(e)) => {
+            ratelog::error!("virtio-pmem: flush failed: {e}");
+            RESP_EIO
+        }
+        _ => RESP_OK,
+    };
     for r in reqs {
-        let ret = match r.kind {
-            REQ_FLUSH => match file.sync_data() {
-                Ok(()) => RESP_OK,
-                Err(e) => {
-                    ratelog::error!("virtio-pmem: flush failed: {e}");
-                    RESP_EIO
-                }
-            },
-            _ => RESP_EIO,
-        };
+        let ret = if r.kind == REQ_FLUSH { flush } else { RESP_EIO };
         let notify = {
             let mut q = a.queue.lock().unwrap_or_else(|e| e.into_inner());
             let Some(q) = q.as_mut() else { return };
@@ -207,12 +210,7 @@ impl VirtioDevice for Pmem {
             return Ok(());
         }
         let file = self.file.clone();
-        let job = move || complete(&a, &file, reqs);
-        if crate::defer::accepting() {
-            crate::defer::offer(Box::new(job));
-        } else {
-            job();
-        }
+        crate::defer::offer(Box::new(move || complete(&a, &file, reqs)));
         Ok(())
     }
     fn reset(&mut self) {
