@@ -385,21 +385,17 @@ fn load(mem: &GuestMemoryMmap<()>, p: &mut Prepared) -> Result<(), Error> {
             .map_err(|e| at_err(what, at, e.to_string()))
     };
     // A file goes straight from the page cache into guest memory.
-    let put_payload = |payload: &mut crate::Payload, at: u64| match payload {
-        crate::Payload::Bytes(b) => put("boot file", b, at),
-        crate::Payload::File {
-            file,
-            len,
-            what,
-            path,
-        } => mem
-            .read_exact_volatile_from(GuestAddress(at), file, *len as usize)
-            .map_err(|e| at_err(what, at, format!("reading {}: {e}", path.display()))),
+    let read_in = |f: &mut crate::BootFile, at: u64| {
+        mem.read_exact_volatile_from(GuestAddress(at), &mut f.file, f.len as usize)
+            .map_err(|e| at_err(f.what, at, format!("reading {}: {e}", f.path.display())))
     };
-    put_payload(&mut p.image, p.placement.kernel)?;
+    match &mut p.image {
+        crate::Payload::File(f) => read_in(f, p.placement.kernel)?,
+        crate::Payload::Bytes(b) => put("kernel", b, p.placement.kernel)?,
+    }
     put("device tree", &p.dtb, p.placement.dtb)?;
-    if let (Some(initrd), Some((start, _))) = (&mut p.initrd, p.placement.initrd) {
-        put_payload(initrd, start)?;
+    if let (Some(f), Some((start, _))) = (&mut p.initrd, p.placement.initrd) {
+        read_in(f, start)?;
     }
     Ok(())
 }

@@ -103,26 +103,28 @@ pub struct Prepared {
     pub image: Payload,
     pub placement: boot::Placement,
     pub dtb: Vec<u8>,
-    pub initrd: Option<Payload>,
+    pub initrd: Option<BootFile>,
 }
 
-/// A boot file's bytes: still in its file, to be read straight into guest memory (no copy in
-/// splitvirt's own memory, which under nested virtualization costs a page fault per 4 KiB), or
-/// in memory (an Image.gz, inflated).
+/// A boot file, open and measured, to be read later straight into guest memory: no copy in
+/// splitvirt's own memory, which under nested virtualization costs a page fault per 4 KiB.
+#[derive(Debug)]
+pub struct BootFile {
+    pub(crate) file: std::fs::File,
+    pub len: u64,
+    pub(crate) what: &'static str,
+    pub(crate) path: PathBuf,
+}
+
+/// The Image: its file, or in memory when it was an Image.gz (inflated).
 #[derive(Debug)]
 pub enum Payload {
-    File {
-        file: std::fs::File,
-        len: u64,
-        what: &'static str,
-        path: PathBuf,
-    },
+    File(BootFile),
     Bytes(Vec<u8>),
 }
 
-impl Payload {
-    /// Opens `path`, whose size it learns (the file is read later, by `load`).
-    fn open(what: &'static str, path: &Path) -> Result<Payload, Error> {
+impl BootFile {
+    fn open(what: &'static str, path: &Path) -> Result<BootFile, Error> {
         let err = |source| Error::Read {
             what,
             path: path.to_owned(),
@@ -130,7 +132,7 @@ impl Payload {
         };
         let file = std::fs::File::open(path).map_err(err)?;
         let len = file.metadata().map_err(err)?.len();
-        Ok(Payload::File {
+        Ok(BootFile {
             file,
             len,
             what,
@@ -138,58 +140,34 @@ impl Payload {
         })
     }
 
-    pub fn len(&self) -> u64 {
-        match self {
-            Payload::File { len, .. } => *len,
-            Payload::Bytes(b) => b.len() as u64,
+    pub(crate) fn err(&self, source: std::io::Error) -> Error {
+        Error::Read {
+            what: self.what,
+            path: self.path.clone(),
+            source,
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Its first bytes, up to `n` (the file's read position is left at 0).
+    /// Its first bytes, up to `n` (the read position is left at 0).
     fn head(&mut self, n: usize) -> Result<Vec<u8>, Error> {
-        match self {
-            Payload::Bytes(b) => Ok(b[..n.min(b.len())].to_vec()),
-            Payload::File {
-                file, what, path, ..
-            } => {
-                use std::io::{Read, Seek};
-                let mut head = Vec::new();
-                let r = file
-                    .by_ref()
-                    .take(n as u64)
-                    .read_to_end(&mut head)
-                    .and_then(|_| file.rewind());
-                r.map_err(|source| Error::Read {
-                    what,
-                    path: path.clone(),
-                    source,
-                })?;
-                Ok(head)
-            }
-        }
+        use std::io::{Read, Seek};
+        let mut head = Vec::new();
+        let file = &mut self.file;
+        let r = file
+            .by_ref()
+            .take(n as u64)
+            .read_to_end(&mut head)
+            .and_then(|_| file.rewind());
+        r.map_err(|e| self.err(e))?;
+        Ok(head)
     }
 
     /// The whole of it, in memory.
-    fn bytes(self) -> Result<Vec<u8>, Error> {
-        match self {
-            Payload::Bytes(b) => Ok(b),
-            Payload::File {
-                mut file,
-                what,
-                path,
-                ..
-            } => {
-                use std::io::Read;
-                let mut b = Vec::new();
-                file.read_to_end(&mut b)
-                    .map_err(|source| Error::Read { what, path, source })?;
-                Ok(b)
-            }
-        }
+    fn into_bytes(mut self) -> Result<Vec<u8>, Error> {
+        use std::io::Read;
+        let mut b = Vec::new();
+        self.file.read_to_end(&mut b).map_err(|e| self.err(e))?;
+        Ok(b)
     }
 }
 
@@ -203,22 +181,23 @@ pub fn prepare(spec: &RunSpec) -> Result<Prepared, Error> {
         .ok_or(Error::NoKernel)?;
     // A raw Image is checked by its header and read into guest memory later, straight from
     // its file; an Image.gz is inflated here.
-    let mut image = Payload::open("kernel", path)?;
+    let mut image = BootFile::open("kernel", path)?;
     let head = image.head(4096)?;
     let name = path.display().to_string();
     let (kernel, image) = if boot::Kernel::is_gzip(&head) {
-        let (k, bytes) = boot::Kernel::parse(&image.bytes()?, &name)?;
+        let (k, bytes) = boot::Kernel::parse(&image.into_bytes()?, &name)?;
         (k, Payload::Bytes(bytes))
     } else {
-        (boot::Kernel::from_header(&head, image.len(), &name)?, image)
+        let k = boot::Kernel::from_header(&head, image.len, &name)?;
+        (k, Payload::File(image))
     };
     let initrd_path = spec.initrd.as_ref().or(spec.layout.initrd.as_ref());
     // The size decides the placement; the file is read straight into guest memory, later.
     let initrd = match initrd_path {
-        Some(p) => Some(Payload::open("initrd", p)?),
+        Some(p) => Some(BootFile::open("initrd", p)?),
         None => None,
     };
-    let initrd_size = initrd.as_ref().map(Payload::len);
+    let initrd_size = initrd.as_ref().map(|f| f.len);
     let l = &spec.layout;
     // Disk images are opened again when the VM starts; a bad one is reported now. One the
     // jailed backend serves is only checked: its metadata is the backend's to parse.
