@@ -612,33 +612,36 @@ fn device_kind(i: usize, d: &DeviceDesc, p: &mut Vec<Problem>) -> Option<DeviceK
             format!("remove `{name}` from this [[device]]"),
         ));
     }
+    // The device's `image`, which it cannot do without (`what`: more of the fix).
+    let image = |p: &mut Vec<Problem>, what: &str| match &d.image {
+        Some(img) if !img.as_os_str().is_empty() => Some(img.clone()),
+        _ => {
+            p.push(Problem::error(
+                Rule::Device,
+                format!("{at} has no image"),
+                format!("add image = \"path/to/disk.img\"{what}"),
+            ));
+            None
+        }
+    };
     let kind = match d.kind.as_str() {
-        "virtio-blk" => match &d.image {
-            Some(img) if !img.as_os_str().is_empty() => DeviceKind::VirtioBlk {
-                image: img.clone(),
-                read_only: d.read_only.unwrap_or(false),
-                format: match d.format.as_deref() {
-                    None => None,
-                    Some("raw") => Some(DiskFormat::Raw),
-                    Some("qcow2") => Some(DiskFormat::Qcow2),
-                    Some(other) => {
-                        p.push(Problem::error(
-                                Rule::Device,
-                                format!("{at}: format `{other}` is not one splitvirt reads"),
-                                "use format = \"raw\" or format = \"qcow2\" (qemu-img convert -O qcow2 makes one)",
-                            ));
-                        return None;
-                    }
-                },
+        "virtio-blk" => DeviceKind::VirtioBlk {
+            image: image(p, "")?,
+            read_only: d.read_only.unwrap_or(false),
+            format: match d.format.as_deref() {
+                None => None,
+                Some("raw") => Some(DiskFormat::Raw),
+                Some("qcow2") => Some(DiskFormat::Qcow2),
+                Some(other) => {
+                    p.push(Problem::error(
+                        Rule::Device,
+                        format!("{at}: format `{other}` is not one splitvirt reads"),
+                        "use format = \"raw\" or format = \"qcow2\" (qemu-img convert -O qcow2 \
+                         makes one)",
+                    ));
+                    return None;
+                }
             },
-            _ => {
-                p.push(Problem::error(
-                    Rule::Device,
-                    format!("{at} has no image"),
-                    "add image = \"path/to/disk.img\"",
-                ));
-                return None;
-            }
         },
         "virtio-net" => {
             let text = d.backend.clone().unwrap_or_default();
@@ -775,23 +778,11 @@ fn device_kind(i: usize, d: &DeviceDesc, p: &mut Vec<Problem>) -> Option<DeviceK
                 pool_size: size,
             }
         }
-        "virtio-pmem" => {
-            match &d.image {
-                // The window is given when the devices are placed.
-                Some(img) if !img.as_os_str().is_empty() => DeviceKind::VirtioPmem {
-                    image: img.clone(),
-                    window: 0,
-                },
-                _ => {
-                    p.push(Problem::error(
-                        Rule::Device,
-                        format!("{at} has no image"),
-                        "add image = \"path/to/disk.img\" (a file whose size is a multiple of 2 MiB)",
-                    ));
-                    return None;
-                }
-            }
-        }
+        // The window is given when the devices are placed.
+        "virtio-pmem" => DeviceKind::VirtioPmem {
+            image: image(p, " (a file whose size is a multiple of 2 MiB)")?,
+            window: 0,
+        },
         "vhost-user" => {
             return vhost_user_kind(&at, d, p);
         }
