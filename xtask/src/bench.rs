@@ -11,8 +11,13 @@ use std::time::Duration;
 const RUNS: usize = 3;
 
 fn field(line: &str, key: &str) -> Option<u64> {
+    word(line, key)?.parse().ok()
+}
+
+/// The value of `key=VALUE` among `line`'s words (a `splitvirt-stats:` line's).
+pub(crate) fn word<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
 /// The middle value (the mean of the middle two for an even count; NaN for none).

@@ -306,16 +306,20 @@ const BENCH_ROUNDS: usize = 3;
 /// one board run: 1 MiB sequential writes and reads, 4 KiB random reads at queue depth 1.
 pub fn bench() -> Result<()> {
     let dk = kernel::build(kernel::Role::Device)?;
-    let bench_driver = "vcpus = 1\n[backend]\ndevice_vm = \"/tmp/port.sock\"\n\
-                        [[device]]\nkind = \"virtio-blk\"\nimage = \"/dev/vda\"\n\
-                        [[device]]\nkind = \"virtio-net\"\nbackend = \"tap0\"\n";
-    // The same, served from the device VM's virtio-pmem image of the bench file.
-    let pmem_driver = bench_driver.replace("/dev/vda", "/dev/pmem0");
+    // The driver VM as the device VM serves it, from its disk `disk` (its own virtio-blk's
+    // /dev/vda, or its virtio-pmem image's /dev/pmem0).
+    let bench_driver = |disk: &str| {
+        format!(
+            "vcpus = 1\n[backend]\ndevice_vm = \"/tmp/port.sock\"\n\
+             [[device]]\nkind = \"virtio-blk\"\nimage = \"{disk}\"\n\
+             [[device]]\nkind = \"virtio-net\"\nbackend = \"tap0\"\n"
+        )
+    };
     let device_initrd = device_initramfs_for(
         &dk,
         &[
-            ("driver.toml", bench_driver),
-            ("driver-pmem.toml", &pmem_driver),
+            ("driver.toml", &bench_driver("/dev/vda")),
+            ("driver-pmem.toml", &bench_driver("/dev/pmem0")),
         ],
     )?;
     let blk = |placement: &str| {
@@ -325,30 +329,31 @@ pub fn bench() -> Result<()> {
         )
         .into_bytes()
     };
-    // One port, and the bench file as the device VM's disk.
-    let device = "vcpus = 1\n\
-                  [[device]]\nkind = \"virtio-blk\"\nimage = \"/disk/bench.raw\"\n\
-                  placement = \"in-process\"\nslot = 1\n\
-                  [[device]]\nkind = \"rpc-port\"\nsocket = \"/tmp/port.sock\"\n\
-                  pool_size = \"64M\"\nslot = 2\n"
-        .to_owned();
-    let device_pmem = device.replace(
-        "kind = \"virtio-blk\"\nimage = \"/disk/bench.raw\"\nplacement = \"in-process\"",
-        "kind = \"virtio-pmem\"\nimage = \"/disk/bench.raw\"",
-    );
-    ensure!(device_pmem != device, "the pmem device VM's description");
+    // One port, and the bench file as the device VM's disk: `disk`'s kind and fields.
+    let device = |disk: &str| {
+        format!(
+            "vcpus = 1\n\
+             [[device]]\n{disk}image = \"/disk/bench.raw\"\nslot = 1\n\
+             [[device]]\nkind = \"rpc-port\"\nsocket = \"/tmp/port.sock\"\n\
+             pool_size = \"64M\"\nslot = 2\n"
+        )
+        .into_bytes()
+    };
     let mut files = crate::bench::io_files()?;
     files.extend([
         ("guest/in.toml".to_owned(), blk("in-process")),
         ("guest/be.toml".to_owned(), blk("backend")),
         (
             "guest/driver.toml".to_owned(),
-            bench_driver.as_bytes().to_vec(),
+            bench_driver("/dev/vda").into_bytes(),
         ),
-        ("guest/device.toml".to_owned(), device.into_bytes()),
+        (
+            "guest/device.toml".to_owned(),
+            device("kind = \"virtio-blk\"\nplacement = \"in-process\"\n"),
+        ),
         (
             "guest/device-pmem.toml".to_owned(),
-            device_pmem.into_bytes(),
+            device("kind = \"virtio-pmem\"\n"),
         ),
         ("guest/device-Image".to_owned(), std::fs::read(&dk.image)?),
         (

@@ -220,12 +220,7 @@ fn start_phases(r: &crate::qemu::Run) -> Result<()> {
                     r.log_path.display()
                 )
             })?;
-        let word = |key: &str| {
-            stats
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-                .unwrap_or_default()
-        };
+        let word = |key: &str| crate::bench::word(stats, key).unwrap_or_default();
         let listed = word("start_ms")
             .split(',')
             .filter_map(|p| p.split_once(':'));
@@ -242,8 +237,7 @@ fn start_phases(r: &crate::qemu::Run) -> Result<()> {
         .map(|(n, v)| format!("{n} {:.0}", median(v)))
         .collect();
     println!(
-        "
-splitvirt's own start, quiet boots (ms from main at each step's end, medians): {}",
+        "\nsplitvirt's own start, quiet boots (ms from main at each step's end, medians): {}",
         cells.join(" · ")
     );
     Ok(())
