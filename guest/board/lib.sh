@@ -132,3 +132,42 @@ wakes() {
 	done
 	echo
 }
+
+# KVM's own account of notifications (bench devvm with TRACE=1): every MMIO write a guest makes
+# and every interrupt KVM injects, from the board kernel's tracepoints. An ioeventfd bound to
+# another VM's irqfd injects in the writing vCPU's thread, right after its write: the report
+# pairs each write with the SPI injection that followed it in the same thread, per address
+# (the vCPUs' own timer interrupts are left out).
+kvm_trace_start() {
+	t=/sys/kernel/tracing
+	[ -e $t/trace ] || mount -t tracefs tracefs $t 2>/dev/null
+	echo 0 >$t/tracing_on
+	echo 32768 >$t/buffer_size_kb
+	echo >$t/trace
+	echo 1 >$t/events/kvm/kvm_mmio/enable
+	echo 1 >$t/events/kvm/vgic_update_irq_pending/enable
+	echo 1 >$t/tracing_on
+}
+kvm_trace_report() { # NAME
+	t=/sys/kernel/tracing
+	echo 0 >$t/tracing_on
+	echo "@@ TRACE $1: overrun $(grep -h overrun $t/per_cpu/cpu*/stats | awk '{s += $2} END {print s}')"
+	awk -v name="$1" '
+	function task(line,   i, h) { i = index(line, " ["); h = substr(line, 1, i - 1); sub(/.*-/, "", h); return h }
+	/kvm_mmio: mmio write/ {
+		p = task($0); for (i = 1; i < NF; i++) if ($i == "gpa") g = $(i + 1)
+		if (p in open) alone[open[p]]++
+		open[p] = g; writes[g]++; next
+	}
+	/vgic_update_irq_pending:.*level: 1/ {
+		p = task($0); irq = $0; sub(/.*IRQ /, "", irq); sub(/,.*/, "", irq)
+		if (irq + 0 < 32) next
+		if (p in open) { pair[open[p] " " irq]++; delete open[p] } else other[irq]++
+	}
+	END {
+		for (p in open) alone[open[p]]++
+		for (k in pair) { split(k, a, " "); print "@@ TRACE " name ": write " a[1] " x" writes[a[1]] " -> IRQ " a[2] " x" pair[k] ", no injection after x" (alone[a[1]] + 0) }
+		for (i in other) print "@@ TRACE " name ": IRQ " i " x" other[i] " from elsewhere"
+	}' $t/trace
+	echo >$t/trace
+}

@@ -51,8 +51,10 @@ dvm() { # NAME DEVICE-CONFIG DRIVER-CONFIG-IN-THE-DEVICE-VM
 		done ) &
 	device=$!
 	n=0; while [ ! -e "/tmp/device-$1-ready" ] && [ $n -lt 600 ]; do sleep 0.5; n=$((n + 1)); done
+	[ "$TRACE" = 1 ] && kvm_trace_start
 	vm "$1" driver "TCP_ME=10.0.5.2 TCP_PEER=10.0.5.1"
 	wait "$device"
+	[ "$TRACE" = 1 ] && kvm_trace_report "$1"
 	sed "s/^/device-$1-sv| /" "/tmp/device-$1-sv.log" 2>/dev/null
 	rm -f /tmp/device.pid
 }

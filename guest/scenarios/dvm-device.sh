@@ -56,3 +56,6 @@ done
   done ) &
 echo "@@ PORT READY"
 for p in $pids; do wait "$p"; done
+# The ports' interrupts as this kernel took them, and as UIO counted them.
+value port_irqs "$(grep -i rpc-port /proc/interrupts | tr -s ' ' | tr '\n' '|')"
+value port_uio_events "$(cat /sys/class/uio/uio*/event | tr '\n' ' ')"

@@ -361,9 +361,16 @@ pub fn bench() -> Result<()> {
             std::fs::read(&device_initrd)?,
         ),
     ]);
+    // TRACE=1: the board's KVM traces every MMIO write and injection around each device VM
+    // run, and pairs each write with what it injected (a lost notification's diagnosis).
+    let trace = if std::env::var("TRACE").is_ok_and(|v| v == "1") {
+        "1"
+    } else {
+        "0"
+    };
     let r = board::run(
         "bench-devvm",
-        &[("ROUNDS", &BENCH_ROUNDS.to_string())],
+        &[("ROUNDS", &BENCH_ROUNDS.to_string()), ("TRACE", trace)],
         files,
         Duration::from_secs(3600),
     )?;

@@ -8,7 +8,7 @@ use crate::wire::{Msg, Op};
 use pci::PciFunction;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The backend's way out: the reply ring and the proxy's doorbell, shared by the serving
 /// thread and the devices' interrupt paths.
@@ -145,17 +145,18 @@ pub fn serve(
     out.send(&Msg::new(Op::Ready)).map_err(ServeError::Ring)?;
     let bells: Vec<&Doorbell> = kicks.iter().map(|k| &k.bell).collect();
     let mut refused = 0u64;
-    let mut lost = 0u64;
+    let mut lost = Lost {
+        count: 0,
+        since: Instant::now(),
+        watch: Vec::new(),
+    };
     let mut idle = Duration::ZERO;
     while !stop.load(Ordering::Acquire) {
         if drain(region, out, devices, input, &mut refused)? {
             // A busy ring must not starve the kicks.
             if !bells.is_empty() {
-                run_kicks(
-                    kicks,
-                    Doorbell::wait_any(&bells, Some(Duration::ZERO)),
-                    devices,
-                );
+                let rang = Doorbell::wait_any(&bells, Some(Duration::ZERO));
+                lost.run_kicks(region, out, kicks, rang, devices);
             }
             idle = Duration::ZERO;
             continue;
@@ -180,8 +181,10 @@ pub fn serve(
         if rang != 0 {
             idle = Duration::ZERO;
             drain(region, out, devices, input, &mut refused)?;
-            run_kicks(kicks, rang, devices);
-        } else if timeout == SLEEP && !kicks.is_empty() {
+            lost.run_kicks(region, out, kicks, rang, devices);
+        } else if timeout == SLEEP && !kicks.is_empty() && !region.requests().ready() {
+            // A whole sleep with nothing rung (a request in the ring ends `sleep_any` at
+            // once, unrung: then a kick may well be on its way still).
             idle_look(region, out, kicks, devices, &mut lost);
         }
     }
@@ -191,27 +194,100 @@ pub fn serve(
 /// After a whole sleep with no notification, every kicked queue is looked at anyway: a kick
 /// the hypervisors lost (a device VM's port interrupt, say) would leave the driver waiting
 /// for ever; this way it waits `SLEEP` at most. Looking at a queue with nothing new is cheap.
-/// A virtio-blk queue whose journal moved found requests no notification announced: said
-/// (the first few times), since that is a lost event somewhere.
+/// A virtio-blk queue whose journal moved had requests no notification had announced yet:
+/// its next kick says whether that one was late or lost (`Lost`).
 fn idle_look(
     region: &Region,
     out: &Outbox,
     kicks: &[Kick],
     devices: &mut [(Registration, Box<dyn PciFunction>)],
-    lost: &mut u64,
+    lost: &mut Lost,
 ) {
-    let next = |dev| region.journal(dev).map(|(next_avail, _)| next_avail);
-    let before: Vec<Option<u16>> = kicks.iter().map(|k| next(k.dev)).collect();
+    // Still watched after a whole sleep: no kick came at all.
+    for (dev, _, _) in std::mem::take(&mut lost.watch) {
+        lost.say(out, dev, "none came in the sleep after");
+    }
+    let before: Vec<Option<u16>> = kicks.iter().map(|k| next_avail(region, k.dev)).collect();
     run_kicks(kicks, u64::MAX, devices);
     for (k, was) in kicks.iter().zip(before) {
-        if was.is_some() && next(k.dev) != was {
-            *lost += 1;
-            if *lost <= 8 {
-                out.log(&format!(
-                    "device {}: found requests that no notification announced (a lost \
-                     kick), {} time(s) so far",
-                    k.dev, lost
-                ));
+        if was.is_some() && next_avail(region, k.dev) != was {
+            lost.watch.push((k.dev, Instant::now(), k.bell.last_read()));
+        }
+    }
+}
+
+/// A virtio-blk queue's next avail index, from its journal (None for other devices).
+fn next_avail(region: &Region, dev: u8) -> Option<u16> {
+    region.journal(dev).map(|(next_avail, _)| next_avail)
+}
+
+/// Requests the idle look found, each judged by the device's next kick: one that finds
+/// nothing new, or whose doorbell counts two rings since (it and the next request's), was
+/// late (a notification still on its way when the sleep ended); any other was lost, and is
+/// said (the first few times).
+struct Lost {
+    count: u64,
+    since: Instant,
+    /// (device, when the look found its requests, its doorbell's last read then).
+    watch: Vec<(u8, Instant, u64)>,
+}
+
+impl Lost {
+    fn say(&mut self, out: &Outbox, dev: u8, why: &str) {
+        self.count += 1;
+        if self.count <= 8 {
+            out.log(&format!(
+                "device {dev}: requests waited {SLEEP:?} with no notification, which was lost \
+                 ({why}), {:.1} s into serving; {} time(s) so far",
+                self.since.elapsed().as_secs_f64(),
+                self.count
+            ));
+        }
+    }
+
+    /// Serves the kicks that rang, judging the watched devices among them.
+    fn run_kicks(
+        &mut self,
+        region: &Region,
+        out: &Outbox,
+        kicks: &[Kick],
+        rang: u64,
+        devices: &mut [(Registration, Box<dyn PciFunction>)],
+    ) {
+        if self.watch.is_empty() {
+            return run_kicks(kicks, rang, devices);
+        }
+        let before: Vec<Option<u16>> = self
+            .watch
+            .iter()
+            .map(|(d, ..)| next_avail(region, *d))
+            .collect();
+        run_kicks(kicks, rang, devices);
+        for ((dev, at, read), was) in std::mem::take(&mut self.watch).into_iter().zip(before) {
+            let rung = kicks
+                .iter()
+                .enumerate()
+                .find(|(i, k)| k.dev == dev && rang & 1 << i != 0);
+            let Some((_, k)) = rung else {
+                self.watch.push((dev, at, read));
+                continue;
+            };
+            let new = next_avail(region, dev)
+                .zip(was)
+                .map_or(0, |(n, b)| n.wrapping_sub(b));
+            // An eventfd's read counts its rings since the one before; a UIO device's gives
+            // its running total.
+            let rings = if k.bell.is_uio() {
+                k.bell.last_read().wrapping_sub(read)
+            } else {
+                k.bell.last_read()
+            };
+            if new != 0 && rings < 2 {
+                let why = format!(
+                    "the next one came {:.1} ms later, for a request of its own",
+                    at.elapsed().as_secs_f64() * 1e3
+                );
+                self.say(out, dev, &why);
             }
         }
     }
@@ -318,5 +394,140 @@ fn handle(
             out.log(&format!("refused {op:?}: only the backend sends it"));
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU16;
+
+    /// A virtio-blk queue as the journal shows it: a notification takes every request the
+    /// driver has made available (`avail`).
+    struct Queue {
+        region: Arc<Region>,
+        avail: Arc<AtomicU16>,
+        next: u16,
+    }
+
+    impl PciFunction for Queue {
+        fn config_read(&mut self, _: u64, _: &mut [u8]) {}
+        fn config_write(&mut self, _: u64, _: &[u8]) {}
+        fn bar_address(&self, _: usize) -> Option<(u64, u64)> {
+            None
+        }
+        fn bar_read(&mut self, _: usize, _: u64, _: &mut [u8]) {}
+        fn bar_write(&mut self, _: usize, _: u64, _: &[u8]) {
+            while self.next != self.avail.load(Ordering::Acquire) {
+                self.next = self.next.wrapping_add(1);
+                self.region.journal_popped(1, self.next - 1, self.next);
+            }
+        }
+        fn resume(&mut self) {}
+    }
+
+    /// The backend's log lines so far.
+    fn logged(region: &Region) -> Vec<String> {
+        let (mut lines, mut text) = (Vec::new(), Vec::new());
+        while let Ok(Some(m)) = region.replies().pop() {
+            if m.op == Op::Log {
+                text.extend(m.log_bytes());
+                if m.space == 0 {
+                    lines.push(String::from_utf8_lossy(&text).into_owned());
+                    text.clear();
+                }
+            }
+        }
+        lines
+    }
+
+    /// Requests the idle look finds are said to be lost only when the device's next kick
+    /// does not account for them: a kick that finds nothing new, or that rang twice (the late
+    /// one and the next request's), was late; one that rang once for a new request, or none
+    /// in the sleep after, means the notification never came.
+    #[test]
+    fn a_late_kick_is_told_from_a_lost_one() {
+        let region = Arc::new(Region::create().unwrap());
+        region.journal_reset(1, 0);
+        let out = Outbox::new(
+            region.clone(),
+            Doorbell::new().unwrap(),
+            Doorbell::new().unwrap(),
+        );
+        let avail = Arc::new(AtomicU16::new(0));
+        let mut devices: Vec<(Registration, Box<dyn PciFunction>)> = vec![(
+            Registration {
+                dev: 1,
+                vendor: 0x1af4,
+                device: 0x1042,
+                class: 0x01_80_00,
+                revision: 1,
+                bar0_size: 0x4000,
+                bar0_64bit: true,
+                bar0_prefetchable: false,
+                intx_pin: 1,
+            },
+            Box::new(Queue {
+                region: region.clone(),
+                avail: avail.clone(),
+                next: 0,
+            }),
+        )];
+        let kicks = [Kick {
+            dev: 1,
+            bell: Doorbell::new().unwrap(),
+            writes: vec![(0x3000, 0)],
+        }];
+        let mut lost = Lost {
+            count: 0,
+            since: Instant::now(),
+            watch: Vec::new(),
+        };
+        // The driver makes `n` requests available and rings `rings` times; the loop wakes.
+        let post = |n: u16, rings: usize, lost: &mut Lost, devices: &mut Vec<_>| {
+            avail.fetch_add(n, Ordering::AcqRel);
+            for _ in 0..rings {
+                kicks[0].bell.ring();
+            }
+            let rang = Doorbell::wait_any(&[&kicks[0].bell], Some(Duration::ZERO));
+            lost.run_kicks(&region, &out, &kicks, rang, devices);
+        };
+        let look = |lost: &mut Lost, devices: &mut Vec<_>| {
+            idle_look(&region, &out, &kicks, devices, lost);
+        };
+
+        // A request with its notification still on the way: the look takes it, and the
+        // kick that follows finds nothing new.
+        avail.store(1, Ordering::Release);
+        look(&mut lost, &mut devices);
+        assert_eq!(next_avail(&region, 1), Some(1), "the look served it");
+        post(0, 1, &mut lost, &mut devices);
+        assert!(logged(&region).is_empty(), "late, not lost");
+        // The same, the late kick and the next request's read together.
+        avail.fetch_add(1, Ordering::AcqRel);
+        look(&mut lost, &mut devices);
+        post(1, 2, &mut lost, &mut devices);
+        assert!(logged(&region).is_empty(), "late, not lost");
+        assert_eq!(next_avail(&region, 1), Some(3));
+        // A request whose notification never comes: the next kick is the next request's.
+        avail.fetch_add(1, Ordering::AcqRel);
+        look(&mut lost, &mut devices);
+        post(1, 1, &mut lost, &mut devices);
+        let l = logged(&region);
+        assert_eq!(l.len(), 1, "{l:?}");
+        assert!(
+            l[0].contains("device 1:") && l[0].contains("was lost"),
+            "{l:?}"
+        );
+        // And one followed by no kick at all within the next sleep.
+        avail.fetch_add(1, Ordering::AcqRel);
+        look(&mut lost, &mut devices);
+        look(&mut lost, &mut devices);
+        let l = logged(&region);
+        assert_eq!(l.len(), 1, "{l:?}");
+        assert!(
+            l[0].contains("none came") && l[0].contains("2 time(s)"),
+            "{l:?}"
+        );
     }
 }

@@ -457,6 +457,8 @@ pub struct Doorbell {
     fd: OwnedFd,
     /// What a read takes: 8 bytes from an eventfd, 4 from a UIO device.
     read_len: usize,
+    /// What the last read gave: an eventfd's count of rings, a UIO device's running total.
+    last: std::sync::atomic::AtomicU64,
 }
 
 impl Bell for Doorbell {
@@ -477,7 +479,11 @@ impl Doorbell {
     }
 
     pub fn from_fd(fd: OwnedFd) -> Doorbell {
-        Doorbell { fd, read_len: 8 }
+        Doorbell {
+            fd,
+            read_len: 8,
+            last: Default::default(),
+        }
     }
 
     /// A UIO device's interrupts, to wait on (never to ring). It is made non-blocking: several
@@ -492,11 +498,26 @@ impl Doorbell {
         {
             return Err(io::Error::last_os_error());
         }
-        Ok(Doorbell { fd, read_len: 4 })
+        Ok(Doorbell {
+            fd,
+            read_len: 4,
+            last: Default::default(),
+        })
     }
 
     pub fn fd(&self) -> &OwnedFd {
         &self.fd
+    }
+
+    /// What its last read gave (0 before any): an eventfd's count of rings since the read
+    /// before, a UIO device's total of interrupts.
+    pub fn last_read(&self) -> u64 {
+        self.last.load(Ordering::Relaxed)
+    }
+
+    /// A UIO device's interrupts, not an eventfd.
+    pub fn is_uio(&self) -> bool {
+        self.read_len == 4
     }
 
     pub fn into_fd(self) -> OwnedFd {
@@ -530,8 +551,10 @@ impl Doorbell {
         };
         let mut p = [unused; 64];
         let mut len = [8usize; 64];
+        let mut which: [Option<&Doorbell>; 64] = [None; 64];
         let mut n = 0;
         for b in bells.take(64) {
+            which[n] = Some(b);
             p[n] = libc::pollfd {
                 fd: b.fd.as_raw_fd(),
                 events: libc::POLLIN,
@@ -549,11 +572,20 @@ impl Doorbell {
             return 0;
         }
         let mut rang = 0;
+        let mut uio_total = None;
         for (i, q) in p[..n].iter().enumerate() {
             if q.revents & libc::POLLIN != 0 {
                 let mut v = 0u64;
                 // SAFETY: a read of at most 8 bytes into a local from a descriptor we own.
-                let _ = unsafe { libc::read(q.fd, (&mut v as *mut u64).cast(), len[i]) };
+                let got = unsafe { libc::read(q.fd, (&mut v as *mut u64).cast(), len[i]) };
+                // UIO doorbells share one file: the first read takes the total, the others
+                // find nothing and keep it too.
+                if got > 0 && len[i] == 4 {
+                    uio_total = Some(v);
+                }
+                if let (Some(b), Some(v)) = (which[i], (got > 0).then_some(v).or(uio_total)) {
+                    b.last.store(v, Ordering::Relaxed);
+                }
                 rang |= 1 << i;
             }
         }

@@ -15,6 +15,11 @@
  * number back (an event that arrives in between stays counted, and keeps the level up).
  * sysfs `events` on the PCI device: every event received so far.
  *
+ * Both drivers take their interrupt themselves (UIO_IRQ_CUSTOM) and tell UIO from the hard
+ * interrupt handler: UIO's own handling defers that to an interrupt thread, a context switch
+ * more per event before the reader wakes. The interrupt is requested after the UIO device and
+ * so freed before it: no handler runs against a device that is gone.
+ *
  * Both BARs are memory on the host and mapped cacheable, here and in userspace: the event page
  * is a read-only memslot (reads of any kind at memory speed; writes trap to splitvirt, which
  * keeps the page up to date), the dataport plain shared memory. A non-cacheable mapping of
@@ -42,9 +47,9 @@ struct connection {
 	char name[CONN_NAME_LEN];
 };
 
-static irqreturn_t connection_irq(int irq, struct uio_info *info)
+static irqreturn_t connection_irq(int irq, void *data)
 {
-	struct connection *c = info->priv;
+	struct connection *c = data;
 	irqreturn_t ret = IRQ_HANDLED;
 	u32 n;
 
@@ -62,6 +67,8 @@ static irqreturn_t connection_irq(int irq, struct uio_info *info)
 		ret = IRQ_NONE;
 	}
 	spin_unlock(&c->lock);
+	if (ret == IRQ_HANDLED)
+		uio_event_notify(&c->uio);
 	return ret;
 }
 
@@ -140,12 +147,14 @@ static int connection_probe(struct pci_dev *pdev, const struct pci_device_id *id
 	err = devm_add_action_or_reset(&pdev->dev, connection_ack_all, c);
 	if (err)
 		return err;
-	c->uio.irq = pci_irq_vector(pdev, 0);
-	c->uio.irq_flags = c->msi ? 0 : IRQF_SHARED;
-	c->uio.handler = connection_irq;
+	c->uio.irq = UIO_IRQ_CUSTOM;
 
 	pci_set_drvdata(pdev, c);
 	err = devm_uio_register_device(&pdev->dev, &c->uio);
+	if (err)
+		return err;
+	err = devm_request_irq(&pdev->dev, pci_irq_vector(pdev, 0), connection_irq,
+			       c->msi ? 0 : IRQF_SHARED, c->name, c);
 	if (err)
 		return err;
 	dev_info(&pdev->dev, "connection \"%s\": dataport %pa bytes, events by %s\n", c->name,
@@ -173,8 +182,9 @@ static struct pci_driver connection_driver = {
  * the VMM maps in, cacheable. The interrupt is the port's one MSI-X vector (there is no INTx),
  * which KVM raises for any doorbell of the driver VM; read() counts them.
  */
-static irqreturn_t port_irq(int irq, struct uio_info *info)
+static irqreturn_t port_irq(int irq, void *data)
 {
+	uio_event_notify(data);
 	return IRQ_HANDLED;
 }
 
@@ -210,9 +220,11 @@ static int port_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	err = pci_alloc_irq_vectors(pdev, 1, 1, PCI_IRQ_MSIX);
 	if (err < 0)
 		return err;
-	uio->irq = pci_irq_vector(pdev, 0);
-	uio->handler = port_irq;
+	uio->irq = UIO_IRQ_CUSTOM;
 	err = devm_uio_register_device(&pdev->dev, uio);
+	if (err)
+		return err;
+	err = devm_request_irq(&pdev->dev, pci_irq_vector(pdev, 0), port_irq, 0, "rpc-port", uio);
 	if (err)
 		return err;
 	dev_info(&pdev->dev, "rpc-port: pool BAR %pa bytes\n", &uio->mem[2].size);
