@@ -7,6 +7,9 @@ check kvm_device test -c /dev/kvm
 mount -t tmpfs -o huge=within_size tmpfs /tmp
 # The floor the event round trip is measured against: two processes of the board ping-ponging
 # over eventfds, in the same run.
+# How long the board's KVM polls a halted vCPU by default (a description's halt_poll_us
+# overrides it for its VM).
+value halt_poll_ns "$(cat /sys/module/kvm/parameters/halt_poll_ns)"
 if [ "$MODE" = bench ]; then
 	chmod +x /roundtrip
 	value eventfd_floor_us "$(/roundtrip only eventfd 2000 | awk '{print $3}')"

@@ -32,6 +32,8 @@ ping)
 		# 15 MiB chunks: two fill the bench's 32 MiB dataport's bulk area, and each costs one
 		# event round trip (milliseconds here) against ~15 ms of copying.
 		/conn memcpy 128 15360 | values memcpy
+		# The same copies into and out of the dataport with the peer idle.
+		/conn alone bulk 128 15360 | values alone
 		/conn stream bulk 128 15360 | values stream
 	else
 		/conn stream bulk 16 | values stream

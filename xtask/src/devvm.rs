@@ -12,7 +12,7 @@
 
 use crate::env::root;
 use crate::{board, guest, kernel, realboot};
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use std::time::Duration;
 
 /// The driver VM: the default profile's pool (64 MiB), its disk in the device VM.
@@ -306,11 +306,20 @@ const BENCH_ROUNDS: usize = 3;
 /// one board run: 1 MiB sequential writes and reads, 4 KiB random reads at queue depth 1.
 pub fn bench() -> Result<()> {
     let dk = kernel::build(kernel::Role::Device)?;
+    // HALT_POLL_US=N: every VM's `halt_poll_us` (unset: the host's default).
+    let halt_poll = match std::env::var("HALT_POLL_US") {
+        Ok(us) => format!(
+            "halt_poll_us = {}\n",
+            us.parse::<u32>()
+                .with_context(|| format!("HALT_POLL_US={us}: microseconds, a number"))?
+        ),
+        Err(_) => String::new(),
+    };
     // The driver VM as the device VM serves it, from its disk `disk` (its own virtio-blk's
     // /dev/vda, or its virtio-pmem image's /dev/pmem0).
     let bench_driver = |disk: &str| {
         format!(
-            "vcpus = 1\n[backend]\ndevice_vm = \"/tmp/port.sock\"\n\
+            "{halt_poll}vcpus = 1\n[backend]\ndevice_vm = \"/tmp/port.sock\"\n\
              [[device]]\nkind = \"virtio-blk\"\nimage = \"{disk}\"\n\
              [[device]]\nkind = \"virtio-net\"\nbackend = \"tap0\"\n"
         )
@@ -324,7 +333,7 @@ pub fn bench() -> Result<()> {
     )?;
     let blk = |placement: &str| {
         format!(
-            "vcpus = 1\n[[device]]\nkind = \"virtio-blk\"\nimage = \"/disk/bench.raw\"\nplacement = \"{placement}\"\n\
+            "{halt_poll}vcpus = 1\n[[device]]\nkind = \"virtio-blk\"\nimage = \"/disk/bench.raw\"\nplacement = \"{placement}\"\n\
              [[device]]\nkind = \"virtio-net\"\nbackend = \"tap0\"\nplacement = \"{placement}\"\n"
         )
         .into_bytes()
@@ -332,7 +341,7 @@ pub fn bench() -> Result<()> {
     // One port, and the bench file as the device VM's disk: `disk`'s kind and fields.
     let device = |disk: &str| {
         format!(
-            "vcpus = 1\n\
+            "{halt_poll}vcpus = 1\n\
              [[device]]\n{disk}image = \"/disk/bench.raw\"\nslot = 1\n\
              [[device]]\nkind = \"rpc-port\"\nsocket = \"/tmp/port.sock\"\n\
              pool_size = \"64M\"\nslot = 2\n"

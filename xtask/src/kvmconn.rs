@@ -44,7 +44,15 @@ fn run(mode: &str, rounds: &str) -> Result<Run> {
                 dataport_size = \"BULK\"\npeer = \"/tmp/bulk.sock\"\n";
     // The bench streams in chunks large enough that copying, not the event round trip, sets
     // the pace.
-    let conn = conn.replace("BULK", if mode == "bench" { "32M" } else { "2M" });
+    let mut conn = conn.replace("BULK", if mode == "bench" { "32M" } else { "2M" });
+    // HALT_POLL_US=N: both VMs' `halt_poll_us` (unset: the host's default), to see what the
+    // round trip owes to KVM's halt polling.
+    if let Ok(us) = std::env::var("HALT_POLL_US") {
+        let us: u32 = us
+            .parse()
+            .with_context(|| format!("HALT_POLL_US={us}: microseconds, a number"))?;
+        conn = format!("halt_poll_us = {us}\n{conn}");
+    }
     let mut files = vec![
         ("guest/conn.toml".to_owned(), conn.as_bytes().to_vec()),
         ("guest/Image".to_owned(), std::fs::read(&k.image)?),
@@ -251,6 +259,16 @@ pub fn bench() -> Result<()> {
         "| one emit on the emitting vCPU (a trapped write; {STORM} back to back, B counted {}) | {} us |",
         v(&b, "storm_events")?,
         v(&a, "emit_us")?
+    );
+    println!(
+        "| a halted vCPU polled for up to | {} |",
+        std::env::var("HALT_POLL_US").map_or_else(
+            |_| format!(
+                "{} ns (the board's KVM default, halt_poll_ns)",
+                r.outer().value("halt_poll_ns").unwrap_or("?")
+            ),
+            |us| format!("{us} us (halt_poll_us)")
+        )
     );
     println!("| memcpy inside one guest, 15 MiB chunks, 128 MiB | {copy:.0} MiB/s |");
     let window = mibs(&a, "memcpy_window_mib_per_s")?;

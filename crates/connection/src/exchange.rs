@@ -255,6 +255,28 @@ pub fn sink(c: &mut Connection, idle: Duration) -> Result<(Vec<u8>, Duration), E
     }
 }
 
+/// `stream`'s copies with the peer idle (no message, no copy of its own at the same time):
+/// the time to copy `data` into the bulk area in alternating chunks, and back out of it.
+pub fn copies_alone(
+    c: &Connection,
+    data: &[u8],
+    chunk: usize,
+) -> Result<(Duration, Duration), Error> {
+    let mut out = vec![1u8; data.len()]; // touched before the clock starts
+    let start = Instant::now();
+    for (i, piece) in data.chunks(chunk).enumerate() {
+        c.write_bulk((i % 2) * chunk, piece)?;
+    }
+    let into = start.elapsed();
+    let start = Instant::now();
+    for (i, piece) in out.chunks_mut(chunk).enumerate() {
+        c.read_bulk((i % 2) * chunk, piece)?;
+    }
+    let out_of = start.elapsed();
+    std::hint::black_box(&out);
+    Ok((into, out_of))
+}
+
 /// memcpy inside this guest, the same chunks as `stream`: the time to copy `data` once.
 pub fn local_copy(data: &[u8], chunk: usize) -> Duration {
     let mut out = vec![1u8; data.len()]; // touched before the clock starts, as in `sink`

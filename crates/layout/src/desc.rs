@@ -13,6 +13,12 @@ pub struct Description {
     pub profile: String,
     pub name: String,
     pub vcpus: u32,
+    /// Microseconds the hypervisor keeps polling a vCPU that waits for an interrupt (WFI)
+    /// before it sleeps (absent: the host's default, KVM's `halt_poll_ns`). Longer catches
+    /// wake-ups that come later without a trip through the host's scheduler (a VM that
+    /// answers another's events), for a host CPU kept busy that long per wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halt_poll_us: Option<u32>,
     pub memory: MemoryDesc,
     pub gic: GicDesc,
     pub uart: UartDesc,

@@ -21,6 +21,9 @@ pub const MAX_VCPUS: u32 = 8;
 /// Longest RPC polling spin: past a few milliseconds a spin only burns the CPU that an
 /// idle device's sleeping side would give back.
 pub const MAX_RPC_POLL_US: u32 = 10_000;
+/// Longest halt poll a description may ask for: KVM caps it at no value, and a vCPU polling
+/// longer than this burns the CPU for waits that a sleep serves as well.
+pub const MAX_HALT_POLL_US: u32 = 10_000;
 /// Backend restarts when the description does not say.
 pub const DEFAULT_RPC_RESTARTS: u32 = 3;
 /// The id a jailed backend started by root runs as by default (`nobody`).
@@ -58,6 +61,8 @@ pub struct Layout {
     pub name: String,
     pub profile: String,
     pub vcpus: u32,
+    /// How long the hypervisor polls a waiting vCPU before it sleeps (None: its default).
+    pub halt_poll: Option<std::time::Duration>,
     pub ram: Region,
     /// RAM outside the pool asks the host for transparent huge pages.
     pub ram_huge_pages: bool,

@@ -125,6 +125,7 @@ impl Profile {
                 profile: self.name().into(),
                 name: "driver-vm".into(),
                 vcpus: 2,
+                halt_poll_us: None,
                 memory: MemoryDesc {
                     base: RAM_BASE,
                     size: ByteSize(DRIVER_RAM_SIZE),
@@ -164,6 +165,7 @@ impl Profile {
                 profile: self.name().into(),
                 name: "qemu-virt".into(),
                 vcpus: 2,
+                halt_poll_us: None,
                 memory: MemoryDesc {
                     base: RAM_BASE,
                     size: ByteSize(QEMU_RAM_SIZE),

@@ -64,6 +64,7 @@ fn build(d: &Description, p: &mut Vec<Problem>) -> Layout {
         name: d.name.clone(),
         profile: d.profile.clone(),
         vcpus: d.vcpus,
+        halt_poll: None,
         ram,
         pool,
         gic_dist: Region::new(
@@ -110,6 +111,7 @@ fn build(d: &Description, p: &mut Vec<Problem>) -> Layout {
         gic_irqs: 0,
     };
     check_vcpus(&layout, p);
+    layout.halt_poll = halt_poll(d.halt_poll_us, p);
     let regions_ok = check_regions(&layout, p);
     check_ram(&layout, p);
     check_pool(&layout, p);
@@ -181,6 +183,26 @@ fn check_device_vm(b: Option<&BackendDesc>, l: &Layout, p: &mut Vec<Problem>) {
             "give the VM a [pool], or remove device_vm",
         ));
     }
+}
+
+/// `halt_poll_us`: bounded; 0 is allowed (no polling at all).
+fn halt_poll(us: Option<u32>, p: &mut Vec<Problem>) -> Option<Duration> {
+    let us = us?;
+    if us > MAX_HALT_POLL_US {
+        p.push(Problem::error(
+            Rule::Vcpus,
+            format!(
+                "halt_poll_us = {us}: a waiting vCPU polled longer than {MAX_HALT_POLL_US} µs \
+                 burns a host CPU for wake-ups that a sleep serves as well"
+            ),
+            format!(
+                "set halt_poll_us between 0 (a waiting vCPU sleeps at once) and \
+                 {MAX_HALT_POLL_US}, or remove it for the host's default"
+            ),
+        ));
+        return None;
+    }
+    Some(Duration::from_micros(u64::from(us)))
 }
 
 fn check_vcpus(l: &Layout, p: &mut Vec<Problem>) {

@@ -2,6 +2,7 @@
 //! names the things involved.
 
 use layout::{check, resolve, Description, Rule, Severity};
+use std::time::Duration;
 
 fn problems(toml: &str) -> Vec<layout::Problem> {
     let d = Description::parse(toml, "test.toml").unwrap_or_else(|e| panic!("{e}"));
@@ -406,6 +407,28 @@ fn device_fields_are_checked_per_kind() {
         "[[device]]\nkind = \"virtio-console\"\nintx_pin = \"E\"\n",
         Rule::Device,
         &["intx_pin `E`"],
+    );
+}
+
+#[test]
+fn halt_poll_is_bounded_and_reaches_the_layout() {
+    let l = |text: &str| {
+        resolve(&Description::parse(text, "t").unwrap())
+            .unwrap()
+            .layout
+            .halt_poll
+    };
+    assert_eq!(l("halt_poll_us = 2000"), Some(Duration::from_millis(2)));
+    assert_eq!(
+        l("halt_poll_us = 0"),
+        Some(Duration::ZERO),
+        "no polling at all"
+    );
+    assert_eq!(l(""), None, "the host's default");
+    rejects(
+        "halt_poll_us = 20000",
+        Rule::Vcpus,
+        &["halt_poll_us = 20000", "10000"],
     );
 }
 

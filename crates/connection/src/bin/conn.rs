@@ -110,6 +110,15 @@ fn main() -> ExitCode {
                 println!("copy_out_mib_per_s {:.1}", mib_per_s(got.len(), copying));
                 Ok(true)
             }
+            (Some("alone"), Some(name)) => {
+                let c = open(name, Side::A)?;
+                let data = exchange::pattern((num(2, 16.0) * (1 << 20) as f64) as usize);
+                let chunk = (num(3, 256.0) as usize) << 10;
+                let (into, out_of) = exchange::copies_alone(&c, &data, chunk)?;
+                println!("copy_in_mib_per_s {:.1}", mib_per_s(data.len(), into));
+                println!("copy_out_mib_per_s {:.1}", mib_per_s(data.len(), out_of));
+                Ok(true)
+            }
             (Some("memcpy"), _) => {
                 let data = exchange::pattern((num(1, 16.0) * (1 << 20) as f64) as usize);
                 let chunk = (num(2, 256.0) as usize) << 10;
@@ -123,7 +132,7 @@ fn main() -> ExitCode {
                 eprintln!(
                     "usage: conn emit NAME | wait NAME [S] | send NAME a|b MSG | recv NAME a|b [S]\n\
                      \x20      | ping NAME ROUNDS [S] | pong NAME [S] | stream NAME MIB [CHUNK_KIB]\n\
-                     \x20      | sink NAME [S] | memcpy MIB [CHUNK_KIB]"
+                     \x20      | sink NAME [S] | memcpy MIB [CHUNK_KIB] | alone NAME MIB [CHUNK_KIB]"
                 );
                 Ok(false)
             }
