@@ -34,6 +34,9 @@ ping)
 		/conn memcpy 128 15360 | values memcpy
 		# The same copies into and out of the dataport with the peer idle.
 		/conn alone bulk 128 15360 | values alone
+		/conn alone bulk 128 15360 | values alone2
+		/conn alone bulk 128 512 | values alone_small
+		/conn memcpy 128 512 | values memcpy_small
 		/conn stream bulk 128 15360 | values stream
 	else
 		/conn stream bulk 16 | values stream
@@ -61,6 +64,11 @@ pong)
 	/conn send chan b storm-ready
 	[ "$(/conn recv chan b 120)" = storm-done ] &&
 		value storm_events "$(($(/conntest events bulk | sed 's/.* //') - base))"
+	# The dataport's copies from this side too, the peer done by now.
+	if [ "$MODE" = bench ]; then
+		/conn memcpy 128 15360 | values memcpy
+		/conn alone bulk 128 15360 | values alone
+	fi
 	# In MODE=test this VM is killed while it answers.
 	[ "$MODE" = bench ] || /conn pong chan | values restart ;;
 repong)
