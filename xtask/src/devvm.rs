@@ -338,10 +338,16 @@ pub fn bench() -> Result<()> {
         )
         .into_bytes()
     };
-    // One port, and the bench file as the device VM's disk: `disk`'s kind and fields.
+    // One port, and the bench file as the device VM's disk: `disk`'s kind and fields. The
+    // device VM polled as examples/device-vm.toml has it (unless HALT_POLL_US says for all).
+    let device_poll = if halt_poll.is_empty() {
+        "halt_poll_us = 2000\n"
+    } else {
+        &halt_poll
+    };
     let device = |disk: &str| {
         format!(
-            "{halt_poll}vcpus = 1\n\
+            "{device_poll}vcpus = 1\n\
              [[device]]\n{disk}image = \"/disk/bench.raw\"\nslot = 1\n\
              [[device]]\nkind = \"rpc-port\"\nsocket = \"/tmp/port.sock\"\n\
              pool_size = \"64M\"\nslot = 2\n"

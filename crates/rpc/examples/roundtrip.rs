@@ -164,6 +164,7 @@ fn child(mode: &str) {
                 region: &region,
                 bell: &from_proxy,
                 kicks: &[],
+                replay: &|f| f(),
             };
             let _ = serve(
                 inbox,

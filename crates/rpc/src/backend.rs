@@ -121,6 +121,10 @@ pub struct Inbox<'a> {
     pub region: &'a Region,
     pub bell: &'a Doorbell,
     pub kicks: &'a [Kick],
+    /// Runs a kick's replay: a device may leave the work of the request it took to the loop
+    /// itself, done once the replay has returned (the backend passes `virtio::defer::accept`;
+    /// `|f| f()` leaves all of it to the devices).
+    pub replay: &'a dyn Fn(&mut dyn FnMut()),
 }
 
 /// Registers `devices`, then serves requests and kicks until `stop` is set or the ring
@@ -138,12 +142,14 @@ pub fn serve(
         region,
         bell: from_proxy,
         kicks,
+        replay,
     } = inbox;
+    let kicks = Kicks { kicks, replay };
     for (r, _) in devices.iter() {
         out.send(&r.to_msg()).map_err(ServeError::Ring)?;
     }
     out.send(&Msg::new(Op::Ready)).map_err(ServeError::Ring)?;
-    let bells: Vec<&Doorbell> = kicks.iter().map(|k| &k.bell).collect();
+    let bells: Vec<&Doorbell> = kicks.kicks.iter().map(|k| &k.bell).collect();
     let mut refused = 0u64;
     let mut lost = Lost {
         count: 0,
@@ -156,14 +162,14 @@ pub fn serve(
             // A busy ring must not starve the kicks.
             if !bells.is_empty() {
                 let rang = Doorbell::wait_any(&bells, Some(Duration::ZERO));
-                lost.run_kicks(region, out, kicks, rang, devices);
+                lost.run_kicks(region, out, &kicks, rang, devices);
             }
             idle = Duration::ZERO;
             continue;
         }
         let timeout = match wait {
             Wait::Poll(d) if idle < d => {
-                let chunk = if kicks.is_empty() { d } else { KICK_LOOK }.min(d - idle);
+                let chunk = if bells.is_empty() { d } else { KICK_LOOK }.min(d - idle);
                 if crate::proxy::spin_until(chunk, &mut None, || region.requests().ready()) {
                     idle = Duration::ZERO;
                     continue; // without touching `sleepers`, which the proxy reads on every push
@@ -181,11 +187,11 @@ pub fn serve(
         if rang != 0 {
             idle = Duration::ZERO;
             drain(region, out, devices, input, &mut refused)?;
-            lost.run_kicks(region, out, kicks, rang, devices);
-        } else if timeout == SLEEP && !kicks.is_empty() && !region.requests().ready() {
+            lost.run_kicks(region, out, &kicks, rang, devices);
+        } else if timeout == SLEEP && !bells.is_empty() && !region.requests().ready() {
             // A whole sleep with nothing rung (a request in the ring ends `sleep_any` at
             // once, unrung: then a kick may well be on its way still).
-            idle_look(region, out, kicks, devices, &mut lost);
+            idle_look(region, out, &kicks, devices, &mut lost);
         }
     }
     Ok(())
@@ -199,7 +205,7 @@ pub fn serve(
 fn idle_look(
     region: &Region,
     out: &Outbox,
-    kicks: &[Kick],
+    kicks: &Kicks,
     devices: &mut [(Registration, Box<dyn PciFunction>)],
     lost: &mut Lost,
 ) {
@@ -207,9 +213,13 @@ fn idle_look(
     for (dev, _, _) in std::mem::take(&mut lost.watch) {
         lost.say(out, dev, "none came in the sleep after");
     }
-    let before: Vec<Option<u16>> = kicks.iter().map(|k| next_avail(region, k.dev)).collect();
-    run_kicks(kicks, u64::MAX, devices);
-    for (k, was) in kicks.iter().zip(before) {
+    let before: Vec<Option<u16>> = kicks
+        .kicks
+        .iter()
+        .map(|k| next_avail(region, k.dev))
+        .collect();
+    kicks.run(u64::MAX, devices);
+    for (k, was) in kicks.kicks.iter().zip(before) {
         if was.is_some() && next_avail(region, k.dev) != was {
             lost.watch.push((k.dev, Instant::now(), k.bell.last_read()));
         }
@@ -250,19 +260,20 @@ impl Lost {
         &mut self,
         region: &Region,
         out: &Outbox,
-        kicks: &[Kick],
+        all: &Kicks,
         rang: u64,
         devices: &mut [(Registration, Box<dyn PciFunction>)],
     ) {
         if self.watch.is_empty() {
-            return run_kicks(kicks, rang, devices);
+            return all.run(rang, devices);
         }
+        let kicks = all.kicks;
         let before: Vec<Option<u16>> = self
             .watch
             .iter()
             .map(|(d, ..)| next_avail(region, *d))
             .collect();
-        run_kicks(kicks, rang, devices);
+        all.run(rang, devices);
         for ((dev, at, read), was) in std::mem::take(&mut self.watch).into_iter().zip(before) {
             let rung = kicks
                 .iter()
@@ -293,12 +304,27 @@ impl Lost {
     }
 }
 
-/// Serves the kicks whose bits are set in `rang`.
-fn run_kicks(kicks: &[Kick], rang: u64, devices: &mut [(Registration, Box<dyn PciFunction>)]) {
-    for (_, k) in kicks.iter().enumerate().filter(|(i, _)| rang & 1 << i != 0) {
-        if let Some((_, f)) = devices.iter_mut().find(|(r, _)| r.dev == k.dev) {
-            for (off, value) in &k.writes {
-                f.bar_write(0, *off, &value.to_le_bytes());
+/// The kicks, and how their replays run (`Inbox::replay`).
+struct Kicks<'a> {
+    kicks: &'a [Kick],
+    replay: &'a dyn Fn(&mut dyn FnMut()),
+}
+
+impl Kicks<'_> {
+    /// Serves the kicks whose bits are set in `rang`.
+    fn run(&self, rang: u64, devices: &mut [(Registration, Box<dyn PciFunction>)]) {
+        for (_, k) in self
+            .kicks
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| rang & 1 << i != 0)
+        {
+            if let Some((_, f)) = devices.iter_mut().find(|(r, _)| r.dev == k.dev) {
+                (self.replay)(&mut || {
+                    for (off, value) in &k.writes {
+                        f.bar_write(0, *off, &value.to_le_bytes());
+                    }
+                });
             }
         }
     }
@@ -473,11 +499,15 @@ mod tests {
                 next: 0,
             }),
         )];
-        let kicks = [Kick {
+        let list = [Kick {
             dev: 1,
             bell: Doorbell::new().unwrap(),
             writes: vec![(0x3000, 0)],
         }];
+        let kicks = Kicks {
+            kicks: &list,
+            replay: &|f| f(),
+        };
         let mut lost = Lost {
             count: 0,
             since: Instant::now(),
@@ -487,9 +517,9 @@ mod tests {
         let post = |n: u16, rings: usize, lost: &mut Lost, devices: &mut Vec<_>| {
             avail.fetch_add(n, Ordering::AcqRel);
             for _ in 0..rings {
-                kicks[0].bell.ring();
+                list[0].bell.ring();
             }
-            let rang = Doorbell::wait_any(&[&kicks[0].bell], Some(Duration::ZERO));
+            let rang = Doorbell::wait_any(&[&list[0].bell], Some(Duration::ZERO));
             lost.run_kicks(&region, &out, &kicks, rang, devices);
         };
         let look = |lost: &mut Lost, devices: &mut Vec<_>| {

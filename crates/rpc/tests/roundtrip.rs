@@ -4,7 +4,7 @@
 use pci::{BarKind, ConfigSpace, PciFunction};
 use rpc::backend::{serve, Inbox, Kick, Outbox, Wait};
 use rpc::{Doorbell, Event, Link, Msg, Op, Proxy, Region, Registration, RemoteFunction};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -84,6 +84,7 @@ fn backend(
     stop: Arc<AtomicBool>,
     wait: Wait,
     kicks: Vec<Kick>,
+    replays: Arc<AtomicUsize>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut devs = vec![(reg(1), function()), (reg(2), function())];
@@ -93,6 +94,10 @@ fn backend(
             region: &view,
             bell: &wake,
             kicks: &kicks,
+            replay: &|f| {
+                replays.fetch_add(1, Ordering::Relaxed);
+                f()
+            },
         };
         let _ = serve(inbox, &o, &mut devs, &mut input, &stop, wait);
     })
@@ -129,6 +134,7 @@ fn pair_events(wait: Wait, poll: Option<Duration>, echo: bool) -> Pair {
         stop.clone(),
         wait,
         Vec::new(),
+        Default::default(),
     );
     let events = Arc::new(Mutex::new(Vec::new()));
     let e = events.clone();
@@ -336,9 +342,17 @@ fn a_read_behind_a_full_request_ring_waits_for_room() {
     );
     let late = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(100));
-        backend(view, wake, out, s, Wait::Block, Vec::new())
-            .join()
-            .unwrap();
+        backend(
+            view,
+            wake,
+            out,
+            s,
+            Wait::Block,
+            Vec::new(),
+            Default::default(),
+        )
+        .join()
+        .unwrap();
     });
     // The read finds no room, waits for it (not holding the reply ring), and sees the last
     // write before it.
@@ -353,12 +367,14 @@ fn a_read_behind_a_full_request_ring_waits_for_room() {
 
 /// `pair`'s backend replaced by one whose device 2 has a kick: a notification the hypervisor
 /// caught, standing for writes of 0x0201 at 8 and 0x0403 at 10. Returns the proxy, the kick's
-/// bell (to ring it), and the new backend's stop flag and thread.
+/// bell (to ring it), the new backend's stop flag and thread, and how many replays its loop
+/// ran through `Inbox::replay`.
 fn pair_with_a_kick() -> (
     Arc<Proxy>,
     Doorbell,
     Arc<AtomicBool>,
     std::thread::JoinHandle<()>,
+    Arc<AtomicUsize>,
 ) {
     let p = pair(Wait::Block);
     p.proxy.registrations(Duration::from_secs(5)).unwrap();
@@ -372,6 +388,7 @@ fn pair_with_a_kick() -> (
         writes: vec![(8, 0x0201), (10, 0x0403)],
     }];
     let stop = Arc::new(AtomicBool::new(false));
+    let replays = Arc::new(AtomicUsize::new(0));
     let b = backend(
         p.view.clone(),
         p.wake.clone(),
@@ -379,13 +396,14 @@ fn pair_with_a_kick() -> (
         stop.clone(),
         Wait::Block,
         kicks,
+        replays.clone(),
     );
-    (p.proxy, ring_it, stop, b)
+    (p.proxy, ring_it, stop, b, replays)
 }
 
 #[test]
 fn a_kick_replays_its_writes_after_the_requests_before_it() {
-    let (proxy, ring_it, stop, b) = pair_with_a_kick();
+    let (proxy, ring_it, stop, b, replays) = pair_with_a_kick();
     for round in 0..50u64 {
         // A write posted before the notification lands first, whatever wakes the backend.
         proxy.write(2, 1, 8, 4, 0xaaaa_aaaa ^ round);
@@ -402,6 +420,9 @@ fn a_kick_replays_its_writes_after_the_requests_before_it() {
     }
     // Device 1 has no kick: its registers are untouched.
     assert_eq!(proxy.read(1, 1, 8, 4), 0);
+    // Every replay ran inside the inbox's `replay` (where the backend accepts a device's
+    // work): at least one a round, each round's writes having undone the last one's.
+    assert!(replays.load(Ordering::Relaxed) >= 50);
     stop.store(true, Ordering::Release);
     b.join().unwrap();
 }
@@ -411,7 +432,7 @@ fn a_kick_replays_its_writes_after_the_requests_before_it() {
 /// every kicked queue.
 #[test]
 fn a_queue_whose_kick_was_lost_is_looked_at_anyway() {
-    let (proxy, _never_rung, stop, b) = pair_with_a_kick();
+    let (proxy, _never_rung, stop, b, _) = pair_with_a_kick();
     // The bell is never rung; the writes land all the same. Each read is a request, which
     // ends the backend's sleep: they leave it longer ones between them. The deadline only
     // bounds a hang.
