@@ -44,7 +44,6 @@ pids_matching() {
 		case "$(tr '\0' ' ' <"$c" 2>/dev/null)" in *"$1"*) echo "$p" ;; esac
 	done
 }
-# Kills (SIGKILL) every process whose command line holds PATTERN: no pkill either.
 # A watchdog: after SECONDS, say where every splitvirt thread waits (hang_report NAME) and end
 # the VMs. Its pid in $watchdog: `kill "$watchdog"` ends it, its sleep too (a sleep left
 # behind would hold the caller's output pipe open for its whole length).
@@ -56,6 +55,7 @@ start_watchdog() { # SECONDS NAME
 	  kill_matching 'splitvirt run' ) &
 	watchdog=$!
 }
+# Kills (SIGKILL) every process whose command line holds PATTERN: no pkill either.
 kill_matching() {
 	for p in $(pids_matching "$1"); do kill -9 "$p" 2>/dev/null; done
 }

@@ -4,7 +4,7 @@
 
 use crate::env::root;
 use crate::{board, guest, kernel};
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use std::time::Duration;
 
 /// Rounds of `bench boot` (six boots each; one round per order of the three kinds).
@@ -18,6 +18,18 @@ fn field(line: &str, key: &str) -> Option<u64> {
 pub(crate) fn word<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// `HALT_POLL_US=N` of a bench's environment: its VMs' `halt_poll_us` (None: unset, the
+/// host's default).
+pub(crate) fn halt_poll_us() -> Result<Option<u32>> {
+    std::env::var("HALT_POLL_US")
+        .ok()
+        .map(|us| {
+            us.parse()
+                .with_context(|| format!("HALT_POLL_US={us}: microseconds, a number"))
+        })
+        .transpose()
 }
 
 /// The middle value (the mean of the middle two for an even count; NaN for none).

@@ -12,7 +12,7 @@
 
 use crate::env::root;
 use crate::{board, guest, kernel, realboot};
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use std::time::Duration;
 
 /// The driver VM: the default profile's pool (64 MiB), its disk in the device VM.
@@ -307,14 +307,8 @@ const BENCH_ROUNDS: usize = 3;
 pub fn bench() -> Result<()> {
     let dk = kernel::build(kernel::Role::Device)?;
     // HALT_POLL_US=N: every VM's `halt_poll_us` (unset: the host's default).
-    let halt_poll = match std::env::var("HALT_POLL_US") {
-        Ok(us) => format!(
-            "halt_poll_us = {}\n",
-            us.parse::<u32>()
-                .with_context(|| format!("HALT_POLL_US={us}: microseconds, a number"))?
-        ),
-        Err(_) => String::new(),
-    };
+    let halt_poll = crate::bench::halt_poll_us()?
+        .map_or_else(String::new, |us| format!("halt_poll_us = {us}\n"));
     // The driver VM as the device VM serves it, from its disk `disk` (its own virtio-blk's
     // /dev/vda, or its virtio-pmem image's /dev/pmem0).
     let bench_driver = |disk: &str| {

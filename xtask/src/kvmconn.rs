@@ -47,10 +47,7 @@ fn run(mode: &str, rounds: &str) -> Result<Run> {
     let mut conn = conn.replace("BULK", if mode == "bench" { "32M" } else { "2M" });
     // HALT_POLL_US=N: both VMs' `halt_poll_us` (unset: the host's default), to see what the
     // round trip owes to KVM's halt polling.
-    if let Ok(us) = std::env::var("HALT_POLL_US") {
-        let us: u32 = us
-            .parse()
-            .with_context(|| format!("HALT_POLL_US={us}: microseconds, a number"))?;
+    if let Some(us) = crate::bench::halt_poll_us()? {
         conn = format!("halt_poll_us = {us}\n{conn}");
     }
     let mut files = vec![
@@ -262,8 +259,8 @@ pub fn bench() -> Result<()> {
     );
     println!(
         "| a halted vCPU polled for up to | {} |",
-        std::env::var("HALT_POLL_US").map_or_else(
-            |_| format!(
+        crate::bench::halt_poll_us()?.map_or_else(
+            || format!(
                 "{} ns (the board's KVM default, halt_poll_ns)",
                 r.outer().value("halt_poll_ns").unwrap_or("?")
             ),

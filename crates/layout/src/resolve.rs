@@ -64,7 +64,7 @@ fn build(d: &Description, p: &mut Vec<Problem>) -> Layout {
         name: d.name.clone(),
         profile: d.profile.clone(),
         vcpus: d.vcpus,
-        halt_poll: None,
+        halt_poll: halt_poll(d.halt_poll_us, p),
         ram,
         pool,
         gic_dist: Region::new(
@@ -111,7 +111,6 @@ fn build(d: &Description, p: &mut Vec<Problem>) -> Layout {
         gic_irqs: 0,
     };
     check_vcpus(&layout, p);
-    layout.halt_poll = halt_poll(d.halt_poll_us, p);
     let regions_ok = check_regions(&layout, p);
     check_ram(&layout, p);
     check_pool(&layout, p);

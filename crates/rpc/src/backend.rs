@@ -151,11 +151,7 @@ pub fn serve(
     out.send(&Msg::new(Op::Ready)).map_err(ServeError::Ring)?;
     let bells: Vec<&Doorbell> = kicks.kicks.iter().map(|k| &k.bell).collect();
     let mut refused = 0u64;
-    let mut lost = Lost {
-        count: 0,
-        since: Instant::now(),
-        watch: Vec::new(),
-    };
+    let mut lost = Lost::new();
     let mut idle = Duration::ZERO;
     while !stop.load(Ordering::Acquire) {
         if drain(region, out, devices, input, &mut refused)? {
@@ -243,6 +239,14 @@ struct Lost {
 }
 
 impl Lost {
+    fn new() -> Lost {
+        Lost {
+            count: 0,
+            since: Instant::now(),
+            watch: Vec::new(),
+        }
+    }
+
     fn say(&mut self, out: &Outbox, dev: u8, why: &str) {
         self.count += 1;
         if self.count <= 8 {
@@ -445,8 +449,9 @@ mod tests {
         fn bar_read(&mut self, _: usize, _: u64, _: &mut [u8]) {}
         fn bar_write(&mut self, _: usize, _: u64, _: &[u8]) {
             while self.next != self.avail.load(Ordering::Acquire) {
-                self.next = self.next.wrapping_add(1);
-                self.region.journal_popped(1, self.next - 1, self.next);
+                let head = self.next;
+                self.next = head.wrapping_add(1);
+                self.region.journal_popped(1, head, self.next);
             }
         }
         fn resume(&mut self) {}
@@ -508,11 +513,7 @@ mod tests {
             kicks: &list,
             replay: &|f| f(),
         };
-        let mut lost = Lost {
-            count: 0,
-            since: Instant::now(),
-            watch: Vec::new(),
-        };
+        let mut lost = Lost::new();
         // The driver makes `n` requests available and rings `rings` times; the loop wakes.
         let post = |n: u16, rings: usize, lost: &mut Lost, devices: &mut Vec<_>| {
             avail.fetch_add(n, Ordering::AcqRel);

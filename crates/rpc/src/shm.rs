@@ -550,7 +550,6 @@ impl Doorbell {
             revents: 0,
         };
         let mut p = [unused; 64];
-        let mut len = [8usize; 64];
         let mut which: [Option<&Doorbell>; 64] = [None; 64];
         let mut n = 0;
         for b in bells.take(64) {
@@ -560,7 +559,6 @@ impl Doorbell {
                 events: libc::POLLIN,
                 revents: 0,
             };
-            len[n] = b.read_len;
             n += 1;
         }
         if n == 0 {
@@ -573,18 +571,20 @@ impl Doorbell {
         }
         let mut rang = 0;
         let mut uio_total = None;
-        for (i, q) in p[..n].iter().enumerate() {
+        for (i, (q, b)) in p[..n].iter().zip(which.iter().flatten()).enumerate() {
             if q.revents & libc::POLLIN != 0 {
                 let mut v = 0u64;
                 // SAFETY: a read of at most 8 bytes into a local from a descriptor we own.
-                let got = unsafe { libc::read(q.fd, (&mut v as *mut u64).cast(), len[i]) };
-                // UIO doorbells share one file: the first read takes the total, the others
-                // find nothing and keep it too.
-                if got > 0 && len[i] == 4 {
-                    uio_total = Some(v);
-                }
-                if let (Some(b), Some(v)) = (which[i], (got > 0).then_some(v).or(uio_total)) {
+                let got = unsafe { libc::read(q.fd, (&mut v as *mut u64).cast(), b.read_len) };
+                if got > 0 {
                     b.last.store(v, Ordering::Relaxed);
+                    if b.is_uio() {
+                        uio_total = Some(v);
+                    }
+                } else if let (true, Some(t)) = (b.is_uio(), uio_total) {
+                    // UIO doorbells share one file: the first read took the total, the
+                    // others find nothing and keep it too.
+                    b.last.store(t, Ordering::Relaxed);
                 }
                 rang |= 1 << i;
             }
