@@ -42,7 +42,7 @@ dvm() { # NAME DEVICE-CONFIG DRIVER-CONFIG-IN-THE-DEVICE-VM
 	rm -f "/tmp/device-$1-ready"
 	( ( /splitvirt --log-file "/tmp/device-$1-sv.log" run --config "/guest/$2.toml" \
 		--kernel /guest/device-Image --initrd /guest/dvm-device.cpio \
-		--cmdline "console=ttyAMA0 loglevel=4 CONNECTIONS=1 A_CONFIG=$3 DIAG=1" </dev/null &
+		--cmdline "console=ttyAMA0 loglevel=4 CONNECTIONS=1 A_CONFIG=$3 DIAG=1 POLL_US=$POLL_US" </dev/null &
 	    echo $! >/tmp/device.pid
 	    wait $! ) 2>&1 |
 		while IFS= read -r l; do

@@ -15,7 +15,7 @@ cp /guest/dvm-root.img /tmp/dvm-disk.img
 truncate -s 64M /tmp/dvm-disk2.img
 device_vm() { # NAME
 	( /splitvirt --log-file "/tmp/$1-sv.log" run --config /guest/device.toml --kernel /guest/device-Image \
-		--initrd /guest/dvm-device.cpio --cmdline "console=ttyAMA0 loglevel=4 CONNECTIONS=1 KILL=$KILL" </dev/null &
+		--initrd /guest/dvm-device.cpio --cmdline "console=ttyAMA0 loglevel=4 CONNECTIONS=1 KILL=$KILL POLL_US=$POLL_US" </dev/null &
 	  echo $! >"/tmp/$1.pid"
 	  wait $!
 	  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do

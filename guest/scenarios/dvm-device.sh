@@ -3,7 +3,8 @@
 # /driver2.toml (00:03.0) from this VM's own disks (/dev/vda; /dev/pmem0, a virtio-pmem image
 # where there is one) and network (tap0,
 # made by the backend: it gets 10.0.5.1 here), once per connection of that driver VM's
-# splitvirt, CONNECTIONS times; the VM powers off when every port has been served so. The
+# splitvirt, CONNECTIONS times, polling its queues for POLL_US µs after its last work (unset:
+# none); the VM powers off when every port has been served so. The
 # 4 MiB a driver VM sends to port 5000 are hashed.
 check insmod insmod /connection.ko
 ports=$(for d in /sys/class/uio/uio*; do
@@ -28,7 +29,7 @@ value port_maps "$(cat /sys/class/uio/uio0/maps/map*/size 2>/dev/null | tr '\n' 
 serve() { # NAME PORT DESCRIPTION
 	i=0
 	while [ "$i" -lt "$CONNECTIONS" ]; do
-		/splitvirt backend --port "$2" --config "$3"
+		/splitvirt backend --port "$2" --config "$3" ${POLL_US:+--poll-us "$POLL_US"}
 		value "backend_exit_${1}_$i" "$?"
 		i=$((i + 1))
 	done

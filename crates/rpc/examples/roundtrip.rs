@@ -164,7 +164,7 @@ fn child(mode: &str) {
                 region: &region,
                 bell: &from_proxy,
                 kicks: &[],
-                replay: &|f| f(),
+                replay: &|_, f| f(),
             };
             let _ = serve(
                 inbox,

@@ -89,7 +89,9 @@ impl Outbox {
 pub enum Wait {
     /// Sleep on the doorbell.
     Block,
-    /// Look at the ring for this long before sleeping (lower latency, a busy core).
+    /// Look at the ring, and at every kicked queue, for this long after the last work before
+    /// sleeping: a request made meanwhile is served with no notification awaited (lower
+    /// latency, a busy core).
     Poll(Duration),
 }
 
@@ -113,8 +115,8 @@ pub struct Kick {
 
 /// How long a sleep lasts before the loop looks at `stop` again.
 const SLEEP: Duration = Duration::from_millis(100);
-/// A polling loop with kicks looks at them this often.
-const KICK_LOOK: Duration = Duration::from_millis(1);
+/// A polling loop with kicks looks at its queues, and at their doorbells, this often.
+const QUEUE_LOOK: Duration = Duration::from_micros(20);
 
 /// The backend's way in: the request ring, its doorbell, and the kicks.
 pub struct Inbox<'a> {
@@ -123,8 +125,10 @@ pub struct Inbox<'a> {
     pub kicks: &'a [Kick],
     /// Runs a kick's replay: a device may leave the work of the request it took to the loop
     /// itself, done once the replay has returned (the backend passes `virtio::defer::accept`;
-    /// `|f| f()` leaves all of it to the devices).
-    pub replay: &'a dyn Fn(&mut dyn FnMut()),
+    /// `|_, f| f()` leaves all of it to the devices). The flag says whether the loop will look
+    /// at the queues again itself before it sleeps (it polls): the queues need not be re-armed
+    /// for notifications then (the backend passes it to `virtio::set_polling`).
+    pub replay: &'a dyn Fn(bool, &mut dyn FnMut()),
 }
 
 /// Registers `devices`, then serves requests and kicks until `stop` is set or the ring
@@ -145,6 +149,8 @@ pub fn serve(
         replay,
     } = inbox;
     let kicks = Kicks { kicks, replay };
+    // Whether the loop looks at the kicked queues itself before it sleeps.
+    let polls = matches!(wait, Wait::Poll(_)) && !kicks.kicks.is_empty();
     for (r, _) in devices.iter() {
         out.send(&r.to_msg()).map_err(ServeError::Ring)?;
     }
@@ -158,33 +164,45 @@ pub fn serve(
             // A busy ring must not starve the kicks.
             if !bells.is_empty() {
                 let rang = Doorbell::wait_any(&bells, Some(Duration::ZERO));
-                lost.run_kicks(region, out, &kicks, rang, devices);
+                lost.run_kicks(region, out, &kicks, rang, polls, devices);
             }
             idle = Duration::ZERO;
             continue;
         }
-        let timeout = match wait {
-            Wait::Poll(d) if idle < d => {
-                let chunk = if bells.is_empty() { d } else { KICK_LOOK }.min(d - idle);
+        if let Wait::Poll(d) = wait {
+            if idle < d {
+                let chunk = if bells.is_empty() { d } else { QUEUE_LOOK }.min(d - idle);
                 if crate::proxy::spin_until(chunk, &mut None, || region.requests().ready()) {
                     idle = Duration::ZERO;
                     continue; // without touching `sleepers`, which the proxy reads on every push
                 }
                 idle += chunk;
+                if !bells.is_empty() {
+                    let rang = Doorbell::wait_any(&bells, Some(Duration::ZERO));
+                    lost.run_kicks(region, out, &kicks, rang, polls, devices);
+                    // The queues themselves: a request found there is served with no
+                    // notification (the queues are left unarmed while the loop polls).
+                    if rang != 0 || look(region, &kicks, devices, polls) != 0 {
+                        idle = Duration::ZERO;
+                    }
+                }
                 if idle < d {
-                    Duration::ZERO
-                } else {
-                    SLEEP
+                    continue;
+                }
+                // Before sleeping, every queue re-armed and looked at once more: a request
+                // from now on notifies.
+                if polls && look(region, &kicks, devices, false) != 0 {
+                    idle = Duration::ZERO;
+                    continue;
                 }
             }
-            _ => SLEEP,
-        };
-        let rang = region.requests().sleep_any(from_proxy, &bells, timeout);
+        }
+        let rang = region.requests().sleep_any(from_proxy, &bells, SLEEP);
         if rang != 0 {
             idle = Duration::ZERO;
             drain(region, out, devices, input, &mut refused)?;
-            lost.run_kicks(region, out, &kicks, rang, devices);
-        } else if timeout == SLEEP && !bells.is_empty() && !region.requests().ready() {
+            lost.run_kicks(region, out, &kicks, rang, polls, devices);
+        } else if !bells.is_empty() && !region.requests().ready() {
             // A whole sleep with nothing rung (a request in the ring ends `sleep_any` at
             // once, unrung: then a kick may well be on its way still).
             idle_look(region, out, &kicks, devices, &mut lost);
@@ -209,17 +227,36 @@ fn idle_look(
     for (dev, _, _) in std::mem::take(&mut lost.watch) {
         lost.say(out, dev, "none came in the sleep after");
     }
-    let before: Vec<Option<u16>> = kicks
-        .kicks
-        .iter()
-        .map(|k| next_avail(region, k.dev))
-        .collect();
-    kicks.run(u64::MAX, devices);
-    for (k, was) in kicks.kicks.iter().zip(before) {
-        if was.is_some() && next_avail(region, k.dev) != was {
+    let moved = look(region, kicks, devices, false);
+    for (i, k) in kicks.kicks.iter().enumerate() {
+        if moved & 1 << i != 0 {
             lost.watch.push((k.dev, Instant::now(), k.bell.last_read()));
         }
     }
+}
+
+/// Looks at every kicked queue as its notification would (replaying every kick; `polling` as
+/// in `Inbox::replay`); bit i of the result says that kick i's virtio-blk journal moved:
+/// requests were there that no notification had announced yet.
+fn look(
+    region: &Region,
+    kicks: &Kicks,
+    devices: &mut [(Registration, Box<dyn PciFunction>)],
+    polling: bool,
+) -> u64 {
+    // Bits above 63 cannot be rung either (`Doorbell::poll_all`).
+    let mut before = [None; 64];
+    for (b, k) in before.iter_mut().zip(kicks.kicks) {
+        *b = next_avail(region, k.dev);
+    }
+    kicks.run(u64::MAX, polling, devices);
+    let mut moved = 0;
+    for (i, (k, was)) in kicks.kicks.iter().zip(before).enumerate() {
+        if was.is_some() && next_avail(region, k.dev) != was {
+            moved |= 1 << i;
+        }
+    }
+    moved
 }
 
 /// A virtio-blk queue's next avail index, from its journal (None for other devices).
@@ -266,10 +303,11 @@ impl Lost {
         out: &Outbox,
         all: &Kicks,
         rang: u64,
+        polling: bool,
         devices: &mut [(Registration, Box<dyn PciFunction>)],
     ) {
         if self.watch.is_empty() {
-            return all.run(rang, devices);
+            return all.run(rang, polling, devices);
         }
         let kicks = all.kicks;
         let before: Vec<Option<u16>> = self
@@ -277,7 +315,7 @@ impl Lost {
             .iter()
             .map(|(d, ..)| next_avail(region, *d))
             .collect();
-        all.run(rang, devices);
+        all.run(rang, polling, devices);
         for ((dev, at, read), was) in std::mem::take(&mut self.watch).into_iter().zip(before) {
             let rung = kicks
                 .iter()
@@ -311,12 +349,12 @@ impl Lost {
 /// The kicks, and how their replays run (`Inbox::replay`).
 struct Kicks<'a> {
     kicks: &'a [Kick],
-    replay: &'a dyn Fn(&mut dyn FnMut()),
+    replay: &'a dyn Fn(bool, &mut dyn FnMut()),
 }
 
 impl Kicks<'_> {
-    /// Serves the kicks whose bits are set in `rang`.
-    fn run(&self, rang: u64, devices: &mut [(Registration, Box<dyn PciFunction>)]) {
+    /// Serves the kicks whose bits are set in `rang` (`polling` as in `Inbox::replay`).
+    fn run(&self, rang: u64, polling: bool, devices: &mut [(Registration, Box<dyn PciFunction>)]) {
         for (_, k) in self
             .kicks
             .iter()
@@ -324,7 +362,7 @@ impl Kicks<'_> {
             .filter(|(i, _)| rang & 1 << i != 0)
         {
             if let Some((_, f)) = devices.iter_mut().find(|(r, _)| r.dev == k.dev) {
-                (self.replay)(&mut || {
+                (self.replay)(polling, &mut || {
                     for (off, value) in &k.writes {
                         f.bar_write(0, *off, &value.to_le_bytes());
                     }
@@ -511,7 +549,7 @@ mod tests {
         }];
         let kicks = Kicks {
             kicks: &list,
-            replay: &|f| f(),
+            replay: &|_, f| f(),
         };
         let mut lost = Lost::new();
         // The driver makes `n` requests available and rings `rings` times; the loop wakes.
@@ -521,7 +559,7 @@ mod tests {
                 list[0].bell.ring();
             }
             let rang = Doorbell::wait_any(&[&list[0].bell], Some(Duration::ZERO));
-            lost.run_kicks(&region, &out, &kicks, rang, devices);
+            lost.run_kicks(&region, &out, &kicks, rang, false, devices);
         };
         let look = |lost: &mut Lost, devices: &mut Vec<_>| {
             idle_look(&region, &out, &kicks, devices, lost);

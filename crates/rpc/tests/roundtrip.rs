@@ -4,9 +4,12 @@
 use pci::{BarKind, ConfigSpace, PciFunction};
 use rpc::backend::{serve, Inbox, Kick, Outbox, Wait};
 use rpc::{Doorbell, Event, Link, Msg, Op, Proxy, Region, Registration, RemoteFunction};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// Each replay's `polling` flag, in order.
+type Replays = Arc<Mutex<Vec<bool>>>;
 
 struct Regs {
     cfg: ConfigSpace,
@@ -84,7 +87,7 @@ fn backend(
     stop: Arc<AtomicBool>,
     wait: Wait,
     kicks: Vec<Kick>,
-    replays: Arc<AtomicUsize>,
+    replays: Replays,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut devs = vec![(reg(1), function()), (reg(2), function())];
@@ -94,8 +97,8 @@ fn backend(
             region: &view,
             bell: &wake,
             kicks: &kicks,
-            replay: &|f| {
-                replays.fetch_add(1, Ordering::Relaxed);
+            replay: &|polling, f| {
+                replays.lock().unwrap().push(polling);
                 f()
             },
         };
@@ -367,14 +370,16 @@ fn a_read_behind_a_full_request_ring_waits_for_room() {
 
 /// `pair`'s backend replaced by one whose device 2 has a kick: a notification the hypervisor
 /// caught, standing for writes of 0x0201 at 8 and 0x0403 at 10. Returns the proxy, the kick's
-/// bell (to ring it), the new backend's stop flag and thread, and how many replays its loop
-/// ran through `Inbox::replay`.
-fn pair_with_a_kick() -> (
+/// bell (to ring it), the new backend's stop flag and thread, and the replays its loop ran
+/// through `Inbox::replay`. The new backend waits as `wait` says.
+fn pair_with_a_kick(
+    wait: Wait,
+) -> (
     Arc<Proxy>,
     Doorbell,
     Arc<AtomicBool>,
     std::thread::JoinHandle<()>,
-    Arc<AtomicUsize>,
+    Replays,
 ) {
     let p = pair(Wait::Block);
     p.proxy.registrations(Duration::from_secs(5)).unwrap();
@@ -388,13 +393,13 @@ fn pair_with_a_kick() -> (
         writes: vec![(8, 0x0201), (10, 0x0403)],
     }];
     let stop = Arc::new(AtomicBool::new(false));
-    let replays = Arc::new(AtomicUsize::new(0));
+    let replays = Replays::default();
     let b = backend(
         p.view.clone(),
         p.wake.clone(),
         p.outbox.clone(),
         stop.clone(),
-        Wait::Block,
+        wait,
         kicks,
         replays.clone(),
     );
@@ -403,7 +408,7 @@ fn pair_with_a_kick() -> (
 
 #[test]
 fn a_kick_replays_its_writes_after_the_requests_before_it() {
-    let (proxy, ring_it, stop, b, replays) = pair_with_a_kick();
+    let (proxy, ring_it, stop, b, replays) = pair_with_a_kick(Wait::Block);
     for round in 0..50u64 {
         // A write posted before the notification lands first, whatever wakes the backend.
         proxy.write(2, 1, 8, 4, 0xaaaa_aaaa ^ round);
@@ -421,27 +426,70 @@ fn a_kick_replays_its_writes_after_the_requests_before_it() {
     // Device 1 has no kick: its registers are untouched.
     assert_eq!(proxy.read(1, 1, 8, 4), 0);
     // Every replay ran inside the inbox's `replay` (where the backend accepts a device's
-    // work): at least one a round, each round's writes having undone the last one's.
-    assert!(replays.load(Ordering::Relaxed) >= 50);
+    // work): at least one a round, each round's writes having undone the last one's. A loop
+    // that does not poll re-arms every queue it looks at.
+    let replays = replays.lock().unwrap().clone();
+    assert!(replays.len() >= 50);
+    assert!(replays.iter().all(|polling| !polling));
+    stop.store(true, Ordering::Release);
+    b.join().unwrap();
+}
+
+/// Device 2's kick, never rung, is replayed all the same by a backend waiting as `wait` says:
+/// the test reads its register (each read a request) every `pause` until the replay's writes
+/// are there. The deadline only bounds a hang.
+fn replayed_without_a_kick(wait: Wait, pause: Duration) {
+    let (proxy, _never_rung, stop, b, _) = pair_with_a_kick(wait);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while proxy.read(2, 1, 8, 4) != 0x0403_0201 {
+        assert!(std::time::Instant::now() < deadline, "never looked at");
+        std::thread::sleep(pause);
+    }
+    assert_eq!(proxy.read(1, 1, 8, 4), 0, "device 1 has no kick");
     stop.store(true, Ordering::Release);
     b.join().unwrap();
 }
 
 /// A notification that never arrives (a kick the hypervisors lost) does not leave the queue
 /// waiting for ever: after a whole sleep with nothing (no request either), the backend looks at
-/// every kicked queue.
+/// every kicked queue. Each read ends the backend's sleep: they leave it longer ones between.
 #[test]
 fn a_queue_whose_kick_was_lost_is_looked_at_anyway() {
-    let (proxy, _never_rung, stop, b, _) = pair_with_a_kick();
-    // The bell is never rung; the writes land all the same. Each read is a request, which
-    // ends the backend's sleep: they leave it longer ones between them. The deadline only
-    // bounds a hang.
+    replayed_without_a_kick(Wait::Block, Duration::from_millis(250));
+}
+
+/// A polling backend looks at its kicked queues itself: a request made while it polls is
+/// served with no notification at all. Each read is a request, after which it polls anew, for
+/// longer than the test runs: the look after a whole quiet sleep (above) never comes.
+#[test]
+fn a_polling_backend_serves_a_queue_no_notification_announced() {
+    replayed_without_a_kick(
+        Wait::Poll(Duration::from_secs(3600)),
+        Duration::from_millis(1),
+    );
+}
+
+/// While it polls, the loop leaves the queues unarmed (its replays say `polling`); before it
+/// sleeps, it looks at every queue once more re-arming it, so that the next request notifies.
+#[test]
+fn a_polling_backend_rearms_its_queues_before_it_sleeps() {
+    let (proxy, _bell, stop, b, replays) = pair_with_a_kick(Wait::Poll(Duration::from_millis(2)));
+    proxy.read(2, 1, 8, 4);
+    // Only the loop writes the replays; the deadline bounds a hang.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while proxy.read(2, 1, 8, 4) != 0x0403_0201 {
-        assert!(std::time::Instant::now() < deadline, "never looked at");
-        std::thread::sleep(Duration::from_millis(250));
+    loop {
+        let r = replays.lock().unwrap().clone();
+        if let Some(first) = r.iter().position(|&p| p) {
+            if r[first..].contains(&false) {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never re-armed: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
     }
-    assert_eq!(proxy.read(1, 1, 8, 4), 0, "device 1 has no kick");
     stop.store(true, Ordering::Release);
     b.join().unwrap();
 }

@@ -350,3 +350,37 @@ fn another_process_of_the_same_user_cannot_read_splitvirt() {
         String::from_utf8_lossy(&on_sv.stderr)
     );
 }
+
+/// A device VM's backend polls for a bounded time, and only where it serves a port.
+#[test]
+fn backend_poll_us_is_bounded_and_needs_a_port() {
+    let o = sv(&["backend", "--port", "/dev/uio0", "--poll-us", "20000"]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("--poll-us") && err.contains("0..=10000"),
+        "{err}"
+    );
+    let o = sv(&["backend", "--setup-fd", "3", "--poll-us", "50"]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("--poll-us") && err.contains("--port"), "{err}");
+}
+
+/// Options of one way to run the backend are refused with another (clap lets them through),
+/// and a setup descriptor that is not open is named, not an abort.
+#[test]
+fn backend_options_stay_with_their_mode() {
+    let o = sv(&["backend", "--setup-fd", "3", "--max-vms", "2"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--max-vms") && err.contains("--listen"),
+        "{err}"
+    );
+    // The test's own process has no descriptor 57 open, nor does the child.
+    let o = sv(&["backend", "--setup-fd", "57"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("--setup-fd 57"), "{err}");
+}

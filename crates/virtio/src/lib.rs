@@ -30,9 +30,24 @@ pub fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
+thread_local! {
+    /// Set while this thread will look at the queues it serves again by itself (`set_polling`).
+    static POLLING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Says whether the calling thread will look at the queues it serves again by itself, soon
+/// (a polling backend): while it does, a queue it finds empty is not re-armed, so the driver's
+/// next requests cost it no notification. Such a thread turns this off, and looks at every
+/// queue once more, before it sleeps.
+pub fn set_polling(on: bool) {
+    POLLING.with(|p| p.set(on));
+}
+
 /// The next available chain of `q`. When there is none, guest notifications are re-armed (with
 /// VIRTIO_F_EVENT_IDX: the avail event moves to where the device stands) and the ring is looked
 /// at once more, so that a chain the driver added meanwhile, without a kick, is not missed.
+/// On a polling thread (`set_polling`) a queue with VIRTIO_F_EVENT_IDX is left as it is: its
+/// avail event stays behind, and the driver adds requests without notifying.
 pub fn next_chain<'a>(
     q: &mut Queue,
     mem: &'a Memory,
@@ -40,6 +55,11 @@ pub fn next_chain<'a>(
     use virtio_queue::QueueT;
     if let Some(c) = q.pop_descriptor_chain(mem) {
         return Some(c);
+    }
+    // Without EVENT_IDX, suppressing would mean a flag that a dead backend leaves set (the
+    // reaper moves only the avail event): such a queue is re-armed as always.
+    if q.event_idx_enabled() && POLLING.with(|p| p.get()) {
+        return None;
     }
     match q.enable_notification(mem) {
         Ok(true) => q.pop_descriptor_chain(mem),
