@@ -26,6 +26,20 @@ value port_maps "$(cat /sys/class/uio/uio0/maps/map*/size 2>/dev/null | tr '\n' 
 	sleep 0.5; n=$((n + 1))
   done
   value tcp_rx_sha "$(sha256sum </tmp/rx | cut -d' ' -f1)" ) &
+# The console of the driver VM at 00:02.0, which its backend serves on a socket of this VM
+# (where /driver.toml says): a line in, the driver VM's answer out. The line goes again every
+# second (what comes before the driver VM opens its console is dropped there) until the answer
+# is there. Only the first device VM to serve that console gets an answer; the one that takes
+# over after a kill waits in vain.
+( n=0
+  until [ -S /tmp/dvm-console.sock ] || [ $n -ge 2400 ]; do sleep 0.5; n=$((n + 1)); done
+  ( n=0
+    while [ $n -lt 1200 ] && ! grep -q pong /tmp/console.out 2>/dev/null; do
+	echo ping-console; sleep 1; n=$((n + 1))
+    done ) | /splitvirt console /tmp/dvm-console.sock >/tmp/console.out 2>&1 &
+  n=0
+  until grep -q pong /tmp/console.out 2>/dev/null || [ $n -ge 2400 ]; do sleep 0.5; n=$((n + 1)); done
+  value console_rx "$(tr -d '\r' </tmp/console.out | grep -o 'pong-[a-z0-9-]*' | head -n 1)" ) &
 serve() { # NAME PORT DESCRIPTION
 	i=0
 	while [ "$i" -lt "$CONNECTIONS" ]; do

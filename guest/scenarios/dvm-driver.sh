@@ -30,6 +30,13 @@ echo 3 >/proc/sys/vm/drop_caches
 value read_sha "$(sha256sum <$fs/bulk.bin | cut -d' ' -f1)"
 rm -f $fs/bulk.bin
 value token_read "$(dd if=/dev/vda1 bs=512 count=1 2>/dev/null | head -n 1)"
+# The console the device VM serves (hvc0): a line from the device VM's side, answered (in the
+# background: what follows does not wait for it).
+check console_hvc0 test -c /dev/hvc0
+stty -F /dev/hvc0 raw -echo 2>/dev/null
+( read -r line </dev/hvc0
+  value console_line "$line"
+  echo "pong-$line-$TOKEN" >/dev/hvc0 ) &
 # 4 MiB over TCP to the device VM, through the virtio-net it serves from its own TAP.
 ip addr add 10.0.5.2/24 dev eth0
 ip link set eth0 up

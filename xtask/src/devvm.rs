@@ -1,10 +1,12 @@
 //! The device VM on KVM in the board (issue 17): a device VM with rpc-ports and disks of its
 //! own, and driver VMs whose `[backend] device_vm` names a port. Inside the device VM,
 //! `splitvirt backend --port` (the static aarch64 binary) serves a driver VM's virtio-blk from
-//! the device VM's own disk and its virtio-net from a TAP inside the device VM.
+//! the device VM's own disk, its virtio-net from a TAP inside the device VM and its
+//! virtio-console on a Unix socket there.
 //! `cargo xtask kvmdevvm` checks that the driver VM boots with its root file system on the
 //! device VM's disk, that what it writes reads back and lands in that disk image (read on the
-//! host after both VMs are off), that 4 MiB over TCP reach the device VM whole, what the device
+//! host after both VMs are off), that 4 MiB over TCP reach the device VM whole, that a line
+//! typed into its console on the device VM's side is answered by the driver VM, what the device
 //! VM maps of the driver VM (its port's BARs: the control region and the pool, nothing else),
 //! and that a second driver VM served by the same device VM at the same time sees its own disk
 //! only. With `--kill`, the device VM's splitvirt is also killed under the driver VM's writes:
@@ -15,11 +17,13 @@ use crate::{board, guest, kernel, realboot};
 use anyhow::{ensure, Result};
 use std::time::Duration;
 
-/// The driver VM: the default profile's pool (64 MiB), its disk in the device VM.
+/// The driver VM: the default profile's pool (64 MiB), its disk, network and a console in the
+/// device VM (the console on a socket of the device VM's).
 const DRIVER: &str = "vcpus = 1\n\
                       [backend]\ndevice_vm = \"/tmp/port.sock\"\n\
                       [[device]]\nkind = \"virtio-blk\"\nimage = \"/dev/vda\"\n\
-                      [[device]]\nkind = \"virtio-net\"\nbackend = \"tap0\"\n";
+                      [[device]]\nkind = \"virtio-net\"\nbackend = \"tap0\"\n\
+                      [[device]]\nkind = \"virtio-console\"\nbackend = \"socket:/tmp/dvm-console.sock\"\n";
 /// A second driver VM, served by the same device VM from its second disk, a virtio-pmem
 /// region (/dev/pmem0 in it).
 const DRIVER2: &str = "vcpus = 1\n\
@@ -170,6 +174,16 @@ fn run(kill: bool) -> Result<()> {
         driver.value("tcp_tx_sha"),
         device.value("tcp_rx_sha")
     );
+    // Its console, served by the device VM on a socket there: a line from the device VM's side
+    // came in, and the driver VM's answer went out.
+    let pong = format!("pong-ping-console-{token}");
+    ensure!(
+        device.value("console_rx") == Some(pong.as_str()),
+        "the driver VM's console through the device VM: the device VM read {:?}, want {pong:?}; \
+         the driver VM read {:?} (log: {log})",
+        device.value("console_rx"),
+        driver.value("console_line")
+    );
     // Its root file system is the device VM's disk: partition 2 is the root, with the file the
     // board put there; what the driver VM wrote into it is in the disk image once both VMs are
     // off.
@@ -291,8 +305,8 @@ fn run(kill: bool) -> Result<()> {
         );
     }
     println!(
-        "device VM: the driver VM's root file system and TCP served from the device VM's own \
-         disk and TAP; a second driver VM served by the same device VM at once sees its own \
+        "device VM: the driver VM's root file system, TCP and console served from the device \
+         VM's own disk, TAP and a socket there; a second driver VM served by the same device VM at once sees its own \
          disk{} (log: {log})",
         if kill {
             "; the device VM killed under the driver VM's writes, a second one took over"
