@@ -294,15 +294,13 @@ pub fn serve_parts(
     // (`virtio::defer`): no hand-off to a worker thread, one wake-up fewer per request. A
     // request behind another at the disk still goes to the workers, so the loop waits for one
     // read at most before it serves the other devices and the guest's register accesses.
-    // While the loop polls, the queues it found empty stay unarmed (`virtio::set_polling`).
+    // While the loop polls, the queues its replays find empty stay unarmed (`virtio::polling`);
+    // requests of the ring (a notification that came as a write) re-arm them as always.
     let inbox = Inbox {
         region: &region,
         bell: &from_proxy,
         kicks: &kicks,
-        replay: &|polling, f| {
-            virtio::set_polling(polling);
-            virtio::defer::accept(f)
-        },
+        replay: &|on, f| virtio::polling(on, || virtio::defer::accept(f)),
     };
     let wait = l.rpc_poll.map_or(Wait::Block, Wait::Poll);
     rpc::backend::serve(inbox, &out, &mut funcs, &mut input, &stop, wait)

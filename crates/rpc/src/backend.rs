@@ -127,7 +127,7 @@ pub struct Inbox<'a> {
     /// itself, done once the replay has returned (the backend passes `virtio::defer::accept`;
     /// `|_, f| f()` leaves all of it to the devices). The flag says whether the loop will look
     /// at the queues again itself before it sleeps (it polls): the queues need not be re-armed
-    /// for notifications then (the backend passes it to `virtio::set_polling`).
+    /// for notifications then (the backend passes it to `virtio::polling`).
     pub replay: &'a dyn Fn(bool, &mut dyn FnMut()),
 }
 

@@ -31,22 +31,25 @@ pub fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
 }
 
 thread_local! {
-    /// Set while this thread will look at the queues it serves again by itself (`set_polling`).
+    /// Set while this thread will look at the queues it serves again by itself (`polling`).
     static POLLING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Says whether the calling thread will look at the queues it serves again by itself, soon
-/// (a polling backend): while it does, a queue it finds empty is not re-armed, so the driver's
-/// next requests cost it no notification. Such a thread turns this off, and looks at every
-/// queue once more, before it sleeps.
-pub fn set_polling(on: bool) {
-    POLLING.with(|p| p.set(on));
+/// Runs `f`, in which the calling thread looks at queues it will look at again by itself,
+/// soon, if `on` (a polling backend): a queue it finds empty meanwhile is not re-armed, so the
+/// driver's next requests cost it no notification. Such a thread looks at every queue once
+/// more with `on` false before it sleeps. Outside `f` every queue is re-armed as always.
+pub fn polling<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    let was = POLLING.with(|p| p.replace(on));
+    let r = f();
+    POLLING.with(|p| p.set(was));
+    r
 }
 
 /// The next available chain of `q`. When there is none, guest notifications are re-armed (with
 /// VIRTIO_F_EVENT_IDX: the avail event moves to where the device stands) and the ring is looked
 /// at once more, so that a chain the driver added meanwhile, without a kick, is not missed.
-/// On a polling thread (`set_polling`) a queue with VIRTIO_F_EVENT_IDX is left as it is: its
+/// Inside `polling(true, ..)` a queue with VIRTIO_F_EVENT_IDX is left as it is: its
 /// avail event stays behind, and the driver adds requests without notifying.
 pub fn next_chain<'a>(
     q: &mut Queue,

@@ -89,9 +89,9 @@ fn event_index_moves_the_avail_event_and_suppresses_interrupts() {
     assert_eq!(&*out.0.lock().unwrap(), b"oneone");
 }
 
-/// A thread that polls its queues (`virtio::set_polling`) leaves a queue it finds empty
-/// unarmed: the avail event stays behind, so the driver's next chains need no notification;
-/// once it stops polling, its next look moves the avail event to where it stands.
+/// A thread that polls its queues (`virtio::polling`) leaves a queue it finds empty unarmed:
+/// the avail event stays behind, so the driver's next chains need no notification; once it
+/// stops polling, its next look moves the avail event to where it stands.
 #[test]
 fn a_polling_thread_leaves_the_avail_event_behind_until_it_stops() {
     let (mut g, out) = console();
@@ -101,12 +101,12 @@ fn a_polling_thread_leaves_the_avail_event_behind_until_it_stops() {
     g.mem.write_slice(b"one", GuestAddress(BUF)).unwrap();
     g.post(1, &[(BUF, 3, false)]);
     assert_eq!(event(&g), 1, "armed for chain 1");
-    virtio::set_polling(true);
-    g.post(1, &[(BUF, 3, false)]);
-    g.post(1, &[(BUF, 3, false)]);
+    virtio::polling(true, || {
+        g.post(1, &[(BUF, 3, false)]);
+        g.post(1, &[(BUF, 3, false)]);
+    });
     assert_eq!(g.used_idx(), 3, "served all the same");
     assert_eq!(event(&g), 1, "left behind while polling");
-    virtio::set_polling(false);
     g.post(1, &[(BUF, 3, false)]);
     assert_eq!(event(&g), 4, "armed again once the thread stops polling");
     assert_eq!(&*out.0.lock().unwrap(), b"oneoneoneone");
