@@ -23,11 +23,16 @@ pub(crate) fn word<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 /// `HALT_POLL_US=N` of a bench's environment: its VMs' `halt_poll_us` (None: unset, the
 /// host's default).
 pub(crate) fn halt_poll_us() -> Result<Option<u32>> {
-    std::env::var("HALT_POLL_US")
+    env_us("HALT_POLL_US")
+}
+
+/// A bench's environment variable `name` that gives microseconds (None: unset).
+pub(crate) fn env_us(name: &str) -> Result<Option<u32>> {
+    std::env::var(name)
         .ok()
         .map(|us| {
             us.parse()
-                .with_context(|| format!("HALT_POLL_US={us}: microseconds, a number"))
+                .with_context(|| format!("{name}={us}: microseconds, a number"))
         })
         .transpose()
 }

@@ -306,8 +306,8 @@ fn run(kill: bool) -> Result<()> {
     }
     println!(
         "device VM: the driver VM's root file system, TCP and console served from the device \
-         VM's own disk, TAP and a socket there; a second driver VM served by the same device VM at once sees its own \
-         disk{} (log: {log})",
+         VM's own disk, TAP and a socket there; a second driver VM served by the same device VM \
+         at once sees its own disk{} (log: {log})",
         if kill {
             "; the device VM killed under the driver VM's writes, a second one took over"
         } else {
@@ -346,16 +346,8 @@ pub fn bench() -> Result<()> {
     )?;
     // BE_POLL_US=N: the backend process polls its queues for N µs too (`[backend] poll_us`),
     // as the device VM's backend does (unset: it sleeps at once).
-    let be_poll = match std::env::var("BE_POLL_US") {
-        Ok(us) => {
-            ensure!(
-                us.parse::<u32>().is_ok(),
-                "BE_POLL_US={us}: give microseconds, 0 to 10000"
-            );
-            format!("[backend]\npoll_us = {us}\n")
-        }
-        Err(_) => String::new(),
-    };
+    let be_poll = crate::bench::env_us("BE_POLL_US")?
+        .map_or_else(String::new, |us| format!("[backend]\npoll_us = {us}\n"));
     let blk = |placement: &str| {
         let be_poll = if placement == "backend" { &be_poll } else { "" };
         format!(
@@ -411,11 +403,9 @@ pub fn bench() -> Result<()> {
     };
     // DVM_POLL_US=N: how long the device VM's backend polls its queues (`--poll-us`; unset:
     // 2000, as examples/device-vm.toml says; 0: not at all).
-    let dvm_poll = std::env::var("DVM_POLL_US").unwrap_or_else(|_| "2000".into());
-    ensure!(
-        dvm_poll.parse::<u32>().is_ok(),
-        "DVM_POLL_US={dvm_poll}: give microseconds, 0 to 10000"
-    );
+    let dvm_poll = crate::bench::env_us("DVM_POLL_US")?
+        .unwrap_or(2000)
+        .to_string();
     let r = board::run(
         "bench-devvm",
         &[

@@ -171,18 +171,18 @@ pub fn serve(
         }
         if let Wait::Poll(d) = wait {
             if idle < d {
-                let chunk = if bells.is_empty() { d } else { QUEUE_LOOK }.min(d - idle);
+                let chunk = if polls { QUEUE_LOOK } else { d }.min(d - idle);
                 if crate::proxy::spin_until(chunk, &mut None, || region.requests().ready()) {
                     idle = Duration::ZERO;
                     continue; // without touching `sleepers`, which the proxy reads on every push
                 }
                 idle += chunk;
-                if !bells.is_empty() {
+                if polls {
                     let rang = Doorbell::wait_any(&bells, Some(Duration::ZERO));
-                    lost.run_kicks(region, out, &kicks, rang, polls, devices);
+                    lost.run_kicks(region, out, &kicks, rang, true, devices);
                     // The queues themselves: a request found there is served with no
                     // notification (the queues are left unarmed while the loop polls).
-                    if rang != 0 || look(region, &kicks, devices, polls) != 0 {
+                    if rang != 0 || look(region, &kicks, devices, true) != 0 {
                         idle = Duration::ZERO;
                     }
                 }
