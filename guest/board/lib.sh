@@ -171,3 +171,91 @@ kvm_trace_report() { # NAME
 	}' $t/trace
 	echo >$t/trace
 }
+
+# Where a request's time goes at queue depth 1 (bench devvm with TRACE=timeline), from the
+# board kernel's KVM tracepoints over a driver VM's random reads. A request's cycle runs from
+# one completion interrupt injected into the driver VM to the next: the driver's vCPU enters
+# its guest again ("wake"), the guest completes the read and submits the next one until its
+# vCPU waits in WFI ("driver"), then whoever serves the queue finds the request, reads and
+# raises the next completion ("serve"). DRIVER and DEVICE are the splitvirt pids.
+kvm_timeline_start() { # DRIVER-PID [DEVICE-PID]
+	t=/sys/kernel/tracing
+	[ -e $t/trace ] || mount -t tracefs tracefs $t 2>/dev/null
+	echo 0 >$t/tracing_on
+	echo 32768 >$t/buffer_size_kb
+	echo >$t/trace
+	for e in kvm_entry kvm_exit kvm_wfx_arm64 kvm_vcpu_wakeup vgic_update_irq_pending kvm_guest_fault; do
+		echo 1 >$t/events/kvm/$e/enable
+	done
+	vcpu_tids "$1" >/tmp/timeline-driver
+	[ -n "$2" ] && vcpu_tids "$2" >/tmp/timeline-device
+	echo 1 >$t/tracing_on
+}
+vcpu_tids() { # PID
+	for task in /proc/"$1"/task/*; do
+		case "$(cat "$task/comm" 2>/dev/null)" in vcpu*) printf '%s ' "${task##*/}" ;; esac
+	done
+}
+kvm_timeline_report() { # NAME
+	t=/sys/kernel/tracing
+	echo 0 >$t/tracing_on
+	echo "@@ TIMELINE $1: overrun $(grep -h overrun $t/per_cpu/cpu*/stats | awk '{s += $2} END {print s}')"
+	awk -v name="$1" -v drv="$(cat /tmp/timeline-driver 2>/dev/null)" -v dev="$(cat /tmp/timeline-device 2>/dev/null)" '
+	BEGIN {
+		n = split(drv, a, " "); for (i = 1; i <= n; i++) isdrv[a[i]] = 1
+		n = split(dev, a, " "); for (i = 1; i <= n; i++) isdev[a[i]] = 1
+	}
+	{
+		i = index($0, " ["); h = substr($0, 1, i - 1); sub(/.*-/, "", h); gsub(/ /, "", h); tid = h
+		ts = ""; for (k = 2; k < NF; k++) if ($k ~ /^[0-9]+\.[0-9]+:$/) { ts = substr($k, 1, length($k) - 1); ev = $(k + 1); break }
+		if (ts == "") next
+		ts = ts * 1000000
+		cpu = $0; sub(/^[^[]*\[/, "", cpu); sub(/\].*/, "", cpu); cpu += 0
+	}
+	ev == "vgic_update_irq_pending:" && / level: 1/ && !(tid in isdrv) {
+		irq = $0; sub(/.*IRQ /, "", irq); sub(/,.*/, "", irq); irq += 0
+		if (irq < 32) next
+		if (want == "") { seen[irq]++; if (seen[irq] < 20) next; want = irq }
+		if (irq != want) next
+		if (t0 != "" && t1 != "" && t2 != "") {
+			cycles++; wake += t1 - t0; drive += t2 - t1; serve += ts - t2
+			dx += ndx; vx += nvx; wk += nwk
+			if (ts - t0 > 5000) slow++
+		}
+		t0 = ts; injcpu = cpu; t1 = ""; t2 = ""; ndx = 0; nvx = 0; nwk = 0
+		next
+	}
+	t0 == "" { next }
+	ev == "kvm_entry:" && (tid in isdrv) { if (t1 == "") { t1 = ts; if (cpu == injcpu) same++ }; next }
+	ev == "kvm_entry:" && (tid in isdev) { devcpu[cpu]++; next }
+	ev == "kvm_wfx_arm64:" && (tid in isdrv) { if (t1 != "" && t2 == "") t2 = ts; next }
+	ev == "kvm_vcpu_wakeup:" && (tid in isdrv) { if (/poll time/) nwk++; next }
+	ev == "kvm_guest_fault:" {
+		ipa = $0; sub(/.*ipa /, "", ipa); sub(/,.*/, "", ipa)
+		# By 256 MiB of guest-physical space: which region faults.
+		region = substr(ipa, 1, length(ipa) - 7)
+		if (tid in isdrv) dfault["0x" substr(region, 3) "0000000"]++
+		else if (tid in isdev) vfault["0x" substr(region, 3) "0000000"]++
+		next
+	}
+	ev == "kvm_exit:" {
+		r = $0; sub(/.*\(/, "", r); sub(/\).*/, "", r); r = $(k + 2) " " r
+		if (tid in isdrv) { ndx++; dreason[r]++ }
+		else if (tid in isdev) { nvx++; vreason[r]++ }
+	}
+	END {
+		if (!cycles) { print "@@ TIMELINE " name ": no cycle (irq " want ")"; exit }
+		printf "@@ TIMELINE %s: irq %d, %d cycles, mean %.0f us: wake %.0f, driver %.0f, serve %.0f; per cycle driver exits %.2f, device VM exits %.2f, driver woken while halt-polled %.2f; cycles over 5 ms %d\n", name, want, cycles, (wake + drive + serve) / cycles, wake / cycles, drive / cycles, serve / cycles, dx / cycles, vx / cycles, wk / cycles, slow
+		printf "@@ TIMELINE %s: the driver vCPU entered on the injecting CPU %.2f of cycles; device VM vCPU entries by CPU:", name, same / cycles
+		for (c in devcpu) printf " %s:%d", c, devcpu[c]
+		print ""
+		for (r in dfault) printf "@@ TIMELINE %s: driver stage-2 faults at %s.. %.2f\n", name, r, dfault[r] / cycles
+		for (r in vfault) printf "@@ TIMELINE %s: device VM stage-2 faults at %s.. %.2f\n", name, r, vfault[r] / cycles
+		for (r in dreason) printf "@@ TIMELINE %s: driver exit %s %.2f\n", name, r, dreason[r] / cycles
+		for (r in vreason) printf "@@ TIMELINE %s: device VM exit %s %.2f\n", name, r, vreason[r] / cycles
+	}' $t/trace
+	for e in kvm_entry kvm_exit kvm_wfx_arm64 kvm_vcpu_wakeup vgic_update_irq_pending kvm_guest_fault; do
+		echo 0 >$t/events/kvm/$e/enable
+	done
+	echo >$t/trace
+}

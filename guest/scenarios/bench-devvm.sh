@@ -2,15 +2,18 @@
 # in splitvirt's process ("in"), in the backend process ("be"), and by a device VM from its
 # own virtio-blk ("dvm") or from its own virtio-pmem image ("pmem"), the same raw file each
 # time, and its virtio-net likewise (a TAP of the board's, or of the device VM's); ROUNDS
-# rounds, the order rotating.
+# rounds of PLACES, the order rotating. TRACE=1: KVM's account of each device VM run's
+# notifications; TRACE=timeline: where each random read's time goes.
 # Consoles "PLACEMENT-ROUND| ", the device VMs' "device-PLACEMENT-ROUND| ".
 check kvm_device test -c /dev/kvm
 # The disk: 256 MiB of data (a disk's blocks are allocated; reading a hole costs a file
-# nothing but a virtio-pmem mapping a fresh page), on a tmpfs that gives it huge pages where it
-# can (so a virtio-pmem mapping of it is mapped 2 MiB at a time, as guest RAM is).
+# nothing but a virtio-pmem mapping a fresh page), on huge pages (so that a virtio-pmem mapping
+# of it is mapped 2 MiB at a time, as guest RAM is). huge=within_size would give a file
+# written 1 MiB at a time none: each write's end is below the 2 MiB page it starts.
 mkdir -p /disk
-mount -t tmpfs -o huge=within_size tmpfs /disk
+mount -t tmpfs -o huge=always tmpfs /disk
 dd if=/dev/urandom of=/disk/bench.raw bs=1M count=256 2>/dev/null
+value disk_huge_kib "$(awk '/ShmemHugePages/ {print $2}' /proc/meminfo)"
 # TCP: to the board's TAP network (in-process and backend), or to the device VM (its own TAP,
 # 10.0.5.1, where dvm-device.sh listens on port 5000).
 insmod /tun.ko
@@ -32,7 +35,14 @@ vm() { # NAME CONFIG [GUEST-SETTINGS]
 				at=start
 				case "$l" in *done*) at=end ;; esac
 				value "wakes_$1_${at}_driver" "$(wakes "$(cat /tmp/driver.pid)")"
-				[ -e /tmp/device.pid ] && value "wakes_$1_${at}_device" "$(wakes "$(cat /tmp/device.pid)")" ;;
+				[ -e /tmp/device.pid ] && value "wakes_$1_${at}_device" "$(wakes "$(cat /tmp/device.pid)")"
+				if [ "$TRACE" = timeline ]; then
+					if [ $at = start ]; then
+						kvm_timeline_start "$(cat /tmp/driver.pid)" "$(cat /tmp/device.pid 2>/dev/null)"
+					else
+						kvm_timeline_report "$1"
+					fi
+				fi ;;
 			esac
 		done
 	kill "$watchdog" 2>/dev/null
@@ -58,15 +68,11 @@ dvm() { # NAME DEVICE-CONFIG DRIVER-CONFIG-IN-THE-DEVICE-VM
 	sed "s/^/device-$1-sv| /" "/tmp/device-$1-sv.log" 2>/dev/null
 	rm -f /tmp/device.pid
 }
+# PLACES: the placements to run, each round's order the last one's rotated by one.
+order="$PLACES"
 i=0
 while [ "$i" -lt "$ROUNDS" ]; do
 	i=$((i + 1))
-	case $((i % 4)) in
-	1) order="in be dvm pmem" ;;
-	2) order="be dvm pmem in" ;;
-	3) order="dvm pmem in be" ;;
-	0) order="pmem in be dvm" ;;
-	esac
 	for p in $order; do
 		case $p in
 		dvm) dvm "dvm-$i" device /driver.toml ;;
@@ -74,4 +80,6 @@ while [ "$i" -lt "$ROUNDS" ]; do
 		*) vm "$p-$i" "$p" ;;
 		esac
 	done
+	first=${order%% *}
+	[ "$first" = "$order" ] || order="${order#* } $first"
 done

@@ -30,6 +30,11 @@ wait_for() { n=0; while [ ! -e "$1" ] && [ $n -lt 600 ]; do sleep 0.5; n=$((n + 
 device_vm device &
 serving=$!
 wait_for /tmp/device-ready
+# Its description pins its vCPU to the board's CPU 1 (vcpu_affinity); its other threads stay
+# where the scheduler puts them.
+pid=$(cat /tmp/device.pid)
+value device_vcpu_cpus "$(for t in $(vcpu_tids "$pid"); do awk '/Cpus_allowed_list/ {print $2}' "/proc/$pid/task/$t/status"; done)"
+value device_main_cpus "$(awk '/Cpus_allowed_list/ {print $2}' "/proc/$pid/status")"
 # A driver VM, its console typed into from the fifo /tmp/NAME-in (the line that ends its wait).
 driver_vm() { # NAME CMDLINE SPLITVIRT-RUN-ARGUMENTS...
 	name=$1 cmdline=$2

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 /// The driver VM: the default profile's pool (64 MiB), its disk, network and a console in the
 /// device VM (the console on a socket of the device VM's).
-const DRIVER: &str = "vcpus = 1\n\
+const DRIVER: &str = "vcpus = 1\nvcpu_affinity = \"0\"\n\
                       [backend]\ndevice_vm = \"/tmp/port.sock\"\n\
                       [[device]]\nkind = \"virtio-blk\"\nimage = \"/dev/vda\"\n\
                       [[device]]\nkind = \"virtio-net\"\nbackend = \"tap0\"\n\
@@ -31,8 +31,8 @@ const DRIVER2: &str = "vcpus = 1\n\
                        [[device]]\nkind = \"virtio-blk\"\nimage = \"/dev/pmem0\"\n";
 /// The device VM: a port for each driver VM's pool, and two disks of its own, which its
 /// splitvirt serves: a virtio-blk (vda in it) and a virtio-pmem image mapped into its memory
-/// (pmem0).
-const DEVICE: &str = "vcpus = 1\n\
+/// (pmem0). Its vCPU on the board's CPU 1, the first driver VM's on CPU 0.
+const DEVICE: &str = "vcpus = 1\nvcpu_affinity = \"1\"\n\
                       [[device]]\nkind = \"virtio-blk\"\nimage = \"/tmp/dvm-disk.img\"\n\
                       placement = \"in-process\"\nslot = 1\n\
                       [[device]]\nkind = \"rpc-port\"\nsocket = \"/tmp/port.sock\"\n\
@@ -251,6 +251,16 @@ fn run(kill: bool) -> Result<()> {
             last.value(&k)
         );
     }
+    // vcpu_affinity: the device VM's one vCPU on the board's CPU 1, its splitvirt's other
+    // threads anywhere.
+    ensure!(
+        outer.value("device_vcpu_cpus") == Some("1")
+            && outer.value("device_main_cpus") == Some("0-1"),
+        "the device VM's vCPU may run on the board's CPUs {:?} (its description says 1), its \
+         other threads on {:?} (want 0-1) (log: {log})",
+        outer.value("device_vcpu_cpus"),
+        outer.value("device_main_cpus")
+    );
     // Its second disk is a virtio-pmem image: its whole 64 MiB a block device in the device
     // VM, read and written as memory (what the second driver VM writes is in the file).
     ensure!(
@@ -328,11 +338,22 @@ pub fn bench() -> Result<()> {
     // HALT_POLL_US=N: every VM's `halt_poll_us` (unset: the host's default).
     let halt_poll = crate::bench::halt_poll_us()?
         .map_or_else(String::new, |us| format!("halt_poll_us = {us}\n"));
+    // Every driver VM's vCPU on the board's CPU 0, the device VM's on CPU 1 (`vcpu_affinity`;
+    // PIN=0: wherever the board's scheduler puts them).
+    let pin = std::env::var("PIN").as_deref() != Ok("0");
+    let on = |cpu: u32| {
+        if pin {
+            format!("vcpu_affinity = \"{cpu}\"\n")
+        } else {
+            String::new()
+        }
+    };
+    let (driver_cpu, device_cpu) = (on(0), on(1));
     // The driver VM as the device VM serves it, from its disk `disk` (its own virtio-blk's
     // /dev/vda, or its virtio-pmem image's /dev/pmem0).
     let bench_driver = |disk: &str| {
         format!(
-            "{halt_poll}vcpus = 1\n[backend]\ndevice_vm = \"/tmp/port.sock\"\n\
+            "{halt_poll}{driver_cpu}vcpus = 1\n[backend]\ndevice_vm = \"/tmp/port.sock\"\n\
              [[device]]\nkind = \"virtio-blk\"\nimage = \"{disk}\"\n\
              [[device]]\nkind = \"virtio-net\"\nbackend = \"tap0\"\n"
         )
@@ -351,7 +372,7 @@ pub fn bench() -> Result<()> {
     let blk = |placement: &str| {
         let be_poll = if placement == "backend" { &be_poll } else { "" };
         format!(
-            "{halt_poll}vcpus = 1\n{be_poll}[[device]]\nkind = \"virtio-blk\"\nimage = \"/disk/bench.raw\"\nplacement = \"{placement}\"\n\
+            "{halt_poll}{driver_cpu}vcpus = 1\n{be_poll}[[device]]\nkind = \"virtio-blk\"\nimage = \"/disk/bench.raw\"\nplacement = \"{placement}\"\n\
              [[device]]\nkind = \"virtio-net\"\nbackend = \"tap0\"\nplacement = \"{placement}\"\n"
         )
         .into_bytes()
@@ -365,7 +386,7 @@ pub fn bench() -> Result<()> {
     };
     let device = |disk: &str| {
         format!(
-            "{device_poll}vcpus = 1\n\
+            "{device_poll}{device_cpu}vcpus = 1\n\
              [[device]]\n{disk}image = \"/disk/bench.raw\"\nslot = 1\n\
              [[device]]\nkind = \"rpc-port\"\nsocket = \"/tmp/port.sock\"\n\
              pool_size = \"64M\"\nslot = 2\n"
@@ -396,21 +417,26 @@ pub fn bench() -> Result<()> {
     ]);
     // TRACE=1: the board's KVM traces every MMIO write and injection around each device VM
     // run, and pairs each write with what it injected (a lost notification's diagnosis).
-    let trace = if std::env::var("TRACE").is_ok_and(|v| v == "1") {
-        "1"
-    } else {
-        "0"
-    };
+    // TRACE=timeline: where each random read's time goes, from KVM's entries, exits and
+    // injections (guest/board/lib.sh, kvm_timeline_report).
+    let trace = std::env::var("TRACE").unwrap_or_default();
+    ensure!(
+        ["", "0", "1", "timeline"].contains(&trace.as_str()),
+        "TRACE={trace}: 1 (KVM's account of notifications) or timeline (where a read's time goes)"
+    );
     // DVM_POLL_US=N: how long the device VM's backend polls its queues (`--poll-us`; unset:
     // 2000, as examples/device-vm.toml says; 0: not at all).
     let dvm_poll = crate::bench::env_us("DVM_POLL_US")?
         .unwrap_or(2000)
         .to_string();
+    // PLACES="be pmem": some of the placements only; ROUNDS=N: rounds other than 3.
+    let places = Places::from_env()?;
     let r = board::run(
         "bench-devvm",
         &[
-            ("ROUNDS", &BENCH_ROUNDS.to_string()),
-            ("TRACE", trace),
+            ("ROUNDS", &places.rounds.to_string()),
+            ("PLACES", &places.names.join(" ")),
+            ("TRACE", &trace),
             ("POLL_US", &dvm_poll),
         ],
         files,
@@ -425,16 +451,39 @@ pub fn bench() -> Result<()> {
         ("tcp_mbps", "TCP MB/s"),
     ];
     println!(
-        "\na driver VM's virtio-blk in four places, on KVM inside the board ({} MiB sequential, {} s random, QD1; {BENCH_ROUNDS} rounds): the device VM serves it from its own virtio-blk, or from its own virtio-pmem image",
+        "\na driver VM's virtio-blk in up to four places, on KVM inside the board ({} MiB sequential, {} s random, QD1; {} rounds): in splitvirt's process (in), in the backend process (be), served by a device VM from its own virtio-blk (dvm) or from its own virtio-pmem image (pmem)",
         crate::bench::IO_MIB,
-        crate::bench::IO_SECONDS
+        crate::bench::IO_SECONDS,
+        places.rounds
+    );
+    // Each device VM against the backend process, where both ran.
+    let against: Vec<&str> = if places.names.contains(&"be") {
+        places
+            .names
+            .iter()
+            .copied()
+            .filter(|p| *p == "dvm" || *p == "pmem")
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let head: Vec<String> = places.names.iter().map(|p| p.to_string()).collect();
+    let ratio_head: Vec<String> = against.iter().map(|p| format!("{p} / be")).collect();
+    println!(
+        "| round | measure | {} |{}",
+        head.join(" | "),
+        ratio_head
+            .iter()
+            .map(|h| format!(" {h} |"))
+            .collect::<String>()
     );
     println!(
-        "| round | measure | in-process | backend process | device VM (virtio-blk) | device VM (pmem) | device VM / backend | device VM (pmem) / backend |"
+        "|---|---|{}{}",
+        "---:|".repeat(head.len()),
+        "---:|".repeat(ratio_head.len())
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|");
-    let mut ratios: Vec<Vec<(f64, f64)>> = vec![Vec::new(); keys.len()];
-    for round in 1..=BENCH_ROUNDS {
+    let mut ratios: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); against.len()]; keys.len()];
+    for round in 1..=places.rounds {
         let get = |p: &str, k: &str| -> Result<f64> {
             r.part(&format!("{p}-{round}"))
                 .value(k)
@@ -442,25 +491,74 @@ pub fn bench() -> Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("no {k} for {p} in round {round} (log: {log})"))
         };
         for (i, (k, what)) in keys.iter().enumerate() {
-            let (a, b) = (get("in", k)?, get("be", k)?);
-            let (c, d) = (get("dvm", k)?, get("pmem", k)?);
-            ratios[i].push((c / b, d / b));
+            let values = places
+                .names
+                .iter()
+                .map(|p| get(p, k))
+                .collect::<Result<Vec<f64>>>()?;
+            let mut cells: Vec<String> = values.iter().map(|v| format!("{v:.1}")).collect();
+            let be = get("be", k).unwrap_or(f64::NAN);
+            for (j, p) in against.iter().enumerate() {
+                let x = get(p, k)? / be;
+                ratios[i][j].push(x);
+                cells.push(format!("{x:.2}x"));
+            }
+            println!("| {round} | {what} | {} |", cells.join(" | "));
+        }
+    }
+    if !against.is_empty() {
+        for (i, (_, what)) in keys.iter().enumerate() {
+            let medians: Vec<String> = ratios[i]
+                .iter()
+                .map(|v| format!("**{:.2}x**", crate::bench::median(v.clone())))
+                .collect();
             println!(
-                "| {round} | {what} | {a:.1} | {b:.1} | {c:.1} | {d:.1} | {:.2}x | {:.2}x |",
-                c / b,
-                d / b
+                "| median | {what} |{} {} |",
+                " |".repeat(places.names.len()),
+                medians.join(" | ")
             );
         }
     }
-    for (i, (_, what)) in keys.iter().enumerate() {
-        let (blk, pmem): (Vec<f64>, Vec<f64>) = ratios[i].iter().copied().unzip();
-        println!(
-            "| median | {what} | | | | | **{:.2}x** | **{:.2}x** |",
-            crate::bench::median(blk),
-            crate::bench::median(pmem)
-        );
+    for line in r.outer().log.lines().filter(|l| l.contains("@@ TIMELINE")) {
+        println!("{line}");
     }
-    wakes_table(&r)
+    wakes_table(&r, &places)
+}
+
+/// The placements `bench devvm` runs (`PLACES`) and how many rounds (`ROUNDS`).
+struct Places {
+    names: Vec<&'static str>,
+    rounds: usize,
+}
+
+impl Places {
+    const ALL: [&'static str; 4] = ["in", "be", "dvm", "pmem"];
+
+    fn from_env() -> Result<Places> {
+        let wanted = std::env::var("PLACES").unwrap_or_else(|_| Self::ALL.join(" "));
+        let mut names = Vec::new();
+        for w in wanted.split_whitespace() {
+            let p = Self::ALL.iter().find(|p| **p == w).ok_or_else(|| {
+                anyhow::anyhow!("PLACES: {w:?} is not a placement; say some of in, be, dvm, pmem")
+            })?;
+            if !names.contains(p) {
+                names.push(*p);
+            }
+        }
+        ensure!(
+            !names.is_empty(),
+            "PLACES is empty; say some of in, be, dvm, pmem"
+        );
+        let rounds = match std::env::var("ROUNDS") {
+            Ok(n) => n
+                .parse()
+                .ok()
+                .filter(|n| (1..=10).contains(n))
+                .ok_or_else(|| anyhow::anyhow!("ROUNDS={n}: a number from 1 to 10"))?,
+            Err(_) => BENCH_ROUNDS,
+        };
+        Ok(Places { names, rounds })
+    }
 }
 
 /// What a splitvirt process and its VM did between two of the board's `wakes` lines.
@@ -535,7 +633,7 @@ impl Wakes {
 /// Per random read, for each placement and round: the driver VM's splitvirt and, with a device
 /// VM, the device VM's: MMIO exits to splitvirt, MMIO writes KVM served itself, and wake-ups of
 /// splitvirt's threads other than vCPUs (from the board's counters read around the reads).
-fn wakes_table(r: &crate::qemu::Run) -> Result<()> {
+fn wakes_table(r: &crate::qemu::Run, places: &Places) -> Result<()> {
     let outer = r.outer();
     let log = r.log_path.display();
     println!(
@@ -547,8 +645,8 @@ fn wakes_table(r: &crate::qemu::Run) -> Result<()> {
          device VM: exits | device VM: in KVM | device VM: thread wakes |"
     );
     println!("|---|---|---:|---:|---:|---|---:|---:|---|");
-    for round in 1..=BENCH_ROUNDS {
-        for p in ["in", "be", "dvm", "pmem"] {
+    for round in 1..=places.rounds {
+        for p in places.names.iter() {
             let name = format!("{p}-{round}");
             let delta = |who: &str| -> Option<Wakes> {
                 let at = |m: &str| {

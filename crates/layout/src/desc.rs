@@ -19,6 +19,12 @@ pub struct Description {
     /// answers another's events), for a host CPU kept busy that long per wait.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub halt_poll_us: Option<u32>,
+    /// The host CPUs the vCPU threads may run on, as `taskset -c` lists them: one list for
+    /// every vCPU (`"2-3"`), or one per vCPU (`["2", "3"]`). Absent: wherever the host's
+    /// scheduler puts them. VMs that answer each other (a device VM and its driver VMs) keep
+    /// out of each other's way on CPUs of their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_affinity: Option<AffinityDesc>,
     pub memory: MemoryDesc,
     pub gic: GicDesc,
     pub uart: UartDesc,
@@ -33,6 +39,14 @@ pub struct Description {
     pub backend: Option<BackendDesc>,
     #[serde(default, rename = "device", skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<DeviceDesc>,
+}
+
+/// `vcpu_affinity`: host CPU lists (`"0-3,6"`), one for all vCPUs or one per vCPU.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AffinityDesc {
+    All(String),
+    PerVcpu(Vec<String>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

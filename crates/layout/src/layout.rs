@@ -63,6 +63,8 @@ pub struct Layout {
     pub vcpus: u32,
     /// How long the hypervisor polls a waiting vCPU before it sleeps (None: its default).
     pub halt_poll: Option<std::time::Duration>,
+    /// Per vCPU, the host CPUs its thread may run on (None: anywhere).
+    pub vcpu_affinity: Option<Vec<Vec<usize>>>,
     pub ram: Region,
     /// RAM outside the pool asks the host for transparent huge pages.
     pub ram_huge_pages: bool,

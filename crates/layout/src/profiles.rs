@@ -126,6 +126,7 @@ impl Profile {
                 name: "driver-vm".into(),
                 vcpus: 2,
                 halt_poll_us: None,
+                vcpu_affinity: None,
                 memory: MemoryDesc {
                     base: RAM_BASE,
                     size: ByteSize(DRIVER_RAM_SIZE),
@@ -166,6 +167,7 @@ impl Profile {
                 name: "qemu-virt".into(),
                 vcpus: 2,
                 halt_poll_us: None,
+                vcpu_affinity: None,
                 memory: MemoryDesc {
                     base: RAM_BASE,
                     size: ByteSize(QEMU_RAM_SIZE),

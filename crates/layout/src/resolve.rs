@@ -65,6 +65,7 @@ fn build(d: &Description, p: &mut Vec<Problem>) -> Layout {
         profile: d.profile.clone(),
         vcpus: d.vcpus,
         halt_poll: halt_poll(d.halt_poll_us, p),
+        vcpu_affinity: vcpu_affinity(d.vcpu_affinity.as_ref(), d.vcpus, p),
         ram,
         pool,
         gic_dist: Region::new(
@@ -202,6 +203,77 @@ fn halt_poll(us: Option<u32>, p: &mut Vec<Problem>) -> Option<Duration> {
         return None;
     }
     Some(Duration::from_micros(u64::from(us)))
+}
+
+/// Host CPU numbers an affinity may name: glibc's `cpu_set_t` holds 1024.
+pub const MAX_HOST_CPUS: usize = 1024;
+
+/// A host CPU list as `taskset -c` writes it: `0-3,6`.
+pub fn parse_cpu_list(list: &str) -> Result<Vec<usize>, String> {
+    let mut cpus = Vec::new();
+    for part in list.split(',').map(str::trim) {
+        let num = |s: &str| -> Result<usize, String> {
+            s.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n < MAX_HOST_CPUS)
+                .ok_or_else(|| format!("`{s}` is not a CPU number below {MAX_HOST_CPUS}"))
+        };
+        let (first, last) = match part.split_once('-') {
+            Some((a, b)) => (num(a)?, num(b)?),
+            None => (num(part)?, num(part)?),
+        };
+        if first > last {
+            return Err(format!("the range `{part}` runs backwards"));
+        }
+        for c in first..=last {
+            if !cpus.contains(&c) {
+                cpus.push(c);
+            }
+        }
+    }
+    cpus.sort_unstable();
+    Ok(cpus)
+}
+
+/// `vcpu_affinity`: CPU lists that parse, one or one per vCPU.
+fn vcpu_affinity(
+    a: Option<&crate::desc::AffinityDesc>,
+    vcpus: u32,
+    p: &mut Vec<Problem>,
+) -> Option<Vec<Vec<usize>>> {
+    use crate::desc::AffinityDesc;
+    let lists: Vec<&String> = match a? {
+        AffinityDesc::All(l) => std::iter::repeat_n(l, vcpus as usize).collect(),
+        AffinityDesc::PerVcpu(v) if v.len() == vcpus as usize => v.iter().collect(),
+        AffinityDesc::PerVcpu(v) => {
+            p.push(Problem::error(
+                Rule::Vcpus,
+                format!(
+                    "vcpu_affinity gives {} CPU list{} for {vcpus} vCPUs",
+                    v.len(),
+                    if v.len() == 1 { "" } else { "s" }
+                ),
+                "give one CPU list per vCPU, or one string (\"0-3\") for all of them",
+            ));
+            return None;
+        }
+    };
+    let mut out = Vec::new();
+    for (i, l) in lists.into_iter().enumerate() {
+        match parse_cpu_list(l) {
+            Ok(cpus) => out.push(cpus),
+            Err(why) => {
+                p.push(Problem::error(
+                    Rule::Vcpus,
+                    format!("vcpu_affinity of vCPU {i}, \"{l}\": {why}"),
+                    "write host CPUs as taskset -c does: \"2\", \"0-3\", \"0,2,4-7\"",
+                ));
+                return None;
+            }
+        }
+    }
+    Some(out)
 }
 
 fn check_vcpus(l: &Layout, p: &mut Vec<Problem>) {

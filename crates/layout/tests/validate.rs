@@ -871,3 +871,45 @@ fn virtio_pmem_devices_get_windows_of_their_own_above_the_pci_windows() {
     let five = "[[device]]\nkind = \"virtio-pmem\"\nimage = \"a.img\"\n".repeat(5);
     rejects(&five, Rule::Device, &["more than 4 virtio-pmem devices"]);
 }
+
+#[test]
+fn vcpu_affinity_gives_each_vcpu_its_cpus() {
+    let l = |text: &str| {
+        resolve(&Description::parse(text, "t").unwrap())
+            .unwrap()
+            .layout
+            .vcpu_affinity
+    };
+    assert_eq!(l(""), None, "the scheduler's choice");
+    assert_eq!(
+        l("vcpus = 2\nvcpu_affinity = \"0-2,5\""),
+        Some(vec![vec![0, 1, 2, 5], vec![0, 1, 2, 5]]),
+        "one list for every vCPU"
+    );
+    assert_eq!(
+        l("vcpus = 2\nvcpu_affinity = [\"3\", \"1,0\"]"),
+        Some(vec![vec![3], vec![0, 1]]),
+        "one list per vCPU"
+    );
+    rejects(
+        "vcpus = 2\nvcpu_affinity = [\"1\"]",
+        Rule::Vcpus,
+        &["gives 1 CPU list for 2 vCPUs"],
+    );
+    rejects(
+        "vcpu_affinity = \"3-1\"",
+        Rule::Vcpus,
+        &["vCPU 0, \"3-1\"", "runs backwards"],
+    );
+    rejects(
+        "vcpu_affinity = \"one\"",
+        Rule::Vcpus,
+        &["`one` is not a CPU number"],
+    );
+    rejects("vcpu_affinity = \"4096\"", Rule::Vcpus, &["below 1024"]);
+    rejects(
+        "vcpu_affinity = \"\"",
+        Rule::Vcpus,
+        &["`` is not a CPU number"],
+    );
+}

@@ -713,11 +713,19 @@ pub fn run(spec: &crate::RunSpec, mut p: Prepared) -> Result<Exit, Error> {
         std::mem::replace(&mut machine.stdin, Box::new(|_| {})),
         tx.clone(),
     );
+    if let Some(a) = &l.vcpu_affinity {
+        crate::affinity::check(a)?;
+    }
     for (id, mut vcpu) in vcpus.into_iter().enumerate() {
         let (bus, tx, undecodable) = (bus.clone(), tx.clone(), undecodable.clone());
+        let cpus = l.vcpu_affinity.as_ref().and_then(|a| a.get(id).cloned());
         std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
+                // Checked above: a refusal now (a CPU gone offline since) leaves it unpinned.
+                if let Some(Err(e)) = cpus.map(|c| crate::affinity::pin_current(id, &c)) {
+                    ratelog::error!("{e}");
+                }
                 let stop = vcpu_loop(id, &mut vcpu, &bus, &undecodable);
                 let _ = tx.send(stop);
                 // Keep the vCPU fd open until the process ends: other vCPUs may still run.

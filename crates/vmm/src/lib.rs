@@ -5,6 +5,7 @@
 /// The environment variable that names splitvirt's log file (`--log-file`).
 pub const LOG_FILE_ENV: &str = "SPLITVIRT_LOG_FILE";
 
+pub mod affinity;
 pub mod backend;
 pub mod bus;
 pub mod connect;
@@ -74,6 +75,8 @@ pub enum Error {
     Backend(#[from] crate::backend::BackendError),
     #[error(transparent)]
     Port(#[from] crate::port::PortError),
+    #[error(transparent)]
+    Affinity(#[from] crate::affinity::AffinityError),
 }
 
 /// How the guest ended, when it ended well.
