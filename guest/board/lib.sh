@@ -219,10 +219,11 @@ kvm_timeline_report() { # NAME
 		if (irq != want) next
 		if (t0 != "" && t1 != "" && t2 != "") {
 			cycles++; wake += t1 - t0; drive += t2 - t1; serve += ts - t2
+			if (td != "") { split_n++; find += td - t2; raise += ts - td }
 			dx += ndx; vx += nvx; wk += nwk
 			if (ts - t0 > 5000) slow++
 		}
-		t0 = ts; injcpu = cpu; t1 = ""; t2 = ""; ndx = 0; nvx = 0; nwk = 0
+		t0 = ts; injcpu = cpu; t1 = ""; t2 = ""; td = ""; ndx = 0; nvx = 0; nwk = 0
 		next
 	}
 	t0 == "" { next }
@@ -241,11 +242,17 @@ kvm_timeline_report() { # NAME
 	ev == "kvm_exit:" {
 		r = $0; sub(/.*\(/, "", r); sub(/\).*/, "", r); r = $(k + 2) " " r
 		if (tid in isdrv) { ndx++; dreason[r]++ }
-		else if (tid in isdev) { nvx++; vreason[r]++ }
+		else if (tid in isdev) {
+			nvx++; vreason[r]++
+			# The device VM first data abort once the request is in the ring: its store
+			# to the port doorbell (its disk on huge pages faults no more).
+			if (t2 != "" && td == "" && r ~ /DABT_LOW/) td = ts
+		}
 	}
 	END {
 		if (!cycles) { print "@@ TIMELINE " name ": no cycle (irq " want ")"; exit }
 		printf "@@ TIMELINE %s: irq %d, %d cycles, mean %.0f us: wake %.0f, driver %.0f, serve %.0f; per cycle driver exits %.2f, device VM exits %.2f, driver woken while halt-polled %.2f; cycles over 5 ms %d\n", name, want, cycles, (wake + drive + serve) / cycles, wake / cycles, drive / cycles, serve / cycles, dx / cycles, vx / cycles, wk / cycles, slow
+		if (split_n) printf "@@ TIMELINE %s: serve split over %d cycles: %.0f us to the device VM doorbell store, %.0f us from it to the injection\n", name, split_n, find / split_n, raise / split_n
 		printf "@@ TIMELINE %s: the driver vCPU entered on the injecting CPU %.2f of cycles; device VM vCPU entries by CPU:", name, same / cycles
 		for (c in devcpu) printf " %s:%d", c, devcpu[c]
 		print ""
