@@ -133,17 +133,22 @@ wakes() {
 	echo
 }
 
+# The board kernel's tracing stopped, with an empty 32 MiB buffer per CPU; $t its directory.
+trace_reset() {
+	t=/sys/kernel/tracing
+	[ -e $t/trace ] || mount -t tracefs tracefs $t 2>/dev/null
+	echo 0 >$t/tracing_on
+	echo 32768 >$t/buffer_size_kb
+	echo >$t/trace
+}
+
 # KVM's own account of notifications (bench devvm with TRACE=1): every MMIO write a guest makes
 # and every interrupt KVM injects, from the board kernel's tracepoints. An ioeventfd bound to
 # another VM's irqfd injects in the writing vCPU's thread, right after its write: the report
 # pairs each write with the SPI injection that followed it in the same thread, per address
 # (the vCPUs' own timer interrupts are left out).
 kvm_trace_start() {
-	t=/sys/kernel/tracing
-	[ -e $t/trace ] || mount -t tracefs tracefs $t 2>/dev/null
-	echo 0 >$t/tracing_on
-	echo 32768 >$t/buffer_size_kb
-	echo >$t/trace
+	trace_reset
 	echo 1 >$t/events/kvm/kvm_mmio/enable
 	echo 1 >$t/events/kvm/vgic_update_irq_pending/enable
 	echo 1 >$t/tracing_on
@@ -179,11 +184,7 @@ kvm_trace_report() { # NAME
 # vCPU waits in WFI ("driver"), then whoever serves the queue finds the request, reads and
 # raises the next completion ("serve"). DRIVER and DEVICE are the splitvirt pids.
 kvm_timeline_start() { # DRIVER-PID [DEVICE-PID]
-	t=/sys/kernel/tracing
-	[ -e $t/trace ] || mount -t tracefs tracefs $t 2>/dev/null
-	echo 0 >$t/tracing_on
-	echo 32768 >$t/buffer_size_kb
-	echo >$t/trace
+	trace_reset
 	for e in kvm_entry kvm_exit kvm_wfx_arm64 kvm_vcpu_wakeup vgic_update_irq_pending kvm_guest_fault; do
 		echo 1 >$t/events/kvm/$e/enable
 	done
@@ -264,5 +265,50 @@ kvm_timeline_report() { # NAME
 	for e in kvm_entry kvm_exit kvm_wfx_arm64 kvm_vcpu_wakeup vgic_update_irq_pending kvm_guest_fault; do
 		echo 0 >$t/events/kvm/$e/enable
 	done
+	echo >$t/trace
+}
+
+# Stage-2 faults and exits per VM (bench conn with TRACE=faults): every guest abort KVM takes
+# (kvm_guest_fault: a first touch, a write to a page mapped read-only, or MMIO) by 2 MiB of
+# guest-physical space, and every exit by its cause, for the vCPU threads listed in
+# /tmp/faults-NAME (see vcpu_tids).
+kvm_faults_start() {
+	trace_reset
+	echo 1 >$t/events/kvm/kvm_guest_fault/enable
+	echo 1 >$t/events/kvm/kvm_exit/enable
+	echo 1 >$t/tracing_on
+}
+kvm_faults_report() { # NAME...
+	t=/sys/kernel/tracing
+	echo 0 >$t/tracing_on
+	echo "@@ FAULTS overrun $(grep -h overrun $t/per_cpu/cpu*/stats | awk '{s += $2} END {print s}')"
+	for name in "$@"; do
+		awk -v name="$name" -v tids="$(cat "/tmp/faults-$name" 2>/dev/null)" '
+		BEGIN { n = split(tids, a, " "); for (i = 1; i <= n; i++) mine[a[i]] = 1 }
+		{ i = index($0, " ["); h = substr($0, 1, i - 1); sub(/.*-/, "", h); gsub(/ /, "", h) }
+		!(h in mine) { next }
+		/kvm_guest_fault:/ {
+			ipa = $0; sub(/.*ipa /, "", ipa); sub(/,.*/, "", ipa)
+			# By 256 MiB (the address without its last 7 hex digits), and by MiB (5).
+			faults[substr(ipa, 3, length(ipa) - 9)]++
+			mib[substr(ipa, 3, length(ipa) - 7)]++; total++
+			esr = $0; sub(/.*esr /, "", esr); sub(/,.*/, "", esr)
+			page[substr(ipa, 3, length(ipa) - 5)]++
+			cause[substr(ipa, 3, length(ipa) - 7) "00000.. esr " esr]++
+			next
+		}
+		/kvm_exit:/ { r = $0; sub(/.*kvm_exit: /, "", r); sub(/ HSR_EC.*\(/, " ", r); sub(/\).*/, "", r); exits[r]++ }
+		END {
+			printf "@@ FAULTS %s: %d guest aborts\n", name, total
+			for (b in faults) printf "@@ FAULTS %s: 0x%s0000000.. (256 MiB) %d\n", name, b, faults[b]
+			for (b in mib) if (mib[b] >= 256) printf "@@ FAULTS %s: 0x%s00000.. (1 MiB) %d\n", name, b, mib[b]
+			# Pages that fault again and again, with the cause KVM saw (ESR).
+			for (b in page) if (page[b] >= 100) printf "@@ FAULTS %s: page 0x%s000 %d\n", name, b, page[b]
+			for (b in cause) if (cause[b] >= 100) printf "@@ FAULTS %s: 0x%s %d\n", name, b, cause[b]
+			for (r in exits) printf "@@ FAULTS %s: exit %s %d\n", name, r, exits[r]
+		}' $t/trace
+	done
+	echo 0 >$t/events/kvm/kvm_guest_fault/enable
+	echo 0 >$t/events/kvm/kvm_exit/enable
 	echo >$t/trace
 }

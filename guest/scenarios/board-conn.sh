@@ -25,8 +25,17 @@ vm() { # ROLE PREFIX
 		case "$l" in *"@@ VALUE phase restart"*) touch /tmp/restart-now ;; esac
 	done &
 }
+# TRACE=faults: each VM's stage-2 faults and exits over the whole run.
+[ "$TRACE" = faults ] && kvm_faults_start
 vm pong pong
 vm ping ping
+if [ "$TRACE" = faults ]; then
+	sleep 5
+	for v in ping pong; do vcpu_tids "$(cat /tmp/$v.pid)" >/tmp/faults-$v; done
+	# Memory left, huge pages, and the kernel's reclaim at work, once both VMs are busy.
+	( sleep 60
+	  echo "@@ FAULTS memory $(awk '/MemFree|MemAvailable|ShmemHugePages|ShmemPmdMapped/ {printf "%s %s ", $1, $2}' /proc/meminfo) $(awk '/^pgscan_kswapd|^pgscan_direct|^thp_/ && $2 > 0 {printf "%s %s ", $1, $2}' /proc/vmstat)" ) &
+fi
 if [ "$MODE" = test ]; then
 	n=0
 	while [ ! -e /tmp/restart-now ] && [ $n -lt 1200 ]; do sleep 1; n=$((n + 1)); done
@@ -36,6 +45,7 @@ if [ "$MODE" = test ]; then
 	vm repong pong2
 fi
 wait
+[ "$TRACE" = faults ] && kvm_faults_report ping pong
 # What the survivor's splitvirt said of its peer: gone, then attached again.
 value ping_peer_gone "$(grep -c 'peer went away' /tmp/ping-sv.log)"
 value ping_peer_back "$(awk '/peer went away/ {gone = 1} gone && /peer attached/ {back = 1} END {print back ? "yes" : "no"}' /tmp/ping-sv.log)"

@@ -61,7 +61,13 @@ fn run(mode: &str, rounds: &str) -> Result<Run> {
     }
     let r = board::run(
         "board-conn",
-        &[("ROUNDS", rounds), ("MODE", mode), ("STORM", STORM)],
+        &[
+            ("ROUNDS", rounds),
+            ("MODE", mode),
+            ("STORM", STORM),
+            // TRACE=faults (bench conn): each VM's stage-2 faults and exits, by address.
+            ("TRACE", &std::env::var("TRACE").unwrap_or_default()),
+        ],
         files,
         Duration::from_secs(1500),
     )?;
@@ -292,6 +298,9 @@ pub fn bench() -> Result<()> {
     ] {
         let x = mibs(p, k)?;
         println!("| {what} | {x:.0} MiB/s ({:.2}x memcpy) |", x / copy);
+    }
+    for line in r.outer().log.lines().filter(|l| l.contains("@@ FAULTS")) {
+        println!("{line}");
     }
     Ok(())
 }

@@ -5,11 +5,20 @@ use std::fmt::Write;
 
 pub fn render(l: &Layout) -> String {
     let mut o = String::new();
-    let _ = writeln!(
+    let _ = write!(
         o,
-        "VM {} (profile {}), {} vCPU(s)\n",
+        "VM {} (profile {}), {} vCPU(s)",
         l.name, l.profile, l.vcpus
     );
+    if let Some(a) = &l.vcpu_affinity {
+        let on: Vec<String> = a
+            .iter()
+            .enumerate()
+            .map(|(i, cpus)| format!("vCPU {i} on {}", layout::resolve::cpu_list(cpus)))
+            .collect();
+        let _ = write!(o, "; host CPUs: {}", on.join(", "));
+    }
+    let _ = writeln!(o, "\n");
     let _ = writeln!(
         o,
         "{:<22} {:>18} {:>18} {:>10}",

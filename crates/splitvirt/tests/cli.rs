@@ -384,3 +384,27 @@ fn backend_options_stay_with_their_mode() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("--setup-fd 57"), "{err}");
 }
+
+/// `config show` says which host CPUs each vCPU may run on, when the description pins them.
+#[test]
+fn config_show_names_each_vcpus_host_cpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        &dir,
+        "pinned.toml",
+        "vcpus = 2\nvcpu_affinity = [\"1\", \"3,2\"]\n",
+    );
+    let (out, err) = text(&sv(&["config", "show", &f]));
+    assert!(
+        out.lines()
+            .next()
+            .is_some_and(|l| l.ends_with("2 vCPU(s); host CPUs: vCPU 0 on 1, vCPU 1 on 2-3")),
+        "{out}{err}"
+    );
+    let (out, _) = text(&sv(&[
+        "config",
+        "show",
+        &write(&dir, "free.toml", "vcpus = 2\n"),
+    ]));
+    assert!(!out.contains("host CPUs"), "{out}");
+}

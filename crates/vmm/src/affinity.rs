@@ -2,6 +2,7 @@
 //! answer each other (a device VM and its driver VM) otherwise often share one CPU: the
 //! scheduler wakes a vCPU on the CPU of the thread that woke it.
 
+use layout::resolve::cpu_list;
 use std::io;
 use thiserror::Error;
 
@@ -77,36 +78,9 @@ pub fn pin_current(vcpu: usize, cpus: &[usize]) -> Result<(), AffinityError> {
     Ok(())
 }
 
-/// CPUs as `taskset -c` writes them: `0-3,6`.
-pub fn cpu_list(cpus: &[usize]) -> String {
-    let mut out: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < cpus.len() {
-        let mut j = i;
-        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
-            j += 1;
-        }
-        out.push(if i == j {
-            cpus[i].to_string()
-        } else {
-            format!("{}-{}", cpus[i], cpus[j])
-        });
-        i = j + 1;
-    }
-    out.join(",")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lists_read_back_as_they_parse() {
-        for l in ["0", "0-3,6", "1,3,5-7"] {
-            let cpus = layout::resolve::parse_cpu_list(l).unwrap();
-            assert_eq!(cpu_list(&cpus), l);
-        }
-    }
 
     /// A thread pinned to one CPU runs there only, as the kernel says; a CPU the process may
     /// not use is refused before any thread moves, naming the CPUs it may use.
