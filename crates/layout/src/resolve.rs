@@ -152,6 +152,11 @@ fn backend_poll(b: Option<&BackendDesc>, l: &Layout, p: &mut Vec<Problem>) -> Op
             "remove [backend] or give a device placement = \"backend\"",
         ));
     }
+    rpc_poll(us)
+}
+
+/// How long a side of the RPC spins for `us` µs of `poll_us` (0: not at all, None).
+pub fn rpc_poll(us: u32) -> Option<Duration> {
     (us > 0).then(|| Duration::from_micros(u64::from(us)))
 }
 

@@ -450,7 +450,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let mut l = resolve(&load(config.as_deref())?)?.layout;
             if let Some(us) = poll_us {
-                l.rpc_poll = (us > 0).then(|| std::time::Duration::from_micros(u64::from(us)));
+                l.rpc_poll = layout::resolve::rpc_poll(us);
             }
             backend::device_vm::serve_port(&l, &port)?;
             Ok(ExitCode::SUCCESS)
