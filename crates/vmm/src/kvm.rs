@@ -624,6 +624,10 @@ impl crate::machine::Hypervisor for KvmHypervisor {
 pub fn run(spec: &crate::RunSpec, mut p: Prepared) -> Result<Exit, Error> {
     let (l, stats) = (&spec.layout, spec.stats);
     let start = crate::stats::process_start();
+    // A description written for another host fails before anything is built.
+    if let Some(a) = &l.vcpu_affinity {
+        crate::affinity::check(a)?;
+    }
     let kvm = Kvm::new().map_err(|e| Error::NoKvm(e.to_string()))?;
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
     let undecodable = Arc::new(Undecodable::enable(&vm));
@@ -713,16 +717,14 @@ pub fn run(spec: &crate::RunSpec, mut p: Prepared) -> Result<Exit, Error> {
         std::mem::replace(&mut machine.stdin, Box::new(|_| {})),
         tx.clone(),
     );
-    if let Some(a) = &l.vcpu_affinity {
-        crate::affinity::check(a)?;
-    }
     for (id, mut vcpu) in vcpus.into_iter().enumerate() {
         let (bus, tx, undecodable) = (bus.clone(), tx.clone(), undecodable.clone());
         let cpus = l.vcpu_affinity.as_ref().and_then(|a| a.get(id).cloned());
         std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
-                // Checked above: a refusal now (a CPU gone offline since) leaves it unpinned.
+                // Checked at the start: a refusal now (a CPU gone offline since) leaves it
+                // unpinned.
                 if let Some(Err(e)) = cpus.map(|c| crate::affinity::pin_current(id, &c)) {
                     ratelog::error!("{e}");
                 }
