@@ -133,14 +133,30 @@ wakes() {
 	echo
 }
 
-# The board kernel's tracing stopped, with an empty 32 MiB buffer per CPU; $t its directory.
-trace_reset() {
+# The board kernel's KVM tracepoints EVENT... traced into an empty 32 MiB buffer per CPU; $t
+# is the tracing directory.
+trace_kvm() { # EVENT...
 	t=/sys/kernel/tracing
 	[ -e $t/trace ] || mount -t tracefs tracefs $t 2>/dev/null
 	echo 0 >$t/tracing_on
 	echo 32768 >$t/buffer_size_kb
 	echo >$t/trace
+	for e; do echo 1 >$t/events/kvm/$e/enable; done
+	echo 1 >$t/tracing_on
 }
+# Tracing stopped, and how many events the buffer lost: "@@ WHAT overrun N".
+trace_stop() { # WHAT
+	t=/sys/kernel/tracing
+	echo 0 >$t/tracing_on
+	echo "@@ $1 overrun $(grep -h overrun $t/per_cpu/cpu*/stats | awk '{s += $2} END {print s}')"
+}
+# The tracepoints EVENT... off, the buffer emptied.
+trace_clear() { # EVENT...
+	for e; do echo 0 >$t/events/kvm/$e/enable; done
+	echo >$t/trace
+}
+# An awk function: the thread id of a trace line ("comm-TID [cpu] ...").
+trace_tid='function tid_of(line,   i, h) { i = index(line, " ["); h = substr(line, 1, i - 1); sub(/.*-/, "", h); gsub(/ /, "", h); return h }'
 
 # KVM's own account of notifications (bench devvm with TRACE=1): every MMIO write a guest makes
 # and every interrupt KVM injects, from the board kernel's tracepoints. An ioeventfd bound to
@@ -148,24 +164,18 @@ trace_reset() {
 # pairs each write with the SPI injection that followed it in the same thread, per address
 # (the vCPUs' own timer interrupts are left out).
 kvm_trace_start() {
-	trace_reset
-	echo 1 >$t/events/kvm/kvm_mmio/enable
-	echo 1 >$t/events/kvm/vgic_update_irq_pending/enable
-	echo 1 >$t/tracing_on
+	trace_kvm kvm_mmio vgic_update_irq_pending
 }
 kvm_trace_report() { # NAME
-	t=/sys/kernel/tracing
-	echo 0 >$t/tracing_on
-	echo "@@ TRACE $1: overrun $(grep -h overrun $t/per_cpu/cpu*/stats | awk '{s += $2} END {print s}')"
-	awk -v name="$1" '
-	function task(line,   i, h) { i = index(line, " ["); h = substr(line, 1, i - 1); sub(/.*-/, "", h); return h }
+	trace_stop "TRACE $1:"
+	awk -v name="$1" "$trace_tid"'
 	/kvm_mmio: mmio write/ {
-		p = task($0); for (i = 1; i < NF; i++) if ($i == "gpa") g = $(i + 1)
+		p = tid_of($0); for (i = 1; i < NF; i++) if ($i == "gpa") g = $(i + 1)
 		if (p in open) alone[open[p]]++
 		open[p] = g; writes[g]++; next
 	}
 	/vgic_update_irq_pending:.*level: 1/ {
-		p = task($0); irq = $0; sub(/.*IRQ /, "", irq); sub(/,.*/, "", irq)
+		p = tid_of($0); irq = $0; sub(/.*IRQ /, "", irq); sub(/,.*/, "", irq)
 		if (irq + 0 < 32) next
 		if (p in open) { pair[open[p] " " irq]++; delete open[p] } else other[irq]++
 	}
@@ -174,7 +184,7 @@ kvm_trace_report() { # NAME
 		for (k in pair) { split(k, a, " "); print "@@ TRACE " name ": write " a[1] " x" writes[a[1]] " -> IRQ " a[2] " x" pair[k] ", no injection after x" (alone[a[1]] + 0) }
 		for (i in other) print "@@ TRACE " name ": IRQ " i " x" other[i] " from elsewhere"
 	}' $t/trace
-	echo >$t/trace
+	trace_clear kvm_mmio vgic_update_irq_pending
 }
 
 # Where a request's time goes at queue depth 1 (bench devvm with TRACE=timeline), from the
@@ -183,14 +193,11 @@ kvm_trace_report() { # NAME
 # its guest again ("wake"), the guest completes the read and submits the next one until its
 # vCPU waits in WFI ("driver"), then whoever serves the queue finds the request, reads and
 # raises the next completion ("serve"). DRIVER and DEVICE are the splitvirt pids.
+timeline_events="kvm_entry kvm_exit kvm_wfx_arm64 kvm_vcpu_wakeup vgic_update_irq_pending kvm_guest_fault"
 kvm_timeline_start() { # DRIVER-PID [DEVICE-PID]
-	trace_reset
-	for e in kvm_entry kvm_exit kvm_wfx_arm64 kvm_vcpu_wakeup vgic_update_irq_pending kvm_guest_fault; do
-		echo 1 >$t/events/kvm/$e/enable
-	done
 	vcpu_tids "$1" >/tmp/timeline-driver
 	[ -n "$2" ] && vcpu_tids "$2" >/tmp/timeline-device
-	echo 1 >$t/tracing_on
+	trace_kvm $timeline_events
 }
 vcpu_tids() { # PID
 	for task in /proc/"$1"/task/*; do
@@ -198,16 +205,14 @@ vcpu_tids() { # PID
 	done
 }
 kvm_timeline_report() { # NAME
-	t=/sys/kernel/tracing
-	echo 0 >$t/tracing_on
-	echo "@@ TIMELINE $1: overrun $(grep -h overrun $t/per_cpu/cpu*/stats | awk '{s += $2} END {print s}')"
-	awk -v name="$1" -v drv="$(cat /tmp/timeline-driver 2>/dev/null)" -v dev="$(cat /tmp/timeline-device 2>/dev/null)" '
+	trace_stop "TIMELINE $1:"
+	awk -v name="$1" -v drv="$(cat /tmp/timeline-driver 2>/dev/null)" -v dev="$(cat /tmp/timeline-device 2>/dev/null)" "$trace_tid"'
 	BEGIN {
 		n = split(drv, a, " "); for (i = 1; i <= n; i++) isdrv[a[i]] = 1
 		n = split(dev, a, " "); for (i = 1; i <= n; i++) isdev[a[i]] = 1
 	}
 	{
-		i = index($0, " ["); h = substr($0, 1, i - 1); sub(/.*-/, "", h); gsub(/ /, "", h); tid = h
+		tid = tid_of($0)
 		ts = ""; for (k = 2; k < NF; k++) if ($k ~ /^[0-9]+\.[0-9]+:$/) { ts = substr($k, 1, length($k) - 1); ev = $(k + 1); break }
 		if (ts == "") next
 		ts = ts * 1000000
@@ -262,39 +267,28 @@ kvm_timeline_report() { # NAME
 		for (r in dreason) printf "@@ TIMELINE %s: driver exit %s %.2f\n", name, r, dreason[r] / cycles
 		for (r in vreason) printf "@@ TIMELINE %s: device VM exit %s %.2f\n", name, r, vreason[r] / cycles
 	}' $t/trace
-	for e in kvm_entry kvm_exit kvm_wfx_arm64 kvm_vcpu_wakeup vgic_update_irq_pending kvm_guest_fault; do
-		echo 0 >$t/events/kvm/$e/enable
-	done
-	echo >$t/trace
+	trace_clear $timeline_events
 }
 
 # Stage-2 faults and exits per VM (bench conn with TRACE=faults): every guest abort KVM takes
-# (kvm_guest_fault: a first touch, a write to a page mapped read-only, or MMIO) by 2 MiB of
-# guest-physical space, and every exit by its cause, for the vCPU threads listed in
-# /tmp/faults-NAME (see vcpu_tids).
+# (kvm_guest_fault: a first touch, a write to a page mapped read-only, or MMIO) by 256 MiB and
+# by MiB of guest-physical space and the pages hit 100 times or more, and every exit by its
+# cause, for the vCPU threads listed in /tmp/faults-NAME (see vcpu_tids).
 kvm_faults_start() {
-	trace_reset
-	echo 1 >$t/events/kvm/kvm_guest_fault/enable
-	echo 1 >$t/events/kvm/kvm_exit/enable
-	echo 1 >$t/tracing_on
+	trace_kvm kvm_guest_fault kvm_exit
 }
 kvm_faults_report() { # NAME...
-	t=/sys/kernel/tracing
-	echo 0 >$t/tracing_on
-	echo "@@ FAULTS overrun $(grep -h overrun $t/per_cpu/cpu*/stats | awk '{s += $2} END {print s}')"
+	trace_stop FAULTS
 	for name in "$@"; do
-		awk -v name="$name" -v tids="$(cat "/tmp/faults-$name" 2>/dev/null)" '
+		awk -v name="$name" -v tids="$(cat "/tmp/faults-$name" 2>/dev/null)" "$trace_tid"'
 		BEGIN { n = split(tids, a, " "); for (i = 1; i <= n; i++) mine[a[i]] = 1 }
-		{ i = index($0, " ["); h = substr($0, 1, i - 1); sub(/.*-/, "", h); gsub(/ /, "", h) }
-		!(h in mine) { next }
+		!(tid_of($0) in mine) { next }
 		/kvm_guest_fault:/ {
 			ipa = $0; sub(/.*ipa /, "", ipa); sub(/,.*/, "", ipa)
 			# By 256 MiB (the address without its last 7 hex digits), and by MiB (5).
 			faults[substr(ipa, 3, length(ipa) - 9)]++
 			mib[substr(ipa, 3, length(ipa) - 7)]++; total++
-			esr = $0; sub(/.*esr /, "", esr); sub(/,.*/, "", esr)
 			page[substr(ipa, 3, length(ipa) - 5)]++
-			cause[substr(ipa, 3, length(ipa) - 7) "00000.. esr " esr]++
 			next
 		}
 		/kvm_exit:/ { r = $0; sub(/.*kvm_exit: /, "", r); sub(/ HSR_EC.*\(/, " ", r); sub(/\).*/, "", r); exits[r]++ }
@@ -302,13 +296,10 @@ kvm_faults_report() { # NAME...
 			printf "@@ FAULTS %s: %d guest aborts\n", name, total
 			for (b in faults) printf "@@ FAULTS %s: 0x%s0000000.. (256 MiB) %d\n", name, b, faults[b]
 			for (b in mib) if (mib[b] >= 256) printf "@@ FAULTS %s: 0x%s00000.. (1 MiB) %d\n", name, b, mib[b]
-			# Pages that fault again and again, with the cause KVM saw (ESR).
+			# Pages that fault again and again (MMIO, or a mapping KVM keeps losing).
 			for (b in page) if (page[b] >= 100) printf "@@ FAULTS %s: page 0x%s000 %d\n", name, b, page[b]
-			for (b in cause) if (cause[b] >= 100) printf "@@ FAULTS %s: 0x%s %d\n", name, b, cause[b]
 			for (r in exits) printf "@@ FAULTS %s: exit %s %d\n", name, r, exits[r]
 		}' $t/trace
 	done
-	echo 0 >$t/events/kvm/kvm_guest_fault/enable
-	echo 0 >$t/events/kvm/kvm_exit/enable
-	echo >$t/trace
+	trace_clear kvm_guest_fault kvm_exit
 }

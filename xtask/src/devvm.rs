@@ -497,9 +497,12 @@ pub fn bench() -> Result<()> {
                 .map(|p| get(p, k))
                 .collect::<Result<Vec<f64>>>()?;
             let mut cells: Vec<String> = values.iter().map(|v| format!("{v:.1}")).collect();
-            let be = get("be", k).unwrap_or(f64::NAN);
+            let of = |p: &str| {
+                let at = places.names.iter().position(|n| *n == p);
+                at.map_or(f64::NAN, |i| values[i])
+            };
             for (j, p) in against.iter().enumerate() {
-                let x = get(p, k)? / be;
+                let x = of(p) / of("be");
                 ratios[i][j].push(x);
                 cells.push(format!("{x:.2}x"));
             }

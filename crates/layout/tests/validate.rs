@@ -9,6 +9,13 @@ fn problems(toml: &str) -> Vec<layout::Problem> {
     check(&d)
 }
 
+/// The layout a valid description resolves to.
+fn layout_of(toml: &str) -> layout::Layout {
+    resolve(&Description::parse(toml, "t.toml").unwrap_or_else(|e| panic!("{e}")))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .layout
+}
+
 /// Asserts an error of `rule` whose message contains every needle.
 fn rejects(toml: &str, rule: Rule, needles: &[&str]) {
     finds(toml, rule, Severity::Error, needles)
@@ -412,12 +419,7 @@ fn device_fields_are_checked_per_kind() {
 
 #[test]
 fn halt_poll_is_bounded_and_reaches_the_layout() {
-    let l = |text: &str| {
-        resolve(&Description::parse(text, "t").unwrap())
-            .unwrap()
-            .layout
-            .halt_poll
-    };
+    let l = |text: &str| layout_of(text).halt_poll;
     assert_eq!(l("halt_poll_us = 2000"), Some(Duration::from_millis(2)));
     assert_eq!(
         l("halt_poll_us = 0"),
@@ -434,13 +436,9 @@ fn halt_poll_is_bounded_and_reaches_the_layout() {
 
 #[test]
 fn backend_table_is_bounded_and_reaches_the_layout() {
-    let l = resolve(&Description::parse("[backend]\npoll_us = 50", "t").unwrap())
-        .unwrap()
-        .layout;
+    let l = layout_of("[backend]\npoll_us = 50");
     assert_eq!(l.rpc_poll, Some(std::time::Duration::from_micros(50)));
-    let l = resolve(&Description::parse("[backend]\npoll_us = 0", "t").unwrap())
-        .unwrap()
-        .layout;
+    let l = layout_of("[backend]\npoll_us = 0");
     assert_eq!(l.rpc_poll, None);
     assert_eq!(
         resolve(&Description::default_vm()).unwrap().layout.rpc_poll,
@@ -655,9 +653,7 @@ fn no_intx_line_is_shared_between_the_backend_and_splitvirt() {
     assert!(fix.contains("intx_pin = \"B\""), "{fix}");
     accepts(&two("intx_pin = \"B\"\n"), Rule::IntxShared);
     accepts(&two(""), Rule::IntxShared);
-    let l = resolve(&Description::parse(&two(""), "t.toml").unwrap())
-        .unwrap()
-        .layout;
+    let l = layout_of(&two(""));
     let (blk, conn) = (&l.devices[0], &l.devices[1]);
     assert_ne!(blk.intx_spi, conn.intx_spi);
     assert_eq!(conn.intx_pin, 2, "pin B, the first free line");
@@ -666,9 +662,7 @@ fn no_intx_line_is_shared_between_the_backend_and_splitvirt() {
 #[test]
 fn a_device_vms_port_and_a_driver_vm_that_names_it() {
     let port = "[[device]]\nkind = \"rpc-port\"\nsocket = \"/run/p.sock\"\npool_size = \"48M\"\n";
-    let l = resolve(&Description::parse(port, "t").unwrap())
-        .unwrap()
-        .layout;
+    let l = layout_of(port);
     let d = &l.devices[0];
     assert_eq!(d.kind.pci_id(), (0x1af4, 0xa112));
     assert_eq!(d.placement, layout::Placement::InProcess);
@@ -714,9 +708,7 @@ fn a_device_vms_port_and_a_driver_vm_that_names_it() {
         &["`socket` is not a field of a virtio-blk device"],
     );
     // The driver VM's side.
-    let l = resolve(&Description::parse("[backend]\ndevice_vm = \"/run/p.sock\"", "t").unwrap())
-        .unwrap()
-        .layout;
+    let l = layout_of("[backend]\ndevice_vm = \"/run/p.sock\"");
     assert!(l.rpc_device_vm);
     assert_eq!(
         l.rpc_connect.as_deref(),
@@ -750,9 +742,7 @@ fn a_device_vms_port_and_a_driver_vm_that_names_it() {
 fn a_vhost_user_device_and_what_it_must_name() {
     let blk =
         "[[device]]\nkind = \"vhost-user\"\nsocket = \"/run/vhost/disk.sock\"\ndevice = \"blk\"\n";
-    let l = resolve(&Description::parse(blk, "t").unwrap())
-        .unwrap()
-        .layout;
+    let l = layout_of(blk);
     let d = &l.devices[0];
     assert_eq!(
         d.kind.pci_id(),
@@ -775,15 +765,11 @@ fn a_vhost_user_device_and_what_it_must_name() {
         }
     );
     let fs = "[[device]]\nkind = \"vhost-user\"\nsocket = \"fs.sock\"\ndevice = \"fs\"\n";
-    let l = resolve(&Description::parse(fs, "t").unwrap())
-        .unwrap()
-        .layout;
+    let l = layout_of(fs);
     assert_eq!(l.devices[0].kind.pci_id(), (0x1af4, 0x105a));
     assert_eq!(l.devices[0].msi_vectors, 3);
     let vsock = "[[device]]\nkind = \"vhost-user\"\nsocket = \"v.sock\"\ndevice = \"vsock\"\n";
-    let l = resolve(&Description::parse(vsock, "t").unwrap())
-        .unwrap()
-        .layout;
+    let l = layout_of(vsock);
     assert_eq!(l.devices[0].kind.pci_id(), (0x1af4, 0x1053));
     assert_eq!(
         l.devices[0].msi_vectors, 4,
@@ -805,9 +791,7 @@ fn a_vhost_user_device_and_what_it_must_name() {
         &["queue_size = 100"],
     );
     let console4 = "[[device]]\nkind = \"vhost-user\"\nsocket = \"c.sock\"\ndevice = \"console\"\nqueues = 4\n";
-    let l = resolve(&Description::parse(console4, "t").unwrap())
-        .unwrap()
-        .layout;
+    let l = layout_of(console4);
     assert_eq!(
         l.devices[0].msi_vectors, 5,
         "multiport: two data and two control queues"
@@ -838,9 +822,7 @@ fn a_vhost_user_device_and_what_it_must_name() {
 fn virtio_pmem_devices_get_windows_of_their_own_above_the_pci_windows() {
     let two = "[[device]]\nkind = \"virtio-pmem\"\nimage = \"a.img\"\n\
                [[device]]\nkind = \"virtio-pmem\"\nimage = \"b.img\"\n";
-    let l = resolve(&Description::parse(two, "t").unwrap())
-        .unwrap()
-        .layout;
+    let l = layout_of(two);
     let windows: Vec<u64> = l
         .devices
         .iter()
@@ -874,12 +856,7 @@ fn virtio_pmem_devices_get_windows_of_their_own_above_the_pci_windows() {
 
 #[test]
 fn vcpu_affinity_gives_each_vcpu_its_cpus() {
-    let l = |text: &str| {
-        resolve(&Description::parse(text, "t").unwrap())
-            .unwrap()
-            .layout
-            .vcpu_affinity
-    };
+    let l = |text: &str| layout_of(text).vcpu_affinity;
     assert_eq!(l(""), None, "the scheduler's choice");
     assert_eq!(
         l("vcpus = 2\nvcpu_affinity = \"0-2,5\""),
