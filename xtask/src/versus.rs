@@ -69,14 +69,38 @@ fn qemu_dtb() -> Result<Vec<u8>> {
     Ok(std::fs::read(&out)?)
 }
 
-/// `cargo xtask bench qemu`: every test. `boot_only` (`bench qemu-boot`): the quiet and
-/// verbose boots alone, a fraction of the time.
-pub fn run(boot_only: bool) -> Result<()> {
-    let tests = if boot_only {
-        "quiet verbose"
-    } else {
-        "quiet verbose io ioq"
+/// The tests `bench qemu` can run, in the order it runs them.
+const TESTS: [&str; 4] = ["quiet", "verbose", "io", "ioq"];
+
+/// The tests to run: `TESTS` from the environment (a subset of [`TESTS`], spaces between), or
+/// all; `bench qemu-boot` is `TESTS="quiet verbose"`.
+fn chosen(boot_only: bool) -> Result<Vec<&'static str>> {
+    let asked = match std::env::var("TESTS") {
+        Ok(v) if !boot_only => v,
+        _ if boot_only => "quiet verbose".to_owned(),
+        _ => return Ok(TESTS.to_vec()),
     };
+    let words: Vec<&str> = asked.split_whitespace().collect();
+    if let Some(bad) = words.iter().find(|w| !TESTS.contains(w)) {
+        anyhow::bail!(
+            "TESTS={asked:?}: no test {bad:?}; choose among {} (for instance TESTS=\"io ioq\")",
+            TESTS.join(" ")
+        );
+    }
+    ensure!(
+        !words.is_empty(),
+        "TESTS is empty; unset it for every test, or name some of {}",
+        TESTS.join(" ")
+    );
+    Ok(TESTS.into_iter().filter(|t| words.contains(t)).collect())
+}
+
+/// `cargo xtask bench qemu`: every test, or those `TESTS` names. `boot_only` (`bench
+/// qemu-boot`): the quiet and verbose boots alone, a fraction of the time.
+pub fn run(boot_only: bool) -> Result<()> {
+    let chosen = chosen(boot_only)?;
+    let tests = chosen.join(" ");
+    let has = |t: &str| chosen.contains(&t);
     let dir = root().join("target/board");
     std::fs::create_dir_all(&dir)?;
     let boot = dir.join("vs-boot.cpio");
@@ -104,7 +128,7 @@ pub fn run(boot_only: bool) -> Result<()> {
     cross::splitvirt()?;
     let r = board::run(
         "bench-qemu",
-        &[("ROUNDS", &ROUNDS.to_string()), ("TESTS", tests)],
+        &[("ROUNDS", &ROUNDS.to_string()), ("TESTS", &tests)],
         files,
         Duration::from_secs(5400),
     )?;
@@ -144,32 +168,33 @@ pub fn run(boot_only: bool) -> Result<()> {
     };
     let compare =
         |test: &str, sv: &str, rows: &[(&str, &str)]| compare_with(test, sv, "qemu", rows);
-    header("`quiet`, no PCI devices (splitvirt: huge-page RAM, hugetlb pool; QEMU: THP RAM)");
-    compare(
-        "quiet",
-        "svbe",
-        &[
-            ("start→init ms", "marker_ms"),
-            ("start→off ms", "exit_ms"),
-            ("kernel boot s", "kernel_boot_s"),
-            ("uptime@init s", "up"),
-            ("VMM RSS KiB", "vmm_rss_kib"),
-        ],
-    )?;
-    start_phases(&r)?;
-    header("verbose console, one virtio-blk (splitvirt: in the backend)");
-    compare(
-        "verbose",
-        "svbe",
-        &[
-            ("start→init ms", "marker_ms"),
-            ("kernel boot s", "kernel_boot_s"),
-            ("blk probe ms", "probe_ms"),
-            ("uptime@init s", "up"),
-        ],
-    )?;
-    if boot_only {
-        return Ok(());
+    if has("quiet") {
+        header("`quiet`, no PCI devices (splitvirt: huge-page RAM, hugetlb pool; QEMU: THP RAM)");
+        compare(
+            "quiet",
+            "svbe",
+            &[
+                ("start→init ms", "marker_ms"),
+                ("start→off ms", "exit_ms"),
+                ("kernel boot s", "kernel_boot_s"),
+                ("uptime@init s", "up"),
+                ("VMM RSS KiB", "vmm_rss_kib"),
+            ],
+        )?;
+        start_phases(&r)?;
+    }
+    if has("verbose") {
+        header("verbose console, one virtio-blk (splitvirt: in the backend)");
+        compare(
+            "verbose",
+            "svbe",
+            &[
+                ("start→init ms", "marker_ms"),
+                ("kernel boot s", "kernel_boot_s"),
+                ("blk probe ms", "probe_ms"),
+                ("uptime@init s", "up"),
+            ],
+        )?;
     }
     let io_rows = [
         ("seq write MB/s", "seq_write_mbps"),
@@ -179,22 +204,29 @@ pub fn run(boot_only: bool) -> Result<()> {
         ("TCP MB/s", "tcp_mbps"),
         ("TCP RR µs", "tcp_rr_us"),
     ];
-    for (vmm, title) in PLACEMENTS {
-        header(&format!(
-            "I/O: raw virtio-blk, TAP virtio-net, virtio-console; {title} (QEMU: aio=threads, \
-             cache=none, no vhost-net; {IO_MIB} MiB sequential, {IO_SECONDS} s random)"
-        ));
-        compare("io", vmm, &io_rows)?;
+    if has("io") {
+        for (vmm, title) in PLACEMENTS {
+            header(&format!(
+                "I/O: raw virtio-blk, TAP virtio-net, virtio-console; {title} (QEMU: aio=threads, \
+                 cache=none, no vhost-net; {IO_MIB} MiB sequential, {IO_SECONDS} s random)"
+            ));
+            compare("io", vmm, &io_rows)?;
+        }
+        for (vmm, title) in PLACEMENTS {
+            header(&format!(
+                "TCP against QEMU with vhost-net (the same runs of {title})"
+            ));
+            compare_with("io", vmm, "qemuvh", &io_rows[4..])?;
+        }
     }
-    for (vmm, title) in PLACEMENTS {
-        header(&format!(
-            "TCP against QEMU with vhost-net (the same runs of {title})"
-        ));
-        compare_with("io", vmm, "qemuvh", &io_rows[4..])?;
+    if has("ioq") {
+        for (vmm, title) in PLACEMENTS {
+            header(&format!("I/O: qcow2 virtio-blk; {title}"));
+            compare("ioq", vmm, &io_rows[..4])?;
+        }
     }
-    for (vmm, title) in PLACEMENTS {
-        header(&format!("I/O: qcow2 virtio-blk; {title}"));
-        compare("ioq", vmm, &io_rows[..4])?;
+    if !has("quiet") {
+        return Ok(());
     }
     let rss = rounds("quiet", "svbe", "vmm_rss_kib")?;
     println!(

@@ -453,3 +453,98 @@ fn a_request_behind_one_at_the_disk_goes_to_a_worker_even_where_work_is_accepted
     d.settle();
     assert_eq!(d.used_idx(), 2);
 }
+
+/// A disk in memory that notes each read and write call (write?, offset, length).
+#[derive(Default)]
+struct Recorder {
+    bytes: std::sync::Mutex<Vec<u8>>,
+    calls: std::sync::Mutex<Vec<(bool, u64, usize)>>,
+}
+impl virtio::disk::Disk for Recorder {
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.calls.lock().unwrap().push((false, off, buf.len()));
+        let b = self.bytes.lock().unwrap();
+        buf.copy_from_slice(&b[off as usize..off as usize + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.calls.lock().unwrap().push((true, off, buf.len()));
+        self.bytes.lock().unwrap()[off as usize..off as usize + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn discard(&self, _: u64, _: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_zeroes(&self, _: u64, _: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_request_of_many_buffers_reaches_the_disk_in_256_kib_calls() {
+    let rec = std::sync::Arc::new(Recorder {
+        bytes: std::sync::Mutex::new(vec![0; 1 << 20]),
+        ..Default::default()
+    });
+    let mut d = Driver::new(Block::with_disk(rec.clone(), "rec", false));
+    d.start(0, 0);
+    // Three buffers, apart in memory and of odd sizes, 266 752 bytes in all.
+    let parts = [
+        (POOL + 0x4_0000, 0x3_0000u32, 0x11u8),
+        (POOL + 0x8_0000, 0x200, 0x22),
+        (POOL + 0xa_0000, 0x1_1000, 0x33),
+    ];
+    let chain = |write: bool| {
+        let mut c = vec![(HDR, 16, false)];
+        c.extend(parts.iter().map(|&(a, l, _)| (a, l, !write)));
+        c.push((STATUS, 1, true));
+        c
+    };
+    for &(a, l, v) in &parts {
+        d.mem
+            .write_slice(&vec![v; l as usize], GuestAddress(a))
+            .unwrap();
+    }
+    header(&d, T_OUT, 8);
+    post(&mut d, 0, &chain(true));
+    assert_eq!(status(&d), S_OK);
+    assert_eq!(
+        *rec.calls.lock().unwrap(),
+        [(true, 4096, 256 << 10), (true, 4096 + (256 << 10), 4608)]
+    );
+    let mut want = Vec::new();
+    for &(_, l, v) in &parts {
+        want.extend(std::iter::repeat_n(v, l as usize));
+    }
+    assert!(rec.bytes.lock().unwrap()[4096..4096 + want.len()] == want[..]);
+    // Read it back into the same buffers, cleared first: two calls, each byte in its place.
+    for &(a, l, _) in &parts {
+        d.mem
+            .write_slice(&vec![0; l as usize], GuestAddress(a))
+            .unwrap();
+    }
+    rec.calls.lock().unwrap().clear();
+    header(&d, T_IN, 8);
+    post(&mut d, 0, &chain(false));
+    assert_eq!(status(&d), S_OK);
+    assert_eq!(
+        *rec.calls.lock().unwrap(),
+        [(false, 4096, 256 << 10), (false, 4096 + (256 << 10), 4608)]
+    );
+    for &(a, l, v) in &parts {
+        let mut got = vec![0; l as usize];
+        d.mem.read_slice(&mut got, GuestAddress(a)).unwrap();
+        assert!(got.iter().all(|&b| b == v), "buffer at {a:#x}");
+    }
+    assert_eq!(
+        d.used_len(1),
+        0x4_1200 + 1,
+        "bytes written into the read's buffers"
+    );
+}
