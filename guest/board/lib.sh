@@ -272,17 +272,18 @@ kvm_timeline_report() { # NAME
 
 # Stage-2 faults and exits per VM (bench conn with TRACE=faults): every guest abort KVM takes
 # (kvm_guest_fault: a first touch, a write to a page mapped read-only, or MMIO) by 256 MiB and
-# by MiB of guest-physical space and the pages hit 100 times or more, and every exit by its
-# cause, for the vCPU threads listed in /tmp/faults-NAME (see vcpu_tids).
+# by MiB of guest-physical space and the pages hit 100 times or more, every exit by its cause
+# and every exit to the VMM by its reason, for the vCPU threads listed in /tmp/faults-NAME (see
+# vcpu_tids), or for every thread where there is no such list (bench qemu: one VM at a time).
 kvm_faults_start() {
-	trace_kvm kvm_guest_fault kvm_exit
+	trace_kvm kvm_guest_fault kvm_exit kvm_userspace_exit
 }
 kvm_faults_report() { # NAME...
 	trace_stop FAULTS
 	for name in "$@"; do
 		awk -v name="$name" -v tids="$(cat "/tmp/faults-$name" 2>/dev/null)" "$trace_tid"'
 		BEGIN { n = split(tids, a, " "); for (i = 1; i <= n; i++) mine[a[i]] = 1 }
-		!(tid_of($0) in mine) { next }
+		n && !(tid_of($0) in mine) { next }
 		/kvm_guest_fault:/ {
 			ipa = $0; sub(/.*ipa /, "", ipa); sub(/,.*/, "", ipa)
 			# By 256 MiB (the address without its last 7 hex digits), and by MiB (5).
@@ -292,6 +293,7 @@ kvm_faults_report() { # NAME...
 			next
 		}
 		/kvm_exit:/ { r = $0; sub(/.*kvm_exit: /, "", r); sub(/ HSR_EC.*\(/, " ", r); sub(/\).*/, "", r); exits[r]++ }
+		/kvm_userspace_exit:/ { r = $0; sub(/.*reason /, "", r); sub(/ .*/, "", r); user[r]++ }
 		END {
 			printf "@@ FAULTS %s: %d guest aborts\n", name, total
 			for (b in faults) printf "@@ FAULTS %s: 0x%s0000000.. (256 MiB) %d\n", name, b, faults[b]
@@ -299,6 +301,7 @@ kvm_faults_report() { # NAME...
 			# Pages that fault again and again (MMIO, or a mapping KVM keeps losing).
 			for (b in page) if (page[b] >= 100) printf "@@ FAULTS %s: page 0x%s000 %d\n", name, b, page[b]
 			for (r in exits) printf "@@ FAULTS %s: exit %s %d\n", name, r, exits[r]
+			for (r in user) printf "@@ FAULTS %s: to userspace %s %d\n", name, r, user[r]
 		}' $t/trace
 	done
 	trace_clear kvm_guest_fault kvm_exit

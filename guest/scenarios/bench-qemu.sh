@@ -68,7 +68,10 @@ while [ "$i" -lt "$ROUNDS" ]; do
 			# The quiet and verbose boots have no in-process devices to tell apart; vhost-net
 			# is measured once, with the raw disk.
 			case "$test-$vmm" in quiet-svin | verbose-svin | *-qemuvh) [ "$test-$vmm" = io-qemuvh ] || continue ;; esac
+			# TRACE=faults: the boots' stage-2 faults and exits, counted by the board's KVM.
+			case "$TRACE-$test" in faults-quiet | faults-verbose) kvm_faults_start ;; esac
 			one "$test" "$vmm" 2>&1 | while IFS= read -r l; do echo "$test-$vmm$i| $l"; done
+			case "$TRACE-$test" in faults-quiet | faults-verbose) kvm_faults_report "$test-$vmm$i" ;; esac
 		done
 	done
 done

@@ -650,3 +650,36 @@ pub fn rpc() -> Result<()> {
     }
     Ok(())
 }
+
+/// The items an environment variable names (`var`, words separated by spaces), each one of
+/// `all`, in `all`'s order; `all` where it is unset.
+pub fn env_subset(var: &str, all: &[&'static str]) -> Result<Vec<&'static str>> {
+    let Ok(asked) = std::env::var(var) else {
+        return Ok(all.to_vec());
+    };
+    let words: Vec<&str> = asked.split_whitespace().collect();
+    if let Some(bad) = words.iter().find(|w| !all.contains(w)) {
+        anyhow::bail!(
+            "{var}={asked:?}: {bad:?} is not one of {}; name some of them, or unset {var} for all",
+            all.join(" ")
+        );
+    }
+    anyhow::ensure!(
+        !words.is_empty(),
+        "{var} is empty; name some of {}, or unset it for all",
+        all.join(" ")
+    );
+    Ok(all.iter().copied().filter(|t| words.contains(t)).collect())
+}
+
+/// Rounds of a side-by-side bench: `ROUNDS` from the environment (1 to 10), or `default`.
+pub fn env_rounds(default: usize) -> Result<usize> {
+    match std::env::var("ROUNDS") {
+        Ok(n) => n
+            .parse()
+            .ok()
+            .filter(|n| (1..=10).contains(n))
+            .ok_or_else(|| anyhow::anyhow!("ROUNDS={n}: a number from 1 to 10")),
+        Err(_) => Ok(default),
+    }
+}

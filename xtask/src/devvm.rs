@@ -538,29 +538,10 @@ impl Places {
     const ALL: [&'static str; 4] = ["in", "be", "dvm", "pmem"];
 
     fn from_env() -> Result<Places> {
-        let wanted = std::env::var("PLACES").unwrap_or_else(|_| Self::ALL.join(" "));
-        let mut names = Vec::new();
-        for w in wanted.split_whitespace() {
-            let p = Self::ALL.iter().find(|p| **p == w).ok_or_else(|| {
-                anyhow::anyhow!("PLACES: {w:?} is not a placement; say some of in, be, dvm, pmem")
-            })?;
-            if !names.contains(p) {
-                names.push(*p);
-            }
-        }
-        ensure!(
-            !names.is_empty(),
-            "PLACES is empty; say some of in, be, dvm, pmem"
-        );
-        let rounds = match std::env::var("ROUNDS") {
-            Ok(n) => n
-                .parse()
-                .ok()
-                .filter(|n| (1..=10).contains(n))
-                .ok_or_else(|| anyhow::anyhow!("ROUNDS={n}: a number from 1 to 10"))?,
-            Err(_) => BENCH_ROUNDS,
-        };
-        Ok(Places { names, rounds })
+        Ok(Places {
+            names: crate::bench::env_subset("PLACES", &Self::ALL)?,
+            rounds: crate::bench::env_rounds(BENCH_ROUNDS)?,
+        })
     }
 }
 

@@ -64,7 +64,7 @@ enum Cmd {
     /// proxy-backend round trip against eventfd and spin floors, natively and in the board),
     /// `conn` (cross-VM connector event round trip and guest-to-guest bandwidth vs memcpy),
     /// `qemu` (splitvirt against Debian's QEMU/KVM in the same board run: boot, block I/O, TCP,
-    /// memory; `qemu-boot`: its boots alone; env TESTS: a subset of quiet verbose io ioq), `devvm` (a driver VM's disk in-process, in the backend process and served by a
+    /// memory; `qemu-boot`: its boots alone; env TESTS: a subset of quiet verbose io ioq, ROUNDS, TRACE=faults), `devvm` (a driver VM's disk in-process, in the backend process and served by a
     /// device VM, side by side), `vhost` (disks in-process, in the backend process and served
     /// by qemu-storage-daemon over vhost-user, read in rotation by one guest).
     Bench {

@@ -10,7 +10,7 @@ use crate::{arm64pkg, board, cross, guest};
 use anyhow::{ensure, Context, Result};
 use std::time::Duration;
 
-/// Rounds of the side-by-side run: each boots every VM of every test once.
+/// Rounds of the side-by-side run unless `ROUNDS` says: each boots every VM of every test once.
 const ROUNDS: usize = 3;
 
 /// Debian's arm64 QEMU: the package whose /usr/bin/qemu-system-aarch64 the board runs.
@@ -69,36 +69,18 @@ fn qemu_dtb() -> Result<Vec<u8>> {
     Ok(std::fs::read(&out)?)
 }
 
-/// The tests `bench qemu` can run, in the order it runs them.
+/// The tests `bench qemu` can run, in the order it runs them (`TESTS` chooses some).
 const TESTS: [&str; 4] = ["quiet", "verbose", "io", "ioq"];
-
-/// The tests to run: `TESTS` from the environment (a subset of [`TESTS`], spaces between), or
-/// all; `bench qemu-boot` is `TESTS="quiet verbose"`.
-fn chosen(boot_only: bool) -> Result<Vec<&'static str>> {
-    let asked = match std::env::var("TESTS") {
-        Ok(v) if !boot_only => v,
-        _ if boot_only => "quiet verbose".to_owned(),
-        _ => return Ok(TESTS.to_vec()),
-    };
-    let words: Vec<&str> = asked.split_whitespace().collect();
-    if let Some(bad) = words.iter().find(|w| !TESTS.contains(w)) {
-        anyhow::bail!(
-            "TESTS={asked:?}: no test {bad:?}; choose among {} (for instance TESTS=\"io ioq\")",
-            TESTS.join(" ")
-        );
-    }
-    ensure!(
-        !words.is_empty(),
-        "TESTS is empty; unset it for every test, or name some of {}",
-        TESTS.join(" ")
-    );
-    Ok(TESTS.into_iter().filter(|t| words.contains(t)).collect())
-}
 
 /// `cargo xtask bench qemu`: every test, or those `TESTS` names. `boot_only` (`bench
 /// qemu-boot`): the quiet and verbose boots alone, a fraction of the time.
 pub fn run(boot_only: bool) -> Result<()> {
-    let chosen = chosen(boot_only)?;
+    let chosen = if boot_only {
+        vec!["quiet", "verbose"]
+    } else {
+        crate::bench::env_subset("TESTS", &TESTS)?
+    };
+    let n_rounds = crate::bench::env_rounds(ROUNDS)?;
     let tests = chosen.join(" ");
     let has = |t: &str| chosen.contains(&t);
     let dir = root().join("target/board");
@@ -128,7 +110,12 @@ pub fn run(boot_only: bool) -> Result<()> {
     cross::splitvirt()?;
     let r = board::run(
         "bench-qemu",
-        &[("ROUNDS", &ROUNDS.to_string()), ("TESTS", &tests)],
+        &[
+            ("ROUNDS", &n_rounds.to_string()),
+            ("TESTS", &tests),
+            // TRACE=faults: each boot's stage-2 faults and exits (guest/board/lib.sh).
+            ("TRACE", &std::env::var("TRACE").unwrap_or_default()),
+        ],
         files,
         Duration::from_secs(5400),
     )?;
@@ -141,13 +128,13 @@ pub fn run(boot_only: bool) -> Result<()> {
             .with_context(|| format!("the board's {part} printed no {key} (log: {log})"))
     };
     let rounds = |test: &str, vmm: &str, key: &str| -> Result<Vec<f64>> {
-        (1..=ROUNDS)
+        (1..=n_rounds)
             .map(|i| value(&format!("{test}-{vmm}{i}"), key))
             .collect()
     };
     println!(
         "\nsplitvirt vs QEMU/KVM ({}) in one board run: the same kernel, initramfs and devices, \
-         {ROUNDS} rounds in rotation; ratios are splitvirt/QEMU per round (times: below 1 is \
+         {n_rounds} rounds in rotation; ratios are splitvirt/QEMU per round (times: below 1 is \
          faster; rates: above 1 is faster)",
         qemu_version(&r.log)
     );
@@ -181,7 +168,7 @@ pub fn run(boot_only: bool) -> Result<()> {
                 ("VMM RSS KiB", "vmm_rss_kib"),
             ],
         )?;
-        start_phases(&r)?;
+        start_phases(&r, n_rounds)?;
     }
     if has("verbose") {
         header("verbose console, one virtio-blk (splitvirt: in the backend)");
@@ -238,9 +225,9 @@ pub fn run(boot_only: bool) -> Result<()> {
 
 /// Where splitvirt's own start goes in the quiet boots: the medians of its `--stats` phases
 /// (ms from `main`, each phase's end), and of its first `KVM_RUN`.
-fn start_phases(r: &crate::qemu::Run) -> Result<()> {
+fn start_phases(r: &crate::qemu::Run, rounds: usize) -> Result<()> {
     let mut phases: Vec<(String, Vec<f64>)> = Vec::new();
-    for i in 1..=ROUNDS {
+    for i in 1..=rounds {
         let part = r.part(&format!("quiet-svbe{i}"));
         let stats = part
             .log
