@@ -26,6 +26,17 @@ hang_report() {
 		fi
 	done
 }
+# The exit status of a splitvirt that has just ended, as the value splitvirt_exit. One that died
+# of a signal other than SIGKILL (a test's own kill) also gets what the kernel said of its
+# fault (the pc and lr, which xtask symbolizes) and the end of its log, as "@@ CRASH" lines.
+exited() { # STATUS [LOG]
+	value splitvirt_exit "$1"
+	{ [ "$1" -gt 128 ] && [ "$1" != 137 ]; } || return 0
+	echo "@@ CRASH signal $(($1 - 128))"
+	dmesg | grep -A16 -E "unhandled|segfault" | tail -n 40 | sed 's/^/@@ CRASH kernel: /'
+	[ -n "$2" ] && tail -n 30 "$2" 2>/dev/null | sed 's/^/@@ CRASH log: /'
+	return 0
+}
 # Sends DIR's FILES back to the host: a tar archive on the outbox disk (its driver is a module
 # of the board's kernel), checked as "outbox".
 outbox() { # DIR FILES...

@@ -6,11 +6,11 @@ check kvm_device test -c /dev/kvm
 root_pair() {
 	( /splitvirt run --config /guest/root.toml --kernel /guest/Image \
 		--cmdline "console=ttyAMA0 earlycon=pl011,0x9000000 loglevel=4 root=/dev/vda2 rw LINK_ROLE=listen LINK_ME=10.0.3.1 ROOT_TOKEN=$ROOT_TOKEN" </dev/null
-	  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "root| $l"; done &
+	  exited $? ) 2>&1 | while IFS= read -r l; do echo "root| $l"; done &
 	pair=$!
 	( /splitvirt run --config /guest/qroot.toml --kernel /guest/Image \
 		--cmdline "console=ttyAMA0 loglevel=4 root=/dev/vda2 rw LINK_ROLE=send LINK_ME=10.0.3.2 LINK_PEER=10.0.3.1 ROOT_TOKEN=$QROOT_TOKEN" </dev/null
-	  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "qroot| $l"; done &
+	  exited $? ) 2>&1 | while IFS= read -r l; do echo "qroot| $l"; done &
 	pair="$pair $!"
 	i=0
 	while [ "$(ps | grep -c '[r]oot.toml')" -gt 0 ]; do
@@ -61,7 +61,7 @@ mkfifo /tmp/typing
 exec 3<>/tmp/typing
 ( /splitvirt --log-file /tmp/guest-sv.log run --config /guest/vm.toml --kernel /guest/Image \
 	--initrd /guest/initrd.cpio --cmdline "console=ttyAMA0 earlycon=pl011,0x9000000 loglevel=7" </tmp/typing
-  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do
+  exited $? /tmp/guest-sv.log ) 2>&1 | while IFS= read -r l; do
 	echo "guest| $l"
 	case "$l" in *"@@ READY"*) echo "$TYPED" >&3 ;; esac
 done
@@ -77,7 +77,7 @@ value stress_rx_sha "$(sha256sum /tmp/tap-rx2.bin | cut -d' ' -f1)"
 # The same disk, console=hvc0: the guest's console is the virtio-console on stdio, both ways.
 ( /splitvirt --log-file /tmp/disk-sv.log run --config /guest/vm-hvc.toml --kernel /guest/Image \
 	--initrd /guest/disk.cpio --cmdline "console=hvc0 loglevel=4" </tmp/typing
-  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do
+  exited $? /tmp/disk-sv.log ) 2>&1 | while IFS= read -r l; do
 	echo "disk| $l"
 	case "$l" in *"@@ READY"*) echo "$TYPED_HVC" >&3 ;; esac
 done
@@ -93,7 +93,7 @@ exec 5<>/tmp/kill-in
 # splitvirt logs to a file of its own, read after it ends: its lines never mix with the guest's.
 ( /splitvirt --log-file /tmp/kill-sv.log run --config /guest/kill.toml --kernel /guest/Image \
 	--initrd /guest/kill.cpio --cmdline "console=ttyAMA0 loglevel=4" </tmp/kill-in
-  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do
+  exited $? /tmp/kill-sv.log ) 2>&1 | while IFS= read -r l; do
 	echo "kill| $l"
 	case "$l" in *"@@ READY-KILL"*)
 		kill -9 "$(backend_pid)"
@@ -109,8 +109,8 @@ value kill_restarted "$(grep -c 'backend restarted' /tmp/kill-sv.log)"
 # an initramfs, nothing else on the command line.
 mkdir -p /tmp/empty
 ( cd /tmp/empty && /splitvirt run --kernel /guest/stock-Image --initrd /guest/stock.cpio </dev/null
-  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "stock| $l"; done
+  exited $? ) 2>&1 | while IFS= read -r l; do echo "stock| $l"; done
 # A bare guest that does what KVM cannot emulate (an ldp from the UART): it gets an external
 # abort, its handler prints D and powers off (guest/tools/abort.S).
 ( /splitvirt run --config /guest/nodisk.toml --kernel /guest/abort-Image --cmdline "" </dev/null
-  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do echo "abort| $l"; done
+  exited $? ) 2>&1 | while IFS= read -r l; do echo "abort| $l"; done

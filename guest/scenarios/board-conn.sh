@@ -20,7 +20,7 @@ vm() { # ROLE PREFIX
 		--cmdline "console=ttyAMA0 loglevel=4 ROLE=$1 ROUNDS=$ROUNDS MODE=$MODE STORM=$STORM" </dev/null &
 	  echo $! >"/tmp/$2.pid"
 	  wait $!
-	  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do
+	  exited $? "/tmp/$2-sv.log" ) 2>&1 | while IFS= read -r l; do
 		echo "$2| $l"
 		case "$l" in *"@@ VALUE phase restart"*) touch /tmp/restart-now ;; esac
 	done &

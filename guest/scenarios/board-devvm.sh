@@ -18,7 +18,7 @@ device_vm() { # NAME
 		--initrd /guest/dvm-device.cpio --cmdline "console=ttyAMA0 loglevel=4 CONNECTIONS=1 KILL=$KILL POLL_US=$POLL_US" </dev/null &
 	  echo $! >"/tmp/$1.pid"
 	  wait $!
-	  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do
+	  exited $? "/tmp/$1-sv.log" ) 2>&1 | while IFS= read -r l; do
 		echo "$1| $l"
 		case "$l" in
 		*"@@ PORT READY"*) touch "/tmp/$1-ready" ;;
@@ -41,7 +41,7 @@ driver_vm() { # NAME CMDLINE SPLITVIRT-RUN-ARGUMENTS...
 	shift 2
 	( /splitvirt --log-file "/tmp/$name-sv.log" run --kernel /guest/Image "$@" \
 		--cmdline "console=ttyAMA0 loglevel=4 $cmdline" <"/tmp/$name-in"
-	  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do
+	  exited $? "/tmp/$name-sv.log" ) 2>&1 | while IFS= read -r l; do
 		echo "$name| $l"
 		case "$l" in
 		*"@@ KILL NOW"*) touch /tmp/kill-now ;;

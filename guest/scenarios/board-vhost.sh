@@ -63,7 +63,7 @@ mkfifo /tmp/vhost-in
 exec 3<>/tmp/vhost-in
 ( /splitvirt --log-file /tmp/vhost-sv.log run --config /guest/vhost.toml --kernel /guest/Image \
 	--cmdline "console=ttyAMA0 loglevel=4 root=/dev/vda2 rw ROOT_TOKEN=$ROOT_TOKEN FS_TOKEN=$FS_TOKEN CONSOLE_TOKEN=$CONSOLE_TOKEN" </tmp/vhost-in
-  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do
+  exited $? /tmp/vhost-sv.log ) 2>&1 | while IFS= read -r l; do
 	echo "vhost| $l"
 	case "$l" in
 	*"@@ VSOCK LISTENING"*) touch /tmp/vsock-listening ;;

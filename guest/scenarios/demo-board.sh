@@ -13,11 +13,11 @@ echo "demo: starting splitvirt (devices in its backend process)"
 if [ -n "$DEMO_SHELL" ]; then
 	"$SV" --log-file "$LOG" run --config "$G/demo.toml" --kernel "$G/Image" \
 		--cmdline "console=ttyAMA0 root=/dev/vda2 rw loglevel=4 DEMO_SHELL=1"
-	value splitvirt_exit $?
+	exited $? "$LOG"
 else
 	( "$SV" --log-file "$LOG" run --config "$G/demo.toml" --kernel "$G/Image" \
 		--cmdline "console=ttyAMA0 root=/dev/vda2 rw loglevel=4" </dev/null
-	  echo "@@ VALUE splitvirt_exit $?" ) 2>&1 | while IFS= read -r l; do
+	  exited $? "$LOG" ) 2>&1 | while IFS= read -r l; do
 		case "$l" in *"@@ INIT started"*) value init_ms "$(awk -v a="$t0" -v b="$(up)" 'BEGIN { printf "%d", (b - a) * 1000 }')" ;; esac
 		echo "vm| $l"
 	done

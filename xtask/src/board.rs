@@ -226,6 +226,7 @@ pub fn run_as(
         r.seconds,
         log.display()
     );
+    print_crashes(&r.log);
     Ok(r)
 }
 
@@ -289,10 +290,6 @@ pub fn module(rel: &str) -> Result<Vec<u8>> {
 /// (the kernel puts a record in each), after the code addresses above that first record (the
 /// innermost calls, whose frames may keep no record).
 pub fn print_user_stacks(log: &str) {
-    let bin = root()
-        .join("target/aarch64")
-        .join(cross::TARGET)
-        .join("release/splitvirt");
     let mut stacks: Vec<(String, u64, Vec<u64>)> = Vec::new();
     for l in log.lines() {
         let Some(rest) = l.split("@@ STACK ").nth(1) else {
@@ -354,29 +351,97 @@ pub fn print_user_stacks(log: &str) {
         }
         println!("user stack of thread {tid} (offset from SP, call site):");
         // The call before each return address.
-        let sites: Vec<String> = calls.iter().map(|(_, r)| format!("{:#x}", r - 4)).collect();
-        let out = std::process::Command::new("aarch64-linux-gnu-addr2line")
-            .args(["-f", "-C", "-e"])
-            .arg(&bin)
-            .args(&sites)
-            .output();
-        let Ok(out) = out else {
+        let sites: Vec<u64> = calls.iter().map(|(_, r)| r - 4).collect();
+        let Some(names) = symbolize(&sites) else {
             println!("  (aarch64-linux-gnu-addr2line did not run)");
             continue;
         };
-        let text = String::from_utf8_lossy(&out.stdout);
-        let lines: Vec<&str> = text.lines().collect();
-        for ((off, _), pair) in calls.iter().zip(lines.chunks(2)) {
-            if let [func, at] = pair {
-                if *func != "??" {
-                    let mark = if first.is_some_and(|f| *off >= f - sp) {
-                        ""
-                    } else {
-                        "?"
-                    };
-                    println!("  +{off:#06x}{mark} {func} ({at})");
-                }
+        for ((off, _), (func, at)) in calls.iter().zip(names) {
+            if func != "??" {
+                let mark = if first.is_some_and(|f| *off >= f - sp) {
+                    ""
+                } else {
+                    "?"
+                };
+                println!("  +{off:#06x}{mark} {func} ({at})");
             }
         }
+    }
+}
+
+/// Code addresses of the board's splitvirt (the last aarch64 build) as (function, file:line),
+/// one pair each; None where addr2line does not run.
+fn symbolize(addrs: &[u64]) -> Option<Vec<(String, String)>> {
+    let bin = root()
+        .join("target/aarch64")
+        .join(cross::TARGET)
+        .join("release/splitvirt");
+    let out = std::process::Command::new("aarch64-linux-gnu-addr2line")
+        .args(["-f", "-C", "-e"])
+        .arg(&bin)
+        .args(addrs.iter().map(|a| format!("{a:#x}")))
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    Some(
+        lines
+            .chunks(2)
+            .map(|p| (p[0].to_owned(), p.get(1).unwrap_or(&"").to_string()))
+            .collect(),
+    )
+}
+
+/// The pc and lr the kernel's reports of a user fault give (`pc : 0000000000412abc`).
+fn crash_registers(lines: &[&str]) -> Vec<(&'static str, u64)> {
+    let mut regs = Vec::new();
+    for l in lines {
+        for r in ["pc", "lr"] {
+            let word = l
+                .split(&format!("{r} : "))
+                .nth(1)
+                .and_then(|w| w.split_whitespace().next());
+            if let Some(a) =
+                word.and_then(|w| u64::from_str_radix(w.trim_start_matches("0x"), 16).ok())
+            {
+                regs.push((r, a));
+            }
+        }
+    }
+    regs
+}
+
+/// A splitvirt that died of a signal in the board (`@@ CRASH` lines, guest/board/lib.sh
+/// `exited`): what the board said, and the pc and lr of the kernel's report symbolized.
+pub fn print_crashes(log: &str) {
+    let crash: Vec<&str> = log.lines().filter(|l| l.contains("@@ CRASH")).collect();
+    if crash.is_empty() {
+        return;
+    }
+    println!("  a splitvirt in the board died of a signal:");
+    for l in &crash {
+        println!("    {l}");
+    }
+    let regs = crash_registers(&crash);
+    let addrs: Vec<u64> = regs.iter().map(|&(_, a)| a).collect();
+    for ((r, a), (func, at)) in regs.iter().zip(symbolize(&addrs).unwrap_or_default()) {
+        println!("    {r} {a:#x}: {func} ({at})");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_crash_reports_pc_and_lr() {
+        let log = "ping| @@ CRASH signal 11\n\
+                   ping| @@ CRASH kernel: [   41.5] vcpu0[311]: unhandled level 3 translation fault (11) at 0x0000000000000008, esr 0x0000000092000007, in splitvirt[400000+1f0000]\n\
+                   ping| @@ CRASH kernel: [   41.5] pc : 0000000000412abc\n\
+                   ping| @@ CRASH kernel: [   41.5] lr : 0000000000401230\n\
+                   ping| @@ CRASH kernel: [   41.5] sp : 0000ffff9a7fe6f0";
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(
+            super::crash_registers(&lines),
+            [("pc", 0x412abc), ("lr", 0x401230)]
+        );
     }
 }

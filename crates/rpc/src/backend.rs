@@ -497,14 +497,10 @@ mod tests {
 
     /// The backend's log lines so far.
     fn logged(region: &Region) -> Vec<String> {
-        let (mut lines, mut text) = (Vec::new(), Vec::new());
+        let (mut lines, mut log) = (Vec::new(), crate::wire::LogLines::default());
         while let Ok(Some(m)) = region.replies().pop() {
             if m.op == Op::Log {
-                text.extend(m.log_bytes());
-                if m.space == 0 {
-                    lines.push(String::from_utf8_lossy(&text).into_owned());
-                    text.clear();
-                }
+                lines.extend(log.push(&m));
             }
         }
         lines

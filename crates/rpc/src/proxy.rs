@@ -5,7 +5,7 @@
 //! the ring, so one slow access never blocks another vCPU's (the original system's deadlock).
 
 use crate::shm::{Doorbell, Region, RingError};
-use crate::wire::{Msg, Op};
+use crate::wire::{LogLines, Msg, Op};
 use pci::{BarKind, ConfigSpace, PciFunction};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -116,7 +116,7 @@ pub struct Proxy {
     /// What a vCPU waiting for its reply sleeps on.
     replies: Doorbell,
     /// Held by whoever drains the backend's ring (with its partial log line).
-    consumer: Mutex<Vec<u8>>,
+    consumer: Mutex<LogLines>,
     /// Spin this long for a reply before sleeping on the doorbell.
     poll: Option<Duration>,
     /// How long a read waits for its reply.
@@ -195,7 +195,7 @@ impl Proxy {
             events: Mutex::new(events),
             from_backend,
             replies,
-            consumer: Mutex::new(Vec::new()),
+            consumer: Mutex::default(),
             poll,
             timeout,
             violations: AtomicU32::new(0),
@@ -219,13 +219,13 @@ impl Proxy {
     }
 
     /// Takes every message waiting in the backend's ring.
-    fn drain(&self, log: &mut Vec<u8>) {
+    fn drain(&self, log: &mut LogLines) {
         self.drain_for(log, None);
     }
 
     /// `drain`, but stops at the reply to `mine` and returns it: the caller is its waiter
     /// (registered in `pending` or not, as `Mine` says).
-    fn drain_for(&self, log: &mut Vec<u8>, mine: Option<Mine>) -> Option<u64> {
+    fn drain_for(&self, log: &mut LogLines, mine: Option<Mine>) -> Option<u64> {
         for _ in 0..DRAIN_BUDGET {
             let m = match self.region.replies().pop() {
                 Ok(Some(m)) => m,
@@ -265,7 +265,7 @@ impl Proxy {
         }
     }
 
-    fn dispatch(&self, m: Msg, log: &mut Vec<u8>) {
+    fn dispatch(&self, m: Msg, log: &mut LogLines) {
         match m.op {
             Op::Reply => {
                 if let Some(w) = self.take_pending(m.id) {
@@ -283,12 +283,8 @@ impl Proxy {
                 data: m.w2 as u32,
             }),
             Op::Log => {
-                if log.len() < 4096 {
-                    log.extend(m.log_bytes());
-                }
-                if m.space == 0 {
-                    ratelog::info!("backend: {}", String::from_utf8_lossy(log).trim_end());
-                    log.clear();
+                if let Some(line) = log.push(&m) {
+                    ratelog::info!("backend: {}", line.trim_end());
                 }
             }
             Op::Register => {

@@ -217,6 +217,29 @@ impl Msg {
     }
 }
 
+/// Log messages joined into lines: a message with `space == 0` ends one. A line keeps at most
+/// its first [`LogLines::MAX`] bytes, so a backend that never ends one cannot grow it.
+#[derive(Default)]
+pub struct LogLines {
+    text: Vec<u8>,
+}
+
+impl LogLines {
+    pub const MAX: usize = 4096;
+
+    /// Adds a Log message's bytes; gives the line when this message ends it.
+    pub fn push(&mut self, m: &Msg) -> Option<String> {
+        if self.text.len() < Self::MAX {
+            self.text.extend(m.log_bytes());
+        }
+        (m.space == 0).then(|| {
+            let line = String::from_utf8_lossy(&self.text).into_owned();
+            self.text.clear();
+            line
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,11 +277,27 @@ mod tests {
         assert_eq!(msgs.len(), 2);
         assert_eq!(msgs[0].space, 1);
         assert_eq!(msgs[1].space, 0);
-        let joined: Vec<u8> = msgs
+        let mut lines = LogLines::default();
+        let joined: Vec<String> = msgs
             .iter()
-            .flat_map(|m| Msg::decode(m.encode()).unwrap().log_bytes())
+            .filter_map(|m| lines.push(&Msg::decode(m.encode()).unwrap()))
             .collect();
-        assert_eq!(joined, text.as_bytes());
+        assert_eq!(joined, [text]);
+    }
+
+    #[test]
+    fn a_line_that_never_ends_stays_bounded() {
+        let mut lines = LogLines::default();
+        let part = Msg::log(&"x".repeat(48))[0];
+        assert_eq!(part.space, 1);
+        for _ in 0..1000 {
+            assert_eq!(lines.push(&part), None);
+        }
+        let line = lines.push(&Msg::log("end")[0]).unwrap();
+        // Its first 4 KiB (to the message that crossed it); the rest, "end" too, dropped.
+        assert!(line.len() < LogLines::MAX + 24, "{}", line.len());
+        assert!(line.bytes().all(|b| b == b'x'));
+        assert_eq!(lines.push(&Msg::log("next")[0]).as_deref(), Some("next"));
     }
 
     proptest! {
