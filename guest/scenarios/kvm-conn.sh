@@ -39,6 +39,9 @@ ping)
 		/conn memcpy 128 512 | values memcpy_small
 		/conn stream bulk 128 15360 | values stream
 	else
+		# A first fill of 512 KiB of the bulk area from a new mapping: no page faults (the
+		# module maps it writable and dirty from the start).
+		/conn alone bulk 1 256 | values alone
 		/conn stream bulk 16 | values stream
 	fi
 	# A storm of events on bulk, as fast as this vCPU emits them; the peer counts them.

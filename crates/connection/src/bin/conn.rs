@@ -114,7 +114,8 @@ fn main() -> ExitCode {
                 let c = open(name, Side::A)?;
                 let data = exchange::pattern((num(2, 16.0) * (1 << 20) as f64) as usize);
                 let chunk = (num(3, 256.0) as usize) << 10;
-                let (into, out_of) = exchange::copies_alone(&c, &data, chunk)?;
+                let (into, out_of, faults) = exchange::copies_alone(&c, &data, chunk)?;
+                println!("copy_in_faults {faults}");
                 println!("copy_in_mib_per_s {:.1}", mib_per_s(data.len(), into));
                 println!("copy_out_mib_per_s {:.1}", mib_per_s(data.len(), out_of));
                 Ok(true)
