@@ -154,7 +154,7 @@ pub fn connect_two_vms() -> Result<()> {
     let faults: Option<u64> = a.value("alone_copy_in_faults").and_then(|f| f.parse().ok());
     ensure!(
         faults.is_some_and(|f| f < 32),
-        "a first 512 KiB fill of the bulk dataport took {faults:?} page faults, want almost          none: the connection module's mmap should map writable memory dirty (log: {log})"
+        "a first 512 KiB fill of the bulk dataport took {faults:?} page faults, want almost none: the connection module's mmap should map writable memory dirty (log: {log})"
     );
     // The second connector: 16 MiB through the bulk area, the same bytes on the other side.
     let (sent, got) = (a.value("stream_fnv"), b.value("sink_fnv"));
