@@ -286,8 +286,9 @@ kvm_timeline_report() { # NAME
 # by MiB of guest-physical space and the pages hit 100 times or more, every exit by its cause
 # and every exit to the VMM by its reason, for the vCPU threads listed in /tmp/faults-NAME (see
 # vcpu_tids), or for every thread where there is no such list (bench qemu: one VM at a time).
+faults_events="kvm_guest_fault kvm_exit kvm_userspace_exit"
 kvm_faults_start() {
-	trace_kvm kvm_guest_fault kvm_exit kvm_userspace_exit
+	trace_kvm $faults_events
 }
 kvm_faults_report() { # NAME...
 	trace_stop FAULTS
@@ -315,5 +316,5 @@ kvm_faults_report() { # NAME...
 			for (r in user) printf "@@ FAULTS %s: to userspace %s %d\n", name, r, user[r]
 		}' $t/trace
 	done
-	trace_clear kvm_guest_fault kvm_exit
+	trace_clear $faults_events
 }
